@@ -1,0 +1,54 @@
+"""The hook spec documents itself, every event has a hook, and the bus has a method per hook."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+from trainctl.hooks import events, spec
+from trainctl.kernel.bus import EventBus
+
+HOOKS = {name: fn for name, fn in vars(spec).items() if name.startswith("trainctl_")}
+EVENT_HOOKS = {
+    events.RunStart: "trainctl_run_start",
+    events.StepEnd: "trainctl_step_end",
+    events.EvalEnd: "trainctl_eval_end",
+    events.CheckpointSaved: "trainctl_checkpoint_saved",
+    events.Notice: "trainctl_notice",
+    events.RunEnd: "trainctl_run_end",
+}
+
+
+def test_every_hook_is_documented():
+    assert len(HOOKS) >= 15
+    for name, fn in HOOKS.items():
+        doc = inspect.getdoc(fn) or ""
+        assert len(doc) > 40, f"{name} needs a docstring saying when it fires and what it returns"
+
+
+def test_every_event_has_its_hook():
+    payloads = {cls for cls in events.EVENT_NAMES}
+    assert payloads == set(EVENT_HOOKS)
+    for cls, hook in EVENT_HOOKS.items():
+        assert hook in HOOKS
+        params = list(inspect.signature(HOOKS[hook]).parameters)
+        assert params == ["event"]
+
+
+def test_events_are_frozen_slotted_keyword_only_plain_data():
+    for cls in events.EVENT_NAMES:
+        assert dataclasses.is_dataclass(cls)
+        assert cls.__dataclass_params__.frozen and hasattr(cls, "__slots__"), cls
+        for field in dataclasses.fields(cls):
+            assert field.kw_only, f"{cls.__name__}.{field.name}"
+            assert "Tensor" not in str(field.type), f"{cls.__name__}.{field.name}"
+
+
+def test_bus_has_a_method_for_every_hook():
+    skip = {"trainctl_register_plugins", "trainctl_register_backends", "trainctl_register_commands"}
+    wanted = {name.removeprefix("trainctl_") for name in HOOKS if name not in skip}
+    renamed = {"run_start", "step_end", "eval_end", "checkpoint_saved", "notice", "run_end"}
+    for name in wanted:
+        assert hasattr(EventBus, name), f"EventBus has no method for trainctl_{name}"
+    assert renamed <= wanted
+

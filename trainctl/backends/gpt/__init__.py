@@ -1,0 +1,1 @@
+"""The ``gpt`` backend: model, optimizer, token data and the step."""

@@ -1,0 +1,224 @@
+"""The ``gpt`` backend: a nanoGPT-style GPT in plain PyTorch, implementing
+:class:`trainctl.kernel.backend.Backend`. It owns the math of a step; the kernel owns the loop.
+
+Batches are a pure function of (seed, step, micro-batch): resume and any number of ranks see
+the same data, with no data position to save beyond the step itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from trainctl.backends.gpt import data as gpt_data
+from trainctl.backends.gpt.inference import DATA_META, MODEL_ARGS, WEIGHTS, sample
+from trainctl.backends.gpt.model import GPT, GPTConfig
+from trainctl.backends.gpt.optim import build_optimizer
+from trainctl.kernel.backend import BackendContext, Plan, StepOutput
+from trainctl.kernel.errors import ConfigError
+
+OPTIMIZER = "optimizer.pt"
+RNG = "rng.pt"
+# Evaluation batches are fixed (the same at every evaluation, so losses compare); their key uses
+# a "step" that training never reaches.
+EVAL_KEYS = {"train": 2**32 - 1, "val": 2**32 - 2}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return getattr(torch, name)
+
+
+class GPTBackend:
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+        self.cfg, self.train = ctx.model, ctx.train
+        self.device = resolve_device(self.train.device)
+        self.dtype = resolve_dtype(self.train.dtype, self.device)
+
+    # --- setup ------------------------------------------------------------------------------
+
+    def setup(self) -> Plan:
+        ctx, train = self.ctx, self.train
+        if train.threads:
+            torch.set_num_threads(train.threads)
+        self.data = gpt_data.load(ctx.data.path)
+        self.tokenizer = gpt_data.Tokenizer(self.data.meta)
+        block = self.cfg.block_size
+        for split, arr in (("train", self.data.train), ("val", self.data.val)):
+            if len(arr) <= block + 1:
+                raise ConfigError(
+                    f"model.block_size {block} is larger than the {split} data ({len(arr)} tokens); "
+                    "lower model.block_size or use more data"
+                )
+        vocab = self.cfg.vocab_size or self.data.vocab_size
+        if vocab < self.data.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size {vocab} is smaller than the data's vocabulary ({self.data.vocab_size}); "
+                "set model.vocab_size = 0 to take it from the data"
+            )
+        world = ctx.dist.world_size
+        if train.grad_accum % world:
+            raise ConfigError(f"train.grad_accum {train.grad_accum} must be a multiple of the {world} ranks")
+        # micro-batches are numbered globally; this rank takes every world-th one
+        self.micro = list(range(ctx.dist.rank, train.grad_accum, world))
+
+        torch.manual_seed(ctx.seed)  # the same initial weights on every rank
+        self.model_args = GPTConfig(
+            block_size=block, vocab_size=vocab, n_layer=self.cfg.n_layer, n_head=self.cfg.n_head,
+            n_embd=self.cfg.n_embd, dropout=self.cfg.dropout, bias=self.cfg.bias,
+        )
+        self.raw_model = GPT(self.model_args).to(self.device)
+        self.model = torch.compile(self.raw_model) if train.compile else self.raw_model
+        optim = ctx.optim
+        self.optimizer = build_optimizer(
+            self.raw_model, name=optim.name, lr=optim.lr, weight_decay=optim.weight_decay,
+            betas=(optim.beta1, optim.beta2), eps=optim.eps, device_type=self.device.type,
+            muon_lr=optim.muon_lr, muon_momentum=optim.muon_momentum, muon_weight_decay=0.0,
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=self.dtype)
+            if self.dtype != torch.float32 else contextlib.nullcontext()
+        )
+        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        tokens_per_step = train.batch_size * train.grad_accum * block
+        return Plan(
+            params=sum(p.numel() for p in self.params),
+            total_params=self.raw_model.num_params(non_embedding=False),
+            tokens_per_step=tokens_per_step,
+            flops_per_token=self.raw_model.flops_per_token(),
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            summary=(
+                f"GPT {self.cfg.n_layer}x{self.cfg.n_embd} ({self.cfg.n_head} heads, block {block}, "
+                f"vocab {vocab}) on {self.data.meta.get('source', ctx.data.path)}"
+            ),
+            details={"train_tokens": len(self.data.train), "val_tokens": len(self.data.val), "optimizer": optim.name},
+        )
+
+    # --- the step -----------------------------------------------------------------------------
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+
+    def _batch(self, tokens: np.ndarray, *key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.cfg.block_size
+        starts = gpt_data.batch_starts(len(tokens), T, self.train.batch_size, *key)
+        window = np.stack([tokens[s : s + T + 1] for s in starts]).astype(np.int64)  # (B, T+1)
+        xy = torch.from_numpy(window)
+        if self.device.type == "cuda":
+            xy = xy.pin_memory().to(self.device, non_blocking=True)
+        return xy[:, :-1], xy[:, 1:]  # (B, T) inputs, (B, T) next-token targets
+
+    def train_step(self, step: int) -> StepOutput:
+        seed, loss_terms = self.ctx.seed, self.ctx.loss_terms
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        terms: dict[str, torch.Tensor] = {}
+        for m in self.micro:
+            x, y = self._batch(self.data.train, seed, step, m)
+            with self.autocast:
+                logits, loss = self.model(x, y)  # (B, T, V), scalar
+                if loss_terms is not None:
+                    base = loss
+                    for name, term in loss_terms(logits, y, base):
+                        loss = loss + term
+                        terms[name] = terms.get(name, 0) + term.detach() / len(self.micro)
+            self.scaler.scale(loss / len(self.micro)).backward()
+            total += loss.detach()
+        grad_norm = None
+        if self.train.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.train.grad_clip, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        tokens = self.train.batch_size * self.train.grad_accum * self.cfg.block_size
+        return StepOutput(loss=total / len(self.micro), grad_norm=grad_norm, tokens=tokens, metrics=terms)
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        self.model.eval()
+        losses = {}
+        for split, arr in (("train", self.data.train), ("val", self.data.val)):
+            total = torch.zeros((), device=self.device)
+            for k in range(self.train.eval_steps):
+                x, y = self._batch(arr, self.ctx.seed, EVAL_KEYS[split], k)
+                with self.autocast:
+                    total += self.model(x, y)[1].float()
+            losses[split] = (total / self.train.eval_steps).item()
+        self.model.train()
+        return losses
+
+    # --- state ------------------------------------------------------------------------------
+
+    def save(self, directory: Path) -> None:
+        save_model(self.raw_model, str(directory / WEIGHTS))  # tied weights stored once
+        torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}, directory / OPTIMIZER)
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        torch.save(rng, directory / RNG)
+        (directory / MODEL_ARGS).write_text(json.dumps(asdict(self.model_args), indent=1))
+        (directory / DATA_META).write_text(json.dumps(self.data.meta, indent=1))
+
+    def load(self, directory: Path) -> None:
+        load_model(self.raw_model, str(directory / WEIGHTS), device=str(self.device))
+        opt = torch.load(directory / OPTIMIZER, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scaler.load_state_dict(opt["scaler"])
+        rng = torch.load(directory / RNG, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    # --- inference ------------------------------------------------------------------------------
+
+    def generate(self, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
+                 top_k: int | None = 200, seed: int = 0) -> str:
+        was_training = self.raw_model.training
+        self.raw_model.eval()
+        with self.autocast:
+            text = sample(self.raw_model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_k=top_k, seed=seed, device=str(self.device))
+        self.raw_model.train(was_training)
+        return text
+
+    def measure(self, steps: int = 2) -> float:
+        """Seconds per optimizer step from forward/backward alone; weights, optimizer and RNG
+        are untouched."""
+        rng = torch.get_rng_state()
+        x, y = self._batch(self.data.train, self.ctx.seed, 0, 0)
+        started = time.perf_counter()
+        for _ in range(steps):
+            with self.autocast:
+                loss = self.model(x, y)[1]
+            loss.backward()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng)
+        return (time.perf_counter() - started) / steps * self.train.grad_accum / self.ctx.dist.world_size
+
+    def close(self) -> None:
+        pass

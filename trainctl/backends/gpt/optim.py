@@ -1,0 +1,122 @@
+"""Optimizer construction for the GPT backend: AdamW, or Muon with an AdamW sidecar.
+
+Every param group carries "lr_scale", its learning rate relative to the main
+`lr`. The trainer schedules one learning rate and applies it to all groups with
+`group["lr"] = lr * group["lr_scale"]`.
+"""
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class CombinedOptimizer:
+    """Muon and AdamW stepped together, seen by the trainer as one optimizer.
+
+    Not a torch.optim.Optimizer: it exposes only what the trainer uses. The state
+    dict is {"adamw": ..., "muon": ...}, both plain optimizer state dicts, so it
+    loads with torch.load(weights_only=True).
+    """
+
+    def __init__(self, *, adamw: torch.optim.AdamW, muon: torch.optim.Muon) -> None:
+        self.adamw = adamw
+        self.muon = muon
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        # the groups themselves, not copies, so setting group["lr"] reaches the optimizers
+        return self.adamw.param_groups + self.muon.param_groups
+
+    def step(self) -> None:
+        self.adamw.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.adamw.zero_grad(set_to_none=set_to_none)
+        self.muon.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self.muon.load_state_dict(state_dict["muon"])
+
+
+def _hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """Weights of the Linear layers, minus those tied to an embedding (GPT's lm_head).
+
+    Muon is for hidden layers only: its orthogonalized update suits matrices
+    that map activations to activations, not token lookups or the output head.
+    """
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    hidden: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.weight.requires_grad and id(m.weight) not in embedding_ids:
+            hidden[id(m.weight)] = m.weight
+    return list(hidden.values())
+
+
+def _adamw(
+    params: list[nn.Parameter],
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    device_type: str,
+) -> torch.optim.AdamW:
+    # Like nanoGPT: weight decay on matrices and embeddings, none on biases and norm gains.
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
+    ]
+    # The fused kernel does the whole update in one pass over each tensor. On CUDA
+    # that is the known fastest; on CPU, for the baby GPT (4x128, batch 12x64, 2
+    # cores), it measured ~1.0 ms per step+zero_grad against ~2.4 ms for
+    # foreach=True and ~2.6 ms for the default per-tensor loop.
+    fused = True if device_type in ("cuda", "cpu") else None
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    name: str,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    device_type: str,
+    muon_lr: float,
+    muon_momentum: float,
+    muon_weight_decay: float,
+) -> torch.optim.AdamW | CombinedOptimizer:
+    """Build the optimizer `name` ("adamw" or "muon") for model's trainable parameters.
+
+    "adamw": one AdamW over everything (lr, weight_decay, betas, eps).
+    "muon": torch.optim.Muon over the hidden Linear weights (muon_lr, muon_momentum,
+    muon_weight_decay), AdamW as above over the rest: embeddings, the tied lm_head,
+    biases and norms. The muon_* arguments are unused for "adamw".
+    """
+    if lr <= 0:
+        raise ValueError(f"lr must be positive to scale the other groups by, got {lr}")
+    if name not in ("adamw", "muon"):
+        raise ValueError(f"unknown optimizer {name!r}, expected 'adamw' or 'muon'")
+    params = [p for p in model.parameters() if p.requires_grad]
+    hidden = _hidden_matrices(model) if name == "muon" else []
+    hidden_ids = {id(p) for p in hidden}
+    adamw = _adamw(
+        [p for p in params if id(p) not in hidden_ids],
+        lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, device_type=device_type,
+    )
+    if name == "adamw":
+        return adamw
+    muon = torch.optim.Muon(
+        [{"params": hidden, "lr_scale": muon_lr / lr}],
+        lr=muon_lr,
+        weight_decay=muon_weight_decay,
+        momentum=muon_momentum,
+    )
+    return CombinedOptimizer(adamw=adamw, muon=muon)

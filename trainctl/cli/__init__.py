@@ -1,0 +1,56 @@
+"""The ``trainctl`` command line. Importing this must stay light (no torch): every command
+imports what it needs inside its body, so ``trainctl --help`` answers at once."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from trainctl.kernel.errors import ConfigError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="trainctl")
+def cli() -> None:
+    """trainctl: an event-driven training kernel for language models.
+
+    \b
+    trainctl run                         train the default model on the embedded data
+    trainctl run CONFIG --set K=V ...    train from a TOML config, with overrides
+    trainctl plugins | backends          what can be enabled
+    """
+
+
+def build_cli() -> click.Group:
+    from trainctl.cli import configs, info, prepare, run, sample
+    from trainctl.kernel.registry import Registry
+
+    for module in (run, configs, info, prepare, sample):
+        module.register(cli)
+    registry = Registry.discover()
+    registry.register_commands(cli)  # third-party commands, through the hook
+    return cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one line and exit code 2 for usage/config errors, never a traceback."""
+    try:
+        group = build_cli()
+        code = group.main(args=argv, prog_name="trainctl", standalone_mode=False)
+    except ConfigError as exc:
+        click.echo(f"trainctl: error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("trainctl: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        if os.environ.get("TRAINCTL_DEBUG"):
+            raise
+        click.echo(f"trainctl: internal error: {type(exc).__name__}: {exc} (TRAINCTL_DEBUG=1 shows the traceback)", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,179 @@
+"""Event payloads and the values plugins hand back to the kernel.
+
+Every payload is a frozen, slotted, keyword-only dataclass of plain Python values — never a
+tensor — so that any observer can serialise it, keep it, or send it to another thread without
+touching the device. ``to_record`` turns one into the flat dict written to ``events.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+RunStatus = Literal["completed", "stopped", "failed"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunStart:
+    """The run is set up (model built, state restored) and about to take its first step."""
+
+    run_name: str
+    backend: str
+    out_dir: str
+    start_step: int  # > 0 when resumed
+    max_steps: int
+    params: int  # trainable parameters
+    tokens_per_step: int  # global: all ranks, all micro-batches
+    world_size: int = 1
+    resumed_from: str | None = None
+    time: float  # time.time()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepEnd:
+    """One optimizer step finished (``step`` counts completed steps, so the first is 1).
+
+    ``loss``, ``grad_norm`` and ``metrics`` are only measured on logged steps (every
+    ``train.log_interval``): reading a device value is a host sync, and the kernel does exactly one
+    per logged step. On other steps they are ``None``/empty and ``logged`` is False.
+    """
+
+    step: int
+    max_steps: int
+    lr: float
+    tokens: int  # cumulative trained tokens, all ranks
+    step_time: float  # seconds: mean over the steps since the last logged step
+    logged: bool
+    loss: float | None = None
+    grad_norm: float | None = None
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    skipped: bool = False  # the update was not applied (e.g. non-finite loss)
+    metrics: dict[str, float] = field(default_factory=dict)  # loss terms and backend extras
+    time: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EvalEnd:
+    """One split was evaluated. ``source`` is ``local`` (in the loop) or ``remote`` (a worker)."""
+
+    step: int
+    split: str
+    loss: float
+    source: str = "local"
+    duration: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    time: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CheckpointSaved:
+    """A complete checkpoint now exists at ``path``."""
+
+    step: int
+    path: str
+    reason: str  # interval | best | end | signal | request | ...
+    duration: float
+    val_loss: float | None = None
+    time: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunEnd:
+    """The run is over; nothing fires after this."""
+
+    status: RunStatus
+    step: int
+    tokens: int
+    duration: float
+    train_loss: float | None = None
+    val_loss: float | None = None
+    reason: str = ""  # why it stopped or failed, one line
+    time: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Notice:
+    """Something worth recording that is not one of the lifecycle events: a control command
+    acknowledged, a loss spike, generated samples, a plugin disabled. ``kind`` names it."""
+
+    step: int
+    kind: str
+    message: str = ""
+    data: dict[str, Any] = field(default_factory=dict)  # plain JSON values only
+    time: float
+
+
+Event = RunStart | StepEnd | EvalEnd | CheckpointSaved | RunEnd | Notice
+
+#: The ``"event"`` field of each payload in ``events.jsonl``.
+EVENT_NAMES: dict[type, str] = {
+    RunStart: "run_start",
+    StepEnd: "step",
+    EvalEnd: "eval",
+    CheckpointSaved: "save",
+    RunEnd: "run_end",
+    Notice: "notice",
+}
+
+
+def to_record(event: Event) -> dict[str, Any]:
+    """The flat JSON-ready dict of an event, with ``"event"`` first."""
+    record: dict[str, Any] = {"event": EVENT_NAMES[type(event)]}
+    for f in dataclasses.fields(event):
+        record[f.name] = getattr(event, f.name)
+    if isinstance(event, RunStart):
+        record["step"] = event.start_step
+    return record
+
+
+# --- what plugins hand back ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunView:
+    """What a plugin may look at when it decides. A snapshot, not the kernel's state."""
+
+    step: int  # completed steps
+    max_steps: int
+    state: str  # running | paused | ending
+    last_loss: float | None
+    last_val_loss: float | None
+    evaluated: bool  # an evaluation ran at this step already
+    time: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Control:
+    """A plugin's decision. The kernel combines all of them: any ``stop`` wins, ``save`` and
+    ``evaluate`` happen if anyone asks, and the run stays paused while anyone answers ``pause``
+    (so a pause is level-triggered: stop answering ``pause`` to resume). ``reason`` names why,
+    for the event log and the checkpoint ledger (``signal``, ``request``, ``best``, ...)."""
+
+    stop: bool = False
+    save: bool = False
+    evaluate: bool = False
+    pause: bool = False
+    failed: bool = False  # with stop: end the run as failed (e.g. the loss guard gave up)
+    reason: str = ""
+
+
+CONTINUE = Control()
+
+
+def combine(decisions: list[Control]) -> Control:
+    """Merge decisions so that the result does not depend on plugin order."""
+    if not decisions:
+        return CONTINUE
+    stop = [d for d in decisions if d.stop]
+    save = [d for d in decisions if d.save]
+    reasons = [d.reason for d in stop or save or decisions if d.reason]
+    return Control(
+        stop=bool(stop),
+        save=bool(save),
+        evaluate=any(d.evaluate for d in decisions),
+        pause=any(d.pause for d in decisions) and not stop,
+        failed=any(d.failed for d in stop),
+        reason=", ".join(sorted(set(reasons))),
+    )

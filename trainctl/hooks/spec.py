@@ -1,0 +1,180 @@
+"""The hook specification: every hook trainctl calls, grouped by when it fires.
+
+This module is the single source of truth. Each hook's docstring says when it fires, what an
+implementation may return and how the kernel combines the results. Hooks are called in the order
+of the config's ``plugins`` list. A test fails when a hook here has no docstring or when an event
+in ``trainctl.hooks.events`` has no hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from trainctl.hooks.events import (
+    CheckpointSaved,
+    Control,
+    EvalEnd,
+    Notice,
+    RunEnd,
+    RunStart,
+    RunView,
+    StepEnd,
+)
+from trainctl.hooks.plugin import BackendSpec, PluginSpec
+
+if TYPE_CHECKING:
+    import click
+    import torch
+
+PROJECT = "trainctl"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --- registration: what exists (called on every installed plugin module, enabled or not) ----
+
+
+@hookspec
+def trainctl_register_plugins(register: Callable[[PluginSpec], None]) -> None:
+    """Make plugins *available* by calling ``register(PluginSpec(...))`` once per plugin.
+
+    Called when the registry is built, on trainctl's built-in modules and on every module of the
+    ``trainctl.plugins`` entry-point group. Registering enables nothing: only a config's
+    ``plugins`` list does. Must not import heavy libraries (torch, transformers).
+    """
+
+
+@hookspec
+def trainctl_register_backends(register: Callable[[BackendSpec], None]) -> None:
+    """Make backends available by calling ``register(BackendSpec(...))`` once per backend.
+
+    Called with the registry like ``trainctl_register_plugins``. The spec names its factory as
+    ``"module:attr"`` so that nothing heavy is imported until a run uses the backend.
+    """
+
+
+@hookspec
+def trainctl_register_commands(cli: click.Group) -> None:
+    """Add subcommands to the ``trainctl`` click group (``@cli.command()``).
+
+    Called when the CLI starts. Command bodies should import their dependencies lazily: this
+    runs for ``trainctl --help``, which must stay fast and must not import torch.
+    """
+
+
+# --- setup: before the first step (called on enabled plugins) -------------------------------
+
+
+@hookspec
+def trainctl_check_config(config: Mapping[str, Any]) -> list[str] | None:
+    """Check the fully resolved config (read-only) for problems that involve more than the
+    plugin's own table, e.g. a warmup longer than the run.
+
+    Return a list of one-line problems, each naming the key and the fix. Called after every table
+    validated on its own and before any training; any problem from any plugin is a config error
+    (exit 2).
+    """
+
+
+# --- lifecycle events: observers (return values are ignored) --------------------------------
+
+
+@hookspec
+def trainctl_run_start(event: RunStart) -> None:
+    """The run is set up and restored from its checkpoint if resuming; no step has run yet."""
+
+
+@hookspec
+def trainctl_step_end(event: StepEnd) -> None:
+    """An optimizer step finished. Fires every step; ``event.logged`` says whether the loss was
+    measured (every ``train.log_interval`` steps). Keep work on non-logged steps trivial."""
+
+
+@hookspec
+def trainctl_eval_end(event: EvalEnd) -> None:
+    """One split was evaluated (``source = "local"`` in the loop, ``"remote"`` from a worker)."""
+
+
+@hookspec
+def trainctl_checkpoint_saved(event: CheckpointSaved) -> None:
+    """A complete checkpoint was written (its manifest is in place)."""
+
+
+@hookspec
+def trainctl_notice(event: Notice) -> None:
+    """Something worth recording happened (control acknowledged, loss spike, samples, a plugin
+    disabled). Any plugin may emit one through the kernel's ``emit_notice``; loggers record it."""
+
+
+@hookspec
+def trainctl_run_end(event: RunEnd) -> None:
+    """The run is over (completed, stopped or failed). Release resources here: nothing fires
+    after this, and it fires even when the run failed."""
+
+
+# --- decisions: the kernel asks, plugins answer ----------------------------------------------
+
+
+@hookspec(firstresult=True)
+def trainctl_lr(step: int, base_lr: float) -> float | None:
+    """The learning rate for the update about to happen (``step`` is 0-based: the number of
+    completed steps). First non-None answer wins; with none, ``base_lr`` (``optim.lr``) is used.
+    Must be a pure function of ``step``: resume relies on it."""
+
+
+@hookspec
+def trainctl_control(view: RunView) -> Control | None:
+    """Decide whether to stop, save, evaluate or pause, after every step (``view.state ==
+    "running"``), repeatedly while paused (``"paused"``), and once when the run is about to end
+    (``"ending"``: last step reached or a stop decided; only ``save``/``evaluate`` count then).
+
+    Return ``None`` for no opinion. The kernel combines every answer with
+    ``trainctl.hooks.events.combine``: any stop wins, save/evaluate if anyone asks, paused while
+    anyone answers ``pause``. Called every step: keep it cheap (no I/O beyond a stat).
+    """
+
+
+@hookspec
+def trainctl_loss_terms(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+    """Add a term to the training loss: return ``(name, term)`` with ``term`` a scalar tensor on
+    the loss's device; the backend adds it before backward. ``logits`` are (B, T, V), ``targets``
+    (B, T) with -1/-100 for ignored positions, ``loss`` the backend's mean cross-entropy.
+
+    Called for every training micro-batch, never during evaluation. Do not read device values
+    here (no ``.item()``): the term's mean is reported in the step event as ``metrics[name]`` on
+    logged steps.
+    """
+
+
+# --- checkpoints: state that must survive a resume ------------------------------------------
+
+
+@hookspec
+def trainctl_state_dict() -> Mapping[str, Any] | None:
+    """Return ``{plugin_name: state}`` with the state this plugin needs after a resume (plain
+    JSON values). The kernel merges every answer into the checkpoint's ``plugins.json``."""
+
+
+@hookspec
+def trainctl_load_state_dict(states: Mapping[str, Any]) -> None:
+    """Restore from a checkpoint: ``states`` is the merged mapping that ``trainctl_state_dict``
+    produced; take your own key, if present. Called before ``trainctl_run_start``."""
+
+
+@hookspec(firstresult=True)
+def trainctl_write_checkpoint(step: int, reason: str, write: Callable[[Path], None]) -> Path | None:
+    """Write a checkpoint: create a fresh directory, call ``write(directory)`` (the kernel and
+    the backend fill it), make it durable, and return its final path. First answer wins; the
+    kernel then fires ``trainctl_checkpoint_saved``. Implemented by the ``checkpoint`` plugin;
+    with no implementation save decisions are ignored with a warning."""
+
+
+@hookspec(firstresult=True)
+def trainctl_find_checkpoint(resume: str) -> Path | None:
+    """Choose the checkpoint to resume from. ``resume`` is ``auto`` (newest complete checkpoint
+    of this run, if any), ``never``, or a path (which must verify). Return its directory or None
+    to start fresh; raise ``trainctl.kernel.errors.ConfigError`` if an explicit path is bad."""

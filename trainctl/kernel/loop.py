@@ -1,0 +1,215 @@
+"""The training loop. It owns steps, cadence and control; the backend owns the math.
+
+    run_start                                    -> trainctl_run_start
+    for step in start .. max_steps - 1:
+        lr = trainctl_lr(step) or optim.lr       -> trainctl_lr (first answer wins)
+        out = backend.train_step(step)           # forward, backward, clip, update: no host sync
+        read loss/grad norm if a logged step     # the one host sync of a logged step
+        step_end                                 -> trainctl_step_end
+        evaluate every eval_interval             -> trainctl_eval_end (one per split)
+        decision = combine(trainctl_control)     -> trainctl_control (any stop wins)
+        evaluate if asked                        -> trainctl_eval_end
+        save every save_interval or if asked     -> trainctl_write_checkpoint, trainctl_checkpoint_saved
+        while anyone answers pause: poll         -> trainctl_control (state "paused")
+        stop if anyone answered stop
+    ending: final evaluation and checkpoint      -> trainctl_control (state "ending"), ...
+    run_end, whatever happened                   -> trainctl_run_end
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from trainctl.hooks.events import CheckpointSaved, Control, EvalEnd, Notice, RunEnd, RunStart, StepEnd
+from trainctl.hooks.plugin import RunInfo
+from trainctl.kernel.backend import Backend, Plan
+from trainctl.kernel.bus import EventBus
+from trainctl.kernel.schema import TrainConfig
+from trainctl.kernel.state import RunResult, RunState
+
+PAUSE_POLL_S = 0.2
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        backend: Backend,
+        bus: EventBus,
+        plan: Plan,
+        train: TrainConfig,
+        base_lr: float,
+        run: RunInfo,
+        state: RunState,
+        write_state: Callable[[Path, RunState], None],
+        resumed_from: str | None = None,
+    ) -> None:
+        self.backend, self.bus, self.plan, self.train = backend, bus, plan, train
+        self.base_lr, self.run, self.state = base_lr, run, state
+        self.write_state, self.resumed_from = write_state, resumed_from
+        peak = plan.peak_flops or train.peak_tflops * 1e12
+        self.flops_per_step = (plan.flops_per_token or 0) * plan.tokens_per_step / peak if peak else 0.0
+
+    def fit(self) -> RunResult:
+        state, train, bus = self.state, self.train, self.bus
+        status, reason = "completed", ""
+        started = time.perf_counter()
+        try:
+            bus.run_start(RunStart(
+                run_name=self.run.run_name, backend=self.run.backend, out_dir=str(self.run.out_dir),
+                start_step=state.step, max_steps=train.max_steps, params=self.plan.params,
+                tokens_per_step=self.plan.tokens_per_step, world_size=self.run.world_size,
+                resumed_from=self.resumed_from, time=time.time(),
+            ))
+            if train.eval_at_start and state.step == 0:
+                self._evaluate()
+            decision = self._steps()
+            if decision.stop:
+                status = "failed" if decision.failed else "stopped"
+                reason = decision.reason
+            if status != "failed":
+                self._ending(decision)
+        except KeyboardInterrupt:
+            status, reason = "stopped", "interrupted"
+        except Exception as exc:  # the run ends as failed; run_end says why
+            status, reason = "failed", f"{type(exc).__name__}: {exc}"
+        result = RunResult(
+            status=status, step=state.step, tokens=state.tokens, train_loss=state.last_loss,
+            val_loss=state.last_val_loss, reason=reason, out_dir=str(self.run.out_dir),
+        )
+        bus.deliver_pending()
+        bus.run_end(RunEnd(
+            status=status, step=state.step, tokens=state.tokens, duration=time.perf_counter() - started,
+            train_loss=state.last_loss, val_loss=state.last_val_loss, reason=reason, time=time.time(),
+        ))
+        return result
+
+    def _steps(self) -> Control:
+        state, train, bus, backend = self.state, self.train, self.bus, self.backend
+        interval_time, interval_steps = 0.0, 0
+        decision = Control()
+        while state.step < train.max_steps:
+            t0 = time.perf_counter()
+            lr = bus.lr(state.step, self.base_lr)
+            backend.set_lr(lr)
+            out = backend.train_step(state.step)
+            state.step += 1
+            bus.step = state.step
+            state.tokens += out.tokens
+            logged = state.step % train.log_interval == 0 or state.step == train.max_steps
+            values: dict[str, float] = {}
+            if logged:
+                values = self._read(out)  # the one host sync of a logged step
+                state.last_loss = values.pop("loss")
+            interval_time += time.perf_counter() - t0
+            interval_steps += 1
+            step_time = interval_time / interval_steps
+            event = StepEnd(
+                step=state.step, max_steps=train.max_steps, lr=lr, tokens=state.tokens,
+                step_time=step_time, logged=logged, time=time.time(),
+                loss=state.last_loss if logged else None,
+                grad_norm=values.pop("grad_norm", None),
+                skipped=bool(values.pop("skipped", 0.0)),
+                tokens_per_s=self.plan.tokens_per_step / step_time if logged else None,
+                mfu=self.flops_per_step / step_time if logged and self.flops_per_step else None,
+                metrics=values,
+            )
+            if logged:
+                interval_time, interval_steps = 0.0, 0
+            bus.step_end(event)
+            bus.deliver_pending()
+
+            if train.eval_interval and state.step % train.eval_interval == 0:
+                self._evaluate()
+            decision = bus.control(state.view(train.max_steps, "running"))
+            bus.deliver_pending()  # e.g. a controller's acknowledgement, before acting on it
+            self._act(decision, cadence_save=bool(train.save_interval and state.step % train.save_interval == 0))
+            while decision.pause and not decision.stop:
+                decision = self._pause()
+            if decision.stop:
+                break
+        return decision
+
+    def _act(self, decision: Control, *, cadence_save: bool = False) -> None:
+        if decision.evaluate and self.state.evaluated_step != self.state.step:
+            self._evaluate()
+        if (decision.save or cadence_save) and not decision.stop:
+            self._save(decision.reason if decision.save and decision.reason else "interval")
+
+    def _pause(self) -> Control:
+        """Keep the process and model alive; poll the plugins until nobody answers pause."""
+        bus, state = self.bus, self.state
+        bus.notice(Notice(step=state.step, kind="paused", message="training paused", time=time.time()))
+        paused_at = time.perf_counter()
+        while True:
+            time.sleep(PAUSE_POLL_S)
+            bus.deliver_pending()
+            decision = bus.control(state.view(self.train.max_steps, "paused"))
+            self._act(decision)
+            if not decision.pause or decision.stop:
+                break
+        bus.notice(Notice(
+            step=state.step, kind="resumed", message="training resumed",
+            data={"paused_s": round(time.perf_counter() - paused_at, 3)}, time=time.time(),
+        ))
+        return decision
+
+    def _ending(self, decision: Control) -> None:
+        """The last evaluation and checkpoint, for a run that completed or was stopped."""
+        state, train = self.state, self.train
+        final = self.bus.control(state.view(train.max_steps, "ending"))
+        completed = state.step >= train.max_steps and not decision.stop
+        if (completed or final.evaluate) and state.evaluated_step != state.step:
+            self._evaluate()
+        if state.last_save_step != state.step:
+            self._save(decision.reason if decision.stop and decision.reason else "end")
+
+    def _evaluate(self) -> None:
+        state = self.state
+        started = time.perf_counter()
+        losses = self.backend.evaluate(state.step)
+        duration = time.perf_counter() - started
+        state.evaluated_step = state.step
+        if "val" in losses:
+            state.last_val_loss = losses["val"]
+            if state.best_val_loss is None or losses["val"] < state.best_val_loss:
+                state.best_val_loss = losses["val"]
+        for split, loss in losses.items():
+            self.bus.eval_end(EvalEnd(step=state.step, split=split, loss=loss, duration=duration, time=time.time()))
+
+    def _save(self, reason: str) -> None:
+        state = self.state
+        if not self.bus.can_write_checkpoints():
+            return
+        started = time.perf_counter()
+        path = self.bus.write_checkpoint(state.step, reason, lambda d: self.write_state(d, state))
+        if path is None:
+            return
+        state.last_save_step = state.step
+        self.bus.checkpoint_saved(CheckpointSaved(
+            step=state.step, path=str(path), reason=reason, duration=time.perf_counter() - started,
+            val_loss=state.last_val_loss if state.evaluated_step == state.step else None, time=time.time(),
+        ))
+
+    @staticmethod
+    def _read(out) -> dict[str, float]:
+        names = ["loss"]
+        tensors = [out.loss.detach().float().reshape(())]
+        if out.grad_norm is not None:
+            names.append("grad_norm")
+            tensors.append(out.grad_norm.detach().float().reshape(()))
+        if isinstance(out.skipped, torch.Tensor):
+            names.append("skipped")
+            tensors.append(out.skipped.detach().float().reshape(()))
+        for name, value in out.metrics.items():
+            names.append(name)
+            tensors.append(value.detach().float().reshape(()))
+        values = torch.stack(tensors).tolist()  # host sync: once per logged step, here only
+        result = dict(zip(names, values))
+        if not isinstance(out.skipped, torch.Tensor):
+            result["skipped"] = float(bool(out.skipped))
+        return result

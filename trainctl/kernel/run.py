@@ -1,0 +1,163 @@
+"""Assembling a run from a resolved config: plugins, bus, backend, resume, and the loop.
+
+Everything that can be wrong with the input is found here, before the first step, and raised
+as a one-line ConfigError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainctl.hooks.plugin import RunInfo
+from trainctl.kernel.backend import Backend, BackendContext, Distributed, Plan
+from trainctl.kernel.bus import EventBus
+from trainctl.kernel.config import RunConfig, dump_toml
+from trainctl.kernel.errors import ConfigError
+from trainctl.kernel.registry import Registry, load_factory, new_plugin_manager
+from trainctl.kernel.state import RunResult, RunState
+
+KERNEL_FILE = "kernel.json"
+PLUGINS_FILE = "plugins.json"
+CONFIG_FILE = "config.toml"
+
+
+def distributed_from_env() -> Distributed:
+    """Rank facts set by torchrun / accelerate launch; one process when unset."""
+    env = os.environ
+    return Distributed(
+        rank=int(env.get("RANK", 0)),
+        local_rank=int(env.get("LOCAL_RANK", 0)),
+        world_size=int(env.get("WORLD_SIZE", 1)),
+    )
+
+
+class Run:
+    """One training run, set up and ready to ``fit``."""
+
+    def __init__(self, config: RunConfig, registry: Registry, *, resume: str = "auto", force: bool = False) -> None:
+        self.config = config
+        train = config.train
+        self.out_dir = Path(train.out_dir)
+        _check_writable(self.out_dir)
+        dist = distributed_from_env()
+        pm = new_plugin_manager()
+        critical = {name for name in config.plugins if registry.plugin(name).critical}
+        self.bus = EventBus(pm, critical=critical, max_failures=train.plugin_max_failures)
+        self.info = RunInfo(
+            run_name=train.run_name or "run", backend=config.backend, out_dir=self.out_dir,
+            max_steps=train.max_steps, rank=dist.rank, local_rank=dist.local_rank,
+            world_size=dist.world_size, emit=self.bus.emit,
+            generate=lambda prompt, **kw: self.backend.generate(prompt, **kw),
+        )
+        # pluggy calls the last registered first: register in reverse so list order is call order
+        for name in reversed(config.plugins):
+            spec = registry.plugin(name)
+            pm.register(spec.factory(config.plugin[name], self.info), name=name)
+        problems = self.bus.check_config(config.to_dict())
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+        backend_spec = registry.backend(config.backend)
+        try:
+            factory = load_factory(backend_spec.factory)
+        except ImportError as exc:
+            extra = f": pip install 'trainctl[{backend_spec.extra}]'" if backend_spec.extra else ""
+            raise ConfigError(f"backend '{config.backend}' needs a package that is missing ({exc.name}){extra}") from None
+        self.backend: Backend = factory(BackendContext(
+            model=config.model, data=config.data, train=train, optim=config.optim,
+            sections=config.sections, seed=config.seed, out_dir=self.out_dir, dist=dist,
+            loss_terms=self.bus.loss_terms if self.bus.has_loss_terms() else None,
+        ))
+        self.plan: Plan = self.backend.setup()
+        self.state = RunState()
+        self.resumed_from = self._resume(resume, force)
+
+    def fit(self) -> RunResult:
+        from trainctl.kernel.loop import Trainer
+
+        trainer = Trainer(
+            backend=self.backend, bus=self.bus, plan=self.plan, train=self.config.train,
+            base_lr=self.config.optim.lr, run=self.info, state=self.state,
+            write_state=self.write_state, resumed_from=self.resumed_from,
+        )
+        try:
+            return trainer.fit()
+        finally:
+            self.backend.close()
+
+    # --- checkpoint contents owned by the kernel ---------------------------------------------
+
+    def write_state(self, directory: Path, state: RunState) -> None:
+        """Fill a checkpoint directory: the backend's files, then the kernel's and plugins'."""
+        self.backend.save(directory)
+        kernel = {
+            "format": 1,
+            "run_name": self.info.run_name,
+            "backend": self.config.backend,
+            "state": state.to_dict(),
+            "locked": self.config.locked(),
+            "rng": {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state())},
+            "time": time.time(),
+        }
+        (directory / KERNEL_FILE).write_text(json.dumps(kernel, indent=1))
+        (directory / PLUGINS_FILE).write_text(json.dumps(self.bus.state_dict(), indent=1))
+        (directory / CONFIG_FILE).write_text(dump_toml(self.config.to_dict()))
+
+    def _resume(self, resume: str, force: bool) -> str | None:
+        path = self.bus.find_checkpoint(resume)
+        if path is None:
+            return None
+        try:
+            kernel = json.loads((path / KERNEL_FILE).read_text())
+            plugins = json.loads((path / PLUGINS_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"checkpoint {path} is unreadable ({exc}); resume from another with --resume PATH or start over with --resume never") from None
+        changed = [
+            f"{key}: {kernel['locked'].get(key)!r} -> {value!r}"
+            for key, value in self.config.locked().items()
+            if _plain(kernel["locked"].get(key)) != _plain(value)
+        ]
+        if changed and not force:
+            raise ConfigError(
+                f"cannot resume from {path}: locked keys differ ({'; '.join(changed)}); "
+                "restore them, start over with --resume never, or pass --force"
+            )
+        self.backend.load(path)
+        self.state.restore(kernel["state"])
+        random.setstate(_tuples(kernel["rng"]["python"]))
+        np.random.set_state(tuple(kernel["rng"]["numpy"]))
+        self.bus.load_state_dict(plugins)
+        return str(path)
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"out dir {out_dir} is not writable ({exc.strerror}); choose another with --out DIR") from None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,150 @@
+"""Console output through structlog: readable lines and a progress bar with ETA on a terminal,
+JSON lines otherwise (CI, files, log collectors).
+
+The ETA counts only training time (the mean step time of logged steps, which excludes
+evaluation, saving and pauses) plus the evaluations still to come at their measured duration,
+so a pause or a slow evaluation does not make it lie.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, TextIO
+
+import structlog
+
+from trainctl.hooks import PluginSpec, RunInfo, hookimpl
+from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RunEnd, RunStart, StepEnd
+
+BAR_WIDTH = 24
+REDRAW_S = 0.1
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Config:
+    format: Literal["auto", "pretty", "json"] = "auto"  # auto: pretty on a terminal
+    progress: bool = True  # the progress bar (terminal only)
+
+
+def human_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Console:
+    def __init__(self, config: Config, run: RunInfo, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.enabled = run.is_main
+        tty = self.stream.isatty()
+        pretty = config.format == "pretty" or (config.format == "auto" and tty)
+        self.bar = config.progress and tty
+        renderer: Any = structlog.dev.ConsoleRenderer(colors=tty) if pretty else structlog.processors.JSONRenderer()
+        processors = [structlog.processors.TimeStamper(fmt="%H:%M:%S" if pretty else "iso"), renderer]
+        self.log = structlog.wrap_logger(structlog.PrintLogger(self.stream), processors=processors)
+        self.max_steps = run.max_steps
+        self.eval_s = 0.0  # duration of the last local evaluation
+        self.eval_step: int | None = None
+        self.eval_every: int | None = None  # observed steps between evaluations
+        self.step_time: float | None = None
+        self.step = 0
+        self.drawn = 0.0
+
+    # --- ETA -------------------------------------------------------------------------------
+
+    def eta(self) -> float | None:
+        if self.step_time is None:
+            return None
+        remaining = self.max_steps - self.step
+        evals_left = remaining // self.eval_every if self.eval_every else 0
+        return remaining * self.step_time + evals_left * self.eval_s
+
+    # --- output ----------------------------------------------------------------------------
+
+    def _emit(self, message: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        if self.bar and self.drawn:
+            self.stream.write("\r\033[K")  # clear the bar; it is redrawn on the next step
+            self.drawn = 0.0
+        self.log.info(message, **{k: v for k, v in fields.items() if v is not None})
+
+    def _draw_bar(self) -> None:
+        now = time.monotonic()
+        if now - self.drawn < REDRAW_S:
+            return
+        self.drawn = now
+        frac = self.step / self.max_steps if self.max_steps else 1.0
+        filled = int(frac * BAR_WIDTH)
+        eta = self.eta()
+        eta_text = f" eta {human_duration(eta)}" if eta is not None else ""
+        bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+        self.stream.write(f"\r\033[K[{bar}] {self.step}/{self.max_steps} {frac:4.0%}{eta_text}")
+        self.stream.flush()
+
+    @hookimpl
+    def trainctl_run_start(self, event: RunStart) -> None:
+        self.step = event.start_step
+        self._emit(
+            "run start", run=event.run_name, backend=event.backend, params=f"{event.params / 1e6:.2f}M",
+            tokens_per_step=event.tokens_per_step, steps=f"{event.start_step}->{event.max_steps}",
+            out=event.out_dir, resumed_from=event.resumed_from,
+        )
+
+    @hookimpl
+    def trainctl_step_end(self, event: StepEnd) -> None:
+        self.step = event.step
+        if event.logged:
+            self.step_time = event.step_time
+            eta = self.eta()
+            self._emit(
+                "step", step=f"{event.step}/{event.max_steps}", loss=round(event.loss, 4),
+                lr=f"{event.lr:.2e}", ms=round(event.step_time * 1000, 1),
+                tok_s=int(event.tokens_per_s or 0),
+                mfu=f"{event.mfu:.1%}" if event.mfu is not None else None,
+                grad_norm=round(event.grad_norm, 3) if event.grad_norm is not None else None,
+                skipped=True if event.skipped else None,
+                eta=human_duration(eta) if eta is not None else None,
+                **{k: round(v, 5) for k, v in event.metrics.items()},
+            )
+        if self.bar and self.enabled:
+            self._draw_bar()
+
+    @hookimpl
+    def trainctl_eval_end(self, event: EvalEnd) -> None:
+        if event.source == "local" and event.step != self.eval_step:
+            if self.eval_step is not None:
+                self.eval_every = event.step - self.eval_step
+            self.eval_step, self.eval_s = event.step, event.duration
+        self._emit("eval", step=event.step, split=event.split, loss=round(event.loss, 4),
+                   source=event.source if event.source != "local" else None)
+
+    @hookimpl
+    def trainctl_checkpoint_saved(self, event: CheckpointSaved) -> None:
+        self._emit("save", step=event.step, path=event.path, reason=event.reason,
+                   seconds=round(event.duration, 2))
+
+    @hookimpl
+    def trainctl_notice(self, event: Notice) -> None:
+        self._emit(event.kind, step=event.step, message=event.message or None)
+
+    @hookimpl
+    def trainctl_run_end(self, event: RunEnd) -> None:
+        self._emit(
+            "run end", status=event.status, step=event.step, train_loss=_round(event.train_loss),
+            val_loss=_round(event.val_loss), duration=human_duration(event.duration),
+            reason=event.reason or None,
+        )
+        if self.enabled:
+            self.stream.flush()
+
+
+def _round(value: float | None) -> float | None:
+    return round(value, 4) if value is not None else None
+
+
+SPEC = PluginSpec(name="console", factory=Console, config=Config,
+                  description="Progress on the console (structlog): pretty with an ETA bar on a terminal, JSON otherwise.")
