@@ -29,6 +29,8 @@ class RunInfo:
     #: ``generate(prompt, max_new_tokens=..., temperature=..., top_k=..., seed=...) -> str``
     #: through the run's backend; available from ``trainctl_run_start`` on.
     generate: Callable[..., str] = field(default=None, repr=False)  # type: ignore[assignment]
+    #: ``layer_stats() -> {name: value}``: per-layer weight/gradient norms after the last step.
+    layer_stats: Callable[[], dict[str, float]] = field(default=None, repr=False)  # type: ignore[assignment]
 
     @property
     def is_main(self) -> bool:

@@ -75,7 +75,11 @@ class Backend(Protocol):
 
     def train_step(self, step: int) -> StepOutput:
         """Run one optimizer step (all micro-batches: forward, backward, clip, update) on the
-        batches that belong to ``step``. Must not sync with the host."""
+        batches that belong to ``step``. Must not sync with the host.
+
+        If the loss or the gradient norm is not finite, the update is not applied (parameters
+        and optimizer state stay bit-identical) and ``skipped`` is true; decide this on the
+        device where it can avoid a sync."""
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Mean loss per split (``train``, ``val``) over ``train.eval_steps`` batches, with loss
@@ -90,6 +94,11 @@ class Backend(Protocol):
 
     def generate(self, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int | None, seed: int) -> str:
         """Text generated after ``prompt`` without disturbing training RNG state."""
+
+    def layer_stats(self) -> dict[str, float]:
+        """Per-layer weight and gradient norms after the last step (``"layer.N.weight_norm"``,
+        ``"layer.N.grad_norm"``, plus ``"embedding.*"``/``"head.*"``). Reads the device: call it only
+        on the steps that asked for it."""
 
     def measure(self, steps: int) -> float:
         """Seconds per step, estimated by timing forward/backward without updating anything."""

@@ -55,6 +55,7 @@ class Run:
             max_steps=train.max_steps, rank=dist.rank, local_rank=dist.local_rank,
             world_size=dist.world_size, emit=self.bus.emit,
             generate=lambda prompt, **kw: self.backend.generate(prompt, **kw),
+            layer_stats=lambda: self.backend.layer_stats(),
         )
         # pluggy calls the last registered first: register in reverse so list order is call order
         for name in reversed(config.plugins):
