@@ -177,3 +177,28 @@ def test_trainctl_eval_cli(root, worker):
     assert proc.returncode == 2 and "no verified checkpoint" in proc.stderr
     assert os.path.isdir(run_dir / "checkpoints" / "step-000010")  # nothing was written into the run
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000010", "step-000020"]
+
+
+def test_remote_eval_plugin_submits_again_a_job_the_worker_lost(worker, root, tmp_path):
+    """In process: the plugin's sender thread against the live worker. Its outbox says step 10
+    was submitted as a job the worker does not know (its state was lost): it is submitted again,
+    and the result comes back as eval events for step 10."""
+    from trainctl.hooks.events import EvalEnd, RunEnd, RunStart
+    from trainctl.hooks.plugin import RunInfo
+    from trainctl.plugins.remote_eval import Config, RemoteEval
+    from trainctl.remote.outbox import Outbox, Submission
+
+    out = tmp_path / "run"
+    ckpt = root / "run" / "checkpoints" / "step-000010"
+    Outbox(out / "remote_eval" / "outbox").add(Submission(step=10, checkpoint=str(ckpt), status="submitted", job="feedfacefeedface"))
+    emitted = []
+    info = RunInfo(run_name="lost", backend="gpt", out_dir=out, max_steps=20, emit=emitted.append)
+    plugin = RemoteEval(Config(url=worker.url, token=TOKEN, poll_s=0.1, wait_at_end_s=60), info)
+    plugin.trainctl_run_start(RunStart(run_name="lost", backend="gpt", out_dir=str(out), start_step=10, max_steps=20,
+                                       params=1, tokens_per_step=1, time=time.time()))
+    plugin.trainctl_run_end(RunEnd(status="completed", step=10, tokens=0, duration=1.0, time=time.time()))
+    evals = [e for e in emitted if isinstance(e, EvalEnd)]
+    assert [(e.step, e.split, e.source) for e in evals] == [(10, "train", "remote"), (10, "val", "remote")]
+    [sub] = Outbox(out / "remote_eval" / "outbox").all()
+    assert sub.status == "done" and sub.job != "feedfacefeedface" and sub.result["val_loss"] == evals[1].loss
+    assert "404" in worker.log.read_text().split("feedfacefeedface", 1)[1].splitlines()[0]

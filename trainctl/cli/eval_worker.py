@@ -54,9 +54,12 @@ def eval_worker(host: str, port: int, token: str, roots: tuple[Path, ...], state
     lock = _lock(state)  # noqa: F841  (held for the life of the process)
     sock = _bind(host, port)
 
-    import uvicorn
+    try:
+        import uvicorn
 
-    from trainctl.remote.app import WorkerAPI
+        from trainctl.remote.app import WorkerAPI
+    except ImportError as exc:
+        raise ConfigError(f"eval-worker needs a package that is missing ({exc.name}): pip install 'trainctl[eval]'") from None
     from trainctl.remote.jobs import JobStore
     from trainctl.remote.worker import EvalThread, log
 

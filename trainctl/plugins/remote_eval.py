@@ -171,16 +171,14 @@ class RemoteEval:
             sub.status, sub.job = "submitted", job["id"]
             self.outbox.update(sub)
             self._collect(sub, job)
-        submitted = [s for s in self.outbox.open() if s.status == "submitted"]
-        if submitted:
-            jobs = {job["id"]: job for job in self.client.jobs(self.run_id)}
-            for sub in submitted:
-                job = jobs.get(sub.job or "")
-                if job is None:  # the worker lost its state: submit again
-                    sub.status, sub.job = "pending", None
-                    self.outbox.update(sub)
-                else:
-                    self._collect(sub, job)
+        for sub in (s for s in self.outbox.open() if s.status == "submitted"):
+            try:
+                job = self.client.job(sub.job or "")
+            except Rejected:  # 404: the worker lost its state; submit again
+                sub.status, sub.job = "pending", None
+                self.outbox.update(sub)
+                continue
+            self._collect(sub, job)
 
     def _collect(self, sub: Submission, job: dict[str, Any]) -> None:
         if job["status"] == "error":

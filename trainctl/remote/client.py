@@ -46,12 +46,6 @@ class WorkerClient:
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/jobs/{quote(job_id, safe='')}")
 
-    def jobs(self, run: str) -> list[dict[str, Any]]:
-        return self._request("GET", f"/jobs?run={quote(run, safe='')}")["jobs"]
-
-    def health(self) -> dict[str, Any]:
-        return self._request("GET", "/health")
-
     def _request(self, method: str, path: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.url + path, data=data, method=method)
