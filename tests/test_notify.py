@@ -72,6 +72,16 @@ def test_failed_run_is_notified_with_its_reason(registry, tmp_path, receiver):
     assert "failed at step 3/6" in body["text"] and "(RuntimeError: boom)" in body["text"]
 
 
+def test_stopped_run_is_notified(registry, tmp_path, receiver):
+    session = Run(make_config(registry, tmp_path / "out", 'plugins=["checkpoint", "script", "notify", "jsonl"]',
+                              "train.max_steps=6", "plugin.script.stop_at=[2]", "plugin.script.reason='signal'",
+                              f"plugin.notify.url='{receiver}'"), registry, resume="never")
+    assert session.fit().status == "stopped"
+    body = Receiver.bodies[0]["json"]
+    assert body["status"] == "stopped" and body["step"] == 2 and body["reason"] == "signal"
+    assert "stopped at step 2/6" in body["text"]
+
+
 def test_statuses_not_listed_in_on_are_not_notified(registry, tmp_path, receiver):
     fit(registry, tmp_path / "out", f"plugin.notify.url='{receiver}'", "plugin.notify.on=['failed']")
     assert Receiver.bodies == []

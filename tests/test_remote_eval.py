@@ -155,3 +155,19 @@ def test_config_is_checked_before_training(registry, tmp_path):
         make_config(registry, tmp_path, 'plugins=["checkpoint", "remote_eval"]', "plugin.remote_eval.url='ftp://x'")
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         make_config(registry, tmp_path, 'plugins=["checkpoint", "remote_eval"]', "plugin.remote_eval.val_loss=false")
+
+
+def test_every_n_steps_and_the_last_checkpoint(tmp_path):
+    from trainctl.hooks.events import CheckpointSaved
+    from trainctl.hooks.plugin import RunInfo
+    from trainctl.plugins.remote_eval import Config, RemoteEval
+
+    plugin = RemoteEval(Config(every=20), RunInfo(run_name="r", backend="gpt", out_dir=tmp_path, max_steps=50))
+    for step in (10, 20, 30, 40, 50):
+        plugin.trainctl_checkpoint_saved(CheckpointSaved(step=step, path=str(tmp_path / f"c{step}"), reason="interval",
+                                                         duration=0.0, time=0.0))
+    assert [s.step for s in plugin.outbox.open()] == [20, 40, 50]
+    assert sorted(p.name for p in (tmp_path / "remote_eval" / "outbox").iterdir()) == [
+        "step-000020.json", "step-000040.json", "step-000050.json"]
+    state = plugin.trainctl_state_dict()["remote_eval"]
+    assert [s["step"] for s in state["open"]] == [20, 40, 50] and state["run_id"].startswith("r-")

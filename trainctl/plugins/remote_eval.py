@@ -181,14 +181,15 @@ class RemoteEval:
             self._collect(sub, job)
 
     def _collect(self, sub: Submission, job: dict[str, Any]) -> None:
+        # Events first, then the outbox: once a submission is closed its events are queued (the
+        # end-of-run wait relies on it); a crash in between re-polls it (at least once, never lost).
         if job["status"] == "error":
             sub.status, sub.error = "error", job.get("error")
-            self.outbox.update(sub)
             self._say(f"evaluation of step {sub.step} failed on the worker: {sub.error}", "remote_eval_error", sub.step)
+            self.outbox.update(sub)
         elif job["status"] == "done":
             result = job["result"]
             sub.status, sub.result = "done", result
-            self.outbox.update(sub)
             for split, loss, ppl in (("train", "train_loss", "train_perplexity"), ("val", "val_loss", "perplexity")):
                 if result.get(loss) is not None:
                     self.run.emit(EvalEnd(step=sub.step, split=split, loss=result[loss], source="remote",
@@ -198,6 +199,7 @@ class RemoteEval:
                 self.run.emit(Notice(step=sub.step, kind="remote_eval_samples",
                                      message=f"{len(result['samples'])} sample(s) from the checkpoint at step {sub.step}",
                                      data={"samples": result["samples"]}, time=time.time()))
+            self.outbox.update(sub)
 
     def _say(self, message: str, kind: str, step: int | None = None) -> None:
         print(f"trainctl: remote_eval: {message}", file=sys.stderr, flush=True)
