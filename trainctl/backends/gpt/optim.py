@@ -49,6 +49,7 @@ def _hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
 
     Muon is for hidden layers only: its orthogonalized update suits matrices
     that map activations to activations, not token lookups or the output head.
+    An untied output head would land here; GPT always ties it.
     """
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     hidden: dict[int, nn.Parameter] = {}
