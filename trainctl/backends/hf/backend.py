@@ -136,12 +136,8 @@ class HFBackend:
                 ) from None
         if self.shape != "text" and not (template or self.tokenizer.chat_template):
             raise ConfigError("the tokenizer has no chat template; set model.chat_template (a .jinja file or the template text)")
-        eos = self.data_cfg.eos_token or self.tokenizer.eos_token
-        reports = [
-            validate(r, shape=self.shape, mask=self.mask, tokenizer=self.tokenizer, template=template, eos=eos,
-                     config=self.data_cfg, max_length=self.cfg.max_length, packing=self.data_cfg.packing)
-            for r in (train_rows, val_rows) if r is not None
-        ]
+        with sft.quiet():  # transformers warns about every row longer than the tokenizer's limit
+            reports = [self._check(r, template) for r in (train_rows, val_rows) if r is not None]
         errors = [(r, f) for r in reports for f in r.errors]
         warnings = [f"{f.rule}: {len(f.where)} row(s) of {r.source}" for r in reports for f in r.warnings]
         if self.ctx.dist.rank == 0 and (errors or warnings):
@@ -154,6 +150,11 @@ class HFBackend:
                 f"{finding.where[0]}; fix the rows listed above"
             )
         return warnings
+
+    def _check(self, r: rows.Rows, template: str | None) -> Any:
+        eos = self.data_cfg.eos_token or self.tokenizer.eos_token
+        return validate(r, shape=self.shape, mask=self.mask, tokenizer=self.tokenizer, template=template, eos=eos,
+                        config=self.data_cfg, max_length=self.cfg.max_length, packing=self.data_cfg.packing)
 
     def _plan(self, hf_config: Any, attn: str, frozen: int, fraction: float, n_train: int, n_val: int) -> Plan:
         total = sum(p.numel() for p in self.model.parameters())

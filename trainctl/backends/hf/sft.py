@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,9 @@ def quiet() -> Any:
     previous = logging.getLogger("trl").level
     logging.getLogger("trl").setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():  # deprecation notices meant for the libraries' own callers
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
     finally:
         if bars:
             datasets.enable_progress_bars()

@@ -65,7 +65,7 @@ class Report:
 def validate(rows: Rows, *, shape: str, mask: str, tokenizer: Any, template: str | None, eos: str,
              config: DataConfig, max_length: int, packing: str | bool) -> Report:
     """Check every row of ``rows`` (already read, in the given ``shape``)."""
-    report = Report(source=rows.source, shape=shape)
+    report = Report(source=rows.source, shape=shape, rows=len(rows.rows) + len(rows.bad))
     for line, why in rows.bad:
         report.add("not a JSON object", line, why)
     for line, row in zip(rows.lines, rows.rows):
@@ -74,7 +74,6 @@ def validate(rows: Rows, *, shape: str, mask: str, tokenizer: Any, template: str
             report.add(rule, line, detail)
         if problems:
             continue
-        report.rows += 1
         n, rendered = _tokens(row, shape, tokenizer, template, eos, config.text_field)
         report.tokens += n
         report.longest = max(report.longest, n)
@@ -89,7 +88,7 @@ def validate(rows: Rows, *, shape: str, mask: str, tokenizer: Any, template: str
             for index in _missing_reasoning(row, shape, config.reasoning_tags):
                 open_, close = config.reasoning_tags
                 report.add(f"no reasoning block {open_}...{close}", line, f"turn {index}")
-    if not report.rows and not report.errors:
+    if not report.rows:
         report.add("no rows", 0, "the file is empty")
     return report
 
