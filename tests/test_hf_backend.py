@@ -163,6 +163,23 @@ def test_loss_is_trls_compute_loss(registry, hf, tmp_path):
     b = session(registry, hf, tmp_path / "out", "plugins=[]", "data.packing='bfd'").backend
     batches = b._step_batches(0)
     n = sum(x.trained for x in batches)
-    ours = sum(float(b._loss(dict(x.inputs), n, {})[0]) for x in batches)
+    ours = sum(float(b._loss(dict(x.inputs), n, {})[0].detach()) for x in batches)
     trl = sum(float(b.sft.trainer.compute_loss(b.model, dict(x.inputs), num_items_in_batch=n)) for x in batches)
     assert abs(ours - trl) < 1e-6
+
+
+def test_loss_terms_generate_and_layer_stats(registry, hf, tmp_path):
+    s = session(registry, hf, tmp_path / "out", 'plugins=["z_loss"]', "train.max_steps=2")
+    b = s.backend
+    out = b.train_step(0)
+    assert set(out.metrics) == {"z_loss"} and float(out.metrics["z_loss"]) > 0  # computed on the logits
+    plain = session(registry, hf, tmp_path / "plain", "plugins=[]").backend.train_step(0)
+    assert {"entropy", "token_accuracy"} <= set(plain.metrics)
+    # the step loss includes the term (as gpt's does); without it, it is the same SFT loss
+    assert abs(float(out.loss - out.metrics["z_loss"]) - float(plain.loss)) < 1e-5
+    stats = b.layer_stats()
+    assert {"layer.0.weight_norm", "layer.1.grad_norm", "embedding.weight_norm", "head.grad_norm"} <= set(stats)
+    rng = torch.get_rng_state()
+    text = b.generate("Speak.", max_new_tokens=8, temperature=1.0, top_k=20, seed=3)
+    assert isinstance(text, str) and text == b.generate("Speak.", max_new_tokens=8, temperature=1.0, top_k=20, seed=3)
+    assert torch.equal(rng, torch.get_rng_state()) and b.model.training

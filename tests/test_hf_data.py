@@ -172,3 +172,23 @@ def test_parquet_and_saved_datasets_read_like_jsonl(tmp_path):
         assert read.rows == source and rows.detect_shape(read, "auto", "text") == "prompt_completion"
     with pytest.raises(ConfigError, match="does not exist"):
         rows.read(str(tmp_path / "missing.jsonl"), "data.train")
+
+
+def test_qwen3_template_without_markers_gets_trls_training_template(registry, hf, tmp_path):
+    import trl
+
+    qwen3 = f"{trl.__path__[0]}/chat_templates/qwen3.jinja"  # Qwen3's own template: no {% generation %}
+    rows = [{"messages": [{"role": "user", "content": f"Who speaks? {i}"},
+                          {"role": "assistant", "content": f"<think>\nA citizen, {i}.\n</think>\n\nFirst Citizen."}]}
+            for i in range(12)]
+    data = hf_assets.write_jsonl(tmp_path / "think.jsonl", rows)
+    session = setup(registry, hf, tmp_path, data, f"model.chat_template='{qwen3}'", "data.require_reasoning=true")
+    tok = session.backend.tokenizer
+    ids, labels = prepared(session, 0)
+    trained = trained_chars(tok, ids, labels)
+    assert trained == "<think>\nA citizen, 0.\n</think>\n\nFirst Citizen.<|im_end|>\n"  # TRL's Qwen3 span
+    assert "Who speaks" not in trained and "Who speaks" in tok.decode(ids)
+    rows[5]["messages"][1]["content"] = "First Citizen."  # no reasoning block
+    hf_assets.write_jsonl(data, rows)
+    with pytest.raises(ConfigError, match="no reasoning block <think>...</think> at line 6"):
+        setup(registry, hf, tmp_path, data, f"model.chat_template='{qwen3}'", "data.require_reasoning=true")
