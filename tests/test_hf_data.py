@@ -121,7 +121,7 @@ def test_validation_report_stops_before_the_model_loads(registry, hf, tmp_path, 
     ]
     data = tmp_path / "bad.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ConfigError, match=r"data check failed: \d+ problem\(s\) in .*bad.jsonl"):
+    with pytest.raises(ConfigError, match=r"data check failed: \d+ problem\(s\), first in .*bad.jsonl"):
         setup(registry, hf, tmp_path, data, "data.require_reasoning=true", "data.max_row_tokens=200")
     report = capsys.readouterr().err
     assert "data check: " in report and "8 rows (messages)" in report

@@ -23,7 +23,6 @@ count of a step is read from the collated labels on the host before they move to
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from trainctl.backends.gpt.optim import build_optimizer
 from trainctl.backends.hf import inference, loading, rows, sft, weights
 from trainctl.backends.hf.config import DataConfig, HFConfig, ModelConfig
 from trainctl.backends.hf.update import FiniteUpdate
-from trainctl.backends.hf.validate import validate
+from trainctl.backends.hf.validate import check_rows
 from trainctl.kernel.backend import BackendContext, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError
 
@@ -83,7 +82,11 @@ class HFBackend:
         self.mask = resolve_mask(self.shape, data.mask)
         hf_config = loading.model_config(self.cfg)  # before anything heavy: a missing model is one line
         self.tokenizer = loading.tokenizer(self.cfg)
-        self.warnings = self._validate(train_rows, val_rows)
+        with sft.quiet():  # transformers warns about every row longer than the tokenizer's limit
+            self.warnings = check_rows(
+                [r for r in (train_rows, val_rows) if r is not None], tokenizer=self.tokenizer, shape=self.shape,
+                mask=self.mask, config=data, max_length=self.cfg.max_length, report=ctx.dist.rank == 0,
+            )
         if val_rows is None:
             train_rows, val_rows = rows.split(train_rows, data.val_fraction, data.split_seed)
 
@@ -99,6 +102,9 @@ class HFBackend:
         )
         self.model = self.sft.model
         self.base = self.model.get_base_model() if self.hf.lora else self.model
+        if self.hf.lora and self.cfg.gradient_checkpointing:
+            self.model.enable_input_require_grads()  # as TRL does: frozen embeddings, checkpointed blocks
+        self._eval_batches: dict[str, list[sft.Batch]] = {}
         self.aux_coef = self.sft.trainer.router_aux_loss_coef if self.sft.trainer.aux_loss_enabled else 0.0
 
         first = self.sft.rows("train", self._indices(0, 0))
@@ -120,41 +126,6 @@ class HFBackend:
         )
         self.steps_done = 0
         return self._plan(hf_config, attn, frozen, fraction, len(train_rows.rows), len(val_rows.rows) if val_rows else 0)
-
-    def _validate(self, train_rows: rows.Rows, val_rows: rows.Rows | None) -> list[str]:
-        """Check every row; print the report (rank 0); errors stop the run before the model loads."""
-        from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-        template = None  # the one TRL will use: the tokenizer's, or its training template with markers
-        if self.mask == "assistant_only" and not has_generation_markers(self.tokenizer.chat_template or ""):
-            try:
-                template = get_training_chat_template(self.tokenizer)
-            except ValueError:
-                raise ConfigError(
-                    "data.mask = assistant_only needs a chat template with {% generation %} markers around assistant "
-                    "turns, and TRL has no training template for this tokenizer; set model.chat_template to one"
-                ) from None
-        if self.shape != "text" and not (template or self.tokenizer.chat_template):
-            raise ConfigError("the tokenizer has no chat template; set model.chat_template (a .jinja file or the template text)")
-        with sft.quiet():  # transformers warns about every row longer than the tokenizer's limit
-            reports = [self._check(r, template) for r in (train_rows, val_rows) if r is not None]
-        errors = [(r, f) for r in reports for f in r.errors]
-        warnings = [f"{f.rule}: {len(f.where)} row(s) of {r.source}" for r in reports for f in r.warnings]
-        if self.ctx.dist.rank == 0 and (errors or warnings):
-            text = "\n".join(line for r in reports for line in r.lines(self.data_cfg.report_rows))
-            print(text, file=sys.stderr)
-        if errors:
-            report, finding = errors[0]
-            raise ConfigError(
-                f"data check failed: {len(errors)} problem(s) in {report.source}, first: {finding.rule} at "
-                f"{finding.where[0]}; fix the rows listed above"
-            )
-        return warnings
-
-    def _check(self, r: rows.Rows, template: str | None) -> Any:
-        eos = self.data_cfg.eos_token or self.tokenizer.eos_token
-        return validate(r, shape=self.shape, mask=self.mask, tokenizer=self.tokenizer, template=template, eos=eos,
-                        config=self.data_cfg, max_length=self.cfg.max_length, packing=self.data_cfg.packing)
 
     def _plan(self, hf_config: Any, attn: str, frozen: int, fraction: float, n_train: int, n_val: int) -> Plan:
         total = sum(p.numel() for p in self.model.parameters())
@@ -256,12 +227,7 @@ class HFBackend:
         self.model.eval()
         losses = {}
         for split in ("train", "val") if self.sft.val is not None else ("train",):
-            n_rows = len(self.sft.train if split == "train" else self.sft.val)
-            count = min(self.train.eval_steps * self.train.batch_size, n_rows)
-            order = self.sft.order(split, EVAL_EPOCH, split == "train")
-            chosen = [int(i) for i in order[:count]]
-            batches = [self.sft.batch(self.sft.rows(split, chosen[i : i + self.train.batch_size]))
-                       for i in range(0, count, self.train.batch_size)]
+            batches = self._eval_batches.get(split) or self._eval_batches.setdefault(split, self._fixed_batches(split))
             n_items = max(sum(b.trained for b in batches), 1)
             total = torch.zeros((), device=self.device)
             for b in batches:
@@ -271,6 +237,13 @@ class HFBackend:
             losses[split] = total.item()  # host sync: evaluation only
         self.model.train()
         return losses
+
+    def _fixed_batches(self, split: str) -> list[sft.Batch]:
+        n_rows = len(self.sft.train if split == "train" else self.sft.val)
+        count = min(self.train.eval_steps * self.train.batch_size, n_rows)
+        chosen = [int(i) for i in self.sft.order(split, EVAL_EPOCH, split == "train")[:count]]
+        size = self.train.batch_size
+        return [self.sft.batch(self.sft.rows(split, chosen[i : i + size])) for i in range(0, count, size)]
 
     # --- state, inference, measurement ----------------------------------------------------------
 

@@ -12,12 +12,14 @@ Lengths are counted with the same tokenizer and template TRL uses to prepare the
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from trainctl.backends.hf.config import DataConfig
 from trainctl.backends.hf.rows import Rows
+from trainctl.kernel.errors import ConfigError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -60,6 +62,39 @@ class Report:
             kind = "error  " if finding.error else "warning"
             out.append(f"  {kind} {finding.rule}: {len(finding.where)} row(s): {rows}")
         return out
+
+
+def check_rows(files: list[Rows], *, tokenizer: Any, shape: str, mask: str, config: DataConfig, max_length: int,
+               report: bool) -> list[str]:
+    """Validate every file with the template TRL will use; print the report (``report``: rank 0);
+    raise ConfigError on errors. Returns the warnings, one line per rule and file."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = None  # the tokenizer's, or TRL's training template with {% generation %} markers
+    if mask == "assistant_only" and not has_generation_markers(tokenizer.chat_template or ""):
+        try:
+            template = get_training_chat_template(tokenizer)
+        except ValueError:
+            raise ConfigError(
+                "data.mask = assistant_only needs a chat template with {% generation %} markers around assistant "
+                "turns, and TRL has no training template for this tokenizer; set model.chat_template to one"
+            ) from None
+    if shape != "text" and not (template or tokenizer.chat_template):
+        raise ConfigError("the tokenizer has no chat template; set model.chat_template (a .jinja file or the template text)")
+    eos = config.eos_token or tokenizer.eos_token
+    reports = [validate(r, shape=shape, mask=mask, tokenizer=tokenizer, template=template, eos=eos, config=config,
+                        max_length=max_length, packing=config.packing) for r in files]
+    errors = [(r, f) for r in reports for f in r.errors]
+    warnings = [f"{f.rule}: {len(f.where)} row(s) of {r.source}" for r in reports for f in r.warnings]
+    if report and (errors or warnings):
+        print("\n".join(line for r in reports for line in r.lines(config.report_rows)), file=sys.stderr)
+    if errors:
+        first, finding = errors[0]
+        raise ConfigError(
+            f"data check failed: {len(errors)} problem(s), first in {first.source}: {finding.rule} at "
+            f"{finding.where[0]}; fix the rows listed above"
+        )
+    return warnings
 
 
 def validate(rows: Rows, *, shape: str, mask: str, tokenizer: Any, template: str | None, eos: str,
