@@ -192,3 +192,20 @@ def test_qwen3_template_without_markers_gets_trls_training_template(registry, hf
     hf_assets.write_jsonl(data, rows)
     with pytest.raises(ConfigError, match="no reasoning block <think>...</think> at line 6"):
         setup(registry, hf, tmp_path, data, f"model.chat_template='{qwen3}'", "data.require_reasoning=true")
+
+
+def test_hf_lora_sub_table_validates_and_round_trips(registry, tmp_path):
+    import tomllib
+
+    from trainctl.kernel.config import dump_toml, resolve
+
+    config = make_config(registry, tmp_path, "hf.lora.r=4", 'hf.lora.target_modules=["q_proj"]', backend="hf")
+    assert config.sections["hf"].lora.r == 4 and config.sections["hf"].lora.target_modules == ("q_proj",)
+    again = resolve(tomllib.loads(dump_toml(config.to_dict())), registry)
+    assert again.sections == config.sections and again.data == config.data
+    with pytest.raises(ConfigError, match=r"unknown key 'hf.lora.rr' \(did you mean 'r'\?\)"):
+        make_config(registry, tmp_path, "hf.lora.rr=4", backend="hf")
+    with pytest.raises(ConfigError, match="lm_head cannot take an adapter"):
+        make_config(registry, tmp_path, 'hf.lora.target_modules=["lm_head"]', backend="hf")
+    with pytest.raises(ConfigError, match='packing must be false, "bfd" or "wrapped"'):
+        make_config(registry, tmp_path, "data.packing=true", backend="hf")

@@ -4,6 +4,7 @@ A table is a frozen dataclass; :func:`build` turns a TOML table into one, so an 
 wrong type or a bad value is a :class:`ConfigError` naming ``section.key`` and the fix. Fields
 marked ``locked`` may not change when a run resumes from a checkpoint (model shape, data,
 vocabulary): the list of locked keys is part of the schema, read with :func:`locked_keys`.
+A field typed as another config dataclass is a sub-table (``[hf.lora]`` inside ``[hf]``).
 """
 
 from __future__ import annotations

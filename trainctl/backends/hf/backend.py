@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers  # noqa: F401  (imported here so a missing extra is the kernel's one-line hint)
+import trl  # noqa: F401
 
 from trainctl.backends.gpt.backend import resolve_device, resolve_dtype
 from trainctl.backends.gpt.optim import build_optimizer

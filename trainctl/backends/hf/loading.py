@@ -122,7 +122,10 @@ def freeze_vision(m: Any) -> int:
 
 
 def lora(cfg: LoraConfig) -> Any:
-    from peft import LoraConfig as PeftLora
+    try:
+        from peft import LoraConfig as PeftLora
+    except ImportError:
+        raise ConfigError("[hf.lora] needs peft: pip install 'trainctl[hf]'") from None
 
     targets: Any = cfg.target_modules[0] if cfg.target_modules == ("all-linear",) else list(cfg.target_modules)
     return PeftLora(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
