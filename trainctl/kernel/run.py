@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import time
 from pathlib import Path
@@ -130,7 +131,10 @@ class Run:
                 f"cannot resume from {path}: locked keys differ ({'; '.join(changed)}); "
                 "restore them, start over with --resume never, or pass --force"
             )
-        self.backend.load(path)
+        try:
+            self.backend.load(path)
+        except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused a file
+            raise ConfigError(f"refused to load checkpoint {path}: a file holds more than tensors and plain values ({exc}); resume from another with --resume PATH") from None
         self.state.restore(kernel["state"])
         random.setstate(_tuples(kernel["rng"]["python"]))
         np.random.set_state(tuple(kernel["rng"]["numpy"]))

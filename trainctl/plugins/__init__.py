@@ -9,7 +9,7 @@ from trainctl.hooks import hookimpl
 
 @hookimpl
 def trainctl_register_plugins(register):
-    from trainctl.plugins import checkpoint, console, jsonl, lr, z_loss
+    from trainctl.plugins import checkpoint, console, controller, jsonl, loss_guard, lr, status, z_loss
 
-    for module in (lr, checkpoint, console, jsonl, z_loss):
+    for module in (lr, controller, checkpoint, status, console, jsonl, z_loss, loss_guard):
         register(module.SPEC)

@@ -20,6 +20,8 @@ from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RunEnd, RunS
 
 BAR_WIDTH = 24
 REDRAW_S = 0.1
+#: Notices that only announce work about to start; the event that follows it is printed.
+QUIET_NOTICES = frozenset({"evaluating", "saving"})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -129,6 +131,8 @@ class Console:
 
     @hookimpl
     def trainctl_notice(self, event: Notice) -> None:
+        if event.kind in QUIET_NOTICES:
+            return
         self._emit(event.kind, step=event.step, message=event.message or None)
 
     @hookimpl
