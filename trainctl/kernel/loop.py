@@ -28,6 +28,7 @@ from trainctl.hooks.events import CheckpointSaved, Control, EvalEnd, Notice, Run
 from trainctl.hooks.plugin import RunInfo
 from trainctl.kernel.backend import Backend, Plan
 from trainctl.kernel.bus import EventBus
+from trainctl.kernel.errors import PluginError
 from trainctl.kernel.schema import TrainConfig
 from trainctl.kernel.state import RunResult, RunState
 
@@ -76,6 +77,8 @@ class Trainer:
                 self._ending(decision)
         except KeyboardInterrupt:
             status, reason = "stopped", "interrupted"
+        except PluginError as exc:  # its message names the plugin and the hook
+            status, reason = "failed", str(exc)
         except Exception as exc:  # the run ends as failed; run_end says why
             status, reason = "failed", f"{type(exc).__name__}: {exc}"
         result = RunResult(

@@ -11,6 +11,7 @@ import contextlib
 import json
 import pickle
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,13 +43,27 @@ def load_plain(path: Path, device: torch.device | str) -> dict:
     """``torch.load`` of tensors and plain values only: a pickle of anything else (a class, a
     function, ``os.system``) is refused before any of it runs."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols first
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
-            f"refused to load {path}: it holds more than tensors and plain values ({first}); "
+            f"refused to load {path}: it holds more than tensors and plain values ({unpickling_reason(exc)}); "
             "the file may have been tampered with: resume from another checkpoint with --resume PATH"
         ) from None
+
+
+def unpickling_reason(exc: Exception) -> str:
+    """The line of torch's long weights-only message that says what was refused."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    marker = "WeightsUnpickler error:"
+    for i, line in enumerate(lines):
+        if marker in line:
+            rest = line.split(marker, 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return rest.split(". ")[0]
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    specific = [line for line in lines if not line.startswith(boilerplate)]
+    return specific[0].rstrip(".") if specific else type(exc).__name__
 
 
 def resolve_device(name: str) -> torch.device:

@@ -54,11 +54,16 @@ def init_weights(model: GPT, source: str, args: GPTConfig) -> str:
 
 def _load(path: Path) -> dict[str, Any]:
     import pickle
+    import warnings
+
+    from trainctl.backends.gpt.backend import unpickling_reason
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ConfigError(f"model.init_from {path}: refused, it holds more than tensors and plain values ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"model.init_from {path}: refused, it holds more than tensors and plain values ({unpickling_reason(exc)})") from None
     except (OSError, RuntimeError, EOFError) as exc:
         raise ConfigError(f"model.init_from {path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_args"), dict):
