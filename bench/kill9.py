@@ -2,8 +2,8 @@
 resume from the newest complete checkpoint, never from a partial one, and the run that survives
 all the kills must end bit-identical to one that was never interrupted.
 
-    python bench/kill9.py --trials 200 --out /tmp/kill9            # the long version
-    python bench/kill9.py --trials 20 --steps 400 --json r.json    # what tests/test_kill9.py runs
+    python bench/kill9.py --trials 200 --out /tmp/kill9    # the long version
+    python bench/kill9.py --trials 20 --json r.json        # what tests/test_kill9.py runs
 
 The parent imports torch once and forks a child per trial (no torch op runs in the parent, so the
 children start clean); each child resumes with ``--resume auto`` semantics and trains until the
@@ -42,6 +42,7 @@ MODEL = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_si
 def config(out: Path, steps: int, keep_last: int, save_interval: int):
     overrides = [*MODEL, f"train.max_steps={steps}", f"train.save_interval={save_interval}", "train.log_interval=1000",
                  "train.eval_interval=0", "train.eval_steps=1", "plugin.lr.warmup_steps=10",
+                 "plugin.lr.decay_steps=100000",  # fixed: max_steps may change between runs
                  'plugins=["lr", "controller", "checkpoint", "status"]', f"plugin.checkpoint.keep_last={keep_last}"]
     return cfg.load(None, Registry.discover(entry_points=False), overrides=overrides, out_dir=str(out))
 
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
 def run_trials(argv: list[str] | None, children: list[int]) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=100000, help="max_steps while killing")
+    ap.add_argument("--tail", type=int, default=10, help="steps the survivor trains after the last kill")
     ap.add_argument("--keep-last", type=int, default=2)
     ap.add_argument("--max-delay", type=float, default=0.4, help="seconds after training starts")
     ap.add_argument("--seed", type=int, default=0)
@@ -130,6 +132,7 @@ def run_trials(argv: list[str] | None, children: list[int]) -> dict:
             if finished:  # it completed the run before the kill
                 children.remove(pid)
                 trials.append({"trial": trial, "completed": True, **info})
+                expected_resume = max(inspect(root)["complete"], default=None)
                 break
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
@@ -143,10 +146,11 @@ def run_trials(argv: list[str] | None, children: list[int]) -> dict:
                 problems.append(f"trial {trial}: partial checkpoints under real names: {state['corrupt']}")
             expected_resume = max(state["complete"]) if state["complete"] else None
             trials.append({"trial": trial, "delay": round(delay, 3), **info, **state})
-    # the survivor: resume one last time and finish (saving only at the end: saving does not
-    # change training, and the kills are over)
+    # the survivor: resume one last time and train a few more steps (saving only at the end:
+    # saving does not change training, and the kills are over)
+    target = (expected_resume or 0) + args.tail
     last_file = args.out / "trial-final.json"
-    pid = fork_child(out, args.steps, args.keep_last, last_file, children, save_interval=0)
+    pid = fork_child(out, target, args.keep_last, last_file, children, save_interval=0)
     _, status = os.waitpid(pid, 0)
     children.remove(pid)
     final = json.loads(last_file.read_text()) if last_file.exists() else {}
@@ -155,10 +159,10 @@ def run_trials(argv: list[str] | None, children: list[int]) -> dict:
     elif final.get("start_step") != (expected_resume or 0):
         problems.append(f"final run resumed at {final.get('start_step')}, newest complete was {expected_resume}")
     # the reference: the same run, never interrupted
-    pid = fork_child(reference, args.steps, args.keep_last, args.out / "reference.json", children, save_interval=0)
+    pid = fork_child(reference, target, args.keep_last, args.out / "reference.json", children, save_interval=0)
     _, ref_status = os.waitpid(pid, 0)
     children.remove(pid)
-    identical = status == 0 and ref_status == 0 and weights_sha(out, args.steps) == weights_sha(reference, args.steps)
+    identical = status == 0 and ref_status == 0 and weights_sha(out, target) == weights_sha(reference, target)
     if not identical:
         problems.append("the final weights differ from the uninterrupted run's")
     killed = [t for t in trials if not t.get("completed")]
@@ -167,6 +171,7 @@ def run_trials(argv: list[str] | None, children: list[int]) -> dict:
         "kills": len(killed),
         "killed_mid_write": sum(1 for t in killed if t["leftovers"]),
         "resumes_from_checkpoint": sum(1 for t in trials if t.get("resumed_from")),
+        "final_step": target,
         "final_identical_to_uninterrupted": identical,
         "problems": problems,
         "seconds": round(time.perf_counter() - started, 1),

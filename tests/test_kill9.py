@@ -14,7 +14,7 @@ from tests.conftest import ROOT, cli_env
 def test_kill_9_twenty_times(tmp_path):
     report_file = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "kill9.py"), "--trials", "20", "--steps", "150",
+        [sys.executable, str(ROOT / "bench" / "kill9.py"), "--trials", "20",
          "--out", str(tmp_path / "runs"), "--json", str(report_file), "--seed", "3"],
         env=cli_env(), capture_output=True, text=True, timeout=240,
     )
