@@ -120,3 +120,21 @@ def test_status_records_the_metrics_address_and_completion(registry, tmp_path):
     assert status["last_checkpoint"]["path"].endswith("step-000004") and status["last_checkpoint"]["reason"] == "end"
     assert status["loss"] == 10 / 4 and status["val_loss"] == 2 / 5 and status["eta_s"] == 0.0
     assert status["tokens_per_s"] > 0 and status["error"] is None
+
+
+def test_a_failing_observer_is_reported_once_by_name_and_disabled(registry, tmp_path, capfd):
+    out = tmp_path / "out"
+    (out / "status.json").mkdir(parents=True)  # the status file cannot be replaced: every write fails
+    session = Run(make_config(registry, out, 'plugins=["checkpoint", "status", "recorder"]', "train.max_steps=8",
+                              "train.log_interval=1", "train.plugin_max_failures=2"), registry, resume="never")
+    result = session.fit()
+    assert result.status == "completed" and result.step == 8  # the run goes on without it
+    err = capfd.readouterr().err
+    assert err.count("trainctl: plugin 'status' failed in ") == 1 and "IsADirectoryError" in err
+    assert "trainctl: plugin 'status' disabled after 2 failures" in err
+    from tests.recording_plugins import INSTANCES
+
+    kinds = [(e.kind, e.data.get("plugin")) for e in INSTANCES["recorder"].events
+             if type(e).__name__ == "Notice" and e.kind.startswith("plugin_")]
+    assert kinds == [("plugin_error", "status"), ("plugin_disabled", "status")]
+    assert (out / "checkpoints" / "step-000008").is_dir()  # the critical plugin was unaffected

@@ -140,7 +140,8 @@ def trainctl_control(view: RunView) -> Control | None:
 
     Return ``None`` for no opinion. The kernel combines every answer with
     ``trainctl.hooks.events.combine``: any stop wins, save/evaluate if anyone asks, paused while
-    anyone answers ``pause``. Called every step: keep it cheap (no I/O beyond a stat).
+    anyone answers ``pause``. Called every step: keep it cheap (no I/O beyond a stat or a
+    scandir of a small directory).
     """
 
 

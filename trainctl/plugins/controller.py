@@ -55,6 +55,7 @@ class Controller:
         self.step = 0  # the latest step seen, for notices sent from signal handlers
         self.last_eval: tuple[int, dict[str, float]] = (-1, {})
         self.previous: dict[int, Any] = {}
+        self.channel_broken = False
         # the lock makes `trainctl ctl` see this run as live, and refuses a second run here
         self.lock = channel.acquire(run.out_dir) if run.is_main and config.commands else None
 
@@ -100,9 +101,14 @@ class Controller:
     def trainctl_control(self, view: RunView) -> Control | None:
         self.step = view.step
         if self.lock is not None:
-            for command in channel.take(self.directory):  # one scandir; the dir is usually empty
-                self._command(command, view)
-            self._finish_evals()
+            try:
+                for command in channel.take(self.directory):  # one scandir; the dir is usually empty
+                    self._command(command, view)
+                self._finish_evals()
+            except OSError as exc:  # commands fail, but signals must keep working: never raise here
+                if not self.channel_broken:
+                    self.channel_broken = True
+                    self._notice(view.step, f"control channel unusable ({exc}); signals still work")
         control = Control(
             stop=self.stop_signal is not None or self.stop_request,
             save=self.save_signal or self.save_request,
