@@ -138,3 +138,18 @@ def test_a_failing_observer_is_reported_once_by_name_and_disabled(registry, tmp_
              if type(e).__name__ == "Notice" and e.kind.startswith("plugin_")]
     assert kinds == [("plugin_error", "status"), ("plugin_disabled", "status")]
     assert (out / "checkpoints" / "step-000008").is_dir()  # the critical plugin was unaffected
+
+
+def test_console_prints_control_notices_and_hides_announcements(tmp_path):
+    import io
+
+    from trainctl.hooks.events import Notice
+    from trainctl.hooks.plugin import RunInfo
+    from trainctl.plugins.console import Config, Console
+
+    stream = io.StringIO()
+    console = Console(Config(format="json"), RunInfo(run_name="r", backend="gpt", out_dir=tmp_path, max_steps=9), stream)
+    console.trainctl_notice(Notice(step=3, kind="control", message="pause: pausing", time=0.0))
+    console.trainctl_notice(Notice(step=3, kind="saving", message="interval", time=0.0))
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(l["event"], l["message"], l["step"]) for l in lines] == [("control", "pause: pausing", 3)]

@@ -82,6 +82,8 @@ class Controller:
             print("trainctl: second interrupt: aborting now", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
         else:
+            if self.stop_signal is None:  # at once, for the person who pressed Ctrl-C
+                print(f"trainctl: {name}: stopping after this step and saving (Ctrl-C again aborts)", file=sys.stderr, flush=True)
             self.stop_signal = self.stop_signal or name
             self._notice(self.step, f"{name}: finishing this step, saving and stopping (Ctrl-C again aborts)", signal=name)
         previous = self.previous.get(signum)
