@@ -28,4 +28,4 @@ def test_kill_9_twenty_times(tmp_path):
     assert report["killed_mid_write"] >= 1  # some kills did land inside a checkpoint write
     for trial in report["detail"]:
         assert trial["corrupt"] == []
-        assert trial["status_state"] in ("starting", "running", "saving")
+        assert trial["status_state"] in (None, "starting", "running", "saving")  # None: killed before it began

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import pickle
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from trainctl.backends.gpt import data as gpt_data
 from trainctl.backends.gpt.inference import DATA_META, MODEL_ARGS, WEIGHTS, sample
 from trainctl.backends.gpt.model import GPT, GPTConfig
 from trainctl.backends.gpt.optim import build_optimizer
+from trainctl.backends.safe_load import load_plain
 from trainctl.kernel.backend import BackendContext, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError
 
@@ -37,33 +36,6 @@ def rng_file(rank: int) -> str:
 # Evaluation batches are fixed (the same at every evaluation, so losses compare); their key uses
 # a "step" that training never reaches.
 EVAL_KEYS = {"train": 2**32 - 1, "val": 2**32 - 2}
-
-
-def load_plain(path: Path, device: torch.device | str) -> dict:
-    """``torch.load`` of tensors and plain values only: a pickle of anything else (a class, a
-    function, ``os.system``) is refused before any of it runs."""
-    try:
-        with warnings.catch_warnings():  # torch warns about foreign pickle protocols first
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ConfigError(
-            f"refused to load {path}: it holds more than tensors and plain values ({unpickling_reason(exc)}); "
-            "the file may have been tampered with: resume from another checkpoint with --resume PATH"
-        ) from None
-
-
-def unpickling_reason(exc: Exception) -> str:
-    """The line of torch's long weights-only message that says what was refused."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    marker = "WeightsUnpickler error:"
-    for i, line in enumerate(lines):
-        if marker in line:
-            rest = line.split(marker, 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
-            return rest.split(". ")[0]
-    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
-    specific = [line for line in lines if not line.startswith(boilerplate)]
-    return specific[0].rstrip(".") if specific else type(exc).__name__
 
 
 def resolve_device(name: str) -> torch.device:
