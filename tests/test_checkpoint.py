@@ -101,6 +101,8 @@ def test_corrupt_newest_checkpoints_are_reported_by_name_and_skipped(registry, t
     with pytest.raises(ConfigError, match="cannot resume from .*step-000001.*model.safetensors is missing"):
         (root / "step-000001" / "model.safetensors").unlink()
         Run(make_config(registry, out, *fast, backend="gpt"), registry, resume=str(root / "step-000001"))
+    with pytest.raises(ConfigError, match="it is a run directory, not a checkpoint; use --out"):
+        Run(make_config(registry, tmp_path / "other", *fast, backend="gpt"), registry, resume=str(out))
 
 
 def test_a_failed_write_fails_the_run_and_keeps_the_previous_checkpoint(registry, tmp_path):

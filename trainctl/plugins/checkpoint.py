@@ -218,6 +218,9 @@ class Checkpointer:
         if resume != "auto":
             path = Path(resume)
             problem = verify(path) if path.is_dir() else "not a directory"
+            if problem and (path / self.config.dir).is_dir():
+                raise ConfigError(f"cannot resume from {path}: it is a run directory, not a checkpoint; "
+                                  f"use --out {path} (resumes from its newest checkpoint) or --resume {path / self.config.dir}/step-...")
             if problem:
                 raise ConfigError(f"cannot resume from {path}: {problem}; pick another checkpoint or --resume never")
             return path
