@@ -22,6 +22,7 @@ from trainctl.kernel.bus import EventBus
 from trainctl.kernel.config import RunConfig, dump_toml
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.registry import Registry, load_factory, new_plugin_manager
+from trainctl.kernel.safe_load import unpickling_reason
 from trainctl.kernel.state import RunResult, RunState
 
 KERNEL_FILE = "kernel.json"
@@ -133,8 +134,11 @@ class Run:
             )
         try:
             self.backend.load(path)
-        except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused a file
-            raise ConfigError(f"refused to load checkpoint {path}: a file holds more than tensors and plain values ({exc}); resume from another with --resume PATH") from None
+        except pickle.UnpicklingError as exc:  # a backend that let torch.load's refusal through
+            raise ConfigError(
+                f"refused to load checkpoint {path}: a file holds more than tensors and plain values "
+                f"({unpickling_reason(exc)}); resume from another with --resume PATH"
+            ) from None
         self.state.restore(kernel["state"])
         random.setstate(_tuples(kernel["rng"]["python"]))
         np.random.set_state(tuple(kernel["rng"]["numpy"]))

@@ -1,7 +1,7 @@
 """``OUT/status.json``: what the run is doing now, for ``trainctl status``, scripts and dashboards.
 
-Rewritten atomically (temporary file + ``os.replace``) on every state change, every logged step,
-and otherwise at most once per ``interval`` seconds, so a reader never sees half a file and a
+Rewritten atomically (temporary file + ``os.replace``) on every change of state, and with the
+step's numbers at most once per ``interval`` seconds, so a reader never sees half a file and a
 fast run does not spend its time writing it. Fields::
 
     state       starting | running | paused | evaluating | saving | completed | stopped | failed
@@ -31,7 +31,7 @@ TRANSIENT = {"evaluating": "evaluating", "saving": "saving"}  # notice kind -> s
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
-    interval: float = 1.0  # seconds between rewrites on steps that do not log
+    interval: float = 1.0  # seconds between rewrites for step progress (state changes: at once)
 
     def __post_init__(self) -> None:
         if self.interval <= 0:
@@ -77,7 +77,7 @@ class Status:
             self.doc.update(loss=event.loss, tokens_per_s=event.tokens_per_s)
         if self.step_time is not None:
             self.doc["eta_s"] = round((event.max_steps - event.step) * self.step_time, 1)
-        if event.logged or time.monotonic() - self.last_write >= self.interval:
+        if time.monotonic() - self.last_write >= self.interval:  # a fast run logs hundreds of steps a second
             self.write()
 
     @hookimpl

@@ -21,7 +21,7 @@ from trainctl.backends.gpt import data as gpt_data
 from trainctl.backends.gpt.inference import DATA_META, MODEL_ARGS, WEIGHTS, sample
 from trainctl.backends.gpt.model import GPT, GPTConfig
 from trainctl.backends.gpt.optim import build_optimizer
-from trainctl.backends.safe_load import load_plain
+from trainctl.kernel.safe_load import load_plain
 from trainctl.kernel.backend import BackendContext, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError
 

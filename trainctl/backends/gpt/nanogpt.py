@@ -56,7 +56,7 @@ def _load(path: Path) -> dict[str, Any]:
     import pickle
     import warnings
 
-    from trainctl.backends.safe_load import unpickling_reason
+    from trainctl.kernel.safe_load import unpickling_reason
 
     try:
         with warnings.catch_warnings():

@@ -1,4 +1,4 @@
-"""Loading torch files from checkpoints safely, for every backend: ``torch.load`` with
+"""Loading torch files from checkpoints safely, for every backend and the kernel: ``torch.load`` with
 ``weights_only=True`` only, and a refusal that names the file and what was refused."""
 
 from __future__ import annotations
