@@ -91,3 +91,21 @@ def test_resume_refusals_force_full_disk_and_malicious_pickle(tmp_path):
     assert line == (f"trainctl: error: cannot resume from {older}: rng-rank0.pt does not match its sha256; "
                     "pick another checkpoint or --resume never")
     assert not [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def test_force_over_a_changed_shape_is_one_clear_error(registry, tmp_path):
+    import pytest
+
+    from tests.conftest import make_config
+    from trainctl.kernel.errors import ConfigError
+    from trainctl.kernel.run import Run
+
+    out = tmp_path / "out"
+    first = Run(make_config(registry, out, *FAST, "train.max_steps=2", 'plugins=["lr", "checkpoint"]', backend="gpt"),
+                registry, resume="never")
+    first.fit()
+    wider = make_config(registry, out, *FAST, "train.max_steps=4", "model.n_embd=64", 'plugins=["lr", "checkpoint"]', backend="gpt")
+    with pytest.raises(ConfigError, match=r"locked keys differ \(model.n_embd: 32 -> 64\)"):
+        Run(wider, registry, resume="auto")
+    with pytest.raises(ConfigError, match=r"cannot load checkpoint .*step-000002 into this run \(RuntimeError: size mismatch for "):
+        Run(wider, registry, resume="auto", force=True)

@@ -139,6 +139,13 @@ class Run:
                 f"refused to load checkpoint {path}: a file holds more than tensors and plain values "
                 f"({unpickling_reason(exc)}); resume from another with --resume PATH"
             ) from None
+        except (OSError, KeyError, RuntimeError, ValueError) as exc:  # e.g. --force over a changed shape
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+            what = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]  # "Error(s) in ...:" then the error
+            raise ConfigError(
+                f"cannot load checkpoint {path} into this run ({type(exc).__name__}: {what}); "
+                "resume from another with --resume PATH or start over with --resume never"
+            ) from None
         self.state.restore(kernel["state"])
         random.setstate(_tuples(kernel["rng"]["python"]))
         np.random.set_state(tuple(kernel["rng"]["numpy"]))
