@@ -101,11 +101,11 @@ def test_force_over_a_changed_shape_is_one_clear_error(registry, tmp_path):
     from trainctl.kernel.run import Run
 
     out = tmp_path / "out"
-    first = Run(make_config(registry, out, *FAST, "train.max_steps=2", 'plugins=["lr", "checkpoint"]', backend="gpt"),
+    first = Run(make_config(registry, out, *FAST, "train.max_steps=3", 'plugins=["lr", "checkpoint"]', backend="gpt"),
                 registry, resume="never")
     first.fit()
     wider = make_config(registry, out, *FAST, "train.max_steps=4", "model.n_embd=64", 'plugins=["lr", "checkpoint"]', backend="gpt")
     with pytest.raises(ConfigError, match=r"locked keys differ \(model.n_embd: 32 -> 64\)"):
         Run(wider, registry, resume="auto")
-    with pytest.raises(ConfigError, match=r"cannot load checkpoint .*step-000002 into this run \(RuntimeError: size mismatch for "):
+    with pytest.raises(ConfigError, match=r"cannot load checkpoint .*step-000003 into this run \(RuntimeError: size mismatch for "):
         Run(wider, registry, resume="auto", force=True)
