@@ -125,3 +125,26 @@ def test_a_failed_write_fails_the_run_and_keeps_the_previous_checkpoint(registry
     root = out / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-000001", "step-000002", "step-000003"]  # no temporary left
     assert all(verify(p) is None for p in checkpoints(root))
+
+
+def test_lines_cut_by_a_kill_stay_on_their_own_line(registry, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoints.jsonl").write_text('{"step": 1, "path": "x"}\n{"step": 2, "pa')  # killed mid-append
+    (out / "events.jsonl").write_text('{"event": "run_start"}\n{"event": "st')
+    fake_run(registry, out, 'plugins=["checkpoint", "jsonl"]', "train.max_steps=2")
+    for name in ("checkpoints.jsonl", "events.jsonl"):
+        lines = (out / name).read_text().splitlines()
+        broken = [line for line in lines if not line.endswith("}")]
+        assert len(broken) == 1 and all(json.loads(line) for line in lines if line not in broken)
+    assert ledger_steps(out) == [1, 2]
+
+
+def ledger_steps(out) -> list[int]:
+    steps = []
+    for line in (out / "checkpoints.jsonl").read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            pass
+    return steps
