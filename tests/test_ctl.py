@@ -6,6 +6,7 @@ import json
 import time
 
 from tests.conftest import make_config, run_cli
+from tests.recording_plugins import INSTANCES
 from tests.live import LiveRun
 from trainctl.kernel.run import Run
 
@@ -153,3 +154,46 @@ def test_console_prints_control_notices_and_hides_announcements(tmp_path):
     console.trainctl_notice(Notice(step=3, kind="saving", message="interval", time=0.0))
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [(l["event"], l["message"], l["step"]) for l in lines] == [("control", "pause: pausing", 3)]
+
+
+def test_stop_while_paused_saves_and_ends_stopped(registry, tmp_path):
+    import threading
+
+    from trainctl.control import channel
+    from trainctl.control.files import read_json
+
+    out = tmp_path / "out"
+    session = Run(make_config(registry, out, 'plugins=["controller", "checkpoint", "status", "recorder"]',
+                              "train.max_steps=100000000"), registry, resume="never")
+    results = []
+    worker = threading.Thread(target=lambda: results.append(session.fit()))  # signals need the main thread: not used here
+    worker.start()
+
+    def ask(command: str) -> dict:
+        ident = channel.send(out, command)
+        for _ in range(500):
+            answer = read_json(channel.ack_path(channel.control_dir(out), ident))
+            if answer:
+                return answer
+            time.sleep(0.01)
+        raise AssertionError(f"no answer to {command}")
+
+    try:
+        paused = ask("pause")
+        assert paused["status"] == "accepted" and paused["state"] == "running"
+        for _ in range(300):
+            if json.loads((out / "status.json").read_text())["state"] == "paused":
+                break
+            time.sleep(0.01)
+        stopped = ask("stop")
+        assert stopped["state"] == "paused"  # answered by the paused run's polling
+        worker.join(30)
+    finally:
+        if worker.is_alive():
+            channel.send(out, "stop")
+            worker.join(30)
+    result = results[0]
+    assert result.status == "stopped" and result.reason == "request" and result.step == paused["step"]
+    saves = [(e.step, e.reason) for e in INSTANCES["recorder"].events if type(e).__name__ == "CheckpointSaved"]
+    assert saves == [(paused["step"], "request")]
+    assert channel.live(out) is None  # the lock is released when the run ends
