@@ -47,7 +47,7 @@ class Controller:
         self.config, self.run = config, run
         self.directory = channel.control_dir(run.out_dir)
         self.stop_signal: str | None = None  # set by a signal handler
-        self.save_signal = False
+        self.save_signals = self.save_signals_seen = 0  # a counter: a signal is never lost to a reset
         self.stop_request = False
         self.paused = False
         self.save_request = self.eval_request = False
@@ -76,7 +76,7 @@ class Controller:
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if name in SAVE_SIGNALS:
-            self.save_signal = True
+            self.save_signals += 1
             self._notice(self.step, f"{name}: saving a checkpoint after this step", signal=name)
         elif name == "SIGINT" and self.stop_signal is not None:
             print("trainctl: second interrupt: aborting now", file=sys.stderr, flush=True)
@@ -111,14 +111,16 @@ class Controller:
                 if not self.channel_broken:
                     self.channel_broken = True
                     self._notice(view.step, f"control channel unusable ({exc}); signals still work")
+        signals = self.save_signals
+        save_signal, self.save_signals_seen = signals != self.save_signals_seen, signals
         control = Control(
             stop=self.stop_signal is not None or self.stop_request,
-            save=self.save_signal or self.save_request,
+            save=save_signal or self.save_request,
             evaluate=self.eval_request,
             pause=self.paused,
-            reason="signal" if self.stop_signal or self.save_signal else "request",
+            reason="signal" if self.stop_signal or save_signal else "request",
         )
-        self.save_signal = self.save_request = self.eval_request = False
+        self.save_request = self.eval_request = False
         return control if (control.stop or control.save or control.evaluate or control.pause) else None
 
     def _command(self, command: dict[str, Any], view: RunView) -> None:
@@ -128,7 +130,7 @@ class Controller:
             return
         message = {
             "stop": "stopping: saving a checkpoint, then exiting",
-            "pause": "pausing (the process stays alive; resume with: trainctl ctl DIR resume)",
+            "pause": f"pausing (the process stays alive; resume with: trainctl ctl {self.run.out_dir} resume)",
             "resume": "resuming" if self.paused else "not paused; nothing to resume",
             "save": "saving a checkpoint",
             "eval": "evaluating",
