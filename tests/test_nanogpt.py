@@ -144,7 +144,7 @@ def test_config_import_nanogpt(tmp_path):
     assert converted["train"] == {
         "out_dir": "out-shakespeare-char", "eval_interval": 250, "log_interval": 10, "eval_steps": 200,
         "grad_accum": 1, "batch_size": 64, "max_steps": 5000, "grad_clip": 1.0, "device": "cpu",
-        "compile": False, "run_name": "mini-gpt",
+        "compile": False, "run_name": "mini-gpt", "eval_at_start": True,
     }
     assert converted["optim"] == {"lr": 1e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.99}
     assert converted["model"] == {"block_size": 256, "n_layer": 6, "n_head": 6, "n_embd": 384, "dropout": 0.2,

@@ -119,6 +119,7 @@ def convert(values: dict[str, Any]) -> Conversion:
                 notes.append(f"{name}: not converted ({IGNORED[name]})")
         elif name not in SPECIAL:
             notes.append(f"{name}: unknown nanoGPT setting, not converted")
+    put("train", "eval_at_start", True)  # nanoGPT evaluates at iteration 0 too
     if merged["decay_lr"]:
         put("plugin.lr", "schedule", "cosine")
     else:  # nanoGPT without decay: the learning rate is constant from the first step
