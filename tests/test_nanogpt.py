@@ -157,3 +157,34 @@ def test_config_import_nanogpt(tmp_path):
     assert tomllib.loads(shown.stdout)["model"]["n_embd"] == 384
     to_stdout = run_cli("config", "import-nanogpt", str(source), check=True)
     assert tomllib.loads(to_stdout.stdout) == converted
+
+
+def test_a_nanogpt_data_directory_with_meta_pkl(registry, tmp_path):
+    """nanoGPT's data/shakespeare_char/prepare.py writes train.bin, val.bin (uint16) and meta.pkl."""
+    import pickle
+
+    import numpy as np
+
+    from trainctl.backends.gpt.data import embedded_text
+
+    text = embedded_text()
+    chars = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    data = tmp_path / "shakespeare_char"
+    data.mkdir()
+    n = int(0.9 * len(ids))
+    ids[:n].tofile(data / "train.bin")
+    ids[n:].tofile(data / "val.bin")
+    (data / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}))
+
+    session = Run(make_config(registry, tmp_path / "o", *FAST, f"data.path='{data}'", "train.max_steps=3",
+                              'plugins=["lr"]', backend="gpt"), registry, resume="never")
+    assert session.backend.tokenizer.decode(session.backend.tokenizer.encode("ROMEO:")) == "ROMEO:"
+    assert session.backend.model_args.vocab_size == 65 and session.fit().status == "completed"
+
+    marker = tmp_path / "PWNED"
+    (data / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "itos": _Evil(str(marker))}))
+    with pytest.raises(ConfigError, match="meta.pkl: refused: the pickle names posix.system"):
+        Run(make_config(registry, tmp_path / "p", *FAST, f"data.path='{data}'", backend="gpt"), registry, resume="never")
+    assert not marker.exists()

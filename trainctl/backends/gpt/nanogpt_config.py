@@ -139,7 +139,7 @@ def convert(values: dict[str, Any]) -> Conversion:
         put("model", "init_from", init)
     dataset = merged["dataset"]
     put("data", "path", f"data/{dataset}")
-    notes.append(f"dataset = {dataset!r} became data.path = 'data/{dataset}' (nanoGPT's layout: train.bin, val.bin, meta.json)")
+    notes.append(f"dataset = {dataset!r} became data.path = 'data/{dataset}' (nanoGPT's layout: train.bin, val.bin, meta.pkl)")
     return Conversion(tables=_ordered(tables), notes=notes)
 
 
