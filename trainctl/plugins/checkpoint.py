@@ -99,7 +99,8 @@ def checkpoints(root: Path) -> list[Path]:
     """Checkpoint directories under ``root``, oldest first."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    return sorted(found, key=lambda p: (_step_of(p), p.name))  # by number: step-1000000 after step-999999
 
 
 class Checkpointer:
