@@ -31,7 +31,6 @@ class FakeBackend:
         self.weight = torch.zeros(())
         self.fail_at: int | None = None
         self.val_losses: dict[int, float] = {}  # step -> val loss, instead of the default curve
-        self.save_error: Exception | None = None  # raised by save (e.g. a full disk)
 
     def setup(self) -> Plan:
         return Plan(params=10, total_params=10, tokens_per_step=8, summary="fake")
@@ -51,8 +50,6 @@ class FakeBackend:
         return {"train": 1.0 / (step + 1), "val": self.val_losses.get(step, 2.0 / (step + 1))}
 
     def save(self, directory: Path) -> None:
-        if self.save_error is not None:
-            raise self.save_error
         (directory / "fake.json").write_text(json.dumps({"weight": float(self.weight)}))
 
     def load(self, directory: Path) -> None:
