@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import fake_backend, recording_plugins
+from tests import fake_backend, fault_plugins, recording_plugins
 from tests.hf_fixtures import hf  # noqa: F401  (session fixture: tiny HF model and data)
 from trainctl.kernel import config as cfg
 from trainctl.kernel.registry import Registry
@@ -27,6 +27,7 @@ def registry() -> Registry:
     registry = Registry.discover(entry_points=False)
     registry.add_module(fake_backend, source="tests")
     registry.add_module(recording_plugins, source="tests")
+    registry.add_module(fault_plugins, source="tests")
     return registry
 
 

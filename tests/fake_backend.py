@@ -30,6 +30,7 @@ class FakeBackend:
         self.steps: list[int] = []
         self.weight = torch.zeros(())
         self.fail_at: int | None = None
+        self.val_losses: dict[int, float] = {}  # step -> val loss, instead of the default curve
 
     def setup(self) -> Plan:
         return Plan(params=10, total_params=10, tokens_per_step=8, summary="fake")
@@ -46,7 +47,7 @@ class FakeBackend:
         return StepOutput(loss=loss, grad_norm=torch.tensor(1.0), tokens=8)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        return {"train": 1.0 / (step + 1), "val": 2.0 / (step + 1)}
+        return {"train": 1.0 / (step + 1), "val": self.val_losses.get(step, 2.0 / (step + 1))}
 
     def save(self, directory: Path) -> None:
         (directory / "fake.json").write_text(json.dumps({"weight": float(self.weight)}))

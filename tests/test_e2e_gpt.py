@@ -81,7 +81,7 @@ def test_config_show_resolves_defaults(tmp_path):
     assert resolved["model"]["n_layer"] == 4 and resolved["optim"]["lr"] == 1e-3
     assert resolved["plugin"]["lr"]["schedule"] == "cosine"
     assert resolved["train"]["grad_clip"] == 1.0  # a default, filled in
-    assert resolved["plugins"] == ["lr", "checkpoint", "console", "jsonl"]
+    assert resolved["plugins"] == ["lr", "controller", "checkpoint", "status", "console", "jsonl"]
 
 
 def test_plugins_and_backends_listing():

@@ -28,10 +28,13 @@ def test_event_order_and_cadence(registry, tmp_path):
     calls = INSTANCES["recorder"].calls
     assert calls == [
         ("run_start", 0),
-        ("step", 1), ("step", 2), ("step", 3), ("eval", 3), ("eval", 3),
-        ("step", 4), ("save", 4), ("step", 5), ("step", 6), ("eval", 6), ("eval", 6),
-        ("save", 6), ("run_end", 6),
+        ("step", 1), ("step", 2), ("step", 3), ("notice", 3), ("eval", 3), ("eval", 3),
+        ("step", 4), ("notice", 4), ("save", 4), ("step", 5), ("step", 6), ("notice", 6), ("eval", 6), ("eval", 6),
+        ("notice", 6), ("save", 6), ("run_end", 6),
     ]
+    # the kernel announces evaluations and saves before doing them (for status observers)
+    announced = [(e.kind, e.step) for e in INSTANCES["recorder"].events if type(e).__name__ == "Notice"]
+    assert announced == [("evaluating", 3), ("saving", 4), ("evaluating", 6), ("saving", 6)]
     steps = [e for e in INSTANCES["recorder"].events if type(e).__name__ == "StepEnd"]
     assert [s.logged for s in steps] == [False, True, False, True, False, True]
     assert steps[1].loss == pytest.approx(10 / 2) and steps[0].loss is None
@@ -85,7 +88,7 @@ def test_pause_polls_then_resumes(registry, tmp_path):
                     "plugin.script.pause_at=[2]", "plugin.script.pause_polls=3")
     assert result.status == "completed" and result.step == 4
     notices = [e for e in INSTANCES["recorder"].events if type(e).__name__ == "Notice"]
-    assert [n.kind for n in notices] == ["script", "paused", "resumed"]
+    assert [n.kind for n in notices] == ["script", "paused", "resumed", "evaluating"]  # the final evaluation
     assert INSTANCES["script"].polls == 3
 
 
@@ -107,7 +110,7 @@ def test_observer_failure_is_reported_and_disabled(registry, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("plugin 'boom' failed in trainctl_step_end") == 1
     assert "plugin 'boom' disabled after 2 failures" in err
-    kinds = [e.kind for e in INSTANCES["recorder"].events if type(e).__name__ == "Notice"]
+    kinds = [e.kind for e in INSTANCES["recorder"].events if type(e).__name__ == "Notice" and e.kind != "evaluating"]
     assert kinds == ["plugin_error", "plugin_disabled"]
     assert [c for c in INSTANCES["recorder"].calls if c[0] == "step"][-1] == ("step", 6)
 

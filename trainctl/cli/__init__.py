@@ -20,14 +20,16 @@ def cli() -> None:
     trainctl run                         train the default model on the embedded data
     trainctl run CONFIG --set K=V ...    train from a TOML config, with overrides
     trainctl plugins | backends          what can be enabled
+    trainctl status RUN_DIR              what a run is doing (or how it ended)
+    trainctl ctl RUN_DIR stop|pause|resume|save|eval    steer a live run
     """
 
 
 def build_cli() -> click.Group:
-    from trainctl.cli import configs, eval_worker, evaluate, info, prepare, run, sample
+    from trainctl.cli import configs, ctl, eval_worker, evaluate, info, prepare, run, sample, status
     from trainctl.kernel.registry import Registry
 
-    for module in (run, configs, info, prepare, sample, evaluate, eval_worker):
+    for module in (run, configs, info, prepare, sample, ctl, status, evaluate, eval_worker):
         module.register(cli)
     registry = Registry.discover()
     registry.register_commands(cli)  # third-party commands, through the hook

@@ -1,6 +1,9 @@
-"""``trainctl config show``: the fully resolved config, defaults included."""
+"""``trainctl config show``: the fully resolved config, defaults included; ``trainctl config
+import-nanogpt``: a nanoGPT config file as TOML."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
@@ -27,3 +30,26 @@ def show(config: str | None, backend: str | None, overrides: tuple[str, ...]) ->
 
     resolved = cfg.load(config, Registry.discover(), overrides=list(overrides), backend=backend)
     click.echo(cfg.dump_toml(resolved.to_dict()), nl=False)
+
+
+@config.command("import-nanogpt")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the TOML here instead of stdout.")
+def import_nanogpt(source: Path, output: Path | None) -> None:
+    """Convert a nanoGPT config file (plain `key = value` lines; parsed, never executed) to TOML.
+
+    Settings the file does not give take nanoGPT's train.py defaults. What could not be
+    converted is listed on stderr.
+    """
+    from trainctl.backends.gpt.nanogpt_config import import_file
+    from trainctl.kernel import config as cfg
+
+    conversion = import_file(source)
+    text = f"# converted from nanoGPT config {source} by trainctl config import-nanogpt\n" + cfg.dump_toml(conversion.tables)
+    for note in conversion.notes:
+        click.echo(f"trainctl: {source}: {note}", err=True)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)

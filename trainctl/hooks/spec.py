@@ -107,7 +107,13 @@ def trainctl_checkpoint_saved(event: CheckpointSaved) -> None:
 @hookspec
 def trainctl_notice(event: Notice) -> None:
     """Something worth recording happened (control acknowledged, loss spike, samples, a plugin
-    disabled). Any plugin may emit one through the kernel's ``emit_notice``; loggers record it."""
+    disabled). Any plugin may queue one with ``run.emit(Notice(...))``; loggers record it.
+
+    The kernel itself sends these kinds: ``evaluating`` (just before an evaluation starts) and
+    ``saving`` (just before a checkpoint is written; ``message`` is the reason) so that observers
+    can show what a long pause between steps is; ``paused`` and ``resumed``; ``plugin_error`` and
+    ``plugin_disabled``. The ``metrics`` kind with ``data["address"]`` announces where a metrics
+    endpoint serves."""
 
 
 @hookspec
@@ -139,7 +145,8 @@ def trainctl_control(view: RunView) -> Control | None:
 
     Return ``None`` for no opinion. The kernel combines every answer with
     ``trainctl.hooks.events.combine``: any stop wins, save/evaluate if anyone asks, paused while
-    anyone answers ``pause``. Called every step: keep it cheap (no I/O beyond a stat).
+    anyone answers ``pause``. Called every step: keep it cheap (no I/O beyond a stat or a
+    scandir of a small directory).
     """
 
 

@@ -79,18 +79,24 @@ class Backend(Protocol):
 
         If the loss or the gradient norm is not finite, the update is not applied (parameters
         and optimizer state stay bit-identical) and ``skipped`` is true; decide this on the
-        device where it can avoid a sync."""
+        device where it can avoid a sync. For the ``loss_guard`` plugin, which sees only logged
+        steps, also report two device counters in ``metrics``: ``skipped_updates`` (skipped
+        since the process started) and ``skip_streak_max`` (the longest run of consecutive
+        skips)."""
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Mean loss per split (``train``, ``val``) over ``train.eval_steps`` batches, with loss
         terms off and the model back in training mode afterwards."""
 
     def save(self, directory: Path) -> None:
-        """Write weights (safetensors), optimizer and RNG state into ``directory``."""
+        """Write weights (safetensors), optimizer and RNG state into ``directory``: the torch RNG
+        of each rank in its own file (``rng-rank{N}.pt``), and the data position if the step
+        alone does not give it. The checkpoint plugin then hashes, fsyncs and renames."""
 
     def load(self, directory: Path) -> None:
         """Restore everything ``save`` wrote, so the next step is the one that would have run.
-        Uses ``torch.load(weights_only=True)`` only."""
+        Uses ``torch.load(weights_only=True)`` only; a file it refuses is a ConfigError naming
+        the file (never fall back to an unsafe load)."""
 
     def generate(self, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int | None, seed: int) -> str:
         """Text generated after ``prompt`` without disturbing training RNG state."""

@@ -6,7 +6,9 @@ rather than through pluggy's multicall, because that is what lets it isolate fau
 
 - a **critical** plugin that raises → :class:`PluginError`; the loop ends the run as failed;
 - an **observer** that raises → reported once with its name (and a ``plugin_error`` notice),
-  counted, and after ``max_failures`` failures unregistered; the run goes on.
+  counted, and after ``max_failures`` failures unregistered; the run goes on;
+- a ``ConfigError`` from any plugin (bad input, e.g. ``--resume PATH`` that does not verify)
+  propagates as it is: one line and exit code 2.
 
 ``TRAINCTL_TRACE_HOOKS=1`` prints every hook call and the plugin answering it to stderr.
 """
@@ -36,7 +38,7 @@ from trainctl.hooks.events import (
     StepEnd,
     combine,
 )
-from trainctl.kernel.errors import PluginError
+from trainctl.kernel.errors import ConfigError, PluginError
 
 _Impl = tuple[str, Callable[..., Any], tuple[str, ...]]
 _EVENT_HOOKS = {
@@ -170,6 +172,8 @@ class EventBus:
                 print(f"[trainctl hook] {hook} -> {plugin}", file=sys.stderr)
             try:
                 result = function(*[kwargs[name] for name in argnames])
+            except ConfigError:  # bad input (e.g. --resume PATH): one line and exit 2, from any plugin
+                raise
             except Exception as exc:
                 self._failed(plugin, hook, exc)
                 continue

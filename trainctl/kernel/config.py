@@ -4,7 +4,7 @@ Layout of a config file (every table optional)::
 
     seed = 1337
     backend = "gpt"
-    plugins = ["lr", "checkpoint", "console", "jsonl"]   # call order; this is the default
+    plugins = ["lr", "controller", "checkpoint", "status", "console", "jsonl"]   # call order; the default
     [train] ...  [optim] ...                              # the kernel's (trainctl.kernel.schema)
     [model] ...  [data] ...                               # the backend's own dataclasses
     [plugin.lr] ...                                       # each plugin's own dataclass
@@ -30,7 +30,8 @@ from trainctl.kernel.schema import (
     locked_keys,
 )
 
-DEFAULT_PLUGINS = ("lr", "checkpoint", "console", "jsonl")
+# decisions first, loggers last (list order is call order)
+DEFAULT_PLUGINS = ("lr", "controller", "checkpoint", "status", "console", "jsonl")
 TOP_LEVEL = ("seed", "backend", "plugins", "train", "optim", "model", "data", "plugin")
 
 

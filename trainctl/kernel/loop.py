@@ -1,15 +1,15 @@
 """The training loop. It owns steps, cadence and control; the backend owns the math.
 
-    run_start                                    -> trainctl_run_start
+    run_start                                    -> trainctl_run_start (then queued setup notices)
     for step in start .. max_steps - 1:
         lr = trainctl_lr(step) or optim.lr       -> trainctl_lr (first answer wins)
         out = backend.train_step(step)           # forward, backward, clip, update: no host sync
         read loss/grad norm if a logged step     # the one host sync of a logged step
         step_end                                 -> trainctl_step_end
-        evaluate every eval_interval             -> trainctl_eval_end (one per split)
+        evaluate every eval_interval             -> notice "evaluating", trainctl_eval_end (one per split)
         decision = combine(trainctl_control)     -> trainctl_control (any stop wins)
-        evaluate if asked                        -> trainctl_eval_end
-        save every save_interval or if asked     -> trainctl_write_checkpoint, trainctl_checkpoint_saved
+        evaluate if asked                        -> notice "evaluating", trainctl_eval_end
+        save every save_interval or if asked     -> notice "saving", trainctl_write_checkpoint, trainctl_checkpoint_saved
         while anyone answers pause: poll         -> trainctl_control (state "paused")
         stop if anyone answered stop
     ending: final evaluation and checkpoint      -> trainctl_control (state "ending"), ...
@@ -28,6 +28,7 @@ from trainctl.hooks.events import CheckpointSaved, Control, EvalEnd, Notice, Run
 from trainctl.hooks.plugin import RunInfo
 from trainctl.kernel.backend import Backend, Plan
 from trainctl.kernel.bus import EventBus
+from trainctl.kernel.errors import PluginError
 from trainctl.kernel.schema import TrainConfig
 from trainctl.kernel.state import RunResult, RunState
 
@@ -65,6 +66,7 @@ class Trainer:
                 tokens_per_step=self.plan.tokens_per_step, world_size=self.run.world_size,
                 resumed_from=self.resumed_from, time=time.time(),
             ))
+            bus.deliver_pending()  # what setup queued (e.g. a corrupt checkpoint skipped)
             if train.eval_at_start and state.step == 0:
                 self._evaluate()
             decision = self._steps()
@@ -75,6 +77,8 @@ class Trainer:
                 self._ending(decision)
         except KeyboardInterrupt:
             status, reason = "stopped", "interrupted"
+        except PluginError as exc:  # its message names the plugin and the hook
+            status, reason = "failed", str(exc)
         except Exception as exc:  # the run ends as failed; run_end says why
             status, reason = "failed", f"{type(exc).__name__}: {exc}"
         result = RunResult(
@@ -170,6 +174,8 @@ class Trainer:
 
     def _evaluate(self) -> None:
         state = self.state
+        # before the work, so that observers (status) can show it while it lasts
+        self.bus.notice(Notice(step=state.step, kind="evaluating", time=time.time()))
         started = time.perf_counter()
         losses = self.backend.evaluate(state.step)
         duration = time.perf_counter() - started
@@ -185,6 +191,7 @@ class Trainer:
         state = self.state
         if not self.bus.can_write_checkpoints():
             return
+        self.bus.notice(Notice(step=state.step, kind="saving", message=reason, time=time.time()))
         started = time.perf_counter()
         path = self.bus.write_checkpoint(state.step, reason, lambda d: self.write_state(d, state))
         if path is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from trainctl.kernel.bus import EventBus
 from trainctl.kernel.config import RunConfig, dump_toml
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.registry import Registry, load_factory, new_plugin_manager
+from trainctl.kernel.safe_load import unpickling_reason
 from trainctl.kernel.state import RunResult, RunState
 
 KERNEL_FILE = "kernel.json"
@@ -130,7 +132,20 @@ class Run:
                 f"cannot resume from {path}: locked keys differ ({'; '.join(changed)}); "
                 "restore them, start over with --resume never, or pass --force"
             )
-        self.backend.load(path)
+        try:
+            self.backend.load(path)
+        except pickle.UnpicklingError as exc:  # a backend that let torch.load's refusal through
+            raise ConfigError(
+                f"refused to load checkpoint {path}: a file holds more than tensors and plain values "
+                f"({unpickling_reason(exc)}); resume from another with --resume PATH"
+            ) from None
+        except (OSError, KeyError, RuntimeError, ValueError) as exc:  # e.g. --force over a changed shape
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+            what = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]  # "Error(s) in ...:" then the error
+            raise ConfigError(
+                f"cannot load checkpoint {path} into this run ({type(exc).__name__}: {what}); "
+                "resume from another with --resume PATH or start over with --resume never"
+            ) from None
         self.state.restore(kernel["state"])
         random.setstate(_tuples(kernel["rng"]["python"]))
         np.random.set_state(tuple(kernel["rng"]["numpy"]))

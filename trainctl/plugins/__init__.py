@@ -9,7 +9,9 @@ from trainctl.hooks import hookimpl
 
 @hookimpl
 def trainctl_register_plugins(register):
-    from trainctl.plugins import checkpoint, console, jsonl, lr, notify, remote_eval, z_loss
+    from trainctl.plugins import (
+        checkpoint, console, controller, jsonl, loss_guard, lr, notify, remote_eval, status, z_loss,
+    )
 
-    for module in (lr, checkpoint, console, jsonl, z_loss, remote_eval, notify):
+    for module in (lr, controller, checkpoint, status, console, jsonl, z_loss, loss_guard, remote_eval, notify):
         register(module.SPEC)

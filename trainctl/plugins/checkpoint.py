@@ -2,13 +2,26 @@
 
 Layout::
 
-    OUT/checkpoints/step-000500/   model.safetensors, optimizer.pt, rng.pt, kernel.json, ...,
-                                   manifest.json (sha256 of every other file; written last)
+    OUT/checkpoints/step-000500/   the backend's files (gpt: model.safetensors, optimizer.pt,
+                                   rng-rank0.pt, model.json, data_meta.json), the kernel's
+                                   (kernel.json: step = data position, python/numpy RNG, locked
+                                   keys; plugins.json; config.toml) and manifest.json (sha256 of
+                                   every other file; written last)
     OUT/checkpoints.jsonl          the ledger: one line per checkpoint written
 
 A checkpoint is written into a temporary directory, every file fsynced, the manifest written
 last, then the directory renamed into place: a directory without a verified manifest is not a
-checkpoint. Leftover temporary directories are removed when a run starts.
+checkpoint. Old checkpoints are removed only after the new one is in place, and removal renames
+them out of the way first, so a kill at any instant leaves only complete checkpoints under
+``step-*`` names (and perhaps a ``.tmp-*`` directory, removed when the next run starts).
+
+Policies: every ``train.save_interval`` steps (the kernel's cadence), after an evaluation that
+improved the best validation loss (``save_best``), at the end, and on demand (signals, ``trainctl
+ctl``); ``keep_last`` keeps the newest K and the best. A write that fails (disk full) fails the
+run, leaving the previous checkpoints as they were: this plugin is critical.
+
+Distributed runs (a later issue) will have each rank write its own files (``rng-rankN.pt``) into
+the same temporary directory before rank 0 writes the manifest and renames it.
 """
 
 from __future__ import annotations
@@ -25,19 +38,24 @@ from pathlib import Path
 from typing import Any
 
 from trainctl.hooks import PluginSpec, RunInfo, hookimpl
-from trainctl.hooks.events import EvalEnd
+from trainctl.hooks.events import Control, EvalEnd, Notice, RunStart, RunView
 from trainctl.kernel.errors import ConfigError
 
 MANIFEST = "manifest.json"
 LEDGER = "checkpoints.jsonl"
 PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"  # in-progress writes and checkpoints being removed
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); earlier ones are intact."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
     dir: str = "checkpoints"  # relative to the out dir
     keep_last: int = 0  # keep the newest K checkpoints (and the best); 0 = keep all
+    save_best: bool = False  # also save after an evaluation that improved the val loss
 
     def __post_init__(self) -> None:
         if self.keep_last < 0:
@@ -81,7 +99,8 @@ def checkpoints(root: Path) -> list[Path]:
     """Checkpoint directories under ``root``, oldest first."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    return sorted(found, key=lambda p: (_step_of(p), p.name))  # by number: step-1000000 after step-999999
 
 
 class Checkpointer:
@@ -91,14 +110,15 @@ class Checkpointer:
         self.root = run.out_dir / config.dir
         self.ledger = run.out_dir / LEDGER
         self.best: tuple[float, str] | None = None  # (val loss, checkpoint name)
+        self.best_val: float | None = None  # best val loss seen, for save_best
         self.last_val: tuple[int, float] | None = None  # (step, val loss)
-        if run.is_main:
-            self._clean_leftovers()
+        self.saved: set[str] = set()  # checkpoint names this run wrote
 
-    def _clean_leftovers(self) -> None:
-        if self.root.is_dir():
+    @hookimpl
+    def trainctl_run_start(self, event: RunStart) -> None:
+        if self.run.is_main and self.root.is_dir():
             for p in self.root.iterdir():
-                if p.name.startswith(TMP_PREFIX):
+                if p.name.startswith(TMP_PREFIX):  # a write or removal cut short by a crash
                     shutil.rmtree(p, ignore_errors=True)
 
     @hookimpl
@@ -107,14 +127,29 @@ class Checkpointer:
             self.last_val = (event.step, event.loss)
 
     @hookimpl
+    def trainctl_control(self, view: RunView) -> Control | None:
+        if not self.config.save_best or self.last_val is None or self.last_val[0] != view.step:
+            return None
+        val = self.last_val[1]
+        if view.state != "running" or (self.best_val is not None and val >= self.best_val):
+            return None
+        self.best_val = val
+        return Control(save=True, reason="best")
+
+    @hookimpl
     def trainctl_write_checkpoint(self, step: int, reason: str, write: Callable[[Path], None]) -> Path | None:
+        started = time.perf_counter()
         name = f"{PREFIX}{step:06d}"
         final = self.root / name
         tmp = self.root / f"{TMP_PREFIX}{name}-{os.getpid()}"
-        self.root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        if name in self.saved and final.is_dir():
+            # this run saved this step already and no update happened since: keep it (replacing
+            # it would leave a moment with one checkpoint fewer)
+            return self._record(step, reason, final, started)
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
             write(tmp)
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             for file in files:
@@ -123,26 +158,45 @@ class Checkpointer:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             fsync_path(tmp / MANIFEST)
             fsync_path(tmp)
-            if final.exists():  # the same step saved again (e.g. resumed, then saved): replace
-                shutil.rmtree(final)
+            if final.exists():  # from an abandoned branch (--resume never or an older PATH), or corrupt
+                _discard(final)
             os.rename(tmp, final)
             fsync_path(self.root)
-        except BaseException:
+        except Exception as exc:  # disk full, permissions, quota: torch and safetensors raise their own types
+            shutil.rmtree(tmp, ignore_errors=True)
+            intact = [p.name for p in checkpoints(self.root)]
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+            raise CheckpointWriteError(
+                f"could not write checkpoint {name} in {self.root}: {why}; "
+                f"{'the earlier checkpoint ' + intact[-1] + ' is intact' if intact else 'no earlier checkpoint exists'}. "
+                "Free space or fix permissions, then run again to resume"
+            ) from exc
+        except BaseException:  # e.g. a second Ctrl-C: leave no half-written directory behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return self._record(step, reason, final, started)
+
+    def _record(self, step: int, reason: str, final: Path, started: float) -> Path:
+        name = final.name
+        self.saved.add(name)
         val = self.last_val[1] if self.last_val and self.last_val[0] == step else None
-        if val is not None and (self.best is None or val < self.best[0]):
+        if val is not None and (self.best is None or val <= self.best[0]):
             self.best = (val, name)
+        if val is not None and (self.best_val is None or val < self.best_val):
+            self.best_val = val
         self._append_ledger({
             "step": step, "path": str(final), "reason": reason, "val_loss": val,
-            "manifest_sha256": sha256_file(final / MANIFEST), "time": time.time(),
+            "manifest_sha256": sha256_file(final / MANIFEST), "seconds": round(time.perf_counter() - started, 4),
+            "time": time.time(),
         })
         self._prune()
         return final
 
     def _append_ledger(self, record: dict[str, Any]) -> None:
-        with open(self.ledger, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(self.ledger, "ab") as f:
+            if f.tell() and _last_byte(self.ledger) != b"\n":
+                f.write(b"\n")  # a line cut short by a crash stays on its own line
+            f.write((json.dumps(record) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
 
@@ -156,7 +210,7 @@ class Checkpointer:
             protected.add(self.best[1])
         for path in existing:
             if path.name not in protected:
-                shutil.rmtree(path, ignore_errors=True)
+                _discard(path)
 
     @hookimpl
     def trainctl_find_checkpoint(self, resume: str) -> Path | None:
@@ -165,6 +219,9 @@ class Checkpointer:
         if resume != "auto":
             path = Path(resume)
             problem = verify(path) if path.is_dir() else "not a directory"
+            if problem and (path / self.config.dir).is_dir():
+                raise ConfigError(f"cannot resume from {path}: it is a run directory, not a checkpoint; "
+                                  f"use --out {path} (resumes from its newest checkpoint) or --resume {path / self.config.dir}/step-...")
             if problem:
                 raise ConfigError(f"cannot resume from {path}: {problem}; pick another checkpoint or --resume never")
             return path
@@ -172,17 +229,44 @@ class Checkpointer:
             problem = verify(path)
             if problem is None:
                 return path
-            print(f"trainctl: skipping checkpoint {path}: {problem}", file=sys.stderr)
+            message = f"checkpoint {path.name} is corrupt ({problem}); trying the previous one"
+            print(f"trainctl: {message}", file=sys.stderr)
+            self.run.emit(Notice(step=_step_of(path), kind="checkpoint_corrupt", message=message,
+                                 data={"path": str(path), "problem": problem}, time=time.time()))
         return None
 
     @hookimpl
     def trainctl_state_dict(self) -> dict[str, Any]:
-        return {"checkpoint": {"best": list(self.best) if self.best else None}}
+        return {"checkpoint": {"best": list(self.best) if self.best else None, "best_val": self.best_val}}
 
     @hookimpl
     def trainctl_load_state_dict(self, states: dict[str, Any]) -> None:
-        best = states.get("checkpoint", {}).get("best")
+        mine = states.get("checkpoint", {})
+        best = mine.get("best")
         self.best = (float(best[0]), str(best[1])) if best else None
+        self.best_val = mine.get("best_val", self.best[0] if self.best else None)
+
+
+def _discard(path: Path) -> None:
+    """Remove a checkpoint directory: renamed out of the ``step-*`` names first (atomic), so a
+    crash halfway through the deletion never leaves a partial checkpoint under a real name."""
+    trash = path.with_name(f"{TMP_PREFIX}old-{path.name}-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.removeprefix(PREFIX))
+    except ValueError:
+        return 0
 
 
 SPEC = PluginSpec(name="checkpoint", factory=Checkpointer, config=Config, critical=True,

@@ -20,6 +20,8 @@ from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RunEnd, RunS
 
 BAR_WIDTH = 24
 REDRAW_S = 0.1
+#: Notices that only announce work about to start; the event that follows it is printed.
+QUIET_NOTICES = frozenset({"evaluating", "saving"})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -64,7 +66,7 @@ class Console:
 
     # --- output ----------------------------------------------------------------------------
 
-    def _emit(self, message: str, /, **fields: Any) -> None:  # "/": a field may be called message
+    def _emit(self, message: str, /, **fields: Any) -> None:  # positional: a field may be called "message"
         if not self.enabled:
             return
         if self.bar and self.drawn:
@@ -129,6 +131,8 @@ class Console:
 
     @hookimpl
     def trainctl_notice(self, event: Notice) -> None:
+        if event.kind in QUIET_NOTICES:
+            return
         self._emit(event.kind, step=event.step, message=event.message or None)
 
     @hookimpl

@@ -29,6 +29,12 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _ends_with_newline(path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
+
+
 class JsonlLogger:
     def __init__(self, config: Config, run: RunInfo) -> None:
         self.path = run.out_dir / config.path
@@ -41,6 +47,8 @@ class JsonlLogger:
         if self.file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(self.path, "a", buffering=1, encoding="utf-8")  # line-buffered
+            if self.file.tell() and not _ends_with_newline(self.path):
+                self.file.write("\n")  # a line cut short by a kill stays on its own line
         record = {k: _finite(v) for k, v in to_record(event).items()}
         self.file.write(json.dumps(record) + "\n")
 

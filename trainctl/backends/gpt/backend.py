@@ -21,11 +21,18 @@ from trainctl.backends.gpt import data as gpt_data
 from trainctl.backends.gpt.inference import DATA_META, MODEL_ARGS, WEIGHTS, sample
 from trainctl.backends.gpt.model import GPT, GPTConfig
 from trainctl.backends.gpt.optim import build_optimizer
+from trainctl.kernel.safe_load import load_plain
 from trainctl.kernel.backend import BackendContext, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError
 
 OPTIMIZER = "optimizer.pt"
-RNG = "rng.pt"
+RNG_LEGACY = "rng.pt"  # before per-rank files
+
+
+def rng_file(rank: int) -> str:
+    """Each rank's torch RNG state (dropout) in its own file: ranks draw different masks."""
+    return f"rng-rank{rank}.pt"
+
 # Evaluation batches are fixed (the same at every evaluation, so losses compare); their key uses
 # a "step" that training never reaches.
 EVAL_KEYS = {"train": 2**32 - 1, "val": 2**32 - 2}
@@ -87,7 +94,12 @@ class GPTBackend:
             block_size=block, vocab_size=vocab, n_layer=self.cfg.n_layer, n_head=self.cfg.n_head,
             n_embd=self.cfg.n_embd, dropout=self.cfg.dropout, bias=self.cfg.bias,
         )
-        self.raw_model = GPT(self.model_args).to(self.device)
+        self.raw_model = GPT(self.model_args)
+        if self.cfg.init_from not in ("", "scratch"):
+            from trainctl.backends.gpt.nanogpt import init_weights
+
+            self.init_note = init_weights(self.raw_model, self.cfg.init_from, self.model_args)
+        self.raw_model.to(self.device)
         self.model = torch.compile(self.raw_model) if train.compile else self.raw_model
         optim = ctx.optim
         self.optimizer = build_optimizer(
@@ -101,6 +113,11 @@ class GPTBackend:
             if self.dtype != torch.float32 else contextlib.nullcontext()
         )
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        # Skipping a non-finite update without a host sync: the fused AdamW kernel takes a
+        # device-side found_inf flag and leaves parameters, moments and step counts untouched.
+        self.device_skip = isinstance(self.optimizer, torch.optim.AdamW) and bool(self.optimizer.defaults.get("fused"))
+        zero = lambda: torch.zeros((), device=self.device)  # noqa: E731
+        self.skipped_updates, self.skip_streak, self.skip_streak_max = zero(), zero(), zero()
         tokens_per_step = train.batch_size * train.grad_accum * block
         return Plan(
             params=sum(p.numel() for p in self.params),
@@ -113,7 +130,8 @@ class GPTBackend:
                 f"GPT {self.cfg.n_layer}x{self.cfg.n_embd} ({self.cfg.n_head} heads, block {block}, "
                 f"vocab {vocab}) on {self.data.meta.get('source', ctx.data.path)}"
             ),
-            details={"train_tokens": len(self.data.train), "val_tokens": len(self.data.val), "optimizer": optim.name},
+            details={"train_tokens": len(self.data.train), "val_tokens": len(self.data.val), "optimizer": optim.name}
+            | ({"init_from": self.init_note} if getattr(self, "init_note", "") else {}),
         )
 
     # --- the step -----------------------------------------------------------------------------
@@ -147,14 +165,37 @@ class GPTBackend:
                         terms[name] = terms.get(name, 0) + term.detach() / len(self.micro)
             self.scaler.scale(loss / len(self.micro)).backward()
             total += loss.detach()
-        grad_norm = None
+        loss = total / len(self.micro)
+        self.scaler.unscale_(self.optimizer)  # no-op unless float16
+        grads = [p.grad for p in self.params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # also decides finiteness
         if self.train.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.train.grad_clip, foreach=True)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.train.grad_clip, grad_norm, foreach=True)
+        skip = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))  # bool, on the device
+        self._update(skip)
+        # device-side counters for the loss guard, read with the loss on logged steps
+        self.skip_streak.add_(1).mul_(skip)
+        torch.maximum(self.skip_streak_max, self.skip_streak, out=self.skip_streak_max)
+        self.skipped_updates.add_(skip)
+        terms["skipped_updates"] = self.skipped_updates
+        terms["skip_streak_max"] = self.skip_streak_max
         tokens = self.train.batch_size * self.train.grad_accum * self.cfg.block_size
-        return StepOutput(loss=total / len(self.micro), grad_norm=grad_norm, tokens=tokens, metrics=terms)
+        return StepOutput(loss=loss, grad_norm=grad_norm, tokens=tokens, metrics=terms, skipped=skip)
+
+    def _update(self, skip: torch.Tensor) -> None:
+        """Apply the optimizer step unless ``skip``; parameters and optimizer state stay
+        bit-identical when skipped."""
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # float16: the scaler skips non-finite gradients itself
+            self.scaler.update()
+        elif self.device_skip:
+            self.optimizer.found_inf = skip.float()  # fused AdamW: skip on the device, no sync
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not skip.item():  # host sync: Muon has no device-side skip (free on CPU)
+            self.optimizer.step()
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
@@ -178,16 +219,17 @@ class GPTBackend:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        torch.save(rng, directory / RNG)
+        torch.save(rng, directory / rng_file(self.ctx.dist.rank))
         (directory / MODEL_ARGS).write_text(json.dumps(asdict(self.model_args), indent=1))
         (directory / DATA_META).write_text(json.dumps(self.data.meta, indent=1))
 
     def load(self, directory: Path) -> None:
         load_model(self.raw_model, str(directory / WEIGHTS), device=str(self.device))
-        opt = torch.load(directory / OPTIMIZER, map_location=self.device, weights_only=True)
+        opt = load_plain(directory / OPTIMIZER, self.device)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scaler.load_state_dict(opt["scaler"])
-        rng = torch.load(directory / RNG, weights_only=True)
+        rng_path = directory / rng_file(self.ctx.dist.rank)
+        rng = load_plain(rng_path if rng_path.exists() else directory / RNG_LEGACY, "cpu")
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import lzma
 import os
+import pickle
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -131,9 +132,12 @@ def load(path: str) -> TokenData:
     if root.is_file():
         raise ConfigError(f"data.path {root} is a file; prepare it first: trainctl prepare {root} --out DIR, then data.path = DIR")
     meta_file = root / "meta.json"
-    if not meta_file.exists():
+    if meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+    elif (root / "meta.pkl").exists():
+        meta = nanogpt_meta(root / "meta.pkl")
+    else:
         raise ConfigError(f"no prepared data in {root} (meta.json missing); run: trainctl prepare TEXT_FILE --out {root}")
-    meta = json.loads(meta_file.read_text())
     dtype = np.dtype(meta.get("dtype", "uint16"))
     arrays = []
     for name in ("train.bin", "val.bin"):
@@ -142,6 +146,29 @@ def load(path: str) -> TokenData:
             raise ConfigError(f"{file} is missing or empty; run trainctl prepare again")
         arrays.append(np.memmap(file, dtype=dtype, mode="r"))
     return TokenData(train=arrays[0], val=arrays[1], meta=meta)
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Dicts, lists, strings and numbers only: any class or function in the pickle is refused
+    before it can run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise ConfigError(f"refused: the pickle names {module}.{name}; only plain values are read")
+
+
+def nanogpt_meta(path: Path) -> dict[str, Any]:
+    """A nanoGPT ``meta.pkl`` (``prepare.py`` of shakespeare_char: vocab_size, itos, stoi) as our
+    meta: a character vocabulary in id order, uint16 tokens."""
+    try:
+        with open(path, "rb") as f:
+            raw = _PlainUnpickler(f).load()
+        itos = raw["itos"]
+        chars = "".join(itos[i] for i in range(int(raw["vocab_size"])))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{path} is not a nanoGPT character meta.pkl ({type(exc).__name__}: {exc})") from None
+    return {"tokenizer": "char", "vocab_size": len(chars), "chars": chars, "dtype": "uint16", "source": str(path.parent)}
 
 
 def batch_starts(n_tokens: int, block_size: int, batch_size: int, *key: int) -> np.ndarray:
