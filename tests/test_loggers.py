@@ -57,6 +57,24 @@ def test_console_eta_counts_steps_evals_and_saves_but_not_pauses(tmp_path):
     assert lines[-1]["message"] == "training resumed"
 
 
+def test_console_eta_uses_wall_time_per_step_less_evals_saves_and_pauses(tmp_path):
+    """Per-step work outside the kernel's step time (samples, hooks) counts; evaluations,
+    saves and pauses between logged steps do not inflate the per-step time."""
+    console = Console(ConsoleConfig(format="json"), RunInfo(run_name="r", backend="b", out_dir=tmp_path, max_steps=100),
+                      stream=io.StringIO())
+    t = 1000.0
+    console.trainctl_step_end(StepEnd(step=10, max_steps=100, lr=1.0, tokens=0, step_time=0.1, logged=True, loss=1.0, time=t))
+    console.trainctl_eval_end(EvalEnd(step=10, split="train", loss=1.0, duration=5.0, time=t))
+    console.trainctl_eval_end(EvalEnd(step=10, split="val", loss=1.0, duration=5.0, time=t))  # the same evaluation
+    console.trainctl_notice(Notice(step=12, kind="resumed", data={"paused_s": 600.0}, time=t))
+    # 10 steps of 0.15 s wall (0.1 s in the kernel + 0.05 s of samples), a 5 s evaluation, a 10 min pause
+    console.trainctl_step_end(StepEnd(step=20, max_steps=100, lr=1.0, tokens=0, step_time=0.1, logged=True, loss=1.0,
+                                      time=t + 10 * 0.15 + 5.0 + 600.0))
+    assert console.step_time == pytest.approx(0.15)
+    console.trainctl_eval_end(EvalEnd(step=20, split="val", loss=1.0, duration=5.0, time=t))
+    assert console.eta() == pytest.approx(80 * 0.15 + 8 * 5.0)
+
+
 def test_console_prints_samples_and_notices_with_messages(tmp_path):
     stream = io.StringIO()
     console = Console(ConsoleConfig(format="json"), RunInfo(run_name="r", backend="b", out_dir=tmp_path, max_steps=10),

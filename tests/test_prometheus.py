@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -166,6 +167,27 @@ def test_step_histogram_observes_each_steps_own_duration(registry, tmp_path):
     assert value(samples, "trainctl_step_duration_seconds_bucket", le="0.25") == 4
     assert value(samples, "trainctl_step_duration_seconds_bucket", le="1.0") == 5
     assert value(samples, "trainctl_step_duration_seconds_sum") == pytest.approx(steps[-1].step_time * 5)
+
+
+def test_endpoint_serves_only_metrics_and_outlives_a_silent_client(tmp_path):
+    plugin, emitted = exporter(tmp_path)
+    plugin.trainctl_run_start(RunStart(run_name="t", backend="fake", out_dir=str(tmp_path), start_step=0,
+                                       max_steps=4, params=1, tokens_per_step=8, time=time.time()))
+    url = emitted[0].data["address"]
+    try:
+        with socket.create_connection(plugin.server.address):  # connects, never sends a request
+            started = time.monotonic()
+            assert value(scrape(url), "trainctl_step") == 0
+            assert time.monotonic() - started < 3  # the silent client was dropped after its timeout
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(url.replace("/metrics", "/other"), timeout=5)
+        assert missing.value.code == 404
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5) as head:
+            assert head.status == 200 and head.read() == b"" and "text/plain" in head.headers["Content-Type"]
+    finally:
+        plugin.trainctl_run_end(RunEnd(status="completed", step=0, tokens=0, duration=0.0, time=time.time()))
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url, timeout=2)
 
 
 # --- the endpoint while the real kernel runs (in a thread, scraped from the test thread) -------

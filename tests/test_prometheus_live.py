@@ -101,11 +101,12 @@ def test_live_run_endpoint_over_http(tmp_path):
 # --- a real Prometheus server ------------------------------------------------------------------
 
 
-def prometheus_binary() -> str:
-    found = shutil.which("prometheus") or ("/usr/bin/prometheus" if os.access("/usr/bin/prometheus", os.X_OK) else None)
+def prometheus_binary(name: str = "prometheus") -> str:
+    """The binary from the Debian ``prometheus`` package; skip without it locally, fail in CI."""
+    found = shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else None)
     if found:
         return found
-    why = "the prometheus binary is not installed (Debian package 'prometheus': apt-get install prometheus)"
+    why = f"the {name} binary is not installed (Debian package 'prometheus': apt-get install prometheus)"
     if os.environ.get("CI"):
         pytest.fail(f"{why}; .ci/run installs it, and in CI this test must run")
     pytest.skip(f"{why}; this test always runs in CI")
@@ -201,3 +202,11 @@ def test_without_the_binary_it_skips_locally_and_fails_in_ci(monkeypatch):
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="in CI this test must run"):
         prometheus_binary()
+
+
+def test_shipped_prometheus_config_and_alerts_are_valid():
+    promtool = prometheus_binary("promtool")
+    config = ROOT / "configs" / "prometheus" / "prometheus.yml"
+    proc = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "2 rules found" in proc.stdout, proc.stdout + proc.stderr
+    assert "127.0.0.1:9464" in config.read_text()  # the plugin's default address

@@ -1,10 +1,11 @@
 """Console output through structlog: readable lines and a progress bar with ETA on a terminal,
 JSON lines otherwise (CI, files, log collectors).
 
-The ETA counts only training time (the mean step time of logged steps, which excludes
-evaluation, saving and pauses) plus the evaluations and interval checkpoints still to come at
-their measured durations, so a pause or a slow evaluation does not make it lie. While paused,
-the bar says so instead of counting down.
+The ETA is the wall time per step between logged steps, less the evaluations, checkpoints and
+pauses in between (so the work plugins do per step, such as samples, counts, and a pause or a
+slow evaluation does not), times the steps left, plus the evaluations and interval checkpoints
+still to come at their measured durations. While paused, the bar says so instead of counting
+down.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class Console:
         self.paused = False
         self.paused_s = 0.0  # total time paused, reported at the end
         self.step_time: float | None = None
+        self.logged_at: tuple[int, float] | None = None  # (step, time) of the last logged step
+        self.excluded = 0.0  # seconds of evaluation, saving and pause since then
         self.step = 0
         self.drawn = 0.0
 
@@ -105,7 +108,11 @@ class Console:
     def trainctl_step_end(self, event: StepEnd) -> None:
         self.step = event.step
         if event.logged:
-            self.step_time = event.step_time
+            self.step_time = event.step_time  # the kernel's: the step alone, no hooks
+            if self.logged_at is not None and event.step > self.logged_at[0]:
+                wall = event.time - self.logged_at[1] - self.excluded
+                self.step_time = max(wall / (event.step - self.logged_at[0]), event.step_time)
+            self.logged_at, self.excluded = (event.step, event.time), 0.0
             eta = self.eta()
             self._emit(
                 "step", step=f"{event.step}/{event.max_steps}", loss=round(event.loss, 4),
@@ -126,6 +133,7 @@ class Console:
             if self.eval_step is not None:
                 self.eval_every = event.step - self.eval_step
             self.eval_step, self.eval_s = event.step, event.duration
+            self.excluded += event.duration  # one duration covers every split of an evaluation
         self._emit("eval", step=event.step, split=event.split, loss=round(event.loss, 4),
                    source=event.source if event.source != "local" else None)
 
@@ -135,6 +143,7 @@ class Console:
             if self.save_step is not None:
                 self.save_every = event.step - self.save_step
             self.save_step, self.save_s = event.step, event.duration
+        self.excluded += event.duration
         self._emit("save", step=event.step, path=event.path, reason=event.reason,
                    seconds=round(event.duration, 2))
 
@@ -145,6 +154,7 @@ class Console:
         elif event.kind == "resumed":
             self.paused = False
             self.paused_s += float(event.data.get("paused_s", 0.0))
+            self.excluded += float(event.data.get("paused_s", 0.0))
         if event.kind == "samples":
             for prompt, text in zip(event.data.get("prompts", []), event.data.get("texts", [])):
                 self._emit("sample", step=event.step, prompt=prompt, text=text)
