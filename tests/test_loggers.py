@@ -213,4 +213,11 @@ def test_every_logger_through_the_cli(tmp_path, monkeypatch):
 
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), list((out / "wandb").iterdir())
+
+    # a resume continues the same wandb run (its id is in the checkpoint) and appends to the csv
+    run_cli("run", "--yes", "--out", str(out), *[a for item in args for a in ("--set", item)],
+            "--set", "train.max_steps=25", check=True)
+    ids = {path.name.rsplit("-", 1)[1] for path in (out / "wandb").glob("offline-run-*")}
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1
+    assert [r["step"] for r in csv.DictReader(open(out / "metrics.csv"))] == ["5", "10", "15", "20", "25"]
     assert not list(home.rglob("*")), f"wandb wrote into the home directory: {list(home.rglob('*'))}"

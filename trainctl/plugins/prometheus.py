@@ -223,15 +223,16 @@ class PrometheusExporter:
 
     @hookimpl
     def trainctl_step_end(self, event: StepEnd) -> None:
-        self.step.set(event.step)
         self.lr.set(event.lr)
-        self.last_step.set(event.time)
         self.tokens.inc(event.tokens - self.tokens_seen)
         self.tokens_seen = event.tokens
         # recover this step's own duration from the running mean the kernel reports
         k = self.since_logged = self.since_logged + 1
         self.step_duration.observe(max(k * event.step_time - (k - 1) * self.prev_mean, 0.0))
         self.prev_mean = event.step_time
+        # the step last: a scrape racing this hook never sees a step whose tokens are not counted
+        self.step.set(event.step)
+        self.last_step.set(event.time)
         if not event.logged:
             return
         self.since_logged, self.prev_mean = 0, 0.0
