@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests import fake_backend, recording_plugins
+from tests.hf_fixtures import hf  # noqa: F401  (session fixture: tiny HF model and data)
 from trainctl.kernel import config as cfg
 from trainctl.kernel.registry import Registry
 

@@ -42,6 +42,10 @@ def test_train_sample_and_events(tmp_path):
     saves = [e for e in events if e["event"] == "save"]
     assert saves and saves[-1]["step"] == 60 and (out / "checkpoints" / "step-000060" / "manifest.json").exists()
 
+    again = run_cli("run", "--yes", "--out", str(out), *sets(*TINY_GPT, f"data.path='{data}'",
+                    "train.max_steps=60", "plugin.lr.warmup_steps=5"), check=True)
+    assert "already finished 60 steps" in again.stdout
+
     sample = run_cli("sample", str(out), "--max-new-tokens", "80", "--prompt", "ROMEO:", check=True)
     text = sample.stdout
     assert text.startswith("ROMEO:") and len(text) > 80

@@ -2,6 +2,9 @@
 
 from trainctl.backends.gpt.config import DataConfig as GPTDataConfig
 from trainctl.backends.gpt.config import ModelConfig as GPTModelConfig
+from trainctl.backends.hf.config import DataConfig as HFDataConfig
+from trainctl.backends.hf.config import HFConfig
+from trainctl.backends.hf.config import ModelConfig as HFModelConfig
 from trainctl.hooks import BackendSpec, hookimpl
 
 
@@ -13,4 +16,13 @@ def trainctl_register_backends(register):
         model_config=GPTModelConfig,
         data_config=GPTDataConfig,
         description="nanoGPT-style GPT in plain PyTorch (character, byte or GPT-2 BPE tokens).",
+    ))
+    register(BackendSpec(
+        name="hf",
+        factory="trainctl.backends.hf.backend:HFBackend",
+        model_config=HFModelConfig,
+        data_config=HFDataConfig,
+        sections={"hf": HFConfig},
+        extra="hf",
+        description="Hugging Face causal LMs fine-tuned with TRL's SFT data pipeline and loss (LoRA optional).",
     ))

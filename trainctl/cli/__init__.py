@@ -24,10 +24,10 @@ def cli() -> None:
 
 
 def build_cli() -> click.Group:
-    from trainctl.cli import configs, info, plot, prepare, run, sample
+    from trainctl.cli import configs, eval_worker, evaluate, info, plot, prepare, run, sample
     from trainctl.kernel.registry import Registry
 
-    for module in (run, configs, info, prepare, sample, plot):
+    for module in (run, configs, info, prepare, sample, evaluate, eval_worker, plot):
         module.register(cli)
     registry = Registry.discover()
     registry.register_commands(cli)  # third-party commands, through the hook

@@ -29,7 +29,7 @@ def register(cli: click.Group) -> None:
 @click.option("--dry-run", is_flag=True, help="Validate config, data and model, print the plan, exit.")
 def run(config: str | None, backend: str | None, out_dir: str | None, overrides: tuple[str, ...],
         resume: str, force: bool, yes: bool, dry_run: bool) -> int:
-    """Train. Without CONFIG: a character-level GPT on the embedded tiny-shakespeare corpus."""
+    """Train a model (without CONFIG: a char-level GPT on the embedded tiny-shakespeare)."""
     from trainctl.kernel import config as cfg
     from trainctl.kernel.registry import Registry
 
@@ -39,6 +39,13 @@ def run(config: str | None, backend: str | None, out_dir: str | None, overrides:
     from trainctl.kernel.run import Run  # imports torch: after the config is known to be valid
 
     session = Run(resolved, registry, resume=resume, force=force)
+    if session.state.step >= resolved.train.max_steps:
+        session.backend.close()
+        click.echo(
+            f"{session.out_dir} already finished {session.state.step} steps (train.max_steps = "
+            f"{resolved.train.max_steps}); raise train.max_steps to continue, or --resume never to start over"
+        )
+        return 0
     estimate = print_plan(session)
     if dry_run:
         session.backend.close()

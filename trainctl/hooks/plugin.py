@@ -24,7 +24,8 @@ class RunInfo:
     local_rank: int = 0
     world_size: int = 1
     #: Queue an event (any payload of ``trainctl.hooks.events``) for delivery on the training
-    #: thread at the next step boundary. Safe from any thread.
+    #: thread at the next step boundary (from ``trainctl_run_end``: at once, to the plugins
+    #: whose run_end has not run yet). Safe from any thread.
     emit: Callable[[Any], None] = lambda event: None
     #: ``generate(prompt, max_new_tokens=..., temperature=..., top_k=..., seed=...) -> str``
     #: through the run's backend; available from ``trainctl_run_start`` on.

@@ -115,7 +115,12 @@ def trainctl_notice(event: Notice) -> None:
 @hookspec
 def trainctl_run_end(event: RunEnd) -> None:
     """The run is over (completed, stopped or failed). Release resources here: nothing fires
-    after this, and it fires even when the run failed."""
+    after this, and it fires even when the run failed.
+
+    Plugins get it one at a time, in call order. An event that a plugin emits here (``run.emit``:
+    a last result, a notice that a webhook failed) is delivered at once to the plugins whose
+    ``run_end`` has not run yet, so loggers record it; mark the implementation
+    ``@hookimpl(tryfirst=True)`` to report before every logger ends."""
 
 
 # --- decisions: the kernel asks, plugins answer ----------------------------------------------

@@ -39,6 +39,10 @@ from trainctl.hooks.events import (
 from trainctl.kernel.errors import PluginError
 
 _Impl = tuple[str, Callable[..., Any], tuple[str, ...]]
+_EVENT_HOOKS = {
+    RunStart: "trainctl_run_start", StepEnd: "trainctl_step_end", EvalEnd: "trainctl_eval_end",
+    CheckpointSaved: "trainctl_checkpoint_saved", Notice: "trainctl_notice",
+}
 
 
 class EventBus:
@@ -71,7 +75,16 @@ class EventBus:
         self._call("trainctl_notice", event=event)
 
     def run_end(self, event: RunEnd) -> None:
-        self._call("trainctl_run_end", event=event)
+        """Call each plugin's run_end in turn. Events a plugin emits from its run_end (a last
+        remote result, a notice that a webhook failed) are delivered at once to the plugins
+        whose run_end has not run yet, so loggers record them; nothing reaches a plugin after
+        its own run_end."""
+        ended: set[str] = set()
+        for plugin, _, _ in list(self._impls_of("trainctl_run_end")):
+            self._call("trainctl_run_end", only=plugin, event=event)
+            ended.add(plugin)
+            while not self._pending.empty():
+                self.dispatch(self._pending.get_nowait(), skip=ended)
 
     def emit(self, event: Event) -> None:
         """Queue an event from any thread; :meth:`deliver_pending` hands it to the plugins."""
@@ -86,17 +99,12 @@ class EventBus:
             delivered.append(event)
         return delivered
 
-    def dispatch(self, event: Event) -> None:
-        """Fire the hook that matches an event payload."""
-        handler = {
-            RunStart: self.run_start,
-            StepEnd: self.step_end,
-            EvalEnd: self.eval_end,
-            CheckpointSaved: self.checkpoint_saved,
-            Notice: self.notice,
-            RunEnd: self.run_end,
-        }[type(event)]
-        handler(event)
+    def dispatch(self, event: Event, *, skip: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        """Fire the hook that matches an event payload (on every plugin but those in ``skip``)."""
+        if isinstance(event, RunEnd):
+            self.run_end(event)
+        else:
+            self._call(_EVENT_HOOKS[type(event)], skip=skip, event=event)
 
     # --- decisions ------------------------------------------------------------------------
 
@@ -152,9 +160,12 @@ class EventBus:
             self._impls[hook] = impls
         return impls
 
-    def _call(self, hook: str, *, first: bool = False, **kwargs: Any) -> list[Any]:
+    def _call(self, hook: str, *, first: bool = False, only: str | None = None,
+              skip: set[str] = frozenset(), **kwargs: Any) -> list[Any]:  # type: ignore[assignment]
         results = []
         for plugin, function, argnames in self._impls_of(hook):
+            if plugin in skip or (only is not None and plugin != only):
+                continue
             if self._trace:
                 print(f"[trainctl hook] {hook} -> {plugin}", file=sys.stderr)
             try:

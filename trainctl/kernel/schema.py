@@ -4,6 +4,7 @@ A table is a frozen dataclass; :func:`build` turns a TOML table into one, so an 
 wrong type or a bad value is a :class:`ConfigError` naming ``section.key`` and the fix. Fields
 marked ``locked`` may not change when a run resumes from a checkpoint (model shape, data,
 vocabulary): the list of locked keys is part of the schema, read with :func:`locked_keys`.
+A field typed as another config dataclass is a sub-table (``[hf.lora]`` inside ``[hf]``).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def locked_keys(cls: type) -> list[str]:
 
 
 def as_table(obj: Any) -> dict[str, Any]:
-    """The TOML table of a config dataclass (lists for tuples)."""
+    """The TOML table of a config dataclass (lists for tuples, sub-tables for nested ones)."""
     return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
 
 
@@ -113,6 +114,8 @@ def did_you_mean(word: str, choices: Any) -> str:
 
 
 def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return as_table(value)
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -147,6 +150,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return float(value)
     if hint is Any:
         return value
+    if dataclasses.is_dataclass(hint):  # a sub-table, e.g. [hf.lora]
+        return build(hint, value, where)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{where} must be {_type_name_of(hint)}, got {_type_name(value)} {value!r}")
     return value

@@ -9,9 +9,9 @@ from trainctl.hooks import hookimpl
 
 @hookimpl
 def trainctl_register_plugins(register):
-    from trainctl.plugins import checkpoint, console, jsonl, lr, z_loss
+    from trainctl.plugins import checkpoint, console, jsonl, lr, notify, remote_eval, z_loss
     from trainctl.plugins import csv, layer_stats, prometheus, samples, tensorboard, wandb
 
-    for module in (lr, checkpoint, console, jsonl, z_loss,
+    for module in (lr, checkpoint, console, jsonl, z_loss, remote_eval, notify,
                    prometheus, tensorboard, wandb, csv, samples, layer_stats):
         register(module.SPEC)

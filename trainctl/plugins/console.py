@@ -74,7 +74,7 @@ class Console:
 
     # --- output ----------------------------------------------------------------------------
 
-    def _emit(self, message: str, /, **fields: Any) -> None:
+    def _emit(self, message: str, /, **fields: Any) -> None:  # "/": a field may be called message
         if not self.enabled:
             return
         if self.bar and self.drawn:

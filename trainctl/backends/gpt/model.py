@@ -113,7 +113,7 @@ class GPT(nn.Module):
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (https://paperswithcode.com/method/weight-tying): the token
+        # Weight tying (Press & Wolf, https://arxiv.org/abs/1608.05859): the token
         # embedding and the output projection share one matrix, saving V*C params.
         self.transformer.wte.weight = self.lm_head.weight
 

@@ -45,12 +45,18 @@ class CombinedOptimizer:
 
 
 def _hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
-    """Weights of the Linear layers, minus those tied to an embedding (GPT's lm_head).
+    """Weights of the Linear layers, minus those tied to an embedding (GPT's lm_head) and the
+    output head a model declares with ``get_output_embeddings()`` (an untied lm_head, as in
+    Hugging Face Llama/Qwen3).
 
     Muon is for hidden layers only: its orthogonalized update suits matrices
     that map activations to activations, not token lookups or the output head.
+    An untied output head would land here; GPT always ties it.
     """
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), nn.Parameter):
+        embedding_ids.add(id(head.weight))
     hidden: dict[int, nn.Parameter] = {}
     for m in model.modules():
         if isinstance(m, nn.Linear) and m.weight.requires_grad and id(m.weight) not in embedding_ids:

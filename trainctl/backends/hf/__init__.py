@@ -1,0 +1,8 @@
+"""The ``hf`` backend: Hugging Face transformers models fine-tuned with TRL's SFT data pipeline
+and loss, under the kernel's loop (see ``backend.py`` for why not ``SFTTrainer.train()``).
+
+``config.py`` (torch-free tables), ``rows.py`` (reading and splitting), ``validate.py`` (the data
+check), ``loading.py`` (model, tokenizer, LoRA), ``sft.py`` (TRL as a library, batch order),
+``update.py`` (skipping non-finite updates on the device), ``weights.py`` (checkpoint files),
+``inference.py`` (generate, layer norms), ``backend.py`` (the Backend).
+"""

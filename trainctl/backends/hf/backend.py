@@ -1,0 +1,289 @@
+"""The ``hf`` backend: a Hugging Face causal LM fine-tuned with TRL's SFT data pipeline and loss,
+implementing :class:`trainctl.kernel.backend.Backend`. The kernel owns the loop.
+
+Design: our loop, TRL as a library, not a callback bridge around ``SFTTrainer.train()``.
+The kernel already owns steps, the learning rate, evaluation cadence, checkpoints and
+stop/pause/save decisions. Driving ``trainer.train()`` through a ``TrainerCallback`` would turn
+those decisions back into flags inside HF's loop (``control.should_save`` ...), make the loss
+visible only in ``on_log`` (a host sync every step), need a ``LambdaLR`` to carry the kernel's
+learning rate, make pause a blocking callback or a full HF checkpoint and restart, and leave
+epochs, data skipping on resume and the checkpoint layout to HF. Instead ``SFTTrainer`` is built
+once and used for what is TRL's: preparing the rows (chat template, assistant/completion masks,
+truncation, BFD/wrapped packing), its collator, and its fused LM head. Each micro-batch's loss
+is exactly ``SFTTrainer.compute_loss``'s: ``-sum(log_probs) / num_items_in_batch`` over the
+fused head, with ``num_items_in_batch`` the trained-token count of the whole step (so gradient
+accumulation is token-exact). Per-step losses match ``trainer.train()`` (bench/hf_vs_trl.py).
+``compute_loss`` itself is not called because it reads three metrics to the host on every
+micro-batch; entropy and token accuracy come back as device tensors, read on logged steps only.
+
+Batches are a pure function of (seed, step, micro-batch) (see ``sft.py``), and the trained-token
+count of a step is read from the collated labels on the host before they move to the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers  # noqa: F401  (imported here so a missing extra is the kernel's one-line hint)
+import trl  # noqa: F401
+
+from trainctl.backends.gpt.backend import resolve_device, resolve_dtype
+from trainctl.backends.gpt.optim import build_optimizer
+from trainctl.backends.hf import inference, loading, rows, sft, weights
+from trainctl.backends.hf.config import DataConfig, HFConfig, ModelConfig
+from trainctl.backends.hf.update import FiniteUpdate
+from trainctl.backends.hf.validate import check_rows
+from trainctl.kernel.backend import BackendContext, Plan, StepOutput
+from trainctl.kernel.errors import ConfigError
+
+PLAN_SAMPLE_STEPS = 8  # steps collated (host only) to estimate tokens per step
+EVAL_EPOCH = 2**32 - 1  # the seeded order evaluation samples training rows from: never a training epoch
+
+
+def resolve_mask(shape: str, mask: str) -> str:
+    if mask == "auto":
+        return {"messages": "assistant_only", "prompt_completion": "completion_only"}.get(shape, "none")
+    if mask == "assistant_only" and shape == "text":
+        raise ConfigError("data.mask = assistant_only needs conversations (messages or prompt/completion lists); this data is plain text")
+    if mask == "completion_only" and shape != "prompt_completion":
+        raise ConfigError(f"data.mask = completion_only needs prompt/completion rows; this data is {shape}")
+    return mask
+
+
+class HFBackend:
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+        self.cfg: ModelConfig = ctx.model
+        self.data_cfg: DataConfig = ctx.data
+        self.hf: HFConfig = ctx.sections.get("hf") or HFConfig()
+        self.train = ctx.train
+        self.device = resolve_device(self.train.device)
+        self.dtype = resolve_dtype(self.train.dtype, self.device)
+        self.lr = ctx.optim.lr
+
+    # --- setup ------------------------------------------------------------------------------
+
+    def setup(self) -> Plan:
+        ctx, data, train = self.ctx, self.data_cfg, self.train
+        if train.threads:
+            torch.set_num_threads(train.threads)
+        if train.compile:
+            raise ConfigError("train.compile is not supported by the hf backend (TRL's fused loss head is patched in at run time); set it to false")
+        world = ctx.dist.world_size
+        if train.grad_accum % world:
+            raise ConfigError(f"train.grad_accum {train.grad_accum} must be a multiple of the {world} ranks")
+        self.micro = list(range(ctx.dist.rank, train.grad_accum, world))
+
+        train_rows = rows.read(data.train, "data.train")
+        val_rows = rows.read(data.val, "data.val") if data.val else None
+        self.shape = rows.detect_shape(train_rows, data.shape, data.text_field)
+        self.mask = resolve_mask(self.shape, data.mask)
+        hf_config = loading.model_config(self.cfg)  # before anything heavy: a missing model is one line
+        self.tokenizer = loading.tokenizer(self.cfg)
+        with sft.quiet():  # transformers warns about every row longer than the tokenizer's limit
+            self.warnings = check_rows(
+                [r for r in (train_rows, val_rows) if r is not None], tokenizer=self.tokenizer, shape=self.shape,
+                mask=self.mask, config=data, max_length=self.cfg.max_length, report=ctx.dist.rank == 0,
+            )
+        if val_rows is None:
+            train_rows, val_rows = rows.split(train_rows, data.val_fraction, data.split_seed)
+
+        attn = loading.attention(self.cfg.attn_implementation, self.device)
+        with sft.quiet():
+            model, frozen = loading.model(self.cfg, hf_config, attn=attn, device=self.device)
+        self.sft = sft.SFTData(
+            model=model, tokenizer=self.tokenizer, train_rows=train_rows.rows,
+            val_rows=val_rows.rows if val_rows else None, mask=self.mask, packing=data.packing,
+            text_field=data.text_field, eos_token=data.eos_token, max_length=self.cfg.max_length,
+            batch_size=train.batch_size, seed=ctx.seed, use_cpu=self.device.type == "cpu",
+            peft_config=loading.lora(self.hf.lora) if self.hf.lora else None,
+        )
+        self.model = self.sft.model
+        self.base = self.model.get_base_model() if self.hf.lora else self.model
+        if self.hf.lora and self.cfg.gradient_checkpointing:
+            self.model.enable_input_require_grads()  # as TRL does: frozen embeddings, checkpointed blocks
+        self._eval_batches: dict[str, list[sft.Batch]] = {}
+        self.aux_coef = self.sft.trainer.router_aux_loss_coef if self.sft.trainer.aux_loss_enabled else 0.0
+
+        first = self.sft.rows("train", self._indices(0, 0))
+        fraction, problem = sft.mask_check(first, self.mask)
+        if problem:
+            raise ConfigError(problem)
+
+        optim = ctx.optim
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(
+            self.model, name=optim.name, lr=optim.lr, weight_decay=optim.weight_decay,
+            betas=(optim.beta1, optim.beta2), eps=optim.eps, device_type=self.device.type,
+            muon_lr=optim.muon_lr, muon_momentum=optim.muon_momentum, muon_weight_decay=0.0,
+        )
+        self.update = FiniteUpdate(self.optimizer)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else contextlib.nullcontext()
+        )
+        self.steps_done = 0
+        return self._plan(hf_config, attn, frozen, fraction, len(train_rows.rows), len(val_rows.rows) if val_rows else 0)
+
+    def _plan(self, hf_config: Any, attn: str, frozen: int, fraction: float, n_train: int, n_val: int) -> Plan:
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.params)
+        steps = range(min(PLAN_SAMPLE_STEPS, self.train.max_steps))
+        sampled = [self._step_batches(s) for s in steps]  # host only: collation, no model
+        tokens = sum(b.tokens for batches in sampled for b in batches) / len(sampled)
+        trained = sum(b.trained for batches in sampled for b in batches) / len(sampled)
+        packing = self.data_cfg.packing or "no"
+        details = {
+            "model": f"{type(self.base).__name__} ({hf_config.model_type}), attention {attn}",
+            "trainable": f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+            + (f", LoRA r={self.hf.lora.r}" if self.hf.lora else "") + (f", vision frozen ({frozen:,})" if frozen else ""),
+            "data": f"{self.shape}, {n_train} train / {n_val} val rows, packing {packing}, max_length {self.cfg.max_length}",
+            "loss mask": f"{self.mask}: {100 * fraction:.1f}% of the first batch's tokens trained",
+            "tokens/step": f"~{tokens:,.0f} processed, ~{trained:,.0f} trained (mean of the first {len(sampled)} steps)",
+            "optimizer": self.ctx.optim.name,
+        }
+        if self.warnings:
+            details["data warnings"] = "; ".join(self.warnings)
+        return Plan(
+            params=trainable, total_params=total, tokens_per_step=round(tokens),
+            flops_per_token=(6 if not self.hf.lora else 4) * total,  # forward 2N, backward 4N (2N without weight grads)
+            device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            summary=f"{self.cfg.name_or_path} fine-tuned on {self.data_cfg.train}",
+            details=details,
+        )
+
+    # --- the step -------------------------------------------------------------------------------
+
+    def _indices(self, step: int, micro: int) -> list[int]:
+        first = (step * self.train.grad_accum + micro) * self.train.batch_size
+        return self.sft.indices("train", first, self.train.batch_size, self.data_cfg.shuffle)
+
+    def _step_batches(self, step: int) -> list[sft.Batch]:
+        """Every micro-batch of ``step`` on the host (all ranks': the token count is global)."""
+        return [self.sft.batch(self.sft.rows("train", self._indices(step, m))) for m in range(self.train.grad_accum)]
+
+    def set_lr(self, lr: float) -> None:
+        self.lr = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+
+    def _loss(self, inputs: dict[str, Any], n_items: int, terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """One micro-batch's share of the step loss (TRL's SFT loss), plus metric sums."""
+        loss_terms = self.ctx.loss_terms
+        if loss_terms is None:
+            out = self.model(**inputs, use_cache=False, fused_lm_head=True)  # logits never materialised
+            loss = -out.log_probs.sum() / n_items
+            if self.aux_coef:  # MoE load balancing, as compute_loss averages it over the accumulation
+                loss = loss + self.aux_coef * out.aux_loss / self.train.grad_accum
+            return loss, {"entropy": out.entropy.detach().sum(), "token_accuracy": out.is_top1.sum()}
+        # a plugin adds loss terms on the logits: the model's own loss with num_items_in_batch
+        # (the same shifted token sum / n), then the terms on aligned (B, T-1) logits and targets
+        out = self.model(**inputs, use_cache=False, num_items_in_batch=n_items)
+        loss = out.loss
+        for name, term in loss_terms(out.logits[:, :-1], inputs["labels"][:, 1:], out.loss):
+            loss = loss + term / len(self.micro)
+            terms[name] = terms.get(name, 0) + term.detach() / len(self.micro)
+        return loss, {}
+
+    def train_step(self, step: int) -> StepOutput:
+        self.optimizer.zero_grad(set_to_none=True)
+        batches = self._step_batches(step)
+        n_items = max(sum(b.trained for b in batches), 1)  # host ints: no sync
+        n_local = max(sum(batches[m].trained for m in self.micro), 1)
+        total = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
+        terms: dict[str, torch.Tensor] = {}
+        for m in self.micro:
+            inputs = sft.to_device(batches[m].inputs, self.device)
+            with self.autocast:
+                loss, extra = self._loss(inputs, n_items, terms)
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+            for k, v in extra.items():
+                sums[k] = sums.get(k, 0) + v
+        self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.train.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.train.grad_clip, foreach=True)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        finite = torch.isfinite(total) & torch.isfinite(grad_norm)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # float16: the scaler skips non-finite steps itself
+            self.scaler.update()
+        else:
+            self.update.step(finite)
+        self.steps_done = step + 1
+        metrics = {k: v / n_local for k, v in sums.items()} | terms
+        return StepOutput(loss=total, grad_norm=grad_norm, tokens=sum(b.trained for b in batches),
+                          metrics=metrics, skipped=~finite)
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Token-mean loss per split over ``train.eval_steps`` fixed batches (the same rows at
+        every evaluation: the validation rows in file order, a fixed sample of the training rows)."""
+        self.model.eval()
+        losses = {}
+        for split in ("train", "val") if self.sft.val is not None else ("train",):
+            batches = self._eval_batches.get(split) or self._eval_batches.setdefault(split, self._fixed_batches(split))
+            n_items = max(sum(b.trained for b in batches), 1)
+            total = torch.zeros((), device=self.device)
+            for b in batches:
+                with self.autocast:
+                    out = self.model(**sft.to_device(b.inputs, self.device), use_cache=False, fused_lm_head=True)
+                total += -out.log_probs.float().sum() / n_items
+            losses[split] = total.item()  # host sync: evaluation only
+        self.model.train()
+        return losses
+
+    def _fixed_batches(self, split: str) -> list[sft.Batch]:
+        n_rows = len(self.sft.train if split == "train" else self.sft.val)
+        count = min(self.train.eval_steps * self.train.batch_size, n_rows)
+        chosen = [int(i) for i in self.sft.order(split, EVAL_EPOCH, split == "train")[:count]]
+        size = self.train.batch_size
+        return [self.sft.batch(self.sft.rows(split, chosen[i : i + size])) for i in range(0, count, size)]
+
+    # --- state, inference, measurement ----------------------------------------------------------
+
+    def save(self, directory: Path) -> None:
+        weights.save(self, directory)
+
+    def load(self, directory: Path) -> None:
+        weights.load(self, directory)
+
+    def generate(self, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
+                 top_k: int | None = 200, seed: int = 0) -> str:
+        return inference.generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_k=top_k, seed=seed)
+
+    def layer_stats(self) -> dict[str, float]:
+        return inference.layer_stats(self.base)
+
+    def measure(self, steps: int = 2) -> float:
+        """Seconds per optimizer step from forward/backward of the first micro-batch (after one
+        untimed warm-up), times the micro-batches of a step; weights, optimizer and RNG untouched."""
+        rng = torch.get_rng_state()
+        batch = self._step_batches(0)[self.micro[0]]
+        inputs = sft.to_device(batch.inputs, self.device)
+        elapsed = 0.0
+        for i in range(steps + 1):
+            started = time.perf_counter()
+            with self.autocast:
+                out = self.model(**dict(inputs), use_cache=False, fused_lm_head=True)
+            (-out.log_probs.sum() / max(batch.trained, 1)).backward()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                elapsed += time.perf_counter() - started
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng)
+        return elapsed / max(steps, 1) * len(self.micro)
+
+    def close(self) -> None:
+        workdir = getattr(getattr(self, "sft", None), "workdir", None)
+        if workdir is not None:
+            workdir.cleanup()

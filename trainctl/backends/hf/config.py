@@ -1,0 +1,105 @@
+"""The ``hf`` backend's tables: ``[model]``, ``[data]`` and ``[hf]`` (with ``[hf.lora]``).
+Torch-free: ``config show``, ``backends`` and ``--help`` import this without transformers.
+
+Locked keys (refused on resume if changed) are the ones that decide which tokens a step trains
+on: the model, tokenizer and chat template, the data files and split, the shape and mask, the
+packing and the maximum length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from trainctl.kernel.schema import locked
+
+Shape = Literal["auto", "text", "messages", "prompt_completion"]
+Mask = Literal["auto", "none", "assistant_only", "completion_only"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    """``[model]``: a causal LM from the Hugging Face hub or a local directory."""
+
+    name_or_path: str = locked("")  # hub id (e.g. "Qwen/Qwen3-0.6B") or a directory
+    revision: str = locked("")  # hub revision; "" = the default branch
+    tokenizer: str = locked("")  # "" = the model's own
+    chat_template: str = locked("")  # "" = the tokenizer's; else a Jinja string or a .jinja file
+    max_length: int = locked(1024)  # tokens per row (truncation) or per packed row
+    # auto: float32 weights (the optimizer's master copy, as TRL loads them); the compute dtype is
+    # train.dtype (bf16 autocast on CUDA). float16/bfloat16 load the weights in that dtype.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # auto: flash_attention_2 on CUDA when the flash_attn package imports, else sdpa
+    attn_implementation: str = "auto"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    freeze_vision: bool = True  # image-text-to-text checkpoints: train the language model only
+
+    def __post_init__(self) -> None:
+        if self.max_length < 8:
+            raise ValueError("max_length must be at least 8 tokens")
+        allowed = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+        if self.attn_implementation not in allowed and not self.attn_implementation.startswith("kernels-"):
+            raise ValueError(f"attn_implementation must be one of {', '.join(allowed)}, got {self.attn_implementation!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    """``[data]``: rows to fine-tune on, checked before the model loads.
+
+    ``train``/``val``: a ``.jsonl``/``.json`` file, a ``.parquet`` file or a directory written by
+    ``datasets.save_to_disk``. Without ``val``, a ``val_fraction`` of ``train`` is held out, chosen
+    by ``split_seed`` alone (not the run's seed), so the split never moves between runs and resumes.
+    """
+
+    train: str = locked("")
+    val: str = locked("")
+    val_fraction: float = locked(0.05)  # when val = ""; 0 = no validation split
+    split_seed: int = locked(0)
+    shape: Shape = locked("auto")  # auto: from the columns (messages | prompt+completion | text)
+    text_field: str = locked("text")  # the column of plain-text rows
+    eos_token: str = locked("")  # appended to text rows and completions; "" = the tokenizer's eos
+    # auto: assistant_only for messages, completion_only for prompt/completion, none for text
+    mask: Mask = locked("auto")
+    packing: Literal["bfd", "wrapped"] | bool = locked(False)  # bfd: padding-free, documents kept apart
+    shuffle: bool = locked(True)  # a fresh seeded order every epoch; false: file order
+    # --- validation rules (errors stop the run before the model loads)
+    require_reasoning: bool = False  # every assistant turn/completion holds a closed reasoning block
+    reasoning_tags: tuple[str, str] = ("<think>", "</think>")
+    max_row_tokens: int = 0  # rows longer than this are errors; 0 = only warn above model.max_length
+    report_rows: int = 5  # rows named per problem in the report
+
+    def __post_init__(self) -> None:
+        if self.packing is True:
+            raise ValueError('packing must be false, "bfd" or "wrapped" (bfd keeps documents apart)')
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError("val_fraction must be in [0, 1)")
+        if self.max_row_tokens < 0 or self.report_rows < 1:
+            raise ValueError("max_row_tokens must be 0 or more and report_rows at least 1")
+        if len(self.reasoning_tags) != 2 or not all(self.reasoning_tags):
+            raise ValueError('reasoning_tags must be two non-empty strings, e.g. ["<think>", "</think>"]')
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoraConfig:
+    """``[hf.lora]``: train low-rank adapters (peft) instead of the full model. Present = on."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("all-linear",)  # module names, or "all-linear" (lm_head excluded)
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha < 1:
+            raise ValueError("r and alpha must be at least 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError("dropout must be in [0, 1)")
+        if "lm_head" in self.target_modules:
+            raise ValueError("lm_head cannot take an adapter: TRL's fused loss reads lm_head.weight directly")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HFConfig:
+    """``[hf]``: what is specific to transformers/TRL. A ``[hf.lora]`` table turns LoRA on; a
+    change of its shape across a resume is refused when the adapter is loaded."""
+
+    lora: LoraConfig | None = None

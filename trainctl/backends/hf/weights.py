@@ -1,0 +1,105 @@
+"""What an ``hf`` checkpoint holds, written into the directory the checkpoint plugin gives:
+
+- the weights in Hugging Face format (``save_pretrained``: ``model.safetensors`` or its shards,
+  ``config.json``, ``generation_config.json``), or with LoRA the adapter (``adapter_model.safetensors``,
+  ``adapter_config.json``): ``from_pretrained`` / ``PeftModel.from_pretrained`` load them as-is;
+- the tokenizer with its chat template;
+- ``optimizer.pt`` (optimizer and grad-scaler state) and ``rng.pt`` (torch CPU/CUDA RNG), plain
+  tensors and dicts that load with ``torch.load(weights_only=True)``;
+- ``trainer_state.json``: the step, the last learning rate and how the data order is derived.
+  There is no scheduler object to save: the learning rate is the kernel's pure function of the
+  step, and the rows of a step are a pure function of (seed, step), so restoring the step (the
+  kernel's ``kernel.json``) restores both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from trainctl.kernel.errors import ConfigError
+
+OPTIMIZER = "optimizer.pt"
+RNG = "rng.pt"
+TRAINER_STATE = "trainer_state.json"
+ADAPTER = "adapter_model.safetensors"
+
+
+def save(backend: Any, directory: Path) -> None:
+    from trainctl.backends.hf.sft import quiet
+
+    with quiet():  # save_pretrained draws a progress bar per shard
+        backend.model.save_pretrained(directory)  # PeftModel: the adapter only; else the full model
+        backend.tokenizer.save_pretrained(directory)
+    torch.save({"optimizer": backend.optimizer.state_dict(), "scaler": backend.scaler.state_dict()}, directory / OPTIMIZER)
+    rng = {"cpu": torch.get_rng_state()}
+    if backend.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(backend.device)
+    torch.save(rng, directory / RNG)
+    state = {
+        "global_step": backend.steps_done,
+        "learning_rate": backend.lr,
+        "seed": backend.ctx.seed,
+        "data_order": "rows of step s, micro-batch m: positions (s*grad_accum+m)*batch_size.. of a "
+                      "permutation seeded by (seed, epoch) per epoch" if backend.data_cfg.shuffle else "file order",
+        "lora": backend.hf.lora is not None,
+    }
+    (directory / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+
+
+def load(backend: Any, directory: Path) -> None:
+    if backend.hf.lora is not None:
+        _load_adapter(backend.model, directory)
+    else:
+        _load_full(backend.model, directory)
+    opt = torch.load(directory / OPTIMIZER, map_location=backend.device, weights_only=True)
+    backend.optimizer.load_state_dict(opt["optimizer"])
+    backend.scaler.load_state_dict(opt["scaler"])
+    rng = torch.load(directory / RNG, weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and backend.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], backend.device)
+    state = json.loads((directory / TRAINER_STATE).read_text())
+    backend.steps_done = int(state["global_step"])
+
+
+def _load_adapter(model: Any, directory: Path) -> None:
+    from peft import set_peft_model_state_dict
+
+    file = directory / ADAPTER
+    if not file.is_file():
+        raise ConfigError(f"checkpoint {directory} has no LoRA adapter ({ADAPTER}); it was saved without [hf.lora]")
+    try:
+        result = set_peft_model_state_dict(model, load_file(str(file)))
+    except RuntimeError as exc:  # shapes differ: r or target modules changed
+        raise ConfigError(f"checkpoint {directory}: the LoRA adapter does not fit ([hf.lora] changed?): {str(exc).splitlines()[0]}") from None
+    if result.unexpected_keys:
+        raise ConfigError(f"checkpoint {directory}: adapter weights the model has no place for ({result.unexpected_keys[0]}, ...); was [hf.lora] changed?")
+
+
+def _load_full(model: Any, directory: Path) -> None:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        if not (directory / name).is_file():
+            raise ConfigError(f"checkpoint {directory} has no {name}; it was saved with [hf.lora] or is not an hf checkpoint")
+        state.update(load_file(str(directory / name)))
+    result = model.load_state_dict(state, strict=False)
+    # a tied weight (lm_head = embed_tokens) is saved once: missing names must share a loaded tensor
+    params = dict(model.named_parameters(remove_duplicate=False))
+    shared: dict[int, set[str]] = {}
+    for name, p in params.items():
+        shared.setdefault(id(p), set()).add(name)
+    loaded = set(state)
+    missing = [k for k in result.missing_keys if k not in params or not shared[id(params[k])] & loaded]
+    if missing or result.unexpected_keys:
+        bad = (missing or result.unexpected_keys)[0]
+        raise ConfigError(f"checkpoint {directory} does not match the model ({bad}, ...); was model.name_or_path changed?")

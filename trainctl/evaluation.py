@@ -1,0 +1,165 @@
+"""Evaluating a checkpoint: the one function behind ``trainctl eval`` and ``trainctl eval-worker``.
+
+The run's backend is rebuilt from the checkpoint's own ``config.toml`` (the fully resolved config
+the run trained with) through the generic :class:`~trainctl.kernel.backend.Backend` protocol, so
+it works for any backend: ``setup()``, ``load(checkpoint)``, ``evaluate(step)``. Evaluation
+batches are fixed, so on the same device a remote evaluation equals a local ``trainctl eval`` of
+the same checkpoint, bit for bit. Perplexity is ``exp(loss)``.
+
+Nothing is ever written into the training run: the backend gets a scratch ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainctl.kernel.errors import ConfigError
+
+MAX_PROMPTS = 16
+MAX_NEW_TOKENS = 1024
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SampleRequest:
+    """Generations from fixed prompts (seeded, so the same checkpoint gives the same text)."""
+
+    prompts: tuple[str, ...]
+    max_new_tokens: int = 100
+    temperature: float = 0.8
+    top_k: int | None = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.prompts) <= MAX_PROMPTS:
+            raise ValueError(f"samples.prompts must hold 1 to {MAX_PROMPTS} prompts")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise ValueError(f"samples.max_new_tokens must be in 1..{MAX_NEW_TOKENS}")
+        if self.temperature <= 0:
+            raise ValueError("samples.temperature must be positive")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EvalResult:
+    checkpoint: str
+    step: int
+    backend: str
+    val_loss: float | None = None
+    train_loss: float | None = None
+    perplexity: float | None = None  # exp(val_loss)
+    train_perplexity: float | None = None
+    samples: list[dict[str, str]] = field(default_factory=list)  # [{"prompt", "text"}]
+    device: str = ""
+    duration: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``; infinite rather than an OverflowError for a diverged model."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    from trainctl.plugins.checkpoint import MANIFEST
+
+    return int(json.loads((checkpoint / MANIFEST).read_text())["step"])
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A verified checkpoint directory, or a run directory's newest verified checkpoint."""
+    from trainctl.plugins.checkpoint import MANIFEST, checkpoints, verify
+
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a directory; give a run directory or a checkpoint directory")
+    if (path / MANIFEST).exists():
+        problem = verify(path)
+        if problem:
+            raise ConfigError(f"checkpoint {path} does not verify: {problem}; evaluate another checkpoint")
+        return path
+    candidates = list(reversed(checkpoints(path / "checkpoints")))
+    chosen = next((c for c in candidates if verify(c) is None), None)
+    if chosen is None:
+        raise ConfigError(f"no verified checkpoint in {path}; give a checkpoint directory or train first")
+    return chosen
+
+
+class Evaluator:
+    """Builds backends from checkpoints and evaluates them. The last backend is kept and reused
+    when the next checkpoint has the same config (the usual case: every checkpoint of a run),
+    since ``load`` restores all of its state."""
+
+    def __init__(self, *, work_dir: Path, device: str | None = None, registry: Any = None) -> None:
+        self.work_dir = work_dir
+        self.device = device
+        self._registry = registry
+        self._cached: tuple[str, Any, Any] | None = None  # (config key, RunConfig, backend)
+
+    def evaluate(self, checkpoint: Path, *, val_loss: bool = True, samples: SampleRequest | None = None) -> EvalResult:
+        """Evaluate a checkpoint that the caller has verified."""
+        started = time.perf_counter()
+        config, backend = self._backend(checkpoint)
+        step = checkpoint_step(checkpoint)
+        backend.load(checkpoint)
+        losses = backend.evaluate(step) if val_loss else {}
+        texts = []
+        if samples is not None:
+            for prompt in samples.prompts:
+                text = backend.generate(prompt, max_new_tokens=samples.max_new_tokens,
+                                        temperature=samples.temperature, top_k=samples.top_k, seed=samples.seed)
+                texts.append({"prompt": prompt, "text": text})
+        val, train = losses.get("val"), losses.get("train")
+        return EvalResult(
+            checkpoint=str(checkpoint), step=step, backend=config.backend,
+            val_loss=val, train_loss=train,
+            perplexity=perplexity(val) if val is not None else None,
+            train_perplexity=perplexity(train) if train is not None else None,
+            samples=texts, device=config.train.device, duration=time.perf_counter() - started,
+        )
+
+    def close(self) -> None:
+        if self._cached is not None:
+            self._cached[2].close()
+            self._cached = None
+
+    def _backend(self, checkpoint: Path) -> tuple[Any, Any]:
+        from trainctl.kernel import config as cfg
+        from trainctl.kernel.backend import BackendContext
+        from trainctl.kernel.registry import Registry, load_factory
+        from trainctl.kernel.run import CONFIG_FILE
+
+        raw = cfg.read_toml(checkpoint / CONFIG_FILE)
+        # Plugins play no part in an evaluation (and may not be installed here): drop them.
+        raw.pop("plugin", None)
+        raw["plugins"] = []
+        train = raw.setdefault("train", {})
+        train.update(out_dir=str(self.work_dir), compile=False)
+        if self.device:
+            train["device"] = self.device
+        key = json.dumps(raw, sort_keys=True, default=str)
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1], self._cached[2]
+        self.close()
+        if self._registry is None:
+            self._registry = Registry.discover()
+        config = cfg.resolve(raw, self._registry)
+        spec = self._registry.backend(config.backend)
+        try:
+            factory = load_factory(spec.factory)
+        except ImportError as exc:
+            extra = f": pip install 'trainctl[{spec.extra}]'" if spec.extra else ""
+            raise ConfigError(f"backend '{config.backend}' needs a package that is missing ({exc.name}){extra}") from None
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        backend = factory(BackendContext(
+            model=config.model, data=config.data, train=config.train, optim=config.optim,
+            sections=config.sections, seed=config.seed, out_dir=self.work_dir,
+        ))
+        backend.setup()
+        self._cached = (key, config, backend)
+        return config, backend

@@ -1,0 +1,134 @@
+"""The eval worker's job queue: one JSON file per job in ``STATE/jobs/``, written before the
+HTTP answer (write-ahead: temporary file, fsync, rename), so an accepted job survives a crash.
+
+A job's id is a hash of (run, checkpoint real path, step): submitting the same checkpoint of the
+same run again returns the existing job instead of evaluating it twice. On start, jobs that were
+running when the worker died go back to the queue, ahead of newer ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Status = Literal["queued", "running", "done", "error"]
+
+
+@dataclass(kw_only=True, slots=True)
+class Job:
+    id: str
+    run: str
+    checkpoint: str  # as submitted
+    path: str  # its real path (symlinks resolved), the one that is read
+    step: int
+    evaluate: dict[str, Any]  # {"val_loss": bool, "samples": {...}}
+    seq: int  # FIFO order
+    status: Status = "queued"
+    attempts: int = 0  # evaluations started: more than 1 only if the worker died mid-job
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def job_id(run: str, path: str, step: int) -> str:
+    return hashlib.sha256(f"{run}\0{path}\0{step}".encode()).hexdigest()[:16]
+
+
+class JobStore:
+    """Every job the worker accepted, in memory and on disk. Thread-safe."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir / "jobs"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._queued = threading.Condition(self._lock)
+        self.requeued = 0
+        for file in sorted(self.dir.glob("*.json")):
+            try:
+                job = Job(**json.loads(file.read_text()))
+            except (OSError, ValueError, TypeError):
+                continue  # a file not written by us; temporary files are *.tmp
+            if job.status == "running":  # the worker died mid-job: evaluate it again
+                job.status = "queued"
+                self._write(job)
+                self.requeued += 1
+            self._jobs[job.id] = job
+        self._seq = max((j.seq for j in self._jobs.values()), default=0)
+
+    def submit(self, *, run: str, checkpoint: str, path: str, step: int, evaluate: dict[str, Any]) -> tuple[Job, bool]:
+        """The job for this checkpoint of this run and whether it is new (False: it existed)."""
+        jid = job_id(run, path, step)
+        with self._lock:
+            existing = self._jobs.get(jid)
+            if existing is not None:
+                return existing, False
+            self._seq += 1
+            job = Job(id=jid, run=run, checkpoint=checkpoint, path=path, step=step, evaluate=evaluate, seq=self._seq)
+            self._write(job)  # durable before anyone is told it was accepted
+            self._jobs[jid] = job
+            self._queued.notify()
+            return job, True
+
+    def get(self, jid: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(jid)
+
+    def list(self, run: str | None = None) -> list[Job]:
+        with self._lock:
+            return sorted((j for j in self._jobs.values() if run is None or j.run == run), key=lambda j: j.seq)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            counts = {s: 0 for s in ("queued", "running", "done", "error")}
+            for job in self._jobs.values():
+                counts[job.status] += 1
+            return counts
+
+    def take(self, timeout: float) -> Job | None:
+        """The oldest queued job, now marked running; None if none came within ``timeout``."""
+        with self._lock:
+            queued = [j for j in self._jobs.values() if j.status == "queued"]
+            if not queued:
+                self._queued.wait(timeout)
+                queued = [j for j in self._jobs.values() if j.status == "queued"]
+                if not queued:
+                    return None
+            job = min(queued, key=lambda j: j.seq)
+            job.status, job.started = "running", time.time()
+            job.attempts += 1
+            self._write(job)
+            return dataclasses.replace(job)
+
+    def finish(self, jid: str, *, result: dict[str, Any] | None = None, error: str | None = None) -> None:
+        with self._lock:
+            job = self._jobs[jid]
+            job.status = "error" if error is not None else "done"
+            job.result, job.error, job.finished = result, error, time.time()
+            self._write(job)
+
+    def _write(self, job: Job) -> None:
+        final = self.dir / f"{job.id}.json"
+        tmp = self.dir / f"{job.id}.json.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(job.to_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
