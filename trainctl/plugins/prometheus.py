@@ -113,7 +113,7 @@ class MetricsServer:
     back while the training thread runs Python can take up to the interpreter's 5 ms switch
     interval. The WSGI stack (a thread per request, buffered reads, several writes) pays that
     about ten times per scrape; this loop pays it three times (accept, recv, sendall), which
-    measured 3-4x lower scrape latency under training (docs/benchmarks.md).
+    measured a 3-4x lower median scrape latency under training (docs/benchmarks.md).
     """
 
     def __init__(self, address: str, port: int, registry: Any) -> None:
