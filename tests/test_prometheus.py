@@ -277,6 +277,8 @@ def test_busy_port_is_a_warning_not_a_failure(registry, tmp_path, capsys):
     assert len(err) == 1 and f"cannot serve metrics on 127.0.0.1:{port}" in err[0] and "plugin.prometheus.port" in err[0]
     notices = [e for e in INSTANCES["recorder"].events if isinstance(e, Notice)]
     assert [n.kind for n in notices] == ["metrics_unavailable"]
+    # emitted in run_start, delivered before the first step (the kernel delivers right after it)
+    assert INSTANCES["recorder"].calls[:3] == [("run_start", 0), ("notice", 0), ("step", 1)]
 
 
 def test_only_local_rank_zero_serves_by_default(monkeypatch, tmp_path):
