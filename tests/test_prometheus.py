@@ -131,6 +131,33 @@ def test_failed_run_sets_no_success_timestamp(tmp_path):
     assert value(samples, "trainctl_run_state", state="failed") == 1
 
 
+def test_run_state_follows_state_notices(tmp_path):
+    plugin, _ = exporter(tmp_path)
+    plugin.trainctl_run_start(RunStart(run_name="t", backend="fake", out_dir="o", start_step=0, max_steps=4,
+                                       params=1, tokens_per_step=8, time=0.0))
+
+    def state() -> str:
+        rows = parse(generate_latest(plugin.registry).decode())["trainctl_run_state"]
+        [current] = [labels["state"] for labels, v in rows if v == 1]
+        return current
+
+    seen = [state()]
+    for kind, follow in (("evaluating", EvalEnd(step=1, split="val", loss=1.0, time=0.0)),
+                         ("saving", CheckpointSaved(step=1, path="p", reason="interval", duration=0.1, time=0.0)),
+                         ("paused", Notice(step=1, kind="resumed", time=0.0))):
+        plugin.trainctl_notice(Notice(step=1, kind=kind, time=0.0))
+        seen.append(state())
+        getattr(plugin, {EvalEnd: "trainctl_eval_end", CheckpointSaved: "trainctl_checkpoint_saved",
+                         Notice: "trainctl_notice"}[type(follow)])(follow)
+        seen.append(state())
+    plugin.trainctl_notice(Notice(step=1, kind="saving", time=0.0))  # a save that never reported back
+    plugin.trainctl_step_end(StepEnd(step=2, max_steps=4, lr=0.1, tokens=16, step_time=0.01, logged=False, time=0.0))
+    seen.append(state())
+    plugin.trainctl_run_end(RunEnd(status="stopped", step=2, tokens=16, duration=1.0, time=0.0))
+    assert seen + [state()] == ["running", "evaluating", "running", "saving", "running", "paused", "running",
+                                "running", "stopped"]
+
+
 def test_promtool_accepts_the_exposition(tmp_path):
     promtool = shutil.which("promtool")
     if promtool is None:

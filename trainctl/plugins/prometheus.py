@@ -17,7 +17,8 @@ step or a path)::
     trainctl_checkpoints_saved_total           counter
     trainctl_checkpoint_save_duration_seconds  gauge      the last save
     trainctl_skipped_steps_total               counter    updates not applied (seen on logged steps)
-    trainctl_run_state{state}                  gauge      1 for the current state, 0 for the others
+    trainctl_run_state{state}                  gauge      1 for the current state (running, evaluating,
+                                                         saving, paused, completed, stopped, failed)
     trainctl_run_info{version,world_size}      gauge      always 1
     trainctl_last_step_timestamp_seconds       gauge      the run start until a step completes
     trainctl_layer_{weight,grad}_norm{layer}   gauge      from the layer_stats plugin
@@ -46,7 +47,10 @@ from trainctl.hooks import PluginSpec, RunInfo, hookimpl
 from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RunEnd, RunStart, StepEnd
 
 LABELS = ("run", "backend", "rank")
-STATES = ("running", "paused", "completed", "stopped", "failed")
+STATES = ("running", "evaluating", "saving", "paused", "completed", "stopped", "failed")
+# notices that announce a state (a kernel that announces evaluating/saving before the work);
+# the next step, evaluation result or checkpoint means running again
+STATE_NOTICES = {"paused": "paused", "resumed": "running", "evaluating": "evaluating", "saving": "saving"}
 # 1 ms (tiny CPU models) to a minute (large models): wide enough that p50/p95 stay resolvable
 STEP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 LAYER_STATS = ("weight_norm", "grad_norm")
@@ -181,6 +185,7 @@ class PrometheusExporter:
         self.since_logged = 0  # steps since the last logged step, this one included
         self.prev_mean = 0.0
         self.server: MetricsServer | None = None
+        self.state = ""
         self.address: str | None = None
 
     # --- serving ---------------------------------------------------------------------------
@@ -208,6 +213,7 @@ class PrometheusExporter:
                              data={"address": self.address}, time=time.time()))
 
     def set_state(self, state: str) -> None:
+        self.state = state
         for s in STATES:
             self.metrics.state.labels(**self.labels, state=s).set(1 if s == state else 0)
 
@@ -223,6 +229,8 @@ class PrometheusExporter:
 
     @hookimpl
     def trainctl_step_end(self, event: StepEnd) -> None:
+        if self.state != "running":
+            self.set_state("running")
         self.lr.set(event.lr)
         self.tokens.inc(event.tokens - self.tokens_seen)
         self.tokens_seen = event.tokens
@@ -250,19 +258,21 @@ class PrometheusExporter:
 
     @hookimpl
     def trainctl_eval_end(self, event: EvalEnd) -> None:
+        if self.state == "evaluating":
+            self.set_state("running")
         self.metrics.eval_loss.labels(**self.labels, split=event.split, source=event.source).set(event.loss)
 
     @hookimpl
     def trainctl_checkpoint_saved(self, event: CheckpointSaved) -> None:
+        if self.state == "saving":
+            self.set_state("running")
         self.metrics.saves.labels(**self.labels).inc()
         self.metrics.save_duration.labels(**self.labels).set(event.duration)
 
     @hookimpl
     def trainctl_notice(self, event: Notice) -> None:
-        if event.kind == "paused":
-            self.set_state("paused")
-        elif event.kind == "resumed":
-            self.set_state("running")
+        if event.kind in STATE_NOTICES:
+            self.set_state(STATE_NOTICES[event.kind])
         elif event.kind == "layer_stats":
             for name, value in event.data.items():
                 layer, _, stat = name.rpartition(".")
