@@ -85,7 +85,9 @@ def trainctl_check_config(config: Mapping[str, Any]) -> list[str] | None:
 
 @hookspec
 def trainctl_run_start(event: RunStart) -> None:
-    """The run is set up and restored from its checkpoint if resuming; no step has run yet."""
+    """The run is set up and restored from its checkpoint if resuming; no step has run yet.
+    Events a plugin emits here (``run.emit``) are delivered right after every plugin has seen
+    this one, before any evaluation or step."""
 
 
 @hookspec

@@ -66,7 +66,7 @@ class Trainer:
                 tokens_per_step=self.plan.tokens_per_step, world_size=self.run.world_size,
                 resumed_from=self.resumed_from, time=time.time(),
             ))
-            bus.deliver_pending()  # what setup queued (e.g. a corrupt checkpoint skipped)
+            bus.deliver_pending()  # what setup queued: a skipped corrupt checkpoint, the metrics address
             if train.eval_at_start and state.step == 0:
                 self._evaluate()
             decision = self._steps()

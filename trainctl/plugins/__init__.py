@@ -10,8 +10,10 @@ from trainctl.hooks import hookimpl
 @hookimpl
 def trainctl_register_plugins(register):
     from trainctl.plugins import (
-        checkpoint, console, controller, jsonl, loss_guard, lr, notify, remote_eval, status, z_loss,
+        checkpoint, console, controller, csv, jsonl, layer_stats, loss_guard, lr, notify, prometheus,
+        remote_eval, samples, status, tensorboard, wandb, z_loss,
     )
 
-    for module in (lr, controller, checkpoint, status, console, jsonl, z_loss, loss_guard, remote_eval, notify):
+    for module in (lr, controller, checkpoint, status, console, jsonl, z_loss, loss_guard, remote_eval,
+                   notify, prometheus, tensorboard, wandb, csv, samples, layer_stats):
         register(module.SPEC)

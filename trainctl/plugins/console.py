@@ -1,9 +1,11 @@
 """Console output through structlog: readable lines and a progress bar with ETA on a terminal,
 JSON lines otherwise (CI, files, log collectors).
 
-The ETA counts only training time (the mean step time of logged steps, which excludes
-evaluation, saving and pauses) plus the evaluations still to come at their measured duration,
-so a pause or a slow evaluation does not make it lie.
+The ETA is the wall time per step between logged steps, less the evaluations, checkpoints and
+pauses in between (so the work plugins do per step, such as samples, counts, and a pause or a
+slow evaluation does not), times the steps left, plus the evaluations and interval checkpoints
+still to come at their measured durations. While paused, the bar says so instead of counting
+down.
 """
 
 from __future__ import annotations
@@ -51,7 +53,14 @@ class Console:
         self.eval_s = 0.0  # duration of the last local evaluation
         self.eval_step: int | None = None
         self.eval_every: int | None = None  # observed steps between evaluations
+        self.save_s = 0.0  # duration of the last interval checkpoint
+        self.save_step: int | None = None
+        self.save_every: int | None = None  # observed steps between interval checkpoints
+        self.paused = False
+        self.paused_s = 0.0  # total time paused, reported at the end
         self.step_time: float | None = None
+        self.logged_at: tuple[int, float] | None = None  # (step, time) of the last logged step
+        self.excluded = 0.0  # seconds of evaluation, saving and pause since then
         self.step = 0
         self.drawn = 0.0
 
@@ -62,7 +71,8 @@ class Console:
             return None
         remaining = self.max_steps - self.step
         evals_left = remaining // self.eval_every if self.eval_every else 0
-        return remaining * self.step_time + evals_left * self.eval_s
+        saves_left = remaining // self.save_every if self.save_every else 0
+        return remaining * self.step_time + evals_left * self.eval_s + saves_left * self.save_s
 
     # --- output ----------------------------------------------------------------------------
 
@@ -82,7 +92,7 @@ class Console:
         frac = self.step / self.max_steps if self.max_steps else 1.0
         filled = int(frac * BAR_WIDTH)
         eta = self.eta()
-        eta_text = f" eta {human_duration(eta)}" if eta is not None else ""
+        eta_text = " paused" if self.paused else f" eta {human_duration(eta)}" if eta is not None else ""
         bar = "#" * filled + "-" * (BAR_WIDTH - filled)
         self.stream.write(f"\r\033[K[{bar}] {self.step}/{self.max_steps} {frac:4.0%}{eta_text}")
         self.stream.flush()
@@ -100,7 +110,11 @@ class Console:
     def trainctl_step_end(self, event: StepEnd) -> None:
         self.step = event.step
         if event.logged:
-            self.step_time = event.step_time
+            self.step_time = event.step_time  # the kernel's: the step alone, no hooks
+            if self.logged_at is not None and event.step > self.logged_at[0]:
+                wall = event.time - self.logged_at[1] - self.excluded
+                self.step_time = max(wall / (event.step - self.logged_at[0]), event.step_time)
+            self.logged_at, self.excluded = (event.step, event.time), 0.0
             eta = self.eta()
             self._emit(
                 "step", step=f"{event.step}/{event.max_steps}", loss=round(event.loss, 4),
@@ -121,26 +135,45 @@ class Console:
             if self.eval_step is not None:
                 self.eval_every = event.step - self.eval_step
             self.eval_step, self.eval_s = event.step, event.duration
+            self.excluded += event.duration  # one duration covers every split of an evaluation
         self._emit("eval", step=event.step, split=event.split, loss=round(event.loss, 4),
                    source=event.source if event.source != "local" else None)
 
     @hookimpl
     def trainctl_checkpoint_saved(self, event: CheckpointSaved) -> None:
+        if event.reason == "interval":
+            if self.save_step is not None:
+                self.save_every = event.step - self.save_step
+            self.save_step, self.save_s = event.step, event.duration
+        self.excluded += event.duration
         self._emit("save", step=event.step, path=event.path, reason=event.reason,
                    seconds=round(event.duration, 2))
 
     @hookimpl
     def trainctl_notice(self, event: Notice) -> None:
+        if event.kind == "paused":
+            self.paused = True
+        elif event.kind == "resumed":
+            self.paused = False
+            self.paused_s += float(event.data.get("paused_s", 0.0))
+            self.excluded += float(event.data.get("paused_s", 0.0))
         if event.kind in QUIET_NOTICES:
             return
-        self._emit(event.kind, step=event.step, message=event.message or None)
+        if event.kind == "samples":
+            for prompt, text in zip(event.data.get("prompts", []), event.data.get("texts", [])):
+                self._emit("sample", step=event.step, prompt=prompt, text=text)
+        else:
+            self._emit(event.kind, step=event.step, message=event.message or None)
+        if self.bar and self.enabled and event.kind in ("paused", "resumed"):
+            self.drawn = 0.0
+            self._draw_bar()
 
     @hookimpl
     def trainctl_run_end(self, event: RunEnd) -> None:
         self._emit(
             "run end", status=event.status, step=event.step, train_loss=_round(event.train_loss),
             val_loss=_round(event.val_loss), duration=human_duration(event.duration),
-            reason=event.reason or None,
+            paused=human_duration(self.paused_s) if self.paused_s else None, reason=event.reason or None,
         )
         if self.enabled:
             self.stream.flush()

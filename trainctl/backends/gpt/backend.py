@@ -246,6 +246,32 @@ class GPTBackend:
         self.raw_model.train(was_training)
         return text
 
+    @torch.no_grad()
+    def layer_stats(self) -> dict[str, float]:
+        """Weight and gradient norms per block (``layer.N``), for the embeddings (``embedding``:
+        wte, tied with the head, and wpe) and the rest (``head``: the final LayerNorm). The
+        gradients are those of the last step: ``zero_grad`` runs at the start of the next one."""
+        groups: dict[str, list[torch.nn.Parameter]] = {}
+        for name, p in self.raw_model.named_parameters():  # a tied weight is listed once
+            parts = name.split(".")
+            if parts[:2] == ["transformer", "h"]:
+                group = f"layer.{parts[2]}"
+            elif parts[:2] in (["transformer", "wte"], ["transformer", "wpe"]):
+                group = "embedding"
+            else:
+                group = "head"
+            groups.setdefault(group, []).append(p)
+        names, norms = [], []
+        for group, params in groups.items():
+            names.append(f"{group}.weight_norm")
+            norms.append(torch.linalg.vector_norm(torch.stack([p.float().norm() for p in params])))
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                names.append(f"{group}.grad_norm")
+                norms.append(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])))
+        values = torch.stack(norms).tolist()  # host sync: once, on the steps that asked
+        return dict(zip(names, values))
+
     def measure(self, steps: int = 2) -> float:
         """Seconds per optimizer step from forward/backward alone; weights, optimizer and RNG
         are untouched."""

@@ -1,0 +1,214 @@
+"""A live ``gpt`` run (the real CLI in a subprocess) with the prometheus plugin: its endpoint
+scraped over HTTP, and a real Prometheus server scraping it that must answer every PromQL
+expression of the Grafana dashboard (configs/grafana/trainctl.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, TINY_GPT, cli_env
+from tests.test_prometheus import free_port, parse, scrape, value
+
+DASHBOARD = ROOT / "configs" / "grafana" / "trainctl.json"
+ALERTS = ROOT / "configs" / "prometheus" / "alerts.yml"
+RUN_NAME = "live"
+# What Grafana substitutes before it sends a query; with a 1 s scrape interval a 10 s window
+# holds enough samples for rate().
+GRAFANA_VARIABLES = {"$__rate_interval": "10s", "$run": RUN_NAME}
+
+
+def start_run(out: Path, port: int, *extra: str) -> subprocess.Popen:
+    """Long enough never to finish on its own: the test stops it."""
+    sets = [*TINY_GPT, "train.max_steps=100000", "train.log_interval=5", "train.eval_interval=20",
+            "train.eval_steps=2", "train.save_interval=40", "plugin.lr.warmup_steps=10",
+            f"train.run_name='{RUN_NAME}'", f"plugin.prometheus.port={port}", "plugin.layer_stats.every=10",
+            'plugins=["lr", "checkpoint", "prometheus", "layer_stats", "console", "jsonl"]', *extra]
+    args = [sys.executable, "-m", "trainctl", "run", "--yes", "--out", str(out)]
+    for item in sets:
+        args += ["--set", item]
+    log = open(out.parent / "run.log", "w")
+    return subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def address_from_events(out: Path, proc: subprocess.Popen, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    events = out / "events.jsonl"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (out.parent / "run.log").read_text()
+        if events.exists():
+            for line in events.read_text().splitlines():
+                record = json.loads(line)
+                if record["event"] == "notice" and record["kind"] == "metrics":
+                    return record["data"]["address"]
+        time.sleep(0.2)
+    raise AssertionError("the run never reported its metrics address")
+
+
+def test_live_run_endpoint_over_http(tmp_path):
+    out = tmp_path / "run"
+    proc = start_run(out, 0)  # port 0: a free port, reported in events.jsonl
+    try:
+        url = address_from_events(out, proc)
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", url)
+        deadline, first = time.monotonic() + 40, None
+        while time.monotonic() < deadline:
+            samples = scrape(url)
+            if "trainctl_train_loss" in samples:  # a logged step happened
+                if first is None:
+                    first = samples
+                elif value(samples, "trainctl_step") > value(first, "trainctl_step"):
+                    break
+            time.sleep(0.3)
+        else:
+            raise AssertionError("the step never advanced on /metrics")
+        labels = {"run": RUN_NAME, "backend": "gpt", "rank": "0"}
+        assert value(samples, "trainctl_run_state", state="running", **labels) == 1
+        # the scrape may land inside the plugin's step hook, which sets the step last
+        step = value(samples, "trainctl_step")
+        assert value(samples, "trainctl_tokens_total") in (step * 8 * 32, (step + 1) * 8 * 32)
+        assert value(samples, "trainctl_step_duration_seconds_count") in (step, step + 1)
+        assert 0 < value(samples, "trainctl_train_loss") < 10 and value(samples, "trainctl_learning_rate") > 0
+        assert time.time() - value(samples, "trainctl_last_step_timestamp_seconds") < 30
+        promtool = shutil.which("promtool")
+        if promtool:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read()
+            check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
+            assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr
+    finally:
+        stop(proc)
+
+
+# --- a real Prometheus server ------------------------------------------------------------------
+
+
+def prometheus_binary(name: str = "prometheus") -> str:
+    """The binary from the Debian ``prometheus`` package; skip without it locally, fail in CI."""
+    found = shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else None)
+    if found:
+        return found
+    why = f"the {name} binary is not installed (Debian package 'prometheus': apt-get install prometheus)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{why}; .ci/run installs it, and in CI this test must run")
+    pytest.skip(f"{why}; this test always runs in CI")
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL expression of the dashboard, with Grafana's variables substituted."""
+    exprs: list[str] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("expr"), str):
+                exprs.append(node["expr"])
+            for child in node.values():
+                walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    walk(json.loads(DASHBOARD.read_text()))
+    substituted = []
+    for expr in exprs:
+        for name, replacement in GRAFANA_VARIABLES.items():
+            expr = expr.replace(name, replacement)
+        assert "$" not in expr, f"a Grafana variable the test does not know: {expr}"
+        substituted.append(expr)
+    return substituted
+
+
+def api(port: int, path: str, **params: str) -> dict:
+    url = f"http://127.0.0.1:{port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path):
+    binary = prometheus_binary()
+    queries = dashboard_queries()
+    assert len(queries) >= 12
+    metrics_port, web_port = free_port(), free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
+        f"rule_files: ['{ALERTS}']\n"
+        "scrape_configs:\n  - job_name: trainctl\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{metrics_port}']\n"
+    )
+    prom_log = open(tmp_path / "prometheus.log", "w")
+    prometheus = subprocess.Popen(
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{web_port}", "--log.level=warn"],
+        stdout=prom_log, stderr=subprocess.STDOUT,
+    )
+    run = start_run(tmp_path / "run", metrics_port)
+    pending = {q: None for q in queries}
+    try:
+        deadline = time.monotonic() + 50  # the run's startup, then up to ~20 s of scraping
+        while pending and time.monotonic() < deadline:
+            assert prometheus.poll() is None, (tmp_path / "prometheus.log").read_text()
+            assert run.poll() is None, (tmp_path / "run.log").read_text()
+            for query in list(pending):
+                try:
+                    data = api(web_port, "query", query=query)
+                except OSError as exc:  # prometheus still starting
+                    pending[query] = exc
+                    continue
+                if data["result"]:
+                    del pending[query]
+                else:
+                    pending[query] = data
+            time.sleep(1)
+        assert not pending, "dashboard queries without data:\n" + "\n".join(f"{q}  -> {r}" for q, r in pending.items())
+        # the dashboard's run picker: label_values(trainctl_run_info, run)
+        assert RUN_NAME in api(web_port, "label/run/values", **{"match[]": "trainctl_run_info"})
+        rules = api(web_port, "rules")["groups"]
+        assert [g["name"] for g in rules] == ["trainctl"] and len(rules[0]["rules"]) == 2
+        target = api(web_port, "targets")["activeTargets"][0]
+        assert target["health"] == "up", target
+    finally:
+        stop(run)
+        prometheus.terminate()
+        prometheus.wait(10)
+
+
+def test_without_the_binary_it_skips_locally_and_fails_in_ci(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="not installed.*always runs in CI"):
+        prometheus_binary()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="in CI this test must run"):
+        prometheus_binary()
+
+
+def test_shipped_prometheus_config_and_alerts_are_valid():
+    promtool = prometheus_binary("promtool")
+    config = ROOT / "configs" / "prometheus" / "prometheus.yml"
+    proc = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "2 rules found" in proc.stdout, proc.stdout + proc.stderr
+    assert "127.0.0.1:9464" in config.read_text()  # the plugin's default address

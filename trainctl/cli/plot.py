@@ -1,0 +1,106 @@
+"""``trainctl plot RUN_DIR [RUN_DIR...] -o FILE.png``: training and validation loss, and the
+learning rate, against the step, read from each run's ``events.jsonl``; several runs overlaid.
+
+A resumed run logs the steps after its checkpoint again: the last record of a step wins.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from trainctl.kernel.errors import ConfigError
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(plot)
+
+
+@dataclass(kw_only=True, slots=True)
+class Curves:
+    """One run's curves: step -> value, the last record of a step winning."""
+
+    name: str
+    loss: dict[int, float] = field(default_factory=dict)
+    lr: dict[int, float] = field(default_factory=dict)
+    val: dict[int, float] = field(default_factory=dict)
+
+
+def read_curves(run_dir: Path) -> Curves:
+    path = run_dir / "events.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no events.jsonl; is it a run directory (trainctl run --out DIR)?")
+    curves = Curves(name=run_dir.name or str(run_dir))
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):  # a run killed mid-write leaves a partial last line
+                continue
+            raise ConfigError(f"{path}:{number} is not JSON; is this a trainctl events file?") from None
+        kind, step = record.get("event"), record.get("step")
+        if kind == "step" and isinstance(record.get("loss"), (int, float)):
+            curves.loss[step] = record["loss"]
+            curves.lr[step] = record["lr"]
+        elif kind == "eval" and record.get("split") == "val" and record.get("source", "local") == "local" \
+                and isinstance(record.get("loss"), (int, float)):
+            curves.val[step] = record["loss"]
+    if not curves.loss and not curves.val:
+        raise ConfigError(f"{path} has no logged steps yet; plot it once training has logged")
+    return curves
+
+
+def draw(runs: list[Curves], output: Path, title: str | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=[3, 1.3])
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(runs):
+        color = colors[i % len(colors)]
+        if run.loss:
+            steps = sorted(run.loss)
+            ax_loss.plot(steps, [run.loss[s] for s in steps], color=color, lw=1.2, label=f"{run.name} train")
+            ax_lr.plot(steps, [run.lr[s] for s in steps], color=color, lw=1.2, label=run.name)
+        if run.val:
+            steps = sorted(run.val)
+            ax_loss.plot(steps, [run.val[s] for s in steps], color=color, lw=1.6, ls="--", marker="o",
+                         ms=4, label=f"{run.name} val")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title(title or "loss and learning rate")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(fontsize="small")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+
+
+@click.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", default="plot.png", show_default=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The image to write (.png, .svg or .pdf).")
+@click.option("--title", default=None, help="Title of the loss panel.")
+def plot(run_dirs: tuple[Path, ...], output: Path, title: str | None) -> None:
+    """Plot train/val loss and learning rate vs. step for one or more runs, overlaid."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ConfigError("trainctl plot needs matplotlib: pip install 'trainctl[plot]'") from None
+    runs = [read_curves(d) for d in run_dirs]
+    names = [r.name for r in runs]
+    for run, d in zip(runs, run_dirs):
+        if names.count(run.name) > 1:  # same basename in different places: say where
+            run.name = str(d)
+    draw(runs, output, title)
+    click.echo(f"wrote {output}")
