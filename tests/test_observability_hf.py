@@ -40,7 +40,8 @@ def test_metrics_samples_layer_stats_and_loggers_on_hf(registry, hf, tmp_path):
     assert value(samples, "trainctl_run_state", state="completed") == 1
 
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    notices = [(e["kind"], e["step"]) for e in events if e["event"] == "notice" and e["kind"] != "metrics"]
+    announcements = ("metrics", "evaluating", "saving")
+    notices = [(e["kind"], e["step"]) for e in events if e["event"] == "notice" and e["kind"] not in announcements]
     assert notices == [("samples", 2), ("layer_stats", 2), ("samples", 4), ("layer_stats", 4)]
     sample = next(e for e in events if e.get("kind") == "samples")
     assert sample["data"]["prompts"] == ["Hello"] and isinstance(sample["data"]["texts"][0], str)

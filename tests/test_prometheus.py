@@ -230,6 +230,11 @@ def start(registry, tmp_path, *overrides, prepare=lambda session: None):
     return session, thread, result
 
 
+def plugin_notices() -> list[Notice]:
+    """Notices other than the loop's own announcements of evaluating and saving."""
+    return [e for e in INSTANCES["recorder"].events if isinstance(e, Notice) and e.kind not in ("evaluating", "saving")]
+
+
 def metrics_address(timeout: float = 10.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -271,7 +276,8 @@ def test_served_during_eval_save_and_pause(registry, tmp_path):
     for what in ("eval", "save"):
         assert holds[what].inside.wait(10), f"never reached {what}"
         samples = scrape(url)  # the training thread is inside evaluate/save right now
-        seen.append((what, value(samples, "trainctl_step"), value(samples, "trainctl_run_state", state="running")))
+        state = {"eval": "evaluating", "save": "saving"}[what]
+        seen.append((what, value(samples, "trainctl_step"), value(samples, "trainctl_run_state", state=state)))
         holds[what].release.set()
     assert seen == [("eval", 2, 1), ("save", 3, 1)]
     deadline = time.monotonic() + 10
@@ -302,8 +308,7 @@ def test_busy_port_is_a_warning_not_a_failure(registry, tmp_path, capsys):
     assert result.status == "completed" and result.step == 3
     err = [line for line in capsys.readouterr().err.splitlines() if "prometheus" in line]
     assert len(err) == 1 and f"cannot serve metrics on 127.0.0.1:{port}" in err[0] and "plugin.prometheus.port" in err[0]
-    notices = [e for e in INSTANCES["recorder"].events if isinstance(e, Notice)]
-    assert [n.kind for n in notices] == ["metrics_unavailable"]
+    assert [n.kind for n in plugin_notices()] == ["metrics_unavailable"]
     # emitted in run_start, delivered before the first step (the kernel delivers right after it)
     assert INSTANCES["recorder"].calls[:3] == [("run_start", 0), ("notice", 0), ("step", 1)]
 
@@ -339,7 +344,7 @@ def test_rank_from_the_environment(registry, tmp_path, monkeypatch):
     config = make_config(registry, tmp_path / "other", 'plugins=["prometheus", "recorder"]',
                          f"plugin.prometheus.port={base}", "train.max_steps=2")
     assert Run(config, registry, resume="never").fit().status == "completed"
-    assert not [e for e in INSTANCES["recorder"].events if isinstance(e, Notice)]  # rank 1 stayed silent
+    assert not plugin_notices()  # rank 1 stayed silent
 
 
 class Gateway(http.server.BaseHTTPRequestHandler):
