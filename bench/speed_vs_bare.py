@@ -5,7 +5,7 @@ Both run in one process, alternating in rounds, so machine noise hits both alike
 side is timed from its run_start to its last step_end (hooks, lr schedule, logging included);
 its final evaluation and checkpoint are outside that window, as they are outside the bare loop.
 
-    .venv/bin/python bench/speed_vs_bare.py [--rounds 9] [--steps 100]
+    .venv/bin/python bench/speed_vs_bare.py [--rounds 9] [--steps 100] [--threads N]
 """
 
 from __future__ import annotations
@@ -107,7 +107,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for both sides; 0 = torch's default")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     registry = Registry.discover(entry_points=False)
     registry.add_module(sys.modules[__name__], source="bench")
     train = gpt_data.load("").train

@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal, TextIO
 
-import structlog
-
 from trainctl.hooks import PluginSpec, RunInfo, hookimpl
 from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RunEnd, RunStart, StepEnd
 
@@ -46,6 +44,8 @@ class Console:
         tty = self.stream.isatty()
         pretty = config.format == "pretty" or (config.format == "auto" and tty)
         self.bar = config.progress and tty
+        import structlog  # here, not at import: listing plugins and --help stay fast
+
         renderer: Any = structlog.dev.ConsoleRenderer(colors=tty) if pretty else structlog.processors.JSONRenderer()
         processors = [structlog.processors.TimeStamper(fmt="%H:%M:%S" if pretty else "iso"), renderer]
         self.log = structlog.wrap_logger(structlog.PrintLogger(self.stream), processors=processors)
