@@ -124,7 +124,8 @@ class Console:
                 grad_norm=round(event.grad_norm, 3) if event.grad_norm is not None else None,
                 skipped=True if event.skipped else None,
                 eta=human_duration(eta) if eta is not None else None,
-                **{k: round(v, 5) for k, v in event.metrics.items()},
+                # zero counters (skipped_updates, ...) would be noise on every line
+                **{k: round(v, 5) for k, v in event.metrics.items() if v},
             )
         if self.bar and self.enabled:
             self._draw_bar()
