@@ -148,3 +148,18 @@ def ledger_steps(out) -> list[int]:
         except ValueError:
             pass
     return steps
+
+
+def test_best_inside_a_checkpoint_counts_that_checkpoint(registry, tmp_path):
+    """The plugin state saved in a checkpoint already knows that checkpoint is the best."""
+    import json
+
+    from tests.conftest import make_config
+    from trainctl.kernel.run import Run
+
+    config = make_config(registry, tmp_path / "out", 'plugins=["checkpoint"]', "train.max_steps=4",
+                         "train.eval_interval=2", "train.save_interval=2")
+    assert Run(config, registry, resume="never").fit().status == "completed"
+    for step in (2, 4):
+        states = json.loads((tmp_path / "out" / "checkpoints" / f"step-{step:06d}" / "plugins.json").read_text())
+        assert states["checkpoint"]["best"][1] == f"step-{step:06d}"  # the fake val loss falls every step

@@ -142,6 +142,9 @@ class Checkpointer:
         name = f"{PREFIX}{step:06d}"
         final = self.root / name
         tmp = self.root / f"{TMP_PREFIX}{name}-{os.getpid()}"
+        previous_best = (self.best, self.best_val)
+        # before write(): the plugin state saved inside this checkpoint must already count it
+        self._note_best(step, name)
         if name in self.saved and final.is_dir():
             # this run saved this step already and no update happened since: keep it (replacing
             # it would leave a moment with one checkpoint fewer)
@@ -164,6 +167,7 @@ class Checkpointer:
             fsync_path(self.root)
         except Exception as exc:  # disk full, permissions, quota: torch and safetensors raise their own types
             shutil.rmtree(tmp, ignore_errors=True)
+            self.best, self.best_val = previous_best
             intact = [p.name for p in checkpoints(self.root)]
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
             raise CheckpointWriteError(
@@ -173,17 +177,23 @@ class Checkpointer:
             ) from exc
         except BaseException:  # e.g. a second Ctrl-C: leave no half-written directory behind
             shutil.rmtree(tmp, ignore_errors=True)
+            self.best, self.best_val = previous_best
             raise
         return self._record(step, reason, final, started)
 
-    def _record(self, step: int, reason: str, final: Path, started: float) -> Path:
-        name = final.name
-        self.saved.add(name)
-        val = self.last_val[1] if self.last_val and self.last_val[0] == step else None
+    def _val_at(self, step: int) -> float | None:
+        return self.last_val[1] if self.last_val and self.last_val[0] == step else None
+
+    def _note_best(self, step: int, name: str) -> None:
+        val = self._val_at(step)
         if val is not None and (self.best is None or val <= self.best[0]):
             self.best = (val, name)
         if val is not None and (self.best_val is None or val < self.best_val):
             self.best_val = val
+
+    def _record(self, step: int, reason: str, final: Path, started: float) -> Path:
+        self.saved.add(final.name)
+        val = self._val_at(step)
         self._append_ledger({
             "step": step, "path": str(final), "reason": reason, "val_loss": val,
             "manifest_sha256": sha256_file(final / MANIFEST), "seconds": round(time.perf_counter() - started, 4),
