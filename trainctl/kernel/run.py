@@ -53,7 +53,7 @@ class Run:
         critical = {name for name in config.plugins if registry.plugin(name).critical}
         self.bus = EventBus(pm, critical=critical, max_failures=train.plugin_max_failures)
         self.info = RunInfo(
-            run_name=train.run_name or "run", backend=config.backend, out_dir=self.out_dir,
+            run_name=train.run_name or self.out_dir.resolve().name, backend=config.backend, out_dir=self.out_dir,
             max_steps=train.max_steps, rank=dist.rank, local_rank=dist.local_rank,
             world_size=dist.world_size, emit=self.bus.emit,
             generate=lambda prompt, **kw: self.backend.generate(prompt, **kw),

@@ -45,7 +45,7 @@ class TrainConfig:
     compile: bool = False
     threads: int = 0  # CPU threads for torch; 0 = one per physical core
     peak_tflops: float = 0.0  # for the MFU estimate; 0 = known accelerators only
-    run_name: str = ""  # default: the config file's name
+    run_name: str = ""  # default: the config file's name, else the out dir's
     out_dir: str = "out"
     plugin_max_failures: int = 3  # observer failures before a plugin is disabled
 

@@ -46,7 +46,10 @@ class Console:
         self.bar = config.progress and tty
         import structlog  # here, not at import: listing plugins and --help stay fast
 
-        renderer: Any = structlog.dev.ConsoleRenderer(colors=tty) if pretty else structlog.processors.JSONRenderer()
+        renderer: Any = (
+            structlog.dev.ConsoleRenderer(colors=tty, sort_keys=False, pad_event_to=9)  # step first, as emitted
+            if pretty else structlog.processors.JSONRenderer()
+        )
         processors = [structlog.processors.TimeStamper(fmt="%H:%M:%S" if pretty else "iso"), renderer]
         self.log = structlog.wrap_logger(structlog.PrintLogger(self.stream), processors=processors)
         self.max_steps = run.max_steps
