@@ -124,6 +124,17 @@ class Group:
         """True on every rank if ``ok`` was true on every rank."""
         return all(self.gather(bool(ok)))
 
+    def explain(self, exc: BaseException) -> str | None:
+        """A run-ending error from a collective, said plainly; None for any other error."""
+        if not self.distributed:
+            return None
+        text = str(exc)
+        if not any(word in text for word in ("gloo", "NCCL", "Timed out", "Connection reset", "Connection closed")):
+            return None
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return (f"another rank died or stopped answering (collectives wait at most train.dist_timeout_s = "
+                f"{self.timeout_s:g} s); check the other ranks' logs. {type(exc).__name__}: {first}")
+
     def close(self) -> None:
         if self.started:
             import torch.distributed as td

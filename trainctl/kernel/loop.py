@@ -85,7 +85,7 @@ class Trainer:
         except PluginError as exc:  # its message names the plugin and the hook
             status, reason = "failed", str(exc)
         except Exception as exc:  # the run ends as failed; run_end says why
-            status, reason = "failed", f"{type(exc).__name__}: {exc}"
+            status, reason = "failed", self.group.explain(exc) or f"{type(exc).__name__}: {exc}"
         result = RunResult(
             status=status, step=state.step, tokens=state.tokens, train_loss=state.last_loss,
             val_loss=state.last_val_loss, reason=reason, out_dir=str(self.run.out_dir),
