@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,14 +20,19 @@ def sets(*items: str) -> list[str]:
 
 
 class LiveRun:
-    def __init__(self, out: Path, *overrides: str, model: list[str] = FAST) -> None:
+    def __init__(self, out: Path, *overrides: str, model: list[str] = FAST, launcher: list[str] | None = None,
+                 args: list[str] = ()) -> None:
+        """``launcher``: what runs ``-m trainctl`` (default this Python; e.g. torchrun)."""
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
         self.log = open(out.parent / f"{out.name}.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trainctl", "run", "--yes", "--out", str(out), *sets(*model, *overrides)],
+            [*(launcher or [sys.executable]), "-m", "trainctl", "run", "--yes", "--out", str(out), *args,
+             *sets(*model, *overrides)],
             cwd=ROOT, env=cli_env(), stdout=self.log, stderr=subprocess.STDOUT, text=True,
+            start_new_session=launcher is not None,  # its own process group: close() ends the ranks too
         )
+        self.group = launcher is not None
 
     def status(self) -> dict:
         try:
@@ -58,7 +65,12 @@ class LiveRun:
         return [json.loads(line) for line in (self.out / "checkpoints.jsonl").read_text().splitlines()]
 
     def close(self) -> None:
+        if self.group:  # the launcher and its ranks, by the process group this run started
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
         self.log.close()

@@ -32,6 +32,10 @@ class RunInfo:
     generate: Callable[..., str] = field(default=None, repr=False)  # type: ignore[assignment]
     #: ``layer_stats() -> {name: value}``: per-layer weight/gradient norms after the last step.
     layer_stats: Callable[[], dict[str, float]] = field(default=None, repr=False)  # type: ignore[assignment]
+    #: The ranks' collectives (:class:`trainctl.kernel.distributed.Group`: ``broadcast``,
+    #: ``gather``, ``all_ok``) for a plugin whose hook must act together on every rank (the
+    #: checkpoint plugin). Every rank must make the same calls in the same order. None in tests.
+    group: Any = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:

@@ -149,6 +149,10 @@ def trainctl_control(view: RunView) -> Control | None:
     ``trainctl.hooks.events.combine``: any stop wins, save/evaluate if anyone asks, paused while
     anyone answers ``pause``. Called every step: keep it cheap (no I/O beyond a stat or a
     scandir of a small directory).
+
+    Distributed runs: called on every rank; the kernel then agrees across ranks (a flag set on
+    any rank holds on all, at the same step; every ``train.control_interval`` steps), so a
+    plugin may decide on one rank only (rank 0 reading commands, one rank's signal).
     """
 
 
@@ -184,7 +188,10 @@ def trainctl_write_checkpoint(step: int, reason: str, write: Callable[[Path], No
     """Write a checkpoint: create a fresh directory, call ``write(directory)`` (the kernel and
     the backend fill it), make it durable, and return its final path. First answer wins; the
     kernel then fires ``trainctl_checkpoint_saved``. Implemented by the ``checkpoint`` plugin;
-    with no implementation save decisions are ignored with a warning."""
+    with no implementation save decisions are ignored with a warning.
+
+    Distributed runs: called on every rank at the same step; every rank's ``write`` must land in
+    the same directory before it is sealed (the checkpoint plugin uses ``RunInfo.group``)."""
 
 
 @hookspec(firstresult=True)

@@ -8,6 +8,7 @@
         step_end                                 -> trainctl_step_end
         evaluate every eval_interval             -> notice "evaluating", trainctl_eval_end (one per split)
         decision = combine(trainctl_control)     -> trainctl_control (any stop wins)
+        decision = agree(decision)               # ranks: one MAX all-reduce of the flags
         evaluate if asked                        -> notice "evaluating", trainctl_eval_end
         save every save_interval or if asked     -> notice "saving", trainctl_write_checkpoint, trainctl_checkpoint_saved
         while anyone answers pause: poll         -> trainctl_control (state "paused")
@@ -24,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from trainctl.hooks.events import CheckpointSaved, Control, EvalEnd, Notice, RunEnd, RunStart, StepEnd
+from trainctl.hooks.events import CheckpointSaved, Control, EvalEnd, Notice, RunEnd, RunStart, StepEnd, combine
 from trainctl.hooks.plugin import RunInfo
-from trainctl.kernel.backend import Backend, Plan
+from trainctl.kernel.backend import Backend, Distributed, Plan
 from trainctl.kernel.bus import EventBus
+from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import PluginError
 from trainctl.kernel.schema import TrainConfig
 from trainctl.kernel.state import RunResult, RunState
@@ -48,10 +50,13 @@ class Trainer:
         state: RunState,
         write_state: Callable[[Path, RunState], None],
         resumed_from: str | None = None,
+        group: Group | None = None,
     ) -> None:
         self.backend, self.bus, self.plan, self.train = backend, bus, plan, train
         self.base_lr, self.run, self.state = base_lr, run, state
         self.write_state, self.resumed_from = write_state, resumed_from
+        self.group = group or Group(Distributed())  # one process unless Run passes the ranks' group
+        self.held = Control()  # decisions waiting for the next agreement (train.control_interval)
         peak = plan.peak_flops or train.peak_tflops * 1e12
         self.flops_per_step = (plan.flops_per_token or 0) * plan.tokens_per_step / peak if peak else 0.0
 
@@ -80,7 +85,7 @@ class Trainer:
         except PluginError as exc:  # its message names the plugin and the hook
             status, reason = "failed", str(exc)
         except Exception as exc:  # the run ends as failed; run_end says why
-            status, reason = "failed", f"{type(exc).__name__}: {exc}"
+            status, reason = "failed", self.group.explain(exc) or f"{type(exc).__name__}: {exc}"
         result = RunResult(
             status=status, step=state.step, tokens=state.tokens, train_loss=state.last_loss,
             val_loss=state.last_val_loss, reason=reason, out_dir=str(self.run.out_dir),
@@ -129,13 +134,27 @@ class Trainer:
 
             if train.eval_interval and state.step % train.eval_interval == 0:
                 self._evaluate()
-            decision = bus.control(state.view(train.max_steps, "running"))
+            decision = self._agree(bus.control(state.view(train.max_steps, "running")))
             bus.deliver_pending()  # e.g. a controller's acknowledgement, before acting on it
             self._act(decision, cadence_save=bool(train.save_interval and state.step % train.save_interval == 0))
             while decision.pause and not decision.stop:
                 decision = self._pause()
             if decision.stop:
                 break
+        return decision
+
+    def _agree(self, decision: Control) -> Control:
+        """All ranks act on the same decision at the same step: a stop, save, pause or eval
+        decided on any rank (its signal, rank 0's ``trainctl ctl``, a loss guard) holds for all.
+        With ``train.control_interval`` k > 1 the decisions of k steps are held and agreed on
+        together (one collective per k steps); one process acts at once."""
+        if not self.group.distributed:
+            return decision
+        step = self.state.step
+        self.held = combine([self.held, decision])
+        if step % self.train.control_interval and step < self.train.max_steps:
+            return Control()
+        decision, self.held = self.group.agree(self.held), Control()
         return decision
 
     def _act(self, decision: Control, *, cadence_save: bool = False) -> None:
@@ -152,7 +171,7 @@ class Trainer:
         while True:
             time.sleep(PAUSE_POLL_S)
             bus.deliver_pending()
-            decision = bus.control(state.view(self.train.max_steps, "paused"))
+            decision = self.group.agree(bus.control(state.view(self.train.max_steps, "paused")))
             self._act(decision)
             if not decision.pause or decision.stop:
                 break
@@ -165,7 +184,7 @@ class Trainer:
     def _ending(self, decision: Control) -> None:
         """The last evaluation and checkpoint, for a run that completed or was stopped."""
         state, train = self.state, self.train
-        final = self.bus.control(state.view(train.max_steps, "ending"))
+        final = self.group.agree(self.bus.control(state.view(train.max_steps, "ending")))
         completed = state.step >= train.max_steps and not decision.stop
         if (completed or final.evaluate) and state.evaluated_step != state.step:
             self._evaluate()
@@ -202,8 +221,7 @@ class Trainer:
             val_loss=state.last_val_loss if state.evaluated_step == state.step else None, time=time.time(),
         ))
 
-    @staticmethod
-    def _read(out) -> dict[str, float]:
+    def _read(self, out) -> dict[str, float]:
         names = ["loss"]
         tensors = [out.loss.detach().float().reshape(())]
         if out.grad_norm is not None:
@@ -215,7 +233,8 @@ class Trainer:
         for name, value in out.metrics.items():
             names.append(name)
             tensors.append(value.detach().float().reshape(()))
-        values = torch.stack(tensors).tolist()  # host sync: once per logged step, here only
+        # host sync: once per logged step, here only (with the mean over ranks, when distributed)
+        values = self.group.mean_(torch.stack(tensors)).tolist()
         result = dict(zip(names, values))
         if not isinstance(out.skipped, torch.Tensor):
             result["skipped"] = float(bool(out.skipped))

@@ -20,6 +20,7 @@ from trainctl.hooks.plugin import RunInfo
 from trainctl.kernel.backend import Backend, BackendContext, Distributed, Plan
 from trainctl.kernel.bus import EventBus
 from trainctl.kernel.config import RunConfig, dump_toml
+from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.registry import Registry, load_factory, new_plugin_manager
 from trainctl.kernel.safe_load import unpickling_reason
@@ -49,6 +50,8 @@ class Run:
         self.out_dir = Path(train.out_dir)
         _check_writable(self.out_dir)
         dist = distributed_from_env()
+        # joins the ranks' process group (WORLD_SIZE > 1) before anything that talks to it
+        self.group = Group(dist, timeout_s=train.dist_timeout_s, device=train.device)
         pm = new_plugin_manager()
         critical = {name for name in config.plugins if registry.plugin(name).critical}
         self.bus = EventBus(pm, critical=critical, max_failures=train.plugin_max_failures)
@@ -57,7 +60,7 @@ class Run:
             max_steps=train.max_steps, rank=dist.rank, local_rank=dist.local_rank,
             world_size=dist.world_size, emit=self.bus.emit,
             generate=lambda prompt, **kw: self.backend.generate(prompt, **kw),
-            layer_stats=lambda: self.backend.layer_stats(),
+            layer_stats=lambda: self.backend.layer_stats(), group=self.group,
         )
         # pluggy calls the last registered first: register in reverse so list order is call order
         for name in reversed(config.plugins):
@@ -88,18 +91,23 @@ class Run:
         trainer = Trainer(
             backend=self.backend, bus=self.bus, plan=self.plan, train=self.config.train,
             base_lr=self.config.optim.lr, run=self.info, state=self.state,
-            write_state=self.write_state, resumed_from=self.resumed_from,
+            write_state=self.write_state, resumed_from=self.resumed_from, group=self.group,
         )
         try:
             return trainer.fit()
         finally:
             self.backend.close()
+            self.group.close()
 
     # --- checkpoint contents owned by the kernel ---------------------------------------------
 
     def write_state(self, directory: Path, state: RunState) -> None:
-        """Fill a checkpoint directory: the backend's files, then the kernel's and plugins'."""
+        """Fill a checkpoint directory: the backend's files, then the kernel's and plugins'.
+        Every rank calls this on the same directory; the backend writes what is its rank's
+        (rank 0 the weights, each rank its RNG), the kernel's files come from rank 0."""
         self.backend.save(directory)
+        if not self.info.is_main:
+            return
         kernel = {
             "format": 1,
             "run_name": self.info.run_name,
@@ -115,6 +123,12 @@ class Run:
 
     def _resume(self, resume: str, force: bool) -> str | None:
         path = self.bus.find_checkpoint(resume)
+        found = self.group.gather(str(path) if path else None)
+        if len(set(found)) > 1:  # e.g. a run directory not shared by every node
+            raise ConfigError(
+                f"the ranks found different checkpoints to resume from ({', '.join(map(str, found))}); "
+                "put train.out_dir on storage every node sees, or pass --resume PATH"
+            )
         if path is None:
             return None
         try:

@@ -48,14 +48,18 @@ class TrainConfig:
     run_name: str = ""  # default: the config file's name, else the out dir's
     out_dir: str = "out"
     plugin_max_failures: int = 3  # observer failures before a plugin is disabled
+    dist_timeout_s: float = 120.0  # distributed: a collective waiting longer fails the run (a rank died)
+    control_interval: int = 1  # distributed: steps between agreements on stop/save/pause/eval
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "eval_steps"):
+        for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "eval_steps", "control_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("eval_interval", "save_interval", "threads", "plugin_max_failures"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more")
+        if self.dist_timeout_s <= 0:
+            raise ValueError("dist_timeout_s must be positive")
         if self.grad_clip < 0 or self.peak_tflops < 0:
             raise ValueError("grad_clip and peak_tflops must be 0 or more")
 

@@ -20,8 +20,10 @@ improved the best validation loss (``save_best``), at the end, and on demand (si
 ctl``); ``keep_last`` keeps the newest K and the best. A write that fails (disk full) fails the
 run, leaving the previous checkpoints as they were: this plugin is critical.
 
-Distributed runs (a later issue) will have each rank write its own files (``rng-rankN.pt``) into
-the same temporary directory before rank 0 writes the manifest and renames it.
+Distributed runs: rank 0 makes the temporary directory and tells the others its name; every rank
+writes its own files into it (``rng-rankN.pt``; rank 0 also the weights and the kernel's files);
+once all are done rank 0 writes the manifest, listing every rank's files, and renames. Only rank
+0 writes the ledger and prunes. The run directory must be on storage every rank sees.
 """
 
 from __future__ import annotations
@@ -138,6 +140,9 @@ class Checkpointer:
 
     @hookimpl
     def trainctl_write_checkpoint(self, step: int, reason: str, write: Callable[[Path], None]) -> Path | None:
+        group = self.run.group
+        if group is not None and group.distributed:
+            return self._write_together(step, reason, write, group)
         started = time.perf_counter()
         name = f"{PREFIX}{step:06d}"
         final = self.root / name
@@ -150,31 +155,13 @@ class Checkpointer:
             # it would leave a moment with one checkpoint fewer)
             return self._record(step, reason, final, started)
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+            self._make(tmp)
             write(tmp)
-            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-            for file in files:
-                fsync_path(tmp / file)
-            manifest = {"step": step, "reason": reason, "files": files, "time": time.time()}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            fsync_path(tmp / MANIFEST)
-            fsync_path(tmp)
-            if final.exists():  # from an abandoned branch (--resume never or an older PATH), or corrupt
-                _discard(final)
-            os.rename(tmp, final)
-            fsync_path(self.root)
+            self._seal(tmp, final, step, reason)
         except Exception as exc:  # disk full, permissions, quota: torch and safetensors raise their own types
             shutil.rmtree(tmp, ignore_errors=True)
             self.best, self.best_val = previous_best
-            intact = [p.name for p in checkpoints(self.root)]
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
-            raise CheckpointWriteError(
-                f"could not write checkpoint {name} in {self.root}: {why}; "
-                f"{'the earlier checkpoint ' + intact[-1] + ' is intact' if intact else 'no earlier checkpoint exists'}. "
-                "Free space or fix permissions, then run again to resume"
-            ) from exc
+            raise self._failure(name, _why(exc)) from exc
         except BaseException:  # e.g. a second Ctrl-C: leave no half-written directory behind
             shutil.rmtree(tmp, ignore_errors=True)
             self.best, self.best_val = previous_best
@@ -186,10 +173,87 @@ class Checkpointer:
 
     def _note_best(self, step: int, name: str) -> None:
         val = self._val_at(step)
-        if val is not None and (self.best is None or val <= self.best[0]):
-            self.best = (val, name)
-        if val is not None and (self.best_val is None or val < self.best_val):
-            self.best_val = val
+
+    def _write_together(self, step: int, reason: str, write: Callable[[Path], None], group: Any) -> Path:
+        """Every rank writes its files (rank 0 the weights, each rank its RNG) into the one
+        temporary directory rank 0 made; rank 0 seals it (manifest of every rank's files, then
+        the rename) once all ranks are done. Every rank makes the same collectives, in the same
+        order, whatever fails, so a failure fails every rank with the same message."""
+        started = time.perf_counter()
+        name = f"{PREFIX}{step:06d}"
+        final = self.root / name
+        previous_best = (self.best, self.best_val)
+        self._note_best(step, name)  # before write(), as in the single-process path
+        plan: tuple[str, str] = ("", "")
+        if self.run.is_main:
+            tmp = self.root / f"{TMP_PREFIX}{name}-{os.getpid()}"
+            if name in self.saved and final.is_dir():
+                plan = ("keep", "")
+            else:
+                try:
+                    self._make(tmp)
+                    plan = ("write", str(tmp))
+                except OSError as exc:
+                    plan = ("error", _why(exc))
+        kind, where = group.broadcast(plan)  # also a barrier: the directory exists for everyone
+        if kind == "keep":
+            return self._record(step, reason, final, started) if self.run.is_main else final
+        if kind == "error":
+            self.best, self.best_val = previous_best
+            raise self._failure(name, where)
+        tmp = Path(where)
+        why = ""
+        try:
+            write(tmp)
+        except Exception as exc:
+            why = f"rank {self.run.rank}: {_why(exc)}"
+        except BaseException:
+            if self.run.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        problems = [p for p in group.gather(why) if p]  # every rank's files are in place
+        if not problems and self.run.is_main:
+            try:
+                self._seal(tmp, final, step, reason)
+            except Exception as exc:
+                problems = [_why(exc)]
+        problems = group.broadcast(problems)  # rank 0's seal, for everyone
+        if problems:
+            if self.run.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.best, self.best_val = previous_best
+            raise self._failure(name, "; ".join(problems))
+        if not self.run.is_main:
+            self.saved.add(name)
+            return final
+        return self._record(step, reason, final, started)
+
+    def _make(self, tmp: Path) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+
+    def _seal(self, tmp: Path, final: Path, step: int, reason: str) -> None:
+        """Hash and fsync every file, write the manifest last, rename into place."""
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        for file in files:
+            fsync_path(tmp / file)
+        manifest = {"step": step, "reason": reason, "files": files, "time": time.time()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        fsync_path(tmp / MANIFEST)
+        fsync_path(tmp)
+        if final.exists():  # from an abandoned branch (--resume never or an older PATH), or corrupt
+            _discard(final)
+        os.rename(tmp, final)
+        fsync_path(self.root)
+
+    def _failure(self, name: str, why: str) -> CheckpointWriteError:
+        intact = [p.name for p in checkpoints(self.root)]
+        return CheckpointWriteError(
+            f"could not write checkpoint {name} in {self.root}: {why}; "
+            f"{'the earlier checkpoint ' + intact[-1] + ' is intact' if intact else 'no earlier checkpoint exists'}. "
+            "Free space or fix permissions, then run again to resume"
+        )
 
     def _record(self, step: int, reason: str, final: Path, started: float) -> Path:
         self.saved.add(final.name)
@@ -264,6 +328,10 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def _why(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
 
 
 def _last_byte(path: Path) -> bytes:

@@ -38,11 +38,11 @@ def rng_file(rank: int) -> str:
 EVAL_KEYS = {"train": 2**32 - 1, "val": 2**32 - 2}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)  # one GPU per rank on a node
     if name != "auto":
         return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -59,7 +59,7 @@ class GPTBackend:
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
         self.cfg, self.train = ctx.model, ctx.train
-        self.device = resolve_device(self.train.device)
+        self.device = resolve_device(self.train.device, ctx.dist.local_rank)
         self.dtype = resolve_dtype(self.train.dtype, self.device)
 
     # --- setup ------------------------------------------------------------------------------
@@ -100,7 +100,20 @@ class GPTBackend:
 
             self.init_note = init_weights(self.raw_model, self.cfg.init_from, self.model_args)
         self.raw_model.to(self.device)
-        self.model = torch.compile(self.raw_model) if train.compile else self.raw_model
+        if ctx.dist.rank:
+            torch.manual_seed(ctx.seed + ctx.dist.rank)  # other ranks draw other dropout masks; rank 0's stream is as alone
+        # evaluation, measurement and generation never talk to the other ranks: the bare model
+        self.eval_model = torch.compile(self.raw_model) if train.compile else self.raw_model
+        self.model = self.eval_model
+        self.ddp = None
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # averages gradients over ranks in backward (bucketed, overlapping the backward pass);
+            # the GPT has no buffers, so its forward sends nothing
+            ddp = DDP(self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.model = torch.compile(ddp) if train.compile else ddp
+            self.ddp = ddp
         optim = ctx.optim
         self.optimizer = build_optimizer(
             self.raw_model, name=optim.name, lr=optim.lr, weight_decay=optim.weight_decay,
@@ -154,16 +167,21 @@ class GPTBackend:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         terms: dict[str, torch.Tensor] = {}
-        for m in self.micro:
+        for i, m in enumerate(self.micro):
             x, y = self._batch(self.data.train, seed, step, m)
-            with self.autocast:
-                logits, loss = self.model(x, y)  # (B, T, V), scalar
-                if loss_terms is not None:
-                    base = loss
-                    for name, term in loss_terms(logits, y, base):
-                        loss = loss + term
-                        terms[name] = terms.get(name, 0) + term.detach() / len(self.micro)
-            self.scaler.scale(loss / len(self.micro)).backward()
+            # DDP: gradients are all-reduced once, in the backward of the last local micro-batch.
+            # Each rank divides by its own count and DDP averages over ranks, so the gradient
+            # is the mean over all grad_accum micro-batches: N ranks x A = 1 process x N*A.
+            last = i == len(self.micro) - 1
+            with self._sync(last):
+                with self.autocast:
+                    logits, loss = self.model(x, y)  # (B, T, V), scalar
+                    if loss_terms is not None:
+                        base = loss
+                        for name, term in loss_terms(logits, y, base):
+                            loss = loss + term
+                            terms[name] = terms.get(name, 0) + term.detach() / len(self.micro)
+                self.scaler.scale(loss / len(self.micro)).backward()
             total += loss.detach()
         loss = total / len(self.micro)
         self.scaler.unscale_(self.optimizer)  # no-op unless float16
@@ -171,7 +189,10 @@ class GPTBackend:
         grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # also decides finiteness
         if self.train.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.train.grad_clip, grad_norm, foreach=True)
-        skip = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))  # bool, on the device
+        # bool, on the device. Distributed: decided from the all-reduced gradients alone, which
+        # every rank shares (a non-finite loss on any rank makes them non-finite), so all agree
+        finite = torch.isfinite(grad_norm) if self.ddp is not None else torch.isfinite(loss) & torch.isfinite(grad_norm)
+        skip = ~finite
         self._update(skip)
         # device-side counters for the loss guard, read with the loss on logged steps
         self.skip_streak.add_(1).mul_(skip)
@@ -181,6 +202,10 @@ class GPTBackend:
         terms["skip_streak_max"] = self.skip_streak_max
         tokens = self.train.batch_size * self.train.grad_accum * self.cfg.block_size
         return StepOutput(loss=loss, grad_norm=grad_norm, tokens=tokens, metrics=terms, skipped=skip)
+
+    def _sync(self, last: bool):
+        """Under DDP, hold the gradient all-reduce back for all but the last local micro-batch."""
+        return contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
 
     def _update(self, skip: torch.Tensor) -> None:
         """Apply the optimizer step unless ``skip``; parameters and optimizer state stay
@@ -206,7 +231,7 @@ class GPTBackend:
             for k in range(self.train.eval_steps):
                 x, y = self._batch(arr, self.ctx.seed, EVAL_KEYS[split], k)
                 with self.autocast:
-                    total += self.model(x, y)[1].float()
+                    total += self.eval_model(x, y)[1].float()  # every rank: the same batches, the same loss
             losses[split] = (total / self.train.eval_steps).item()
         self.model.train()
         return losses
@@ -214,12 +239,16 @@ class GPTBackend:
     # --- state ------------------------------------------------------------------------------
 
     def save(self, directory: Path) -> None:
-        save_model(self.raw_model, str(directory / WEIGHTS))  # tied weights stored once
-        torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}, directory / OPTIMIZER)
+        """Every rank writes its RNG; rank 0 the rest (weights and optimizer are the same on every
+        rank under DDP)."""
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         torch.save(rng, directory / rng_file(self.ctx.dist.rank))
+        if self.ctx.dist.rank != 0:
+            return
+        save_model(self.raw_model, str(directory / WEIGHTS))  # tied weights stored once
+        torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}, directory / OPTIMIZER)
         (directory / MODEL_ARGS).write_text(json.dumps(asdict(self.model_args), indent=1))
         (directory / DATA_META).write_text(json.dumps(self.data.meta, indent=1))
 
@@ -228,8 +257,12 @@ class GPTBackend:
         opt = load_plain(directory / OPTIMIZER, self.device)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scaler.load_state_dict(opt["scaler"])
-        rng_path = directory / rng_file(self.ctx.dist.rank)
-        rng = load_plain(rng_path if rng_path.exists() else directory / RNG_LEGACY, "cpu")
+        rank = self.ctx.dist.rank
+        found = [p for p in (directory / rng_file(rank), directory / RNG_LEGACY) if p.exists()]
+        if not found:  # written by fewer ranks: this rank's dropout stream starts afresh, seeded
+            torch.manual_seed(self.ctx.seed + rank)
+            return
+        rng = load_plain(found[0], "cpu")
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
@@ -280,8 +313,8 @@ class GPTBackend:
         started = time.perf_counter()
         for _ in range(steps):
             with self.autocast:
-                loss = self.model(x, y)[1]
-            loss.backward()
+                loss = self.eval_model(x, y)[1]
+            loss.backward()  # the bare model: no all-reduce, so the estimate leaves it out
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.optimizer.zero_grad(set_to_none=True)

@@ -61,7 +61,7 @@ class HFBackend:
         self.data_cfg: DataConfig = ctx.data
         self.hf: HFConfig = ctx.sections.get("hf") or HFConfig()
         self.train = ctx.train
-        self.device = resolve_device(self.train.device)
+        self.device = resolve_device(self.train.device, ctx.dist.local_rank)
         self.dtype = resolve_dtype(self.train.dtype, self.device)
         self.lr = ctx.optim.lr
 
@@ -108,6 +108,15 @@ class HFBackend:
             self.model.enable_input_require_grads()  # as TRL does: frozen embeddings, checkpointed blocks
         self._eval_batches: dict[str, list[sft.Batch]] = {}
         self.aux_coef = self.sft.trainer.router_aux_loss_coef if self.sft.trainer.aux_loss_enabled else 0.0
+        # training forwards go through DDP (gradients averaged over ranks in backward); evaluation,
+        # measurement and generation use the bare model and never talk to the other ranks
+        self.world = world
+        self.ddp = None
+        self.forward = self.model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = self.forward = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
         first = self.sft.rows("train", self._indices(0, 0))
         fraction, problem = sft.mask_check(first, self.mask)
@@ -175,17 +184,17 @@ class HFBackend:
         """One micro-batch's share of the step loss (TRL's SFT loss), plus metric sums."""
         loss_terms = self.ctx.loss_terms
         if loss_terms is None:
-            out = self.model(**inputs, use_cache=False, fused_lm_head=True)  # logits never materialised
+            out = self.forward(**inputs, use_cache=False, fused_lm_head=True)  # logits never materialised
             loss = -out.log_probs.sum() / n_items
             if self.aux_coef:  # MoE load balancing, as compute_loss averages it over the accumulation
                 loss = loss + self.aux_coef * out.aux_loss / self.train.grad_accum
             return loss, {"entropy": out.entropy.detach().sum(), "token_accuracy": out.is_top1.sum()}
         # a plugin adds loss terms on the logits: the model's own loss with num_items_in_batch
         # (the same shifted token sum / n), then the terms on aligned (B, T-1) logits and targets
-        out = self.model(**inputs, use_cache=False, num_items_in_batch=n_items)
+        out = self.forward(**inputs, use_cache=False, num_items_in_batch=n_items)
         loss = out.loss
         for name, term in loss_terms(out.logits[:, :-1], inputs["labels"][:, 1:], out.loss):
-            loss = loss + term / len(self.micro)
+            loss = loss + term / self.train.grad_accum  # the mean over the step's micro-batches, all ranks
             terms[name] = terms.get(name, 0) + term.detach() / len(self.micro)
         return loss, {}
 
@@ -197,11 +206,16 @@ class HFBackend:
         total = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
         terms: dict[str, torch.Tensor] = {}
-        for m in self.micro:
+        for i, m in enumerate(self.micro):
             inputs = sft.to_device(batches[m].inputs, self.device)
-            with self.autocast:
-                loss, extra = self._loss(inputs, n_items, terms)
-            self.scaler.scale(loss).backward()
+            # DDP: one all-reduce, in the last local micro-batch's backward. Each share is already
+            # divided by the GLOBAL trained-token count (n_items: host ints, no sync), so the
+            # step's gradient is the SUM over ranks: scale by the world size, DDP divides by it.
+            sync = self.ddp is None or i == len(self.micro) - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with self.autocast:
+                    loss, extra = self._loss(inputs, n_items, terms)
+                self.scaler.scale(loss * self.world).backward()
             total += loss.detach()
             for k, v in extra.items():
                 sums[k] = sums.get(k, 0) + v
@@ -211,7 +225,8 @@ class HFBackend:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.train.grad_clip, foreach=True)
         else:
             grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        finite = torch.isfinite(total) & torch.isfinite(grad_norm)
+        # distributed: from the all-reduced gradients alone, which every rank shares, so all agree
+        finite = torch.isfinite(grad_norm) if self.ddp is not None else torch.isfinite(total) & torch.isfinite(grad_norm)
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # float16: the scaler skips non-finite steps itself
             self.scaler.update()
@@ -219,7 +234,8 @@ class HFBackend:
             self.update.step(finite)
         self.steps_done = step + 1
         metrics = {k: v / n_local for k, v in sums.items()} | terms
-        return StepOutput(loss=total, grad_norm=grad_norm, tokens=sum(b.trained for b in batches),
+        # this rank's share of the step loss; the kernel averages over ranks, hence x world
+        return StepOutput(loss=total * self.world, grad_norm=grad_norm, tokens=sum(b.trained for b in batches),
                           metrics=metrics, skipped=~finite)
 
     @torch.no_grad()

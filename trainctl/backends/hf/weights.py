@@ -29,17 +29,25 @@ TRAINER_STATE = "trainer_state.json"
 ADAPTER = "adapter_model.safetensors"
 
 
+def rng_file(rank: int) -> str:
+    return RNG if rank == 0 else f"rng-rank{rank}.pt"  # rank 0 keeps the single-process name
+
+
 def save(backend: Any, directory: Path) -> None:
+    """Every rank its RNG; rank 0 the rest (the same on every rank under DDP)."""
     from trainctl.backends.hf.sft import quiet
 
+    rank = backend.ctx.dist.rank
+    rng = {"cpu": torch.get_rng_state()}
+    if backend.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(backend.device)
+    torch.save(rng, directory / rng_file(rank))
+    if rank != 0:
+        return
     with quiet():  # save_pretrained draws a progress bar per shard
         backend.model.save_pretrained(directory)  # PeftModel: the adapter only; else the full model
         backend.tokenizer.save_pretrained(directory)
     torch.save({"optimizer": backend.optimizer.state_dict(), "scaler": backend.scaler.state_dict()}, directory / OPTIMIZER)
-    rng = {"cpu": torch.get_rng_state()}
-    if backend.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(backend.device)
-    torch.save(rng, directory / RNG)
     state = {
         "global_step": backend.steps_done,
         "learning_rate": backend.lr,
@@ -59,10 +67,14 @@ def load(backend: Any, directory: Path) -> None:
     opt = torch.load(directory / OPTIMIZER, map_location=backend.device, weights_only=True)
     backend.optimizer.load_state_dict(opt["optimizer"])
     backend.scaler.load_state_dict(opt["scaler"])
-    rng = torch.load(directory / RNG, weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and backend.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], backend.device)
+    rank = backend.ctx.dist.rank
+    if (directory / rng_file(rank)).exists():
+        rng = torch.load(directory / rng_file(rank), weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and backend.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], backend.device)
+    else:  # written by fewer ranks: this rank's stream starts afresh, seeded
+        torch.manual_seed(backend.ctx.seed + rank)
     state = json.loads((directory / TRAINER_STATE).read_text())
     backend.steps_done = int(state["global_step"])
 
