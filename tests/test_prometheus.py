@@ -321,30 +321,26 @@ def test_only_local_rank_zero_serves_by_default(monkeypatch, tmp_path):
     assert make(Config(per_rank_ports=True, port=0), info).port() == 0  # each rank its own free port
 
 
-def test_rank_from_the_environment(registry, tmp_path, monkeypatch):
-    """A simulated rank 1 of 2 (the kernel reads torchrun's variables) serves on port + 1 with
-    its rank as a label when per-rank ports are on, and not at all otherwise."""
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
+def test_rank_handling(tmp_path):
+    """Rank 1 of 2 serves on port + local rank, labelled with its rank, when per-rank ports are on,
+    and not at all otherwise (the kernel passes torchrun's RANK/LOCAL_RANK/WORLD_SIZE in RunInfo)."""
     base = free_port() - 1
-    _, thread, result = start(
-        registry, tmp_path, 'plugins=["script", "prometheus", "recorder"]', f"plugin.prometheus.port={base}",
-        "plugin.prometheus.per_rank_ports=true", "train.max_steps=4", "plugin.script.pause_at=[2]",
-        "plugin.script.pause_polls=10",
-    )
-    url = metrics_address()
-    assert url == f"http://127.0.0.1:{base + 1}/metrics"
-    samples = scrape(url)
-    assert value(samples, "trainctl_run_info", world_size="2") == 1
-    assert {labels["rank"] for rows in samples.values() for labels, _ in rows} == {"1"}
-    thread.join(30)
-    assert result["r"].status == "completed"
-
-    config = make_config(registry, tmp_path / "other", 'plugins=["prometheus", "recorder"]',
-                         f"plugin.prometheus.port={base}", "train.max_steps=2")
-    assert Run(config, registry, resume="never").fit().status == "completed"
-    assert not plugin_notices()  # rank 1 stayed silent
+    emitted: list = []
+    info = RunInfo(run_name="t", backend="fake", out_dir=tmp_path, max_steps=4, rank=1, local_rank=1,
+                   world_size=2, emit=emitted.append)
+    plugin = make(Config(port=base, per_rank_ports=True), info)
+    assert isinstance(plugin, PrometheusExporter)
+    plugin.trainctl_run_start(RunStart(run_name="t", backend="fake", out_dir=str(tmp_path), start_step=0,
+                                       max_steps=4, params=1, tokens_per_step=8, world_size=2, time=time.time()))
+    try:
+        url = next(e.data["address"] for e in emitted if isinstance(e, Notice) and e.kind == "metrics")
+        assert url == f"http://127.0.0.1:{base + 1}/metrics"
+        samples = scrape(url)
+        assert value(samples, "trainctl_run_info", world_size="2") == 1
+        assert {labels["rank"] for rows in samples.values() for labels, _ in rows} == {"1"}
+    finally:
+        plugin.trainctl_run_end(RunEnd(status="completed", step=0, tokens=0, duration=0.0, time=time.time()))
+    assert isinstance(make(Config(port=base), info), NotServing)  # no per-rank ports: rank 1 stays silent
 
 
 class Gateway(http.server.BaseHTTPRequestHandler):

@@ -173,6 +173,10 @@ class Checkpointer:
 
     def _note_best(self, step: int, name: str) -> None:
         val = self._val_at(step)
+        if val is not None and (self.best is None or val <= self.best[0]):
+            self.best = (val, name)
+        if val is not None and (self.best_val is None or val < self.best_val):
+            self.best_val = val
 
     def _write_together(self, step: int, reason: str, write: Callable[[Path], None], group: Any) -> Path:
         """Every rank writes its files (rank 0 the weights, each rank its RNG) into the one
