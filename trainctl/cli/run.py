@@ -40,7 +40,7 @@ def run(config: str | None, backend: str | None, out_dir: str | None, overrides:
 
     session = Run(resolved, registry, resume=resume, force=force)
     if session.state.step >= resolved.train.max_steps:
-        session.backend.close()
+        session.close()
         click.echo(
             f"{session.out_dir} already finished {session.state.step} steps (train.max_steps = "
             f"{resolved.train.max_steps}); raise train.max_steps to continue, or --resume never to start over"
@@ -48,7 +48,7 @@ def run(config: str | None, backend: str | None, out_dir: str | None, overrides:
         return 0
     estimate = print_plan(session)
     if dry_run:
-        session.backend.close()
+        session.close()
         click.echo("dry run: config, data and model are valid; nothing was trained")
         return 0
     if estimate > CONFIRM_OVER_S and not yes and _interactive():

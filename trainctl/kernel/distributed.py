@@ -140,5 +140,9 @@ class Group:
             import torch.distributed as td
 
             if td.is_initialized():
+                try:  # leave together: a rank tearing down while a peer still talks to it aborts
+                    td.barrier()
+                except Exception:  # a dead peer: nothing left to wait for
+                    pass
                 td.destroy_process_group()
             self.started = False

@@ -96,8 +96,12 @@ class Run:
         try:
             return trainer.fit()
         finally:
-            self.backend.close()
-            self.group.close()
+            self.close()
+
+    def close(self) -> None:
+        """Release the backend and leave the process group (every rank together)."""
+        self.backend.close()
+        self.group.close()
 
     # --- checkpoint contents owned by the kernel ---------------------------------------------
 

@@ -322,4 +322,7 @@ class GPTBackend:
         return (time.perf_counter() - started) / steps * self.train.grad_accum / self.ctx.dist.world_size
 
     def close(self) -> None:
-        pass
+        # DDP's reducer must go before the process group does, or its C++ threads may abort the
+        # process at exit
+        self.model = self.eval_model
+        self.ddp = None

@@ -300,6 +300,9 @@ class HFBackend:
         return elapsed / max(steps, 1) * len(self.micro)
 
     def close(self) -> None:
+        if getattr(self, "ddp", None) is not None:  # before the process group goes (see gpt's close)
+            self.forward = self.model
+            self.ddp = None
         workdir = getattr(getattr(self, "sft", None), "workdir", None)
         if workdir is not None:
             workdir.cleanup()
