@@ -24,6 +24,7 @@ from trainctl.plugins.checkpoint import checkpoints, verify
 
 BIN = Path(sys.executable).parent
 TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"]
+ACCELERATE = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
 # a fixed lr schedule (not tied to max_steps), so runs of different lengths train alike
 SAME = [*FAST, "plugin.lr.decay_steps=1000", "train.log_interval=1", "train.eval_steps=2"]
 LONG = [*SAME, "train.max_steps=1000000", "train.log_interval=5", "train.eval_interval=0"]
@@ -97,8 +98,7 @@ def test_accelerate_launch_from_the_repository_root_and_resume_one_to_two(tmp_pa
     resumes a single-process checkpoint with 2 ranks on the same data order."""
     single(tmp_path / "ref", "train.max_steps=6", "train.grad_accum=2")
     single(tmp_path / "run", "train.max_steps=3", "train.grad_accum=2")
-    accelerate = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
-    launch(accelerate, tmp_path / "run", "train.max_steps=6", "train.grad_accum=2", module=False)
+    launch(ACCELERATE, tmp_path / "run", "train.max_steps=6", "train.grad_accum=2", module=False)
     starts = [e for e in events(tmp_path / "run") if e["event"] == "run_start"]
     assert [s["world_size"] for s in starts] == [1, 2] and starts[1]["resumed_from"].endswith("step-000003")
     assert_close(losses(tmp_path / "run"), losses(tmp_path / "ref"))
@@ -200,14 +200,15 @@ def test_a_rank_that_dies_or_hangs_fails_the_run_within_the_timeout(live, how):
 HF_TOLERANCE = 1e-4  # float32 on CPU; the reductions run in another order than one process's
 
 
-def test_hf_backend_two_ranks_equal_one_process(hf, tmp_path):
+@pytest.mark.parametrize("launcher", [TORCHRUN, ACCELERATE], ids=["torchrun", "accelerate"])
+def test_hf_backend_two_ranks_equal_one_process(hf, tmp_path, launcher):
     """2 ranks x 1 micro-batch = 1 process x grad_accum 2, with the step's loss normalised by the
-    GLOBAL trained-token count (TRL's num_items_in_batch) on both."""
+    GLOBAL trained-token count (TRL's num_items_in_batch) on both; under either launcher."""
     steps = ["train.max_steps=4", "plugin.lr.warmup_steps=1", "train.eval_interval=2"]
     base = [*hf.sets(None, *steps)]
     run_cli("run", "--yes", "--backend", "hf", "--out", str(tmp_path / "one"), *sets(*base), check=True, timeout=300)
     proc = subprocess.run(
-        [*TORCHRUN, "-m", "trainctl", "run", "--yes", "--backend", "hf", "--out", str(tmp_path / "ddp"), *sets(*base)],
+        [*launcher, "-m", "trainctl", "run", "--yes", "--backend", "hf", "--out", str(tmp_path / "ddp"), *sets(*base)],
         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
