@@ -31,7 +31,7 @@ def measure(name: str, repeat: int, work: Path) -> dict:
     from trainctl.kernel import config as cfg
     from trainctl.kernel.registry import Registry
     from trainctl.kernel.run import Run
-    from trainctl.plugins.checkpoint import fsync_path, sha256_file
+    from trainctl.kernel.checkpoint_files import fsync_path, sha256_file
 
     registry = Registry.discover(entry_points=False)
     out = work / name

@@ -33,7 +33,7 @@ from trainctl.control.files import read_json, write_json  # noqa: E402
 from trainctl.kernel import config as cfg  # noqa: E402
 from trainctl.kernel.registry import Registry  # noqa: E402
 from trainctl.kernel.run import Run  # noqa: E402
-from trainctl.plugins.checkpoint import TMP_PREFIX, checkpoints, verify  # noqa: E402
+from trainctl.kernel.checkpoint_files import TMP_PREFIX, checkpoints, verify  # noqa: E402
 
 MODEL = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16",
          "train.batch_size=4", "train.device='cpu'", "train.threads=1", "optim.lr=3e-3"]

@@ -12,7 +12,7 @@ from tests.conftest import TINY_GPT, make_config
 from tests.recording_plugins import INSTANCES
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.run import Run
-from trainctl.plugins.checkpoint import MANIFEST, checkpoints, sha256_file, verify
+from trainctl.kernel.checkpoint_files import MANIFEST, checkpoints, sha256_file, verify
 
 
 def fake_run(registry, out, *overrides, resume="never", prepare=None):

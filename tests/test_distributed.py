@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import ROOT, cli_env, run_cli
 from tests.live import FAST, LiveRun, sets
-from trainctl.plugins.checkpoint import checkpoints, verify
+from trainctl.kernel.checkpoint_files import checkpoints, verify
 
 BIN = Path(sys.executable).parent
 TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"]

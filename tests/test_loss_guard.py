@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tests.conftest import TINY_GPT, make_config
-from tests.recording_plugins import INSTANCES
 from trainctl.kernel.run import Run
 
 FAST = [*TINY_GPT, "train.threads=1"]

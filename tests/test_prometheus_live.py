@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, TINY_GPT, cli_env
-from tests.test_prometheus import free_port, parse, scrape, value
+from tests.test_prometheus import free_port, scrape, value
 
 DASHBOARD = ROOT / "configs" / "grafana" / "trainctl.json"
 ALERTS = ROOT / "configs" / "prometheus" / "alerts.yml"

@@ -12,7 +12,7 @@ import sys
 
 from tests.conftest import ROOT, SHAKESPEARE, cli_env, run_cli
 from tests.live import FAST, sets
-from trainctl.plugins.checkpoint import MANIFEST, TMP_PREFIX, checkpoints, sha256_file, verify
+from trainctl.kernel.checkpoint_files import MANIFEST, TMP_PREFIX, checkpoints, sha256_file, verify
 
 
 def train(out, *overrides, extra=(), **kw):

@@ -14,7 +14,7 @@ from tests.conftest import make_config
 from tests.live import LiveRun
 from tests.recording_plugins import INSTANCES
 from trainctl.kernel.run import Run
-from trainctl.plugins.checkpoint import TMP_PREFIX, checkpoints, verify
+from trainctl.kernel.checkpoint_files import TMP_PREFIX, checkpoints, verify
 
 LONG = ["train.max_steps=1000000", "train.log_interval=5"]
 

@@ -67,14 +67,14 @@ def perplexity(loss: float) -> float:
 
 
 def checkpoint_step(checkpoint: Path) -> int:
-    from trainctl.plugins.checkpoint import MANIFEST
+    from trainctl.kernel.checkpoint_files import MANIFEST
 
     return int(json.loads((checkpoint / MANIFEST).read_text())["step"])
 
 
 def find_checkpoint(path: Path) -> Path:
     """A verified checkpoint directory, or a run directory's newest verified checkpoint."""
-    from trainctl.plugins.checkpoint import MANIFEST, checkpoints, verify
+    from trainctl.kernel.checkpoint_files import MANIFEST, checkpoints, verify
 
     if not path.is_dir():
         raise ConfigError(f"{path} is not a directory; give a run directory or a checkpoint directory")

@@ -26,7 +26,7 @@ def sample(run_dir: Path, prompt: str, num_samples: int, max_new_tokens: int, te
            top_k: int, seed: int, device: str) -> None:
     """Generate text from RUN_DIR's newest complete checkpoint (or from a checkpoint directory)."""
     from trainctl.backends.gpt.inference import load_for_inference, sample as generate
-    from trainctl.plugins.checkpoint import MANIFEST, checkpoints, verify
+    from trainctl.kernel.checkpoint_files import MANIFEST, checkpoints, verify
 
     candidates = [run_dir] if (run_dir / MANIFEST).exists() else list(reversed(checkpoints(run_dir / "checkpoints")))
     chosen = next((c for c in candidates if verify(c) is None), None)

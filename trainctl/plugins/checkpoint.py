@@ -1,4 +1,5 @@
-"""Checkpoints: one directory per checkpoint, complete or absent.
+"""Checkpoints: one directory per checkpoint, complete or absent (the files and the atomic
+seal are in :mod:`trainctl.kernel.checkpoint_files`; this plugin owns when, where and how many).
 
 Layout::
 
@@ -28,7 +29,6 @@ once all are done rank 0 writes the manifest, listing every rank's files, and re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -41,12 +41,12 @@ from typing import Any
 
 from trainctl.hooks import PluginSpec, RunInfo, hookimpl
 from trainctl.hooks.events import Control, EvalEnd, Notice, RunStart, RunView
+from trainctl.kernel.checkpoint_files import (
+    MANIFEST, PREFIX, TMP_PREFIX, checkpoints, discard, seal, sha256_file, step_of, verify,
+)
 from trainctl.kernel.errors import ConfigError
 
-MANIFEST = "manifest.json"
 LEDGER = "checkpoints.jsonl"
-PREFIX = "step-"
-TMP_PREFIX = ".tmp-"  # in-progress writes and checkpoints being removed
 
 
 class CheckpointWriteError(RuntimeError):
@@ -62,47 +62,6 @@ class Config:
     def __post_init__(self) -> None:
         if self.keep_last < 0:
             raise ValueError("keep_last must be 0 (keep all) or more")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def verify(directory: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else what is wrong with it."""
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except FileNotFoundError:
-        return "no manifest (incomplete)"
-    except (OSError, ValueError) as exc:
-        return f"unreadable manifest ({exc})"
-    for name, expected in manifest.get("files", {}).items():
-        file = directory / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if sha256_file(file) != expected:
-            return f"{name} does not match its sha256"
-    return None
-
-
-def checkpoints(root: Path) -> list[Path]:
-    """Checkpoint directories under ``root``, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
-    return sorted(found, key=lambda p: (_step_of(p), p.name))  # by number: step-1000000 after step-999999
 
 
 class Checkpointer:
@@ -157,7 +116,7 @@ class Checkpointer:
         try:
             self._make(tmp)
             write(tmp)
-            self._seal(tmp, final, step, reason)
+            seal(tmp, final, step, reason)
         except Exception as exc:  # disk full, permissions, quota: torch and safetensors raise their own types
             shutil.rmtree(tmp, ignore_errors=True)
             self.best, self.best_val = previous_best
@@ -218,7 +177,7 @@ class Checkpointer:
         problems = [p for p in group.gather(why) if p]  # every rank's files are in place
         if not problems and self.run.is_main:
             try:
-                self._seal(tmp, final, step, reason)
+                seal(tmp, final, step, reason)
             except Exception as exc:
                 problems = [_why(exc)]
         problems = group.broadcast(problems)  # rank 0's seal, for everyone
@@ -236,20 +195,6 @@ class Checkpointer:
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-
-    def _seal(self, tmp: Path, final: Path, step: int, reason: str) -> None:
-        """Hash and fsync every file, write the manifest last, rename into place."""
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        for file in files:
-            fsync_path(tmp / file)
-        manifest = {"step": step, "reason": reason, "files": files, "time": time.time()}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        fsync_path(tmp / MANIFEST)
-        fsync_path(tmp)
-        if final.exists():  # from an abandoned branch (--resume never or an older PATH), or corrupt
-            _discard(final)
-        os.rename(tmp, final)
-        fsync_path(self.root)
 
     def _failure(self, name: str, why: str) -> CheckpointWriteError:
         intact = [p.name for p in checkpoints(self.root)]
@@ -288,7 +233,7 @@ class Checkpointer:
             protected.add(self.best[1])
         for path in existing:
             if path.name not in protected:
-                _discard(path)
+                discard(path)
 
     @hookimpl
     def trainctl_find_checkpoint(self, resume: str) -> Path | None:
@@ -309,7 +254,7 @@ class Checkpointer:
                 return path
             message = f"checkpoint {path.name} is corrupt ({problem}); trying the previous one"
             print(f"trainctl: {message}", file=sys.stderr)
-            self.run.emit(Notice(step=_step_of(path), kind="checkpoint_corrupt", message=message,
+            self.run.emit(Notice(step=step_of(path), kind="checkpoint_corrupt", message=message,
                                  data={"path": str(path), "problem": problem}, time=time.time()))
         return None
 
@@ -325,15 +270,6 @@ class Checkpointer:
         self.best_val = mine.get("best_val", self.best[0] if self.best else None)
 
 
-def _discard(path: Path) -> None:
-    """Remove a checkpoint directory: renamed out of the ``step-*`` names first (atomic), so a
-    crash halfway through the deletion never leaves a partial checkpoint under a real name."""
-    trash = path.with_name(f"{TMP_PREFIX}old-{path.name}-{os.getpid()}")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def _why(exc: BaseException) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
 
@@ -342,13 +278,6 @@ def _last_byte(path: Path) -> bytes:
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1)
-
-
-def _step_of(path: Path) -> int:
-    try:
-        return int(path.name.removeprefix(PREFIX))
-    except ValueError:
-        return 0
 
 
 SPEC = PluginSpec(name="checkpoint", factory=Checkpointer, config=Config, critical=True,

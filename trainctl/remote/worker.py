@@ -62,7 +62,7 @@ class EvalThread(threading.Thread):
 
     def evaluate(self, evaluator, job: Job) -> dict:
         from trainctl.evaluation import SampleRequest, checkpoint_step
-        from trainctl.plugins.checkpoint import verify
+        from trainctl.kernel.checkpoint_files import verify
 
         path = self.roots.resolve(job.path)
         if path is None or str(path) != job.path:

@@ -99,7 +99,7 @@ def _nanogpt_state(ckpt: dict[str, Any], args: GPTConfig, path: Path) -> dict[st
 
 def _trainctl_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     from trainctl.backends.gpt.inference import WEIGHTS
-    from trainctl.plugins.checkpoint import verify
+    from trainctl.kernel.checkpoint_files import verify
 
     problem = verify(path)
     if problem:
