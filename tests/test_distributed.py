@@ -217,4 +217,4 @@ def test_hf_backend_two_ranks_equal_one_process(hf, tmp_path, launcher):
     assert_close(ddp, one, HF_TOLERANCE)
     assert_close(evals(tmp_path / "ddp"), evals(tmp_path / "one"), HF_TOLERANCE)
     [ckpt] = checkpoints(tmp_path / "ddp" / "checkpoints")
-    assert verify(ckpt) is None and {"rng.pt", "rng-rank1.pt"} <= {p.name for p in ckpt.iterdir()}
+    assert verify(ckpt) is None and {"rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in ckpt.iterdir()}

@@ -20,18 +20,14 @@ from safetensors.torch import load_model, save_model
 from trainctl.backends.gpt import data as gpt_data
 from trainctl.backends.gpt.inference import DATA_META, MODEL_ARGS, WEIGHTS, sample
 from trainctl.backends.gpt.model import GPT, GPTConfig
+from trainctl.backends.finite_update import FiniteUpdate
 from trainctl.backends.gpt.optim import build_optimizer
+from trainctl.backends.rng import load_rng, save_rng
 from trainctl.kernel.safe_load import load_plain
 from trainctl.kernel.backend import BackendContext, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError
 
 OPTIMIZER = "optimizer.pt"
-RNG_LEGACY = "rng.pt"  # before per-rank files
-
-
-def rng_file(rank: int) -> str:
-    """Each rank's torch RNG state (dropout) in its own file: ranks draw different masks."""
-    return f"rng-rank{rank}.pt"
 
 # Evaluation batches are fixed (the same at every evaluation, so losses compare); their key uses
 # a "step" that training never reaches.
@@ -126,9 +122,7 @@ class GPTBackend:
             if self.dtype != torch.float32 else contextlib.nullcontext()
         )
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        # Skipping a non-finite update without a host sync: the fused AdamW kernel takes a
-        # device-side found_inf flag and leaves parameters, moments and step counts untouched.
-        self.device_skip = isinstance(self.optimizer, torch.optim.AdamW) and bool(self.optimizer.defaults.get("fused"))
+        self.update = FiniteUpdate(self.optimizer)  # a non-finite step changes nothing, no host sync
         zero = lambda: torch.zeros((), device=self.device)  # noqa: E731
         self.skipped_updates, self.skip_streak, self.skip_streak_max = zero(), zero(), zero()
         tokens_per_step = train.batch_size * train.grad_accum * block
@@ -213,14 +207,8 @@ class GPTBackend:
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # float16: the scaler skips non-finite gradients itself
             self.scaler.update()
-        elif self.device_skip:
-            self.optimizer.found_inf = skip.float()  # fused AdamW: skip on the device, no sync
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf
-        elif not skip.item():  # host sync: Muon has no device-side skip (free on CPU)
-            self.optimizer.step()
+        else:
+            self.update.step(~skip)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
@@ -241,10 +229,7 @@ class GPTBackend:
     def save(self, directory: Path) -> None:
         """Every rank writes its RNG; rank 0 the rest (weights and optimizer are the same on every
         rank under DDP)."""
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        torch.save(rng, directory / rng_file(self.ctx.dist.rank))
+        save_rng(directory, self.ctx.dist.rank, self.device)
         if self.ctx.dist.rank != 0:
             return
         save_model(self.raw_model, str(directory / WEIGHTS))  # tied weights stored once
@@ -257,15 +242,7 @@ class GPTBackend:
         opt = load_plain(directory / OPTIMIZER, self.device)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scaler.load_state_dict(opt["scaler"])
-        rank = self.ctx.dist.rank
-        found = [p for p in (directory / rng_file(rank), directory / RNG_LEGACY) if p.exists()]
-        if not found:  # written by fewer ranks: this rank's dropout stream starts afresh, seeded
-            torch.manual_seed(self.ctx.seed + rank)
-            return
-        rng = load_plain(found[0], "cpu")
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        load_rng(directory, self.ctx.dist.rank, self.device, self.ctx.seed)
 
     # --- inference ------------------------------------------------------------------------------
 

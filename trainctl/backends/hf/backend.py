@@ -32,10 +32,10 @@ import transformers  # noqa: F401  (imported here so a missing extra is the kern
 import trl  # noqa: F401
 
 from trainctl.backends.gpt.backend import resolve_device, resolve_dtype
+from trainctl.backends.finite_update import FiniteUpdate
 from trainctl.backends.gpt.optim import build_optimizer
 from trainctl.backends.hf import inference, loading, rows, sft, weights
 from trainctl.backends.hf.config import DataConfig, HFConfig, ModelConfig
-from trainctl.backends.hf.update import FiniteUpdate
 from trainctl.backends.hf.validate import check_rows
 from trainctl.kernel.backend import BackendContext, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError

@@ -4,7 +4,7 @@
   ``config.json``, ``generation_config.json``), or with LoRA the adapter (``adapter_model.safetensors``,
   ``adapter_config.json``): ``from_pretrained`` / ``PeftModel.from_pretrained`` load them as-is;
 - the tokenizer with its chat template;
-- ``optimizer.pt`` (optimizer and grad-scaler state) and ``rng.pt`` (torch CPU/CUDA RNG), plain
+- ``optimizer.pt`` (optimizer and grad-scaler state) and ``rng-rank{N}.pt`` (torch RNG per rank), plain
   tensors and dicts that load with ``torch.load(weights_only=True)``;
 - ``trainer_state.json``: the step, the last learning rate and how the data order is derived.
   There is no scheduler object to save: the learning rate is the kernel's pure function of the
@@ -21,28 +21,21 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from trainctl.backends.rng import load_rng, save_rng
 from trainctl.kernel.errors import ConfigError
+from trainctl.kernel.safe_load import load_plain
 
 OPTIMIZER = "optimizer.pt"
-RNG = "rng.pt"
 TRAINER_STATE = "trainer_state.json"
 ADAPTER = "adapter_model.safetensors"
-
-
-def rng_file(rank: int) -> str:
-    return RNG if rank == 0 else f"rng-rank{rank}.pt"  # rank 0 keeps the single-process name
 
 
 def save(backend: Any, directory: Path) -> None:
     """Every rank its RNG; rank 0 the rest (the same on every rank under DDP)."""
     from trainctl.backends.hf.sft import quiet
 
-    rank = backend.ctx.dist.rank
-    rng = {"cpu": torch.get_rng_state()}
-    if backend.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(backend.device)
-    torch.save(rng, directory / rng_file(rank))
-    if rank != 0:
+    save_rng(directory, backend.ctx.dist.rank, backend.device)
+    if backend.ctx.dist.rank != 0:
         return
     with quiet():  # save_pretrained draws a progress bar per shard
         backend.model.save_pretrained(directory)  # PeftModel: the adapter only; else the full model
@@ -64,17 +57,10 @@ def load(backend: Any, directory: Path) -> None:
         _load_adapter(backend.model, directory)
     else:
         _load_full(backend.model, directory)
-    opt = torch.load(directory / OPTIMIZER, map_location=backend.device, weights_only=True)
+    opt = load_plain(directory / OPTIMIZER, backend.device)
     backend.optimizer.load_state_dict(opt["optimizer"])
     backend.scaler.load_state_dict(opt["scaler"])
-    rank = backend.ctx.dist.rank
-    if (directory / rng_file(rank)).exists():
-        rng = torch.load(directory / rng_file(rank), weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and backend.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], backend.device)
-    else:  # written by fewer ranks: this rank's stream starts afresh, seeded
-        torch.manual_seed(backend.ctx.seed + rank)
+    load_rng(directory, backend.ctx.dist.rank, backend.device, backend.ctx.seed)
     state = json.loads((directory / TRAINER_STATE).read_text())
     backend.steps_done = int(state["global_step"])
 

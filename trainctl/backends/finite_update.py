@@ -1,4 +1,5 @@
-"""Applying an optimizer update only when the step is finite, decided on the device.
+"""Applying an optimizer update only when the step is finite, decided on the device (both
+backends).
 
 The kernel's contract: a non-finite loss or gradient norm leaves parameters and optimizer state
 bit-identical, without a host sync. Fused AdamW does this natively: given ``found_inf`` (the
