@@ -58,7 +58,9 @@ Rules of the road:
   there, and never read device values. Set ``TRAINCTL_TRACE_HOOKS=1`` to see every hook call.
 """
 
+from trainctl.hooks.cadence import Every
+from trainctl.hooks.notices import NoticeKind
 from trainctl.hooks.plugin import BackendSpec, NoConfig, PluginSpec, RunInfo
 from trainctl.hooks.spec import hookimpl, hookspec
 
-__all__ = ["BackendSpec", "NoConfig", "PluginSpec", "RunInfo", "hookimpl", "hookspec"]
+__all__ = ["BackendSpec", "Every", "NoConfig", "NoticeKind", "PluginSpec", "RunInfo", "hookimpl", "hookspec"]

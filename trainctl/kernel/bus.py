@@ -143,9 +143,10 @@ class EventBus:
             name = self._pm.get_name(exc.plugin)
             unknown = sorted(c.name for c in self._pm.get_hookcallers(exc.plugin) or () if not c.has_spec())
             hook = unknown[0] if unknown else "?"
-            known = sorted(n for n, c in vars(self._pm.hook).items() if c.has_spec())
-            close = difflib.get_close_matches(hook, known, n=1)
-            hint = f"did you mean {close[0]}?" if close else "the hooks are listed in trainctl.hooks.spec"
+            # compared without the common prefix, which would make every trainctl_* name look close
+            known = {n.removeprefix(f"{PROJECT}_"): n for n, c in vars(self._pm.hook).items() if c.has_spec()}
+            close = difflib.get_close_matches(hook.removeprefix(f"{PROJECT}_"), sorted(known), n=1)
+            hint = f"did you mean {known[close[0]]}?" if close else "the hooks are listed in trainctl.hooks.spec"
             raise ConfigError(f"plugin '{name}' implements unknown hook {hook}; {hint}") from None
 
     def _guard(self, plugin: str, hook: str, method: Callable[..., Any], opts: dict[str, Any]) -> Callable[..., Any]:
