@@ -69,8 +69,10 @@ def installed(tmp_path, monkeypatch):
     info = site / "x-0.1.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: x\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nx = x_plugins\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nx = x_plugins\nx_typo = x_typo\n")
     (site / "x_plugins.py").write_text(textwrap.dedent(MODULE))
+    (site / "x_typo.py").write_text(  # a registry hook misspelled: it would never register anything
+        "from trainctl.hooks import hookimpl\n\n@hookimpl\ndef trainctl_register_plugin(register): pass\n")
     monkeypatch.setenv("PYTHONPATH", str(site))  # cli_env puts the repository in front
     return site
 
@@ -81,10 +83,13 @@ def train(out, plugins: list[str], *sets: str):
     return run_cli("run", "--yes", "--out", str(out), *[a for item in args for a in ("--set", item)], timeout=240)
 
 
-def test_the_package_is_listed(installed):
+def test_the_package_is_listed_and_a_misspelled_registry_hook_is_shown(installed):
     proc = run_cli("plugins", check=True)
     for name in ("typo", "wrapper", "chatty", "declared"):
         assert name in proc.stdout
+    broken = next(line for line in proc.stdout.splitlines() if line.startswith("x_typo "))
+    assert broken.endswith("(failed to load: x: module x_typo implements unknown hook trainctl_register_plugin; "
+                           "did you mean trainctl_register_plugins?)")
 
 
 def test_a_misspelled_hook_is_a_config_error_with_the_real_hook(installed, tmp_path):

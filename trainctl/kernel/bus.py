@@ -27,7 +27,6 @@ call order and the result to stderr (pluggy's hook-call monitoring).
 
 from __future__ import annotations
 
-import difflib
 import functools
 import os
 import queue
@@ -58,6 +57,7 @@ from trainctl.hooks.notices import NoticeKind, UndeclaredNotice
 from trainctl.hooks.plugin import PluginSpec
 from trainctl.hooks.spec import PROJECT
 from trainctl.kernel.errors import ConfigError, PluginError
+from trainctl.kernel.registry import check_hooks
 
 _EVENT_HOOKS = {
     RunStart: "trainctl_run_start", StepEnd: "trainctl_step_end", EvalEnd: "trainctl_eval_end",
@@ -123,7 +123,7 @@ class EventBus:
             raise ConfigError(f"plugin '{name}' does not match the hook spec: {detail}") from None
         if spec.critical:
             self._critical.add(name)
-        self._check_pending()
+        check_hooks(self._pm, f"plugin '{name}'")
 
     def _declare(self, plugin: str, kind: NoticeKind) -> None:
         if not isinstance(kind, NoticeKind):
@@ -135,19 +135,6 @@ class EventBus:
                 f"give it a name of its own, e.g. '{plugin}.{kind.name}'"
             )
         self._kinds[kind.name] = kind
-
-    def _check_pending(self) -> None:
-        try:
-            self._pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            name = self._pm.get_name(exc.plugin)
-            unknown = sorted(c.name for c in self._pm.get_hookcallers(exc.plugin) or () if not c.has_spec())
-            hook = unknown[0] if unknown else "?"
-            # compared without the common prefix, which would make every trainctl_* name look close
-            known = {n.removeprefix(f"{PROJECT}_"): n for n, c in vars(self._pm.hook).items() if c.has_spec()}
-            close = difflib.get_close_matches(hook.removeprefix(f"{PROJECT}_"), sorted(known), n=1)
-            hint = f"did you mean {known[close[0]]}?" if close else "the hooks are listed in trainctl.hooks.spec"
-            raise ConfigError(f"plugin '{name}' implements unknown hook {hook}; {hint}") from None
 
     def _guard(self, plugin: str, hook: str, method: Callable[..., Any], opts: dict[str, Any]) -> Callable[..., Any]:
         def guarded(*args: Any, **kwargs: Any) -> Any:
