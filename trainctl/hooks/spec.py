@@ -111,11 +111,13 @@ def trainctl_notice(event: Notice) -> None:
     """Something worth recording happened (control acknowledged, loss spike, samples, a plugin
     disabled). Any plugin may queue one with ``run.emit(Notice(...))``; loggers record it.
 
-    The kernel itself sends these kinds: ``evaluating`` (just before an evaluation starts) and
-    ``saving`` (just before a checkpoint is written; ``message`` is the reason) so that observers
-    can show what a long pause between steps is; ``paused`` and ``resumed``; ``plugin_error`` and
-    ``plugin_disabled``. The ``metrics`` kind with ``data["address"]`` announces where a metrics
-    endpoint serves."""
+    ``event.kind`` is one of a declared vocabulary, :mod:`trainctl.hooks.notices`, which says for
+    each kind who sends it, when, and what ``data`` holds; match on its constants. The kernel
+    itself sends ``evaluating`` (just before an evaluation starts) and ``saving`` (just before a
+    checkpoint is written; ``message`` is the reason) so that observers can show what a long
+    pause between steps is, ``paused`` and ``resumed``; the bus ``plugin_error`` and
+    ``plugin_disabled``. A plugin declares the kinds it adds with ``PluginSpec(notices=...)``; a
+    kind nobody declared is refused where it is sent."""
 
 
 @hookspec
