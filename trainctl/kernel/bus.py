@@ -70,9 +70,8 @@ class _Guarded:
     """Stands in for a plugin in the plugin manager: its hook implementations, each guarded."""
 
     def __init__(self, name: str, plugin: object, impls: dict[str, Callable[..., Any]]) -> None:
-        self.plugin = plugin
-        self.__dict__.update(impls)
-        self._name = name
+        self.plugin, self._name = plugin, name
+        self.__dict__.update(impls)  # pluggy finds functions in the instance's __dict__ as they are
 
     def __repr__(self) -> str:
         return f"<plugin {self._name!r}: {type(self.plugin).__name__}>"
