@@ -2,7 +2,9 @@
 
 This module is the single source of truth. Each hook's docstring says when it fires, what an
 implementation may return and how the kernel combines the results. Hooks are called in the order
-of the config's ``plugins`` list. A test fails when a hook here has no docstring or when an event
+of the config's ``plugins`` list, through pluggy's own dispatch: ``firstresult=True`` here is what
+makes the bus stop at the first answer, and an implementation of a hook that is not here is
+refused when the run starts (``trainctl.kernel.bus``). A test fails when a hook here has no docstring or when an event
 in ``trainctl.hooks.events`` has no hook.
 """
 
