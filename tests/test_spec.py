@@ -79,5 +79,5 @@ def test_the_plugin_guide_example_runs_as_written(tmp_path, monkeypatch):
     result = Run(config, registry, resume="never").fit()
     assert result.status == "stopped" and result.step == 2  # the first logged loss is below 100
     reached = [e for e in recording_plugins.INSTANCES["recorder"].events
-               if type(e).__name__ == "Notice" and e.kind == "stop_at_loss.reached"]
+               if type(e).__name__ == "Notice" and e.kind == module.REACHED.name]
     assert [(n.step, set(n.data)) for n in reached] == [(2, {"loss"})]
