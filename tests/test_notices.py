@@ -119,3 +119,14 @@ def test_no_builtin_plugin_rederives_its_cadence():
         and "step" in ast.unparse(node.left)
     ]
     assert not offenders, f"use trainctl.hooks.Every: {offenders}"
+
+
+def test_every_declared_kind_is_used_by_the_code():
+    used = {
+        node.attr
+        for path, tree in sources("trainctl") if path.name != "notices.py"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "notices"
+    }
+    stale = sorted(set(CONSTANTS) - used)
+    assert not stale, f"declared but never sent or matched: {stale}"
