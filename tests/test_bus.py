@@ -70,6 +70,9 @@ def test_unknown_hook_is_a_config_error_with_the_closest_real_hook():
     assert str(info.value) == "plugin 'typo' implements unknown hook trainctl_step_ended; did you mean trainctl_step_end?"
 
     class Nonsense:
+        @hookimpl(optionalhook=True)
+        def trainctl_from_the_future(self): ...
+
         @hookimpl
         def trainctl_xyzzy_frobnicate(self): ...
 

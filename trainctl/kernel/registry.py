@@ -41,7 +41,10 @@ def check_hooks(pm: pluggy.PluginManager, name: str) -> None:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        unknown = sorted(c.name for c in pm.get_hookcallers(exc.plugin) or () if not c.has_spec())
+        unknown = sorted(
+            c.name for c in pm.get_hookcallers(exc.plugin) or ()
+            if not c.has_spec() and any(i.plugin is exc.plugin and not i.optionalhook for i in c.get_hookimpls())
+        )
         hook = unknown[0] if unknown else "?"
         # compared without the common prefix, which would make every trainctl_* name look close
         known = {n.removeprefix(f"{spec.PROJECT}_"): n for n, c in vars(pm.hook).items() if c.has_spec()}
