@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from trainctl.hooks import PluginSpec, RunInfo, hookimpl
 from trainctl.hooks.events import Control, Notice, RunView
+from trainctl.hooks.notices import NoticeKind
 
 INSTANCES: dict[str, object] = {}
 
@@ -104,7 +105,8 @@ class CriticalBoom(Boom):
 @hookimpl
 def trainctl_register_plugins(register):
     register(PluginSpec(name="recorder", factory=Recorder, config=RecorderConfig, description="records"))
-    register(PluginSpec(name="script", factory=Script, config=ScriptConfig, description="scripted decisions"))
+    register(PluginSpec(name="script", factory=Script, config=ScriptConfig, description="scripted decisions",
+                        notices=(NoticeKind(name="script", sender="script", when="a scripted pause is about to start"),)))
     register(PluginSpec(name="boom", factory=Boom, config=BoomConfig, description="fails"))
     register(PluginSpec(name="critical_boom", factory=CriticalBoom, config=BoomConfig, critical=True,
                         description="fails, critically"))

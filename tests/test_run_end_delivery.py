@@ -10,6 +10,7 @@ from tests.conftest import make_config
 from tests.worker_process import events
 from trainctl.hooks import PluginSpec, hookimpl
 from trainctl.hooks.events import Notice
+from trainctl.hooks.notices import NoticeKind
 from trainctl.kernel.registry import Registry
 from trainctl.kernel.run import Run
 
@@ -26,7 +27,8 @@ class LastWord:
 class Provider:
     @hookimpl
     def trainctl_register_plugins(self, register) -> None:
-        register(PluginSpec(name="last_word", factory=LastWord, description="emits in run_end"))
+        register(PluginSpec(name="last_word", factory=LastWord, description="emits in run_end",
+                            notices=(NoticeKind(name="last_word", sender="last_word", when="in its run_end"),)))
 
 
 def test_events_emitted_in_run_end_reach_only_the_plugins_still_to_end(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 
 from trainctl.hooks import events, spec
 from trainctl.kernel.bus import EventBus
@@ -52,3 +53,31 @@ def test_bus_has_a_method_for_every_hook():
         assert hasattr(EventBus, name), f"EventBus has no method for trainctl_{name}"
     assert renamed <= wanted
 
+
+
+def test_the_plugin_guide_example_runs_as_written(tmp_path, monkeypatch):
+    """The complete plugin in ``trainctl/hooks/__init__.py``'s docstring, registered and run."""
+    import textwrap
+    import types
+
+    from tests import fake_backend, recording_plugins
+    from tests.conftest import make_config
+    from trainctl import hooks
+    from trainctl.kernel.registry import Registry
+    from trainctl.kernel.run import Run
+
+    guide = inspect.getdoc(hooks) or ""
+    block = guide.split("A complete one::\n", 1)[1].split("\n\nMake the module available", 1)[0]
+    module = types.ModuleType("stop_at_loss")
+    monkeypatch.setitem(sys.modules, "stop_at_loss", module)  # dataclasses look their module up
+    exec(compile(textwrap.dedent(block), "guide", "exec"), module.__dict__)  # our own docstring, in a test
+    registry = Registry.discover(entry_points=False)
+    for extra in (fake_backend, recording_plugins, module):
+        registry.add_module(extra, source="tests")
+    config = make_config(registry, tmp_path / "out", 'plugins=["stop_at_loss", "recorder"]', "train.max_steps=20",
+                         "train.log_interval=2", "plugin.stop_at_loss.target=100.0", "plugin.stop_at_loss.report_every=0")
+    result = Run(config, registry, resume="never").fit()
+    assert result.status == "stopped" and result.step == 2  # the first logged loss is below 100
+    reached = [e for e in recording_plugins.INSTANCES["recorder"].events
+               if type(e).__name__ == "Notice" and e.kind == module.REACHED.name]
+    assert [(n.step, set(n.data)) for n in reached] == [(2, {"loss"})]

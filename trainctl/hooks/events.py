@@ -96,10 +96,12 @@ class RunEnd:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Notice:
     """Something worth recording that is not one of the lifecycle events: a control command
-    acknowledged, a loss spike, generated samples, a plugin disabled. ``kind`` names it."""
+    acknowledged, a loss spike, generated samples, a plugin disabled. ``kind`` names it: one of
+    the declared kinds of :mod:`trainctl.hooks.notices` (or of a plugin's ``PluginSpec.notices``),
+    which also says what ``data`` holds for it; the bus refuses any other."""
 
     step: int
-    kind: str
+    kind: str  # a declared kind: use the constants of trainctl.hooks.notices
     message: str = ""
     data: dict[str, Any] = field(default_factory=dict)  # plain JSON values only
     time: float

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from trainctl.hooks.notices import NoticeKind
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class NoConfig:
@@ -52,6 +54,8 @@ class PluginSpec:
     wrong types are config errors; ``__post_init__`` may raise ``ValueError`` for bad values).
     A ``critical`` plugin that raises ends the run as failed; any other plugin is an observer:
     its errors are reported and, after ``train.plugin_max_failures``, it is disabled.
+    ``notices`` declares the notice kinds the plugin sends beyond the built-in ones
+    (:mod:`trainctl.hooks.notices`); the bus refuses a kind that no one declared.
     """
 
     name: str
@@ -59,6 +63,7 @@ class PluginSpec:
     config: type = NoConfig
     description: str = ""
     critical: bool = False
+    notices: tuple[NoticeKind, ...] = ()
     source: str = "builtin"  # filled in by the registry: builtin or the distribution's name
 
 

@@ -2,7 +2,9 @@
 
 This module is the single source of truth. Each hook's docstring says when it fires, what an
 implementation may return and how the kernel combines the results. Hooks are called in the order
-of the config's ``plugins`` list. A test fails when a hook here has no docstring or when an event
+of the config's ``plugins`` list, through pluggy's own dispatch: ``firstresult=True`` here is what
+makes the bus stop at the first answer, and an implementation of a hook that is not here is
+refused when the run starts (``trainctl.kernel.bus``). A test fails when a hook here has no docstring or when an event
 in ``trainctl.hooks.events`` has no hook.
 """
 
@@ -111,11 +113,13 @@ def trainctl_notice(event: Notice) -> None:
     """Something worth recording happened (control acknowledged, loss spike, samples, a plugin
     disabled). Any plugin may queue one with ``run.emit(Notice(...))``; loggers record it.
 
-    The kernel itself sends these kinds: ``evaluating`` (just before an evaluation starts) and
-    ``saving`` (just before a checkpoint is written; ``message`` is the reason) so that observers
-    can show what a long pause between steps is; ``paused`` and ``resumed``; ``plugin_error`` and
-    ``plugin_disabled``. The ``metrics`` kind with ``data["address"]`` announces where a metrics
-    endpoint serves."""
+    ``event.kind`` is one of a declared vocabulary, :mod:`trainctl.hooks.notices`, which says for
+    each kind who sends it, when, and what ``data`` holds; match on its constants. The kernel
+    itself sends ``evaluating`` (just before an evaluation starts) and ``saving`` (just before a
+    checkpoint is written; ``message`` is the reason) so that observers can show what a long
+    pause between steps is, ``paused`` and ``resumed``; the bus ``plugin_error`` and
+    ``plugin_disabled``. A plugin declares the kinds it adds with ``PluginSpec(notices=...)``; a
+    kind nobody declared is refused where it is sent."""
 
 
 @hookspec

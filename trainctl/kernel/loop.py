@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from trainctl.hooks import notices
 from trainctl.hooks.events import CheckpointSaved, Control, EvalEnd, Notice, RunEnd, RunStart, StepEnd, combine
 from trainctl.hooks.plugin import RunInfo
 from trainctl.kernel.backend import Backend, Distributed, Plan
@@ -166,7 +167,7 @@ class Trainer:
     def _pause(self) -> Control:
         """Keep the process and model alive; poll the plugins until nobody answers pause."""
         bus, state = self.bus, self.state
-        bus.notice(Notice(step=state.step, kind="paused", message="training paused", time=time.time()))
+        bus.notice(Notice(step=state.step, kind=notices.PAUSED, message="training paused", time=time.time()))
         paused_at = time.perf_counter()
         while True:
             time.sleep(PAUSE_POLL_S)
@@ -176,7 +177,7 @@ class Trainer:
             if not decision.pause or decision.stop:
                 break
         bus.notice(Notice(
-            step=state.step, kind="resumed", message="training resumed",
+            step=state.step, kind=notices.RESUMED, message="training resumed",
             data={"paused_s": round(time.perf_counter() - paused_at, 3)}, time=time.time(),
         ))
         return decision
@@ -194,7 +195,7 @@ class Trainer:
     def _evaluate(self) -> None:
         state = self.state
         # before the work, so that observers (status) can show it while it lasts
-        self.bus.notice(Notice(step=state.step, kind="evaluating", time=time.time()))
+        self.bus.notice(Notice(step=state.step, kind=notices.EVALUATING, time=time.time()))
         started = time.perf_counter()
         losses = self.backend.evaluate(state.step)
         duration = time.perf_counter() - started
@@ -210,7 +211,7 @@ class Trainer:
         state = self.state
         if not self.bus.can_write_checkpoints():
             return
-        self.bus.notice(Notice(step=state.step, kind="saving", message=reason, time=time.time()))
+        self.bus.notice(Notice(step=state.step, kind=notices.SAVING, message=reason, time=time.time()))
         started = time.perf_counter()
         path = self.bus.write_checkpoint(state.step, reason, lambda d: self.write_state(d, state))
         if path is None:

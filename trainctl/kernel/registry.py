@@ -8,6 +8,7 @@ imports only light modules (no torch), so ``trainctl plugins`` and ``--help`` st
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.metadata
 import sys
@@ -33,6 +34,25 @@ def new_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
+def check_hooks(pm: pluggy.PluginManager, name: str) -> None:
+    """pluggy's ``check_pending``: every implementation of a registered plugin names a hook of
+    the spec (or is marked ``optionalhook``). A typo is a ConfigError naming the plugin, the
+    hook and the closest real one, instead of an implementation that is never called."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        unknown = sorted(
+            c.name for c in pm.get_hookcallers(exc.plugin) or ()
+            if not c.has_spec() and any(i.plugin is exc.plugin and not i.optionalhook for i in c.get_hookimpls())
+        )
+        hook = unknown[0] if unknown else "?"
+        # compared without the common prefix, which would make every trainctl_* name look close
+        known = {n.removeprefix(f"{spec.PROJECT}_"): n for n, c in vars(pm.hook).items() if c.has_spec()}
+        close = difflib.get_close_matches(hook.removeprefix(f"{spec.PROJECT}_"), sorted(known), n=1)
+        hint = f"did you mean {known[close[0]]}?" if close else "the hooks are listed in trainctl.hooks.spec"
+        raise ConfigError(f"{name} implements unknown hook {hook}; {hint}") from None
+
+
 class Registry:
     """Every plugin and backend that could be enabled, by name."""
 
@@ -51,16 +71,21 @@ class Registry:
             for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
                 source = ep.dist.name if ep.dist else ep.value
                 try:
-                    module = ep.load()
+                    registry.add_module(ep.load(), source=source)
+                except ConfigError as exc:
+                    registry.broken[ep.name] = f"{source}: {exc}"
                 except Exception as exc:  # a broken third-party package must not break trainctl
                     registry.broken[ep.name] = f"{source}: {type(exc).__name__}: {exc}"
-                    continue
-                registry.add_module(module, source=source)
         return registry
 
     def add_module(self, module: ModuleType | object, *, source: str) -> None:
         """Register a module (or object) of ``trainctl_register_*`` hooks and collect its specs."""
         self._pm.register(module)
+        try:
+            check_hooks(self._pm, f"module {getattr(module, '__name__', type(module).__name__)}")
+        except ConfigError:
+            self._pm.unregister(module)
+            raise
         caller = self._pm.subset_hook_caller  # call only this module's hooks
         others = [p for p in self._pm.get_plugins() if p is not module]
 

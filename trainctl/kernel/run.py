@@ -65,7 +65,7 @@ class Run:
         # pluggy calls the last registered first: register in reverse so list order is call order
         for name in reversed(config.plugins):
             spec = registry.plugin(name)
-            pm.register(spec.factory(config.plugin[name], self.info), name=name)
+            self.bus.register(spec, spec.factory(config.plugin[name], self.info))  # guarded, checked against the spec
         problems = self.bus.check_config(config.to_dict())
         if problems:
             raise ConfigError("; ".join(problems))

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainctl.hooks import PluginSpec, RunInfo, hookimpl
+from trainctl.hooks import PluginSpec, RunInfo, hookimpl, notices
 from trainctl.hooks.events import Control, EvalEnd, Notice, RunStart, RunView
 from trainctl.kernel.checkpoint_files import (
     MANIFEST, PREFIX, TMP_PREFIX, checkpoints, discard, seal, sha256_file, step_of, verify,
@@ -254,7 +254,7 @@ class Checkpointer:
                 return path
             message = f"checkpoint {path.name} is corrupt ({problem}); trying the previous one"
             print(f"trainctl: {message}", file=sys.stderr)
-            self.run.emit(Notice(step=step_of(path), kind="checkpoint_corrupt", message=message,
+            self.run.emit(Notice(step=step_of(path), kind=notices.CHECKPOINT_CORRUPT, message=message,
                                  data={"path": str(path), "problem": problem}, time=time.time()))
         return None
 

@@ -15,13 +15,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal, TextIO
 
-from trainctl.hooks import PluginSpec, RunInfo, hookimpl
+from trainctl.hooks import PluginSpec, RunInfo, hookimpl, notices
 from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RunEnd, RunStart, StepEnd
 
 BAR_WIDTH = 24
 REDRAW_S = 0.1
 #: Notices that only announce work about to start; the event that follows it is printed.
-QUIET_NOTICES = frozenset({"evaluating", "saving"})
+QUIET_NOTICES = frozenset({notices.EVALUATING, notices.SAVING})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -155,20 +155,20 @@ class Console:
 
     @hookimpl
     def trainctl_notice(self, event: Notice) -> None:
-        if event.kind == "paused":
+        if event.kind == notices.PAUSED:
             self.paused = True
-        elif event.kind == "resumed":
+        elif event.kind == notices.RESUMED:
             self.paused = False
             self.paused_s += float(event.data.get("paused_s", 0.0))
             self.excluded += float(event.data.get("paused_s", 0.0))
         if event.kind in QUIET_NOTICES:
             return
-        if event.kind == "samples":
+        if event.kind == notices.SAMPLES:
             for prompt, text in zip(event.data.get("prompts", []), event.data.get("texts", [])):
                 self._emit("sample", step=event.step, prompt=prompt, text=text)
         else:
             self._emit(event.kind, step=event.step, message=event.message or None)
-        if self.bar and self.enabled and event.kind in ("paused", "resumed"):
+        if self.bar and self.enabled and event.kind in (notices.PAUSED, notices.RESUMED):
             self.drawn = 0.0
             self._draw_bar()
 

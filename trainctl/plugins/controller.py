@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainctl.control import channel
-from trainctl.hooks import PluginSpec, RunInfo, hookimpl
+from trainctl.hooks import PluginSpec, RunInfo, hookimpl, notices
 from trainctl.hooks.events import CheckpointSaved, Control, EvalEnd, Notice, RunEnd, RunStart, RunView
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT")
@@ -204,7 +204,7 @@ class Controller:
         self.lock = None
 
     def _notice(self, step: int, message: str, **data: Any) -> None:
-        self.run.emit(Notice(step=step, kind="control", message=message, data=data, time=time.time()))
+        self.run.emit(Notice(step=step, kind=notices.CONTROL, message=message, data=data, time=time.time()))
 
 
 SPEC = PluginSpec(name="controller", factory=Controller, config=Config,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from trainctl.hooks import PluginSpec, RunInfo, hookimpl
+from trainctl.hooks import Every, PluginSpec, RunInfo, hookimpl, notices
 from trainctl.hooks.events import Notice, StepEnd
 
 
@@ -27,18 +27,18 @@ class Config:
 
 class LayerStats:
     def __init__(self, config: Config, run: RunInfo) -> None:
-        self.every, self.run = config.every, run
+        self.every, self.run = Every(config.every, at_end=False), run
         self.enabled = run.is_main
 
     @hookimpl
     def trainctl_step_end(self, event: StepEnd) -> None:
-        if not self.enabled or event.step % self.every:
+        if not self.enabled or not self.every.due(event.step, event.max_steps):
             return
         stats = self.run.layer_stats()  # gradients of this step are still there
         grads = {k.removesuffix(".grad_norm"): v for k, v in stats.items() if k.endswith(".grad_norm")}
         top = max(grads, key=grads.get) if grads else None
         message = f"{len(stats)} norms" + (f"; largest gradient norm {grads[top]:.3g} in {top}" if top else "")
-        self.run.emit(Notice(step=event.step, kind="layer_stats", message=message, data=dict(stats), time=time.time()))
+        self.run.emit(Notice(step=event.step, kind=notices.LAYER_STATS, message=message, data=dict(stats), time=time.time()))
 
 
 SPEC = PluginSpec(name="layer_stats", factory=LayerStats, config=Config,

@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from trainctl.hooks import PluginSpec, RunInfo, hookimpl
+from trainctl.hooks import PluginSpec, RunInfo, hookimpl, notices
 from trainctl.hooks.events import Control, Notice, RunStart, RunView, StepEnd
 
 
@@ -73,7 +73,7 @@ class LossGuard:
         if len(self.window) >= self.c.spike_min_history:
             threshold = self._threshold()
             if loss > threshold:
-                self._notice(event.step, "loss_spike", f"loss {loss:.4f} above {threshold:.4f} (mean + {self.c.spike_sigma:g} std of the last {len(self.window)} logged)",
+                self._notice(event.step, notices.LOSS_SPIKE, f"loss {loss:.4f} above {threshold:.4f} (mean + {self.c.spike_sigma:g} std of the last {len(self.window)} logged)",
                              loss=loss, threshold=threshold)
                 return  # a spike stays out of the window it is judged by
         self.window.append(loss)
@@ -95,7 +95,7 @@ class LossGuard:
             streak = self.streak
         if new > 0:
             self.skipped_total += new
-            self._notice(event.step, "skipped_update", f"{new} update(s) skipped (non-finite loss or gradient norm); {self.skipped_total} in all",
+            self._notice(event.step, notices.SKIPPED_UPDATE, f"{new} update(s) skipped (non-finite loss or gradient norm); {self.skipped_total} in all",
                          new=new, total=self.skipped_total)
         if streak >= self.c.max_skips and self.failure is None:
             self.failure = (

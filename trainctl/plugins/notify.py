@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from trainctl.hooks import PluginSpec, RunInfo, hookimpl
+from trainctl.hooks import PluginSpec, RunInfo, hookimpl, notices
 from trainctl.hooks.events import Notice, RunEnd, RunStart
 
 
@@ -84,7 +84,7 @@ class Notify:
         if error:
             message = f"could not notify the webhook: {error}; the run itself {event.status}"
             print(f"trainctl: notify: {message}", file=sys.stderr, flush=True)
-            self.run.emit(Notice(step=event.step, kind="notify_failed", message=message, time=time.time()))
+            self.run.emit(Notice(step=event.step, kind=notices.NOTIFY_FAILED, message=message, time=time.time()))
 
     def post(self, body: dict[str, Any]) -> str | None:
         """POST the body; None on a 2xx answer, else what went wrong. Never longer than timeout_s:

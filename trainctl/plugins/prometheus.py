@@ -43,14 +43,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainctl import __version__
-from trainctl.hooks import PluginSpec, RunInfo, hookimpl
+from trainctl.hooks import PluginSpec, RunInfo, hookimpl, notices
 from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RunEnd, RunStart, StepEnd
 
 LABELS = ("run", "backend", "rank")
 STATES = ("running", "evaluating", "saving", "paused", "completed", "stopped", "failed")
 # notices that announce a state (a kernel that announces evaluating/saving before the work);
 # the next step, evaluation result or checkpoint means running again
-STATE_NOTICES = {"paused": "paused", "resumed": "running", "evaluating": "evaluating", "saving": "saving"}
+STATE_NOTICES = {notices.PAUSED: "paused", notices.RESUMED: "running", notices.EVALUATING: "evaluating", notices.SAVING: "saving"}
 # 1 ms (tiny CPU models) to a minute (large models): wide enough that p50/p95 stay resolvable
 STEP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 LAYER_STATS = ("weight_norm", "grad_norm")
@@ -203,13 +203,13 @@ class PrometheusExporter:
                 "training goes on without them. Set plugin.prometheus.port (0 picks a free one)"
             )
             print(f"trainctl: warning: {problem}", file=sys.stderr)
-            self.run.emit(Notice(step=step, kind="metrics_unavailable", message=problem,
+            self.run.emit(Notice(step=step, kind=notices.METRICS_UNAVAILABLE, message=problem,
                                  data={"error": str(exc)}, time=time.time()))
             return
         host, port = self.server.address
         host = f"[{host}]" if ":" in host else host
         self.address = f"http://{host}:{port}/metrics"
-        self.run.emit(Notice(step=step, kind="metrics", message=f"serving {self.address}",
+        self.run.emit(Notice(step=step, kind=notices.METRICS, message=f"serving {self.address}",
                              data={"address": self.address}, time=time.time()))
 
     def set_state(self, state: str) -> None:
@@ -273,7 +273,7 @@ class PrometheusExporter:
     def trainctl_notice(self, event: Notice) -> None:
         if event.kind in STATE_NOTICES:
             self.set_state(STATE_NOTICES[event.kind])
-        elif event.kind == "layer_stats":
+        elif event.kind == notices.LAYER_STATS:
             for name, value in event.data.items():
                 layer, _, stat = name.rpartition(".")
                 if stat in LAYER_STATS and layer:  # layer names are bounded by the model's depth

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from trainctl.hooks import PluginSpec, RunInfo, hookimpl
+from trainctl.hooks import Every, PluginSpec, RunInfo, hookimpl, notices
 from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RunEnd, RunStart
 from trainctl.remote.client import Rejected, Unavailable, WorkerClient
 from trainctl.remote.outbox import Outbox, Submission
@@ -72,6 +72,7 @@ class RemoteEval:
         self.hurry = False  # at the end: poll often
         self.down: str | None = None  # why the worker is unreachable, reported once per outage
         self.step = 0  # the newest step we know of, for notices
+        self.every = Every(config.every or 1)  # every = 0: every checkpoint
 
     # --- hooks (training thread): file I/O only ---------------------------------------------
 
@@ -127,12 +128,11 @@ class RemoteEval:
             message = (f"{len(still)} remote evaluation(s) still open (steps {steps}); they stay in {self.dir} "
                        "and are sent again when this run resumes")
             print(f"trainctl: remote_eval: {message}", file=sys.stderr, flush=True)
-            self.run.emit(Notice(step=event.step, kind="remote_eval_pending", message=message,
+            self.run.emit(Notice(step=event.step, kind=notices.REMOTE_EVAL_PENDING, message=message,
                                  data={"steps": steps, "outbox": str(self.dir)}, time=time.time()))
 
     def _due(self, step: int) -> bool:
-        every = self.config.every
-        return not every or step % every == 0 or step == self.run.max_steps
+        return self.every.due(step, self.run.max_steps)
 
     # --- the sender thread: never calls hooks, only run.emit --------------------------------
 
@@ -142,7 +142,7 @@ class RemoteEval:
             try:
                 self._round()
                 if self.down is not None:
-                    self._say(f"worker {self.config.url} reachable again", "remote_eval_reachable")
+                    self._say(f"worker {self.config.url} reachable again", notices.REMOTE_EVAL_REACHABLE)
                     self.down = None
                 delay = 0.0
             except Unavailable as exc:
@@ -150,10 +150,10 @@ class RemoteEval:
                 if self.down is None:
                     self.down = str(exc)
                     self._say(f"worker {self.config.url} unavailable ({exc}); retrying with backoff up to "
-                              f"{self.config.backoff_max_s:g}s, submissions kept in {self.dir}", "remote_eval_unavailable")
+                              f"{self.config.backoff_max_s:g}s, submissions kept in {self.dir}", notices.REMOTE_EVAL_UNAVAILABLE)
             except Exception as exc:  # a bug here must not end the thread silently
                 delay = self.config.backoff_max_s
-                self._say(f"unexpected {type(exc).__name__}: {exc}", "remote_eval_error")
+                self._say(f"unexpected {type(exc).__name__}: {exc}", notices.REMOTE_EVAL_ERROR)
             self.wake.wait(delay or (0.2 if self.hurry else self.config.poll_s))
             self.wake.clear()
 
@@ -166,7 +166,7 @@ class RemoteEval:
             except Rejected as exc:
                 sub.status, sub.error = "rejected", str(exc)
                 self.outbox.update(sub)
-                self._say(f"step {sub.step} rejected by the worker: {exc}", "remote_eval_error", sub.step)
+                self._say(f"step {sub.step} rejected by the worker: {exc}", notices.REMOTE_EVAL_ERROR, sub.step)
                 continue
             sub.status, sub.job = "submitted", job["id"]
             self.outbox.update(sub)
@@ -185,7 +185,7 @@ class RemoteEval:
         # end-of-run wait relies on it); a crash in between re-polls it (at least once, never lost).
         if job["status"] == "error":
             sub.status, sub.error = "error", job.get("error")
-            self._say(f"evaluation of step {sub.step} failed on the worker: {sub.error}", "remote_eval_error", sub.step)
+            self._say(f"evaluation of step {sub.step} failed on the worker: {sub.error}", notices.REMOTE_EVAL_ERROR, sub.step)
             self.outbox.update(sub)
         elif job["status"] == "done":
             result = job["result"]
@@ -196,7 +196,7 @@ class RemoteEval:
                                           duration=result.get("duration", 0.0), metrics={"perplexity": result[ppl]},
                                           time=time.time()))
             if result.get("samples"):
-                self.run.emit(Notice(step=sub.step, kind="remote_eval_samples",
+                self.run.emit(Notice(step=sub.step, kind=notices.REMOTE_EVAL_SAMPLES,
                                      message=f"{len(result['samples'])} sample(s) from the checkpoint at step {sub.step}",
                                      data={"samples": result["samples"]}, time=time.time()))
             self.outbox.update(sub)

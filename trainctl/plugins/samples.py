@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from trainctl.hooks import PluginSpec, RunInfo, hookimpl
+from trainctl.hooks import Every, PluginSpec, RunInfo, hookimpl, notices
 from trainctl.hooks.events import Notice, RunView, StepEnd
 
 
@@ -39,6 +39,7 @@ class Samples:
     def __init__(self, config: Config, run: RunInfo) -> None:
         self.config, self.run = config, run
         self.enabled = run.is_main
+        self.every = Every(config.every, at_end=False)  # the end is the "ending" decision: a stop ends early too
         self.sampled_step: int | None = None
 
     def sample(self, step: int) -> None:
@@ -50,14 +51,14 @@ class Samples:
         ]
         self.sampled_step = step
         self.run.emit(Notice(
-            step=step, kind="samples", message=_preview(c.prompts[0] + texts[0]),
+            step=step, kind=notices.SAMPLES, message=_preview(c.prompts[0] + texts[0]),
             data={"prompts": list(c.prompts), "texts": texts}, time=time.time(),
         ))
 
     @hookimpl
     def trainctl_step_end(self, event: StepEnd) -> None:
         # the plugin keeps its own cadence: the kernel's intervals are for evaluation and saving
-        if self.enabled and self.config.every and event.step % self.config.every == 0:
+        if self.enabled and self.every.due(event.step, event.max_steps):
             self.sample(event.step)
 
     @hookimpl

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainctl.control.files import hostname, write_json
-from trainctl.hooks import PluginSpec, RunInfo, hookimpl
+from trainctl.hooks import PluginSpec, RunInfo, hookimpl, notices
 from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RunEnd, RunStart, RunView, StepEnd
 
 FILE = "status.json"
-TRANSIENT = {"evaluating": "evaluating", "saving": "saving"}  # notice kind -> state
+TRANSIENT = {notices.EVALUATING: "evaluating", notices.SAVING: "saving"}  # notice kind -> state
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -84,10 +84,10 @@ class Status:
     def trainctl_notice(self, event: Notice) -> None:
         if event.kind in TRANSIENT:
             self.write(state=TRANSIENT[event.kind], step=event.step)
-        elif event.kind in ("paused", "resumed"):
-            self.base = "paused" if event.kind == "paused" else "running"
+        elif event.kind in (notices.PAUSED, notices.RESUMED):
+            self.base = "paused" if event.kind == notices.PAUSED else "running"
             self.write(state=self.base)
-        elif event.kind == "metrics" and event.data.get("address"):
+        elif event.kind == notices.METRICS and event.data.get("address"):
             self.write(metrics_address=event.data["address"])
 
     @hookimpl

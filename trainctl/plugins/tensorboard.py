@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from trainctl.hooks import PluginSpec, RunInfo, hookimpl
+from trainctl.hooks import PluginSpec, RunInfo, hookimpl, notices
 from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RunEnd, StepEnd
 from trainctl.kernel.errors import ConfigError
 
@@ -69,9 +69,9 @@ class TensorBoardLogger:
 
     @hookimpl
     def trainctl_notice(self, event: Notice) -> None:
-        if event.kind == "layer_stats":
+        if event.kind == notices.LAYER_STATS:
             self.scalars({f"layers/{k}": v for k, v in event.data.items()}, event.step)
-        elif event.kind == "samples" and (writer := self.open()) is not None:
+        elif event.kind == notices.SAMPLES and (writer := self.open()) is not None:
             for i, (prompt, text) in enumerate(zip(event.data["prompts"], event.data["texts"])):
                 # markdown: a code block keeps newlines and spacing as generated
                 writer.add_text(f"samples/{i}", f"```\n{prompt}{text}\n```", event.step)

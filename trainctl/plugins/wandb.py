@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from trainctl.hooks import PluginSpec, RunInfo, hookimpl
+from trainctl.hooks import PluginSpec, RunInfo, hookimpl, notices
 from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RunEnd, RunStart, StepEnd
 from trainctl.kernel.errors import ConfigError
 
@@ -92,12 +92,12 @@ class WandbLogger:
 
     @hookimpl
     def trainctl_notice(self, event: Notice) -> None:
-        if event.kind == "samples":
+        if event.kind == notices.SAMPLES:
             table = self.wandb.Table(columns=["step", "prompt", "text"])
             for prompt, text in zip(event.data["prompts"], event.data["texts"]):
                 table.add_data(event.step, prompt, text)
             self.log({"samples": table}, event.step)
-        elif event.kind == "layer_stats":
+        elif event.kind == notices.LAYER_STATS:
             self.log({f"layers/{k}": v for k, v in event.data.items()}, event.step)
 
     @hookimpl

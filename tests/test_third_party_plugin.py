@@ -1,0 +1,128 @@
+"""A third-party plugin package, installed through the ``trainctl.plugins`` entry point, meets
+the contract through the real CLI: a misspelled hook and a hook wrapper are refused before
+training (exit 2, one line), and a notice of a kind it did not declare is refused where it is
+sent, as a failure of that plugin, while the kinds it declared reach the loggers."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from tests.conftest import TINY_GPT, run_cli
+from trainctl.kernel.registry import ENTRY_POINT_GROUP
+
+MODULE = '''
+import time
+from trainctl.hooks import NoticeKind, PluginSpec, hookimpl
+from trainctl.hooks.events import Notice
+
+FOUND = NoticeKind(name="x.found", sender="declared", when="it saw a step", data={"step": "int: the step"})
+
+
+class Typo:
+    def __init__(self, config, run): pass
+
+    @hookimpl
+    def trainctl_step_ended(self, event): print("never called")
+
+
+class Wrapper:
+    def __init__(self, config, run): pass
+
+    @hookimpl(wrapper=True)
+    def trainctl_lr(self, step, base_lr):
+        lr = yield
+        return lr
+
+
+class Chatty:
+    def __init__(self, config, run): self.run = run
+
+    @hookimpl
+    def trainctl_step_end(self, event):
+        self.run.emit(Notice(step=event.step, kind="chatty_step", time=time.time()))
+
+
+class Declared:
+    def __init__(self, config, run): self.run = run
+
+    @hookimpl
+    def trainctl_step_end(self, event):
+        self.run.emit(Notice(step=event.step, kind="x.found", data={"step": event.step}, time=time.time()))
+
+
+@hookimpl
+def trainctl_register_plugins(register):
+    register(PluginSpec(name="typo", factory=Typo))
+    register(PluginSpec(name="wrapper", factory=Wrapper))
+    register(PluginSpec(name="chatty", factory=Chatty))
+    register(PluginSpec(name="declared", factory=Declared, notices=(FOUND,)))
+'''
+
+
+@pytest.fixture
+def installed(tmp_path, monkeypatch):
+    """``x`` 0.1 installed the way pip leaves it: a module and its dist-info, on the path."""
+    site = tmp_path / "site"
+    info = site / "x-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: x\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nx = x_plugins\nx_typo = x_typo\n")
+    (site / "x_plugins.py").write_text(textwrap.dedent(MODULE))
+    (site / "x_typo.py").write_text(  # a registry hook misspelled: it would never register anything
+        "from trainctl.hooks import hookimpl\n\n@hookimpl\ndef trainctl_register_plugin(register): pass\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))  # cli_env puts the repository in front
+    return site
+
+
+def train(out, plugins: list[str], *sets: str):
+    args = [*TINY_GPT, "train.max_steps=4", "train.log_interval=2", "train.eval_interval=0", "train.eval_steps=1",
+            "train.threads=1", f"plugins={json.dumps(plugins)}", *sets]
+    return run_cli("run", "--yes", "--out", str(out), *[a for item in args for a in ("--set", item)], timeout=240)
+
+
+def test_the_package_is_listed_and_a_misspelled_registry_hook_is_shown(installed):
+    proc = run_cli("plugins", check=True)
+    for name in ("typo", "wrapper", "chatty", "declared"):
+        assert name in proc.stdout
+    broken = next(line for line in proc.stdout.splitlines() if line.startswith("x_typo "))
+    assert broken.endswith("(failed to load: x: module x_typo implements unknown hook trainctl_register_plugin; "
+                           "did you mean trainctl_register_plugins?)")
+
+
+def test_a_misspelled_hook_is_a_config_error_with_the_real_hook(installed, tmp_path):
+    proc = train(tmp_path / "out", ["typo", "console"])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        "trainctl: error: plugin 'typo' implements unknown hook trainctl_step_ended; did you mean trainctl_step_end?"
+    )
+    assert "never called" not in proc.stdout and not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_a_hook_wrapper_is_refused_in_one_line(installed, tmp_path):
+    proc = train(tmp_path / "out", ["wrapper", "console"])
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith("trainctl: error: plugin 'wrapper' implements trainctl_lr as a hook wrapper")
+    assert "drop wrapper=True" in lines[0]
+
+
+def test_an_undeclared_notice_fails_its_sender_and_a_declared_one_is_logged(installed, tmp_path):
+    out = tmp_path / "out"
+    proc = train(out, ["chatty", "declared", "jsonl"], "train.plugin_max_failures=2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count(
+        "trainctl: plugin 'chatty' failed in trainctl_step_end: UndeclaredNotice: notice kind 'chatty_step' is not declared"
+    ) == 1
+    assert "PluginSpec(notices=" in proc.stderr
+    assert "trainctl: plugin 'chatty' disabled after 2 failures" in proc.stderr
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    notices = [(e["kind"], e.get("data", {}).get("plugin") or e.get("data", {}).get("step")) for e in events
+               if e["event"] == "notice" and e["kind"] not in ("evaluating", "saving")]
+    assert ("plugin_error", "chatty") in notices and ("plugin_disabled", "chatty") in notices
+    assert [step for kind, step in notices if kind == "x.found"] == [1, 2, 3, 4]
+    assert "chatty_step" not in {kind for kind, _ in notices}
+    assert events[-1]["event"] == "run_end" and events[-1]["status"] == "completed"
