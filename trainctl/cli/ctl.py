@@ -17,7 +17,7 @@ def register(cli: click.Group) -> None:
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dir", type=click.Path(file_okay=False, readable=False, path_type=Path))  # checked below, in one line
 @click.argument("command", type=click.Choice(["stop", "pause", "resume", "save", "eval"]))
 @click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds to wait for the run's answer.")

@@ -152,7 +152,11 @@ class RunDir:
 
 
 def _lock(path: Path, out_dir: Path, plugins: list[str]) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, PRIVATE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, PRIVATE)
+    except OSError as exc:  # ELOOP: a symlink, never followed
+        why = "a symlink" if exc.errno == errno.ELOOP else exc.strerror
+        raise ConfigError(f"cannot open the run lock {path} ({why}); remove it (a run makes it) or choose another --out") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ConfigError(f"{path} is not a regular file; remove it or choose another --out")
