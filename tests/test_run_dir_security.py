@@ -115,11 +115,12 @@ def test_run_files_are_never_written_through_a_symlink(registry, tmp_path, capfd
     events, status (and its temporary file) and the ledger never write through them."""
     out = tmp_path / "out"
     out.mkdir(mode=0o700)
-    victims = {name: victim_file(tmp_path, f"victim-{name}") for name in ["events", "status", "tmp"]}
+    victims = {name: victim_file(tmp_path, f"victim-{name}") for name in ["events", "status", "tmp", "csv"]}
     (out / "events.jsonl").symlink_to(victims["events"])
     (out / "status.json").symlink_to(victims["status"])
-    (out / f".status.json.{os.getpid()}.tmp").symlink_to(victims["tmp"])  # the old, predictable name
-    session = Run(make_config(registry, out, 'plugins=["checkpoint", "status", "jsonl"]', "train.max_steps=3"), registry)
+    (out / f".status.json.{os.getpid()}.tmp").symlink_to(victims["tmp"])  # the old, predictable names
+    (out / "metrics.tmp").symlink_to(victims["csv"])
+    session = Run(make_config(registry, out, 'plugins=["checkpoint", "status", "jsonl", "csv"]', "train.max_steps=3"), registry)
     assert session.fit().status == "completed"
     assert all(v.read_text() == "the victim's own data\n" for v in victims.values())
     err = capfd.readouterr().err
