@@ -77,6 +77,19 @@ def test_a_control_or_checkpoint_folder_of_another_user_is_refused(registry, tmp
         Run(make_config(registry, out, 'plugins=["checkpoint"]', "train.max_steps=2"), registry)
 
 
+def test_a_symlink_to_the_run_directory_made_by_another_user_is_refused(registry, tmp_path):
+    mine, link = tmp_path / "mine", tmp_path / "link"
+    mine.mkdir(mode=0o700)
+    link.symlink_to(mine)
+    os.lchown(link, NOBODY, NOBODY)
+    with pytest.raises(ConfigError, match=f"^run directory {link} is a symlink made by uid {NOBODY}, not you"):
+        Run(make_config(registry, link, 'plugins=["checkpoint"]', "train.max_steps=2"), registry)
+    assert list(mine.iterdir()) == []
+    os.lchown(link, 0, 0)  # one of the user's own: followed
+    assert Run(make_config(registry, link, 'plugins=["checkpoint"]', "train.max_steps=2"), registry).fit().status == "completed"
+    assert (mine / "checkpoints" / "step-000002").is_dir()
+
+
 def test_a_directory_writable_by_others_is_refused(registry, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -326,6 +339,10 @@ def test_ctl_on_a_run_directory_it_may_not_use_is_one_line(registry):
             f"trainctl: error: cannot use the control channel of {out}: Permission denied ({out / 'control'}); "
             "run trainctl ctl as the user who started the run")
         assert not list((out / "control").glob("cmd-*"))
+        code, output = as_nobody("status", str(out))
+        assert code == 2 and output.strip() == (
+            f"trainctl: error: cannot read the run status in {out}: Permission denied; "
+            "run trainctl status as the user who started the run")
         holder.close()
     finally:
         shutil.rmtree(parent, ignore_errors=True)
