@@ -101,6 +101,17 @@ def test_a_directory_writable_by_others_is_refused(registry, tmp_path):
         Run(make_config(registry, out, 'plugins=["checkpoint"]', "train.max_steps=2"), registry)
 
 
+def test_a_group_writable_checkpoint_folder_counts_only_where_the_group_can_reach_it(registry, tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints").chmod(0o775)  # what the checkpoint plugin makes under umask 002
+    out.chmod(0o700)
+    assert Run(make_config(registry, out, 'plugins=["checkpoint"]', "train.max_steps=2"), registry).fit().status == "completed"
+    out.chmod(0o750)  # now the group can reach in, and write there
+    with pytest.raises(ConfigError, match=f"^checkpoint directory {out / 'checkpoints'} is writable by group or others"):
+        Run(make_config(registry, out, 'plugins=["checkpoint"]', "train.max_steps=4"), registry)
+
+
 def test_a_symlinked_control_folder_is_refused_by_the_run_and_by_ctl(registry, tmp_path):
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     out.mkdir(mode=0o700)

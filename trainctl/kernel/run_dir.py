@@ -25,6 +25,7 @@ import secrets
 import socket
 import stat
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -52,7 +53,10 @@ def prepare(out_dir: Path, *, main: bool = True) -> None:
         out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # parents get the usual mode
     except OSError as exc:
         raise ConfigError(f"out dir {out_dir} is not writable ({exc.strerror}); choose another with --out DIR") from None
-    _check_owned(out_dir, "run directory", follow=True)
+    here = _check_owned(out_dir, "run directory", follow=True)
+    # inside it, group or others writing matters only if they can reach in (with umask 002 the
+    # checkpoint plugin's folder is group-writable, harmless inside a 0700 run directory)
+    reach = (stat.S_IWGRP if here.st_mode & stat.S_IXGRP else 0) | (stat.S_IWOTH if here.st_mode & stat.S_IXOTH else 0)
     control = out_dir / CONTROL
     if main:
         try:
@@ -62,9 +66,9 @@ def prepare(out_dir: Path, *, main: bool = True) -> None:
         except OSError as exc:
             raise ConfigError(f"out dir {out_dir} is not writable ({exc.strerror}); choose another with --out DIR") from None
     if os.path.lexists(control):
-        _check_owned(control, "control directory", follow=False)
+        _check_owned(control, "control directory", follow=False, writers=reach)
     if (out_dir / CHECKPOINTS).exists():
-        _check_owned(out_dir / CHECKPOINTS, "checkpoint directory", follow=True)
+        _check_owned(out_dir / CHECKPOINTS, "checkpoint directory", follow=True, writers=reach)
     try:  # e.g. a directory of ours on a read-only mount
         probe = out_dir / f".write-test-{os.getpid()}-{secrets.token_hex(4)}"
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, PRIVATE))
@@ -73,10 +77,13 @@ def prepare(out_dir: Path, *, main: bool = True) -> None:
         raise ConfigError(f"out dir {out_dir} is not writable ({exc.strerror}); choose another with --out DIR") from None
 
 
-def _check_owned(path: Path, what: str, *, follow: bool) -> None:
+def _check_owned(path: Path, what: str, *, follow: bool, writers: int = stat.S_IWGRP | stat.S_IWOTH) -> os.stat_result:
+    """``path``'s stat if it is a directory of the user's (or root's) that none of ``writers``
+    (group, others) may write in; else a one-line ConfigError."""
     uid = os.getuid()
     link = os.lstat(path)
     if stat.S_ISLNK(link.st_mode):
+        writers = stat.S_IWGRP | stat.S_IWOTH  # a folder elsewhere: reachable by anyone
         if not follow:
             raise ConfigError(f"{what} {path} is a symlink; remove it (trainctl makes {path.name}/ itself) or choose another --out")
         if link.st_uid not in (uid, 0):
@@ -88,12 +95,13 @@ def _check_owned(path: Path, what: str, *, follow: bool) -> None:
     if st.st_uid not in (uid, 0):
         raise ConfigError(f"{what} {path} belongs to uid {st.st_uid}, not you (uid {uid}): its owner could plant "
                           "symlinks or checkpoints there; choose another --out, or chown it to yourself")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    if st.st_mode & writers:
         raise ConfigError(f"{what} {path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}): they "
                           f"could plant symlinks or checkpoints there; chmod go-w {path}, or choose another --out")
+    return st
 
 
-def claim(out_dir: Path, *, main: bool = True, plugins: tuple[str, ...] | list[str] = ()) -> RunDir:
+def claim(out_dir: Path, *, main: bool = True, plugins: Sequence[str] = ()) -> RunDir:
     """Prepare ``out_dir`` and, on rank 0, lock it for this run (a second live run there, with or
     without the controller plugin, is a ConfigError). Release with :meth:`RunDir.release`."""
     prepare(out_dir, main=main)
@@ -233,7 +241,3 @@ def _regular(fd: int, path: Path) -> os.stat_result:
         raise UnsafeFile(errno.EINVAL, "not a regular file", str(path))
     return st
 
-
-def is_unsafe(exc: OSError) -> bool:
-    """Whether an open failed because the path is a symlink (O_NOFOLLOW's ELOOP) or not regular."""
-    return isinstance(exc, UnsafeFile) or exc.errno == errno.ELOOP
