@@ -77,7 +77,7 @@ def test_pause_save_eval_resume_stop_against_a_live_run(tmp_path):
 def test_ctl_without_a_run(tmp_path):
     proc = run_cli("ctl", str(tmp_path), "pause")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"trainctl: error: no live run in {tmp_path}: no run with the controller plugin has started there"
+    assert proc.stderr.strip() == f"trainctl: error: no live run in {tmp_path}: no run has started there"
     proc = run_cli("status", str(tmp_path))
     assert proc.returncode == 2 and "no status.json" in proc.stderr
 

@@ -17,7 +17,7 @@ def register(cli: click.Group) -> None:
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dir", type=click.Path(file_okay=False, readable=False, path_type=Path))  # checked below, in one line
 @click.argument("command", type=click.Choice(["stop", "pause", "resume", "save", "eval"]))
 @click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds to wait for the run's answer.")
@@ -31,12 +31,29 @@ def ctl(run_dir: Path, command: str, timeout: float) -> None:
     save    write a checkpoint now (waits until it is written)
     eval    evaluate now (waits for the losses)
     """
+    try:
+        _send(run_dir, command, timeout)
+    except OSError as exc:  # e.g. another user's run directory
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise ConfigError(
+            f"cannot use the control channel of {run_dir}: {exc.strerror or exc}{where}; "
+            "run trainctl ctl as the user who started the run"
+        ) from None
+
+
+def _send(run_dir: Path, command: str, timeout: float) -> None:
     from trainctl.control import channel
     from trainctl.control.files import read_json
 
+    control = channel.control_dir(run_dir)
+    if control.is_symlink():  # a run never makes one: commands and answers would go elsewhere
+        raise ConfigError(f"{control} is a symlink, not the control directory a run makes; refusing to use it")
     holder = channel.live(run_dir)
     if holder is None:
         raise ConfigError(f"no live run in {run_dir}: {_why_not_live(run_dir)}")
+    if "controller" not in holder.get("plugins", ["controller"]):
+        raise ConfigError(f"the run in {run_dir} (pid {holder.get('pid', '?')}) does not take commands: "
+                          "add \"controller\" to its plugins list")
     ident = channel.send(run_dir, command)
     ack_file = channel.ack_path(channel.control_dir(run_dir), ident)
     deadline = time.monotonic() + timeout
@@ -72,4 +89,4 @@ def _why_not_live(run_dir: Path) -> str:
     status = read_json(run_dir / "status.json")
     if status is not None:
         return f"its last run is {status.get('state')} (pid {status.get('pid')} is not running it); start one with trainctl run --out {run_dir}"
-    return "no run with the controller plugin has started there"
+    return "no run has started there"

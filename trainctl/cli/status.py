@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -18,12 +19,19 @@ def register(cli: click.Group) -> None:
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dir", type=click.Path(file_okay=False, readable=False, path_type=Path))  # checked below
 @click.option("--json", "as_json", is_flag=True, help="Print status.json (plus \"alive\") as JSON.")
 def status(run_dir: Path, as_json: bool) -> None:
     """Show the state of the run in RUN_DIR (from its status.json)."""
     from trainctl.control.files import read_json
 
+    try:
+        os.stat(run_dir / "status.json")
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # e.g. another user's private run directory
+        raise ConfigError(f"cannot read the run status in {run_dir}: {exc.strerror}; "
+                          "run trainctl status as the user who started the run") from None
     doc = read_json(run_dir / "status.json")
     if doc is None:
         why = "no such directory" if not run_dir.is_dir() else "no status.json (is the status plugin enabled?)"
@@ -40,9 +48,12 @@ def alive(run_dir: Path, doc: dict) -> bool | None:
     from trainctl.control import channel
     from trainctl.control.files import hostname, pid_alive
 
-    if (channel.control_dir(run_dir) / channel.LOCK).exists():
-        holder = channel.live(run_dir)
-        return holder is not None and holder.get("pid") == doc.get("pid")
+    try:
+        if (channel.control_dir(run_dir) / channel.LOCK).exists():
+            holder = channel.live(run_dir)
+            return holder is not None and holder.get("pid") == doc.get("pid")
+    except PermissionError:  # control/ is private to the run's user: fall back on the pid
+        pass
     if doc.get("host") == hostname() and isinstance(doc.get("pid"), int):
         return pid_alive(doc["pid"])
     return None

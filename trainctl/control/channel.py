@@ -1,73 +1,70 @@
 """The control channel of a run directory: how ``trainctl ctl`` talks to a live run.
 
-    RUN_DIR/control/lock              held (flock) by the live run; JSON: pid, host, start time
+    RUN_DIR/control/                  made private (0700) by the run; a symlink here is refused
+    RUN_DIR/control/lock              held (flock) by the live run's kernel; JSON: pid, host, start time
     RUN_DIR/control/cmd-<id>.json     a command, written atomically by ``trainctl ctl``
     RUN_DIR/control/ack-<id>.json     the run's answer: accepted (within one step), then done
 
 The run looks for commands once per step with one ``os.scandir`` of a directory that is almost
 always empty. Liveness is the lock: the kernel releases an ``flock`` when its process dies, even
 by ``kill -9``, so a stale pid file can never make a dead run look alive.
+
+A command file is hostile until read: its id comes from its name (a short safe charset, so the
+answer lands in ``control/`` and nowhere else), it is read only if it is a regular file of a few
+KiB (a FIFO or a symlink is refused without blocking), and a bad one never hides the others.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from trainctl.control.files import hostname, read_json, write_json
-from trainctl.kernel.errors import ConfigError
+from trainctl.control.files import read_json, write_json
+from trainctl.kernel.run_dir import CONTROL, LOCK, read_regular
 
-CONTROL_DIR = "control"
-LOCK = "lock"
+CONTROL_DIR = CONTROL
 COMMANDS = ("stop", "pause", "resume", "save", "eval")
+IDENT = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what `send` makes: time_ns-pid
+MAX_COMMAND_BYTES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One command file: ``ident`` None when its name is not a valid id (nowhere to answer);
+    ``problem`` set when it could not be read as a command (answered ``rejected``)."""
+
+    name: str
+    ident: str | None
+    command: dict[str, Any] | None
+    problem: str | None = None
 
 
 def control_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CONTROL_DIR
 
 
-def acquire(run_dir: Path) -> IO[str]:
-    """Take the run directory's lock for this process (released when the file is closed or the
-    process dies). A second live run in the same directory is a ConfigError."""
-    directory = control_dir(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("cmd-*.json"):  # for a run that is gone: never replay them
-        stale.unlink(missing_ok=True)
-    f = open(directory / LOCK, "a+", encoding="utf-8")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise ConfigError(
-            f"another run is live in {run_dir} ({holder}); stop it first (trainctl ctl {run_dir} stop) "
-            "or choose another --out"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f'{{"pid": {os.getpid()}, "host": "{hostname()}", "started": {time.time():.3f}}}\n')
-    f.flush()
-    return f
-
-
 def live(run_dir: Path) -> dict[str, Any] | None:
     """The lock's content if a run holds it now, else None."""
     path = control_dir(run_dir) / LOCK
     try:
-        f = open(path, encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    with f:
+    try:
         try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return read_json(path) or {}
-        fcntl.flock(f, fcntl.LOCK_UN)
+        fcntl.flock(fd, fcntl.LOCK_UN)
         return None
+    finally:
+        os.close(fd)
 
 
 def send(run_dir: Path, command: str) -> str:
@@ -77,25 +74,39 @@ def send(run_dir: Path, command: str) -> str:
     return ident
 
 
-def take(directory: Path) -> list[dict[str, Any]]:
-    """The commands waiting in ``directory``, oldest first, removed as they are read."""
+def take(directory: Path) -> list[Received]:
+    """The command files waiting in ``directory``, oldest first, each removed as it is read."""
     try:
-        names = sorted(e.name for e in os.scandir(directory) if e.name.startswith("cmd-"))
+        with os.scandir(directory) as entries:
+            names = sorted(e.name for e in entries if e.name.startswith("cmd-"))
     except FileNotFoundError:
         return []
-    commands = []
-    for name in names:
-        path = directory / name
-        command = read_json(path)
-        path.unlink(missing_ok=True)
-        if command is not None:
-            command.setdefault("id", name.removeprefix("cmd-").removesuffix(".json"))
-            commands.append(command)
-    return commands
+    return [_receive(directory, name) for name in names]
+
+
+def _receive(directory: Path, name: str) -> Received:
+    path = directory / name
+    ident = name.removeprefix("cmd-").removesuffix(".json")
+    valid = name.endswith(".json") and IDENT.fullmatch(ident) is not None
+    try:
+        data = read_regular(path, MAX_COMMAND_BYTES)
+        command = json.loads(data)
+        problem = None if isinstance(command, dict) else "not a JSON object"
+    except OSError as exc:
+        command, problem = None, exc.strerror or str(exc)
+    except ValueError as exc:
+        command, problem = None, f"not JSON ({exc})"
+    try:
+        path.unlink()
+    except OSError:  # gone already, or a directory: left there, and reported once by the controller
+        pass
+    return Received(name, ident if valid else None, command if problem is None else None, problem)
 
 
 def ack_path(directory: Path, ident: str) -> Path:
     """Where the run answers command ``ident`` (``directory`` is the control directory)."""
+    if IDENT.fullmatch(ident) is None:  # never a path outside `directory`
+        raise ValueError(f"invalid command id {ident[:80]!r}")
     return directory / f"ack-{ident}.json"
 
 

@@ -1,6 +1,7 @@
 """Files in a run directory that other processes read: written atomically (a temporary file in
-the same directory, then ``os.replace``), so a reader sees the old content or the new, never
-half of it, whatever kills the writer."""
+the same directory, created exclusively, then ``os.replace``), so a reader sees the old content
+or the new, never half of it, whatever kills the writer; read only when they are regular files
+of bounded size, never through a symlink (see :mod:`trainctl.kernel.run_dir`)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,22 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from trainctl.kernel.run_dir import read_regular, write_atomic
+
+
+MAX_JSON_BYTES = 1 << 20  # status.json, lock and acknowledgements are a few hundred bytes
+
 
 def write_json(path: Path, value: Any) -> None:
     """Replace ``path`` with ``value`` as JSON, atomically. No fsync: these files describe a
     live process and are rewritten often; after a power loss the old content is as good."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(value, indent=1) + "\n").encode())
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in ``path``, or None if it is missing or unreadable."""
+    """The JSON object in ``path``, or None if it is missing, unreadable or not a plain file."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(read_regular(path, MAX_JSON_BYTES))
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from trainctl.hooks.plugin import RunInfo
+from trainctl.kernel import run_dir
 from trainctl.kernel.backend import Backend, BackendContext, Distributed, Plan
 from trainctl.kernel.bus import EventBus
 from trainctl.kernel.config import RunConfig, dump_toml
@@ -48,11 +49,12 @@ class Run:
         self.config = config
         train = config.train
         self.out_dir = Path(train.out_dir)
-        _check_writable(self.out_dir)
+        self.run_dir = run_dir.claim(self.out_dir, main=distributed_from_env().rank == 0, plugins=config.plugins)
         dist = distributed_from_env()
         # joins the ranks' process group (WORLD_SIZE > 1) before anything that talks to it
         self.group = Group(dist, timeout_s=train.dist_timeout_s, device=train.device)
         pm = new_plugin_manager()
+        pm.register(self.run_dir, name="run_dir")  # stops the run if its directory is deleted
         critical = {name for name in config.plugins if registry.plugin(name).critical}
         self.bus = EventBus(pm, critical=critical, max_failures=train.plugin_max_failures)
         self.info = RunInfo(
@@ -102,6 +104,7 @@ class Run:
         """Release the backend and leave the process group (every rank together)."""
         self.backend.close()
         self.group.close()
+        self.run_dir.release()
 
     # --- checkpoint contents owned by the kernel ---------------------------------------------
 
@@ -169,16 +172,6 @@ class Run:
         np.random.set_state(tuple(kernel["rng"]["numpy"]))
         self.bus.load_state_dict(plugins)
         return str(path)
-
-
-def _check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"out dir {out_dir} is not writable ({exc.strerror}); choose another with --out DIR") from None
 
 
 def _jsonable(value: Any) -> Any:

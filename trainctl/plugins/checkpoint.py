@@ -45,6 +45,7 @@ from trainctl.kernel.checkpoint_files import (
     MANIFEST, PREFIX, TMP_PREFIX, checkpoints, discard, seal, sha256_file, step_of, verify,
 )
 from trainctl.kernel.errors import ConfigError
+from trainctl.kernel.run_dir import open_append
 
 LEDGER = "checkpoints.jsonl"
 
@@ -216,9 +217,7 @@ class Checkpointer:
         return final
 
     def _append_ledger(self, record: dict[str, Any]) -> None:
-        with open(self.ledger, "ab") as f:
-            if f.tell() and _last_byte(self.ledger) != b"\n":
-                f.write(b"\n")  # a line cut short by a crash stays on its own line
+        with open_append(self.ledger) as f:  # no symlink followed; a line cut short is ended first
             f.write((json.dumps(record) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
@@ -272,12 +271,6 @@ class Checkpointer:
 
 def _why(exc: BaseException) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
-
-
-def _last_byte(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1)
 
 
 SPEC = PluginSpec(name="checkpoint", factory=Checkpointer, config=Config, critical=True,

@@ -15,8 +15,11 @@ once with an acknowledgement file and a ``control`` notice, then again when a sa
 is done. ``pause`` keeps the process and model in memory: the kernel polls the plugins (metrics
 and status keep being served) until ``resume`` or ``stop``.
 
-Only rank 0 reads commands and holds the run directory's lock. Distributed runs (a later issue)
-will broadcast rank 0's decision so that every rank stops, saves and pauses together.
+Only rank 0 reads commands (the kernel holds the run directory's lock, with or without this
+plugin); the kernel agrees on rank 0's decision so that every rank stops, saves and pauses
+together. A command file that cannot be answered (its name is not ``cmd-<id>.json`` with a
+valid id) is removed and reported once as a ``control`` notice; one that cannot be read (a FIFO,
+a symlink, too large, not JSON) is answered ``rejected``; neither stops the others of the batch.
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ class Controller:
         self.last_eval: tuple[int, dict[str, float]] = (-1, {})
         self.previous: dict[int, Any] = {}
         self.channel_broken = False
-        # the lock makes `trainctl ctl` see this run as live, and refuses a second run here
-        self.lock = channel.acquire(run.out_dir) if run.is_main and config.commands else None
+        self.commands = run.is_main and config.commands  # the kernel made control/ and holds its lock
+        self.ignored: set[str] = set()  # command files already reported as unanswerable
 
     # --- signals ------------------------------------------------------------------------------
 
@@ -102,15 +105,13 @@ class Controller:
     @hookimpl
     def trainctl_control(self, view: RunView) -> Control | None:
         self.step = view.step
-        if self.lock is not None:
+        if self.commands:
             try:
-                for command in channel.take(self.directory):  # one scandir; the dir is usually empty
-                    self._command(command, view)
+                for received in channel.take(self.directory):  # one scandir; the dir is usually empty
+                    self._receive(received, view)
                 self._finish_evals()
             except OSError as exc:  # commands fail, but signals must keep working: never raise here
-                if not self.channel_broken:
-                    self.channel_broken = True
-                    self._notice(view.step, f"control channel unusable ({exc}); signals still work")
+                self._broken(view.step, exc)
         signals = self.save_signals
         save_signal, self.save_signals_seen = signals != self.save_signals_seen, signals
         control = Control(
@@ -123,8 +124,30 @@ class Controller:
         self.save_request = self.eval_request = False
         return control if (control.stop or control.save or control.evaluate or control.pause) else None
 
-    def _command(self, command: dict[str, Any], view: RunView) -> None:
-        ident, name = str(command.get("id")), command.get("command")
+    def _broken(self, step: int, exc: OSError) -> None:
+        if not self.channel_broken:
+            self.channel_broken = True
+            self._notice(step, f"control channel unusable ({exc}); signals still work")
+
+    def _receive(self, received: channel.Received, view: RunView) -> None:
+        """One command file; whatever is wrong with it, the next one is still read."""
+        if received.ident is None:
+            if received.name not in self.ignored:
+                self.ignored.add(received.name)
+                self._notice(view.step, f"ignored control file {received.name[:80]!r}: not cmd-<id>.json with an id "
+                             "of 1-64 letters, digits, '-' or '_' (use trainctl ctl)", file=received.name[:80])
+            return
+        try:
+            if received.command is None:
+                self._ack(received.ident, None, view, status="rejected",
+                          message=f"unreadable command file {received.name}: {received.problem}")
+            else:
+                self._command(received.ident, received.command, view)
+        except OSError as exc:  # the answer could not be written: the command itself still counts
+            self._broken(view.step, exc)
+
+    def _command(self, ident: str, command: dict[str, Any], view: RunView) -> None:
+        name = command.get("command")
         if name not in channel.COMMANDS:
             self._ack(ident, name, view, status="rejected", message=f"unknown command {name!r}; use one of {', '.join(channel.COMMANDS)}")
             return
@@ -191,7 +214,7 @@ class Controller:
     @hookimpl
     def trainctl_run_end(self, event: RunEnd) -> None:
         self._restore()
-        if self.lock is None:
+        if not self.commands:
             return
         self._finish_evals()
         for ident, (kind, _) in self.waiting.items():
@@ -200,8 +223,6 @@ class Controller:
                 "message": f"the run ended ({event.status}) before the {kind} was done",
             })
         self.waiting.clear()
-        self.lock.close()  # releases the flock: `trainctl ctl` now sees no live run
-        self.lock = None
 
     def _notice(self, step: int, message: str, **data: Any) -> None:
         self.run.emit(Notice(step=step, kind=notices.CONTROL, message=message, data=data, time=time.time()))

@@ -10,12 +10,13 @@ train again, are dropped so every step appears once.
 from __future__ import annotations
 
 import csv
-import os
+import io
 from dataclasses import dataclass
 from typing import Any
 
 from trainctl.hooks import PluginSpec, RunInfo, hookimpl
 from trainctl.hooks.events import EvalEnd, RunEnd, RunStart, StepEnd
+from trainctl.kernel.run_dir import open_append, write_atomic
 
 BASE = ["step", "time", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time", "mfu", "skipped"]
 
@@ -40,15 +41,14 @@ class CsvLogger:
         if self.path.exists():
             with open(self.path, newline="", encoding="utf-8") as f:
                 rows = [row for row in csv.DictReader(f) if keep(row)]
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, self.columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(self.path, text.getvalue().encode())  # an exclusive temporary file, never a symlink
 
     def _open(self) -> None:
-        self.file = open(self.path, "a", newline="", encoding="utf-8")
+        self.file = open_append(self.path, text=True)
         self.writer = csv.DictWriter(self.file, self.columns)
 
     def _flush_row(self) -> None:

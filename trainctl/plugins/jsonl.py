@@ -1,7 +1,8 @@
 """Every event, one JSON object per line, to ``OUT/events.jsonl`` (appended across resumes).
 
 Step events are written on logged steps only (the others carry no loss). Each line is flushed
-as it is written, so a crash loses nothing already reported.
+as it is written, so a crash loses nothing already reported. The file is never opened through a
+symlink (:func:`trainctl.kernel.run_dir.open_append`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from trainctl.hooks import PluginSpec, RunInfo, hookimpl
 from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RunEnd, RunStart, StepEnd, to_record
+from trainctl.kernel.run_dir import open_append
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -29,12 +31,6 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _ends_with_newline(path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, 2)
-        return f.read(1) == b"\n"
-
-
 class JsonlLogger:
     def __init__(self, config: Config, run: RunInfo) -> None:
         self.path = run.out_dir / config.path
@@ -45,10 +41,8 @@ class JsonlLogger:
         if not self.enabled:
             return
         if self.file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "a", buffering=1, encoding="utf-8")  # line-buffered
-            if self.file.tell() and not _ends_with_newline(self.path):
-                self.file.write("\n")  # a line cut short by a kill stays on its own line
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.file = open_append(self.path, text=True)  # line-buffered
         record = {k: _finite(v) for k, v in to_record(event).items()}
         self.file.write(json.dumps(record) + "\n")
 

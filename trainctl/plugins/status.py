@@ -1,8 +1,9 @@
 """``OUT/status.json``: what the run is doing now, for ``trainctl status``, scripts and dashboards.
 
-Rewritten atomically (temporary file + ``os.replace``) on every change of state, and with the
-step's numbers at most once per ``interval`` seconds, so a reader never sees half a file and a
-fast run does not spend its time writing it. Fields::
+Rewritten atomically (a temporary file created exclusively, then ``os.replace``: never written
+through a symlink) on every change of state, and with the step's numbers at most once per
+``interval`` seconds, so a reader never sees half a file and a fast run does not spend its time
+writing it. Fields::
 
     state       starting | running | paused | evaluating | saving | completed | stopped | failed
     step, max_steps, loss, val_loss, tokens_per_s, eta_s, last_checkpoint {path, step, reason},
