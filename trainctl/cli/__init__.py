@@ -36,13 +36,25 @@ def build_cli() -> click.Group:
     return cli
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun/accelerate launch (LOCAL_RANK 0 where only that is set), or alone."""
+    rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0"
+    return rank.strip() == "0"
+
+
+def one_line(text: str) -> str:
+    """An error message as one printable line (a value in it may hold a newline or a NUL)."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in " ".join(text.splitlines()))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one line and exit code 2 for usage/config errors, never a traceback."""
     try:
         group = build_cli()
         code = group.main(args=argv, prog_name="trainctl", standalone_mode=False)
     except ConfigError as exc:
-        click.echo(f"trainctl: error: {exc}", err=True)
+        if is_main_process():  # under a launcher every rank hits the same error: say it once
+            click.echo(f"trainctl: error: {one_line(str(exc))}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("trainctl: aborted", err=True)
