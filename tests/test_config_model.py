@@ -4,6 +4,7 @@ and a dry run that leaves nothing behind."""
 
 from __future__ import annotations
 
+import json
 import tomllib
 
 from tests.conftest import ROOT, TINY_GPT, run_cli
@@ -55,3 +56,15 @@ def test_another_backends_key_names_that_backend(tmp_path):
     assert typo.returncode == 2 and "did you mean 'n_layer'" in typo.stderr  # a typo stays a typo
     section = run_cli("config", "show", "--set", "hf.lora.r=4")
     assert section.returncode == 2 and "use --backend hf" in section.stderr
+
+
+def test_the_safety_warning_is_also_a_notice_in_the_events(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("run", "--yes", "--out", str(out),
+                   *sets(*TINY_GPT, "train.threads=1", "train.max_steps=2", "plugin.lr.warmup_steps=1",
+                         'plugins=["lr", "jsonl"]'), check=True)
+    assert proc.stderr.startswith("trainctl: warning: plugins leaves out controller and status"), proc.stderr
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    notices = [e for e in events if e["event"] == "notice" and e["kind"] == "config_warning"]
+    assert [e["event"] for e in events][0] == "run_start"
+    assert len(notices) == 1 and notices[0]["message"].startswith("plugins leaves out controller and status")

@@ -51,7 +51,7 @@ def run(config: str | None, backend: str | None, out_dir: str | None, overrides:
     from trainctl.kernel.run import Run  # imports torch: after the config is known to be valid
 
     session = Run(resolved, registry, resume=resume, force=force)
-    _warn(resolved.warnings)
+    _warn(resolved.warnings, emit=session.info.emit, step=session.state.step)
     if session.state.step >= resolved.train.max_steps:
         session.close()
         click.echo(
@@ -99,12 +99,21 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
-def _warn(warnings: tuple[str, ...]) -> None:
+def _warn(warnings: tuple[str, ...], *, emit=None, step: int = 0) -> None:
+    """Each warning as a stderr line and, for a run, a ``config_warning`` notice (delivered after
+    run_start, so events.jsonl keeps it); from the main process only."""
+    import time
+
     from trainctl.cli import is_main_process
 
-    if is_main_process():
-        for line in warnings:
-            click.echo(f"trainctl: warning: {line}", err=True)
+    if not is_main_process():
+        return
+    for line in warnings:
+        click.echo(f"trainctl: warning: {line}", err=True)
+        if emit is not None:
+            from trainctl.hooks.events import Notice
+
+            emit(Notice(step=step, kind="config_warning", message=line, time=time.time()))
 
 
 def print_plan(session) -> float:
