@@ -182,18 +182,18 @@ def _safety_warning(plugins: tuple[str, ...]) -> str:
 
 
 def _check_backend_keys(table: Any, section: str, backend: str, registry: Registry) -> None:
-    """An unknown key that another backend's table has: name that backend (build names the rest)."""
-    if not isinstance(table, dict):
-        return
-    for key in table:
-        if any(f.name == key for f in dataclasses.fields(getattr(registry.backend(backend), f"{section}_config"))):
-            continue
-        owners = [name for name, spec in sorted(registry.backends.items())
-                  if name != backend and any(f.name == key for f in dataclasses.fields(getattr(spec, f"{section}_config")))]
-        if owners:
+    """A key that this backend's table lacks but another backend's has: name that backend
+    (``build`` answers every other unknown key, with its did-you-mean)."""
+
+    def has(name: str, key: str) -> bool:
+        return any(f.name == key for f in dataclasses.fields(getattr(registry.backends[name], f"{section}_config")))
+
+    for key in table if isinstance(table, dict) else ():
+        owner = next((name for name in sorted(registry.backends) if name != backend and has(name, key)), None)
+        if owner and not has(backend, key):
             raise ConfigError(
-                f"unknown key '{section}.{key}' for the '{backend}' backend: it is a key of the '{owners[0]}' "
-                f"backend; use --backend {owners[0]} or backend = \"{owners[0]}\""
+                f"unknown key '{section}.{key}' for the '{backend}' backend: it is a key of the '{owner}' "
+                f"backend; use --backend {owner} or backend = \"{owner}\""
             )
 
 
