@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.conftest import cli_env
+from trainctl.cli import RANK_GRACE_S
 
 BIN = Path(sys.executable).parent
 TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"]
@@ -54,3 +56,13 @@ def test_accelerate_no_python_form_works_outside_the_repository_and_says_it_once
     output = launch([*ACCELERATE, "--no_python", "trainctl", "run", "--yes", "--out", str(tmp_path / "o"),
                      "--set", "train.max_stpes=3"], cwd=tmp_path)
     assert errors(output) == [BAD_KEY], output
+
+
+def test_a_rank_that_outlives_rank_0_says_its_own_error_with_its_rank(tmp_path):
+    # no launcher here to end rank 1, as there would be had rank 0 met the same error
+    env = cli_env() | {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "trainctl", "run", "--out", str(tmp_path / "o"),
+                           "--set", "train.max_stpes=3"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and time.monotonic() - started >= RANK_GRACE_S
+    assert proc.stderr.strip().splitlines() == [BAD_KEY.replace("error: ", "error: rank 1: ")]

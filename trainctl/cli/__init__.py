@@ -41,8 +41,15 @@ def build_cli() -> click.Group:
 
 def is_main_process() -> bool:
     """Rank 0 under torchrun/accelerate launch (LOCAL_RANK 0 where only that is set), or alone."""
+    if not _launched():
+        return True
     rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0"
     return rank.strip() == "0"
+
+
+def _launched() -> bool:
+    """Started by a launcher as one of several processes."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
 
 
 def one_line(text: str) -> str:
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"trainctl: internal error: {type(exc).__name__}: {exc} (TRAINCTL_DEBUG=1 shows the traceback)", err=True)
         code = 1
     code = code if isinstance(code, int) else 0
-    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+    if _launched():
         # Under torchrun/accelerate interpreter teardown can abort in torch's C++ destructors
         # ("terminate called without an active exception", seen 1 run in 5 on gloo), which turns
         # a completed run into a failed launch, and a config error into a core dump. A finished
