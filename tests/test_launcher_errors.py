@@ -1,5 +1,6 @@
 """Under a launcher every rank meets the same bad config: the error is printed once (by rank 0),
-the other ranks exit 2 quietly. Real launchers, 2 ranks on gloo. The launcher forms that the
+the other ranks exit 2 quietly (one that outlives rank 0 met an error of its own and names its
+rank). Real launchers, 2 ranks on gloo. The launcher forms that the
 README documents as working from any directory are run from a directory that is not the
 repository: `accelerate launch -m trainctl` and `accelerate launch --no_python trainctl`."""
 
