@@ -44,10 +44,11 @@ def keys(registry: Registry) -> list[str]:
 
 def cases(registry: Registry, n: int, seed: int = 0) -> list[tuple[str, list[str]]]:
     rng = random.Random(seed)
+    names = keys(registry)
     everything = f"plugins={list(registry.plugins)!r}".replace("'", '"')
     out = []
     for _ in range(n):
-        overrides = [f"{rng.choice(keys(registry))}={rng.choice(VALUES)}" for _ in range(rng.randint(1, 3))]
+        overrides = [f"{rng.choice(names)}={rng.choice(VALUES)}" for _ in range(rng.randint(1, 3))]
         if rng.random() < 0.5:  # plugin tables are built only when their plugin is enabled
             overrides.insert(0, everything)
         out.append((rng.choice(["gpt", "hf"]), overrides))
