@@ -13,7 +13,6 @@ from trainctl.kernel import config as cfg
 from trainctl.kernel.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 # A baby GPT small enough to train a few dozen steps in seconds on 2 cores.
 TINY_GPT = [
@@ -29,6 +28,16 @@ def registry() -> Registry:
     registry.add_module(recording_plugins, source="tests")
     registry.add_module(fault_plugins, source="tests")
     return registry
+
+
+@pytest.fixture(scope="session")
+def shakespeare(tmp_path_factory) -> Path:
+    """The corpus the package embeds, as a text file: tests need nothing outside the repository."""
+    from trainctl.backends.gpt.data import embedded_text
+
+    path = tmp_path_factory.mktemp("corpus") / "tinyshakespeare.txt"
+    path.write_text(embedded_text(), encoding="utf-8")
+    return path
 
 
 def make_config(registry: Registry, out: Path, *overrides: str, backend: str = "fake"):

@@ -6,16 +6,16 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import ROOT, SHAKESPEARE, TINY_GPT, cli_env, run_cli
+from tests.conftest import ROOT, TINY_GPT, cli_env, run_cli
 
 
 def sets(*items: str) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
 
 
-def test_train_sample_and_events(tmp_path):
+def test_train_sample_and_events(tmp_path, shakespeare):
     data = tmp_path / "data"
-    run_cli("prepare", str(SHAKESPEARE), "--out", str(data), check=True)
+    run_cli("prepare", str(shakespeare), "--out", str(data), check=True)
     meta = json.loads((data / "meta.json").read_text())
     assert meta["vocab_size"] == 65 and meta["train_tokens"] == 1003854 and meta["val_tokens"] == 111540
 

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 
-from tests.conftest import ROOT, SHAKESPEARE, cli_env, run_cli
+from tests.conftest import ROOT, cli_env, run_cli
 from tests.live import FAST, sets
 from trainctl.kernel.checkpoint_files import MANIFEST, TMP_PREFIX, checkpoints, sha256_file, verify
 
@@ -36,7 +36,7 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_resume_refusals_force_full_disk_and_malicious_pickle(tmp_path):
+def test_resume_refusals_force_full_disk_and_malicious_pickle(tmp_path, shakespeare):
     out = tmp_path / "run"
     root = out / "checkpoints"
     train(out, "train.max_steps=6", check=True)
@@ -44,7 +44,7 @@ def test_resume_refusals_force_full_disk_and_malicious_pickle(tmp_path):
 
     # a locked key changed: refused with the difference, before any training
     data = tmp_path / "data"
-    run_cli("prepare", str(SHAKESPEARE), "--out", str(data), check=True)
+    run_cli("prepare", str(shakespeare), "--out", str(data), check=True)
     line = one_error_line(train(out, "train.max_steps=9", f"data.path='{data}'"))
     assert line == (
         f"trainctl: error: cannot resume from {root / 'step-000006'}: locked keys differ "

@@ -29,6 +29,9 @@ def show(config: str | None, backend: str | None, overrides: tuple[str, ...]) ->
     from trainctl.kernel.registry import Registry
 
     resolved = cfg.load(config, Registry.discover(), overrides=list(overrides), backend=backend)
+    for line in resolved.warnings:
+        click.echo(f"trainctl: warning: {line}", err=True)
+    click.echo(f'# plugins: call order; in a config "{cfg.DEFAULTS}" stands for {", ".join(cfg.DEFAULT_PLUGINS)}')
     click.echo(cfg.dump_toml(resolved.to_dict()), nl=False)
 
 

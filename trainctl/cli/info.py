@@ -13,7 +13,7 @@ def register(cli: click.Group) -> None:
 @click.command()
 def plugins() -> None:
     """List available plugins (enable them with plugins = [...] in a config)."""
-    from trainctl.kernel.config import DEFAULT_PLUGINS
+    from trainctl.kernel.config import DEFAULT_PLUGINS, DEFAULTS
     from trainctl.kernel.registry import Registry
 
     registry = Registry.discover()
@@ -23,6 +23,8 @@ def plugins() -> None:
         click.echo(f"{name:<{width}}  {spec.description}  [{', '.join(tags)}]")
     for name, why in registry.broken.items():
         click.echo(f"{name:<{width}}  (failed to load: {why})")
+    click.echo(f'\nplugins = ["{DEFAULTS}", "prometheus"] adds to the default list ({", ".join(DEFAULT_PLUGINS)}); '
+               "list order is call order, loggers last")
 
 
 @click.command()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+from pathlib import Path
 
 import click
 
@@ -17,7 +19,15 @@ def register(cli: click.Group) -> None:
     cli.add_command(run)
 
 
-@click.command()
+LAUNCHERS = """\b
+Several processes: the launcher starts trainctl once per rank (these forms work from any directory):
+  torchrun --standalone --nproc_per_node=N -m trainctl run CONFIG
+  accelerate launch --multi_gpu --num_processes N -m trainctl run CONFIG
+  accelerate launch --multi_gpu --num_processes N --no_python trainctl run CONFIG
+"""
+
+
+@click.command(epilog=LAUNCHERS)
 @config_argument
 @backend_option
 @click.option("--out", "out_dir", metavar="DIR", help="Run directory (overrides train.out_dir).")
@@ -35,10 +45,13 @@ def run(config: str | None, backend: str | None, out_dir: str | None, overrides:
 
     registry = Registry.discover()
     resolved = cfg.load(config, registry, overrides=list(overrides), backend=backend, out_dir=out_dir)
+    if dry_run:
+        return _dry_run(resolved, registry, resume=resume, force=force)
 
     from trainctl.kernel.run import Run  # imports torch: after the config is known to be valid
 
     session = Run(resolved, registry, resume=resume, force=force)
+    _warn(resolved.warnings, emit=session.info.emit, step=session.state.step)
     if session.state.step >= resolved.train.max_steps:
         session.close()
         click.echo(
@@ -47,10 +60,6 @@ def run(config: str | None, backend: str | None, out_dir: str | None, overrides:
         )
         return 0
     estimate = print_plan(session)
-    if dry_run:
-        session.close()
-        click.echo("dry run: config, data and model are valid; nothing was trained")
-        return 0
     if estimate > CONFIRM_OVER_S and not yes and _interactive():
         click.confirm(f"this run takes about {_duration(estimate)}; start?", default=True, abort=True)
     result = session.fit()
@@ -58,6 +67,53 @@ def run(config: str | None, backend: str | None, out_dir: str | None, overrides:
         click.echo(f"trainctl: run failed at step {result.step}: {result.reason}", err=True)
         return 1
     return 130 if result.reason == "interrupted" else 0
+
+
+def _dry_run(resolved, registry, *, resume: str, force: bool) -> int:
+    """Set the run up as for training, print the plan, train nothing and leave nothing behind:
+    setting up creates the out dir (and the controller's lock), so what did not exist before is
+    removed again."""
+    from trainctl.kernel.run import Run
+
+    created = _first_missing(Path(resolved.train.out_dir))
+    try:
+        session = Run(resolved, registry, resume=resume, force=force)
+        _warn(resolved.warnings)
+        print_plan(session)
+        session.close()
+    finally:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+    click.echo("dry run: config, data and model are valid; nothing was trained")
+    return 0
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of ``path`` that does not exist yet (None: it all exists)."""
+    path = path.absolute()
+    missing = None
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def _warn(warnings: tuple[str, ...], *, emit=None, step: int = 0) -> None:
+    """Each warning as a stderr line and, for a run, a ``config_warning`` notice (delivered after
+    run_start, so events.jsonl keeps it); from the main process only."""
+    import time
+
+    from trainctl.cli import is_main_process
+
+    if not is_main_process():
+        return
+    for line in warnings:
+        click.echo(f"trainctl: warning: {line}", err=True)
+        if emit is not None:
+            from trainctl.hooks.events import Notice
+
+            emit(Notice(step=step, kind="config_warning", message=line, time=time.time()))
 
 
 def print_plan(session) -> float:

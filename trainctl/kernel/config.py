@@ -4,17 +4,23 @@ Layout of a config file (every table optional)::
 
     seed = 1337
     backend = "gpt"
-    plugins = ["lr", "controller", "checkpoint", "status", "console", "jsonl"]   # call order; the default
+    plugins = ["defaults", "prometheus"]   # call order; "defaults" expands in place (DEFAULT_PLUGINS)
     [train] ...  [optim] ...                              # the kernel's (trainctl.kernel.schema)
     [model] ...  [data] ...                               # the backend's own dataclasses
     [plugin.lr] ...                                       # each plugin's own dataclass
 
-Nothing in a config is ever executed: TOML values only.
+Nothing in a config is ever executed: TOML values only. Every value reaches its typed field
+through :func:`trainctl.kernel.schema.checked` (type, finiteness, text, bounds).
+
+``"defaults"`` in the plugins list stands for the default list, so adding a plugin never drops
+the ones that keep a run safe (``controller``: SIGTERM saves; ``status``). A list without them
+is allowed, with a warning in :attr:`RunConfig.warnings`; so is a ``[plugin.X]`` table for a
+known plugin that the list leaves out (it is ignored).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +33,20 @@ from trainctl.kernel.schema import (
     TrainConfig,
     as_table,
     build,
+    checked,
     did_you_mean,
     locked_keys,
+    require_table,
 )
 
 # decisions first, loggers last (list order is call order)
 DEFAULT_PLUGINS = ("lr", "controller", "checkpoint", "status", "console", "jsonl")
+DEFAULTS = "defaults"  # in a plugins list: DEFAULT_PLUGINS, in place
+# without these a run still trains, but a preemption loses the steps since the last checkpoint
+SAFETY = {
+    "controller": "SIGTERM and Ctrl-C end the run without a checkpoint and trainctl ctl cannot reach it",
+    "status": "trainctl status has nothing to show",
+}
 TOP_LEVEL = ("seed", "backend", "plugins", "train", "optim", "model", "data", "plugin")
 
 
@@ -49,6 +63,7 @@ class RunConfig:
     data: Any
     sections: dict[str, Any]  # backend-owned extra tables, e.g. [hf]
     plugin: dict[str, Any]  # enabled plugin name -> its Config
+    warnings: tuple[str, ...] = ()  # one line each, for stderr at start-up; not part of the config
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as TOML-ready tables (what ``config show`` prints)."""
@@ -110,41 +125,76 @@ def resolve(raw: dict[str, Any], registry: Registry, *, source: str = "") -> Run
     for key in raw:
         if key not in TOP_LEVEL and key not in registry.backend_sections():
             raise ConfigError(f"unknown top-level key '{key}'{did_you_mean(key, TOP_LEVEL)}")
-    seed = raw.get("seed", 1337)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
-    backend_name = raw.get("backend", "gpt")
+    seed = checked(raw.get("seed", 1337), int, "seed", bounds={"ge": 0, "lt": 2**32})  # numpy's seed range
+    backend_name = checked(raw.get("backend", "gpt"), str, "backend")
     backend = registry.backend(backend_name)
     for key in raw:
         if key not in TOP_LEVEL and key not in backend.sections:
-            raise ConfigError(f"[{key}] belongs to another backend, not to '{backend_name}'")
-    plugins = raw.get("plugins", list(DEFAULT_PLUGINS))
-    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
-        raise ConfigError('plugins must be a list of names, e.g. plugins = ["lr", "console"]')
-    if len(set(plugins)) != len(plugins):
-        raise ConfigError("plugins lists a plugin twice; each name may appear once")
-    tables = raw.get("plugin", {})
-    if not isinstance(tables, dict):
-        raise ConfigError("[plugin] must hold one table per plugin, e.g. [plugin.lr]")
+            owner = next(name for name, spec in registry.backends.items() if key in spec.sections)
+            raise ConfigError(f"[{key}] belongs to the '{owner}' backend, not to '{backend_name}': use --backend {owner} or backend = \"{owner}\"")
+    plugins = expand_plugins(raw.get("plugins", [DEFAULTS]))
+    tables = require_table(raw.get("plugin", {}), "plugin")
+    warnings = [w for w in [_safety_warning(plugins)] if w]
     for name in tables:
+        if name not in registry.plugins:
+            raise ConfigError(f"[plugin.{name}] configures no known plugin{did_you_mean(name, registry.plugins)}; see trainctl plugins")
         if name not in plugins:
-            hint = "add it to plugins = [...]" if name in registry.plugins else f"no such plugin{did_you_mean(name, registry.plugins)}"
-            raise ConfigError(f"[plugin.{name}] configures a plugin that is not enabled: {hint}")
+            warnings.append(f"[plugin.{name}] is ignored: '{name}' is not in plugins = [...]")
     plugin_configs = {
         name: build(registry.plugin(name).config, tables.get(name, {}), f"plugin.{name}")
         for name in plugins
     }
+    for section in ("model", "data"):
+        _check_backend_keys(raw.get(section, {}), section, backend_name, registry)
     return RunConfig(
         seed=seed,
         backend=backend_name,
-        plugins=tuple(plugins),
+        plugins=plugins,
         train=build(TrainConfig, raw.get("train", {}), "train"),
         optim=build(OptimConfig, raw.get("optim", {}), "optim"),
         model=build(backend.model_config, raw.get("model", {}), "model"),
         data=build(backend.data_config, raw.get("data", {}), "data"),
         sections={name: build(cls, raw.get(name, {}), name) for name, cls in backend.sections.items()},
         plugin=plugin_configs,
+        warnings=tuple(warnings),
     )
+
+
+def expand_plugins(value: Any) -> tuple[str, ...]:
+    """The plugins list with ``"defaults"`` replaced, in place, by :data:`DEFAULT_PLUGINS`."""
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise ConfigError('plugins must be a list of names, e.g. plugins = ["defaults", "prometheus"]')
+    names = [n for p in value for n in (DEFAULT_PLUGINS if p == DEFAULTS else (p,))]
+    for name in names:
+        checked(name, str, "plugins")
+        if names.count(name) > 1:
+            inside = f' ("{DEFAULTS}" holds {", ".join(DEFAULT_PLUGINS)})' if DEFAULTS in value and name in DEFAULT_PLUGINS else ""
+            raise ConfigError(f"plugins lists '{name}' twice{inside}; each name may appear once")
+    return tuple(names)
+
+
+def _safety_warning(plugins: tuple[str, ...]) -> str:
+    missing = [name for name in SAFETY if name not in plugins]
+    if not missing:
+        return ""
+    what = "; ".join(f"without {name}, {SAFETY[name]}" for name in missing)
+    return f"plugins leaves out {' and '.join(missing)}: {what}; add them, or start the list with \"{DEFAULTS}\""
+
+
+def _check_backend_keys(table: Any, section: str, backend: str, registry: Registry) -> None:
+    """A key that this backend's table lacks but another backend's has: name that backend
+    (``build`` answers every other unknown key, with its did-you-mean)."""
+
+    def has(name: str, key: str) -> bool:
+        return any(f.name == key for f in dataclasses.fields(getattr(registry.backends[name], f"{section}_config")))
+
+    for key in table if isinstance(table, dict) else ():
+        owner = next((name for name in sorted(registry.backends) if name != backend and has(name, key)), None)
+        if owner and not has(backend, key):
+            raise ConfigError(
+                f"unknown key '{section}.{key}' for the '{backend}' backend: it is a key of the '{owner}' "
+                f"backend; use --backend {owner} or backend = \"{owner}\""
+            )
 
 
 def load(
@@ -161,10 +211,15 @@ def load(
     if backend:
         raw["backend"] = backend
     if out_dir:
-        raw.setdefault("train", {})["out_dir"] = out_dir
-    if path and not raw.get("train", {}).get("run_name"):
-        raw.setdefault("train", {})["run_name"] = Path(path).stem
+        _table(raw, "train")["out_dir"] = out_dir
+    if path and not _table(raw, "train").get("run_name"):
+        _table(raw, "train")["run_name"] = Path(path).stem
     return resolve(raw, registry, source=str(path or ""))
+
+
+def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    """``raw[name]``, created empty if absent; a section set to a scalar is a ConfigError."""
+    return require_table(raw.setdefault(name, {}), name)
 
 
 def dump_toml(tables: dict[str, Any]) -> str:
@@ -189,14 +244,16 @@ def dump_toml(tables: dict[str, Any]) -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
+ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, str):
-        # JSON's string escapes are TOML's (\n, \t, \uXXXX): a prompt of "\n" must stay one line
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, str):  # a basic string: a newline in a chat template must stay one
+        return '"' + "".join(ESCAPES.get(c) or (f"\\u{ord(c):04x}" if c < " " or c == "\x7f" else c) for c in value) + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise ConfigError(f"cannot write {type(value).__name__} as TOML")
