@@ -111,9 +111,10 @@ def _warn(warnings: tuple[str, ...], *, emit=None, step: int = 0) -> None:
     for line in warnings:
         click.echo(f"trainctl: warning: {line}", err=True)
         if emit is not None:
+            from trainctl.hooks import notices
             from trainctl.hooks.events import Notice
 
-            emit(Notice(step=step, kind="config_warning", message=line, time=time.time()))
+            emit(Notice(step=step, kind=notices.CONFIG_WARNING, message=line, time=time.time()))
 
 
 def print_plan(session) -> float:

@@ -53,6 +53,9 @@ PLUGIN_ERROR = _kind("plugin_error", "bus", "an observer plugin raised in a hook
 PLUGIN_DISABLED = _kind("plugin_disabled", "bus", "an observer failed train.plugin_max_failures times and was removed",
                         plugin="str: the plugin's name", failures="int: its failures")
 
+CONFIG_WARNING = _kind("config_warning", "kernel", "the run was set up despite a config problem worth fixing (no controller or "
+                      "status plugin, a table for a plugin that is not enabled); message is the stderr line")
+
 # --- built-in plugins -------------------------------------------------------------------------
 
 CONTROL = _kind("control", "controller", "a signal or a `trainctl ctl` command was received or acknowledged",
