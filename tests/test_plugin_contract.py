@@ -60,7 +60,7 @@ def tables() -> dict[str, dict]:
 
 #: What each declared notice kind carries, as its senders fill it.
 EXAMPLES: dict[str, dict] = {
-    notices.EVALUATING: {}, notices.SAVING: {}, notices.PAUSED: {}, notices.RESUMED: {"paused_s": 1.5},
+    notices.EVALUATING: {}, notices.CONFIG_WARNING: {}, notices.SAVING: {}, notices.PAUSED: {}, notices.RESUMED: {"paused_s": 1.5},
     notices.PLUGIN_ERROR: {"plugin": "x", "failures": 1}, notices.PLUGIN_DISABLED: {"plugin": "x", "failures": 3},
     notices.CONTROL: {"command": "save", "id": "abc"}, notices.CHECKPOINT_CORRUPT: {"path": "/nowhere", "problem": "bad"},
     notices.SAMPLES: {"prompts": ["A"], "texts": ["bc"]},
