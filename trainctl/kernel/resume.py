@@ -69,22 +69,18 @@ def kernel_record(*, state: dict[str, Any], run_name: str, backend: str, locked:
 
 # --- reading and checking -----------------------------------------------------------------------
 
-def problem_with(directory: Path) -> str | None:
-    """None if ``directory`` is a complete checkpoint whose kernel files are usable, else what is
-    wrong with it (one phrase). Every rank reaches the same answer: it reads every rank's files."""
-    try:
-        read(directory)
-    except BadCheckpoint as exc:
-        return str(exc)
-    return None
-
-
 def read(directory: Path) -> Saved:
-    """The checked kernel files of a checkpoint; :class:`BadCheckpoint` says what is wrong."""
+    """A checkpoint that verifies, with its kernel files checked; :class:`BadCheckpoint` says
+    what is wrong. Every rank reaches the same answer: it reads every rank's RNG file."""
     # the manifest is checked before verify() reads it whole: a symlink to /dev/zero has no end
     problem = _regular(directory / MANIFEST, MAX_JSON_BYTES) or verify(directory)
     if problem:
         raise BadCheckpoint(problem)
+    return read_contents(directory)
+
+
+def read_contents(directory: Path) -> Saved:
+    """The kernel files of a checkpoint, checked (without hashing the checkpoint again)."""
     kernel = _json(directory / KERNEL_FILE)
     problem = kernel_problem(kernel)
     if problem:
@@ -92,19 +88,19 @@ def read(directory: Path) -> Saved:
     plugins = _json(directory / PLUGINS_FILE)
     if not isinstance(plugins, dict):
         raise BadCheckpoint(f"{PLUGINS_FILE}: not a table of plugin states (a JSON {_kind(plugins)})")
-    for name in sorted(directory.iterdir()):
-        if name.name.startswith("rng") and name.suffix == ".pt":
-            problem = rng_problem(read_bounded(name, MAX_RNG_BYTES, what=name.name))
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith("rng") and path.suffix == ".pt":
+            problem = rng_problem(read_bounded(path, MAX_RNG_BYTES))
             if problem:
-                raise BadCheckpoint(f"{name.name}: {problem}")
+                raise BadCheckpoint(f"{path.name}: {problem}")
     return Saved(kernel=kernel, plugins=plugins)
 
 
-def read_bounded(path: Path, limit: int, *, what: str = "") -> bytes:
+def read_bounded(path: Path, limit: int) -> bytes:
     """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes. Opened without
     following a symlink and without blocking (a FIFO would wait for a writer forever), checked on
     the open descriptor, and read no further than ``limit``: ``/dev/zero`` costs nothing."""
-    what = what or path.name
+    what = path.name
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -200,8 +196,8 @@ def resume(*, path: Path, backend: Any, locked: dict[str, Any], force: bool,
     Every refusal is a one-line ConfigError that names the checkpoint and the way out."""
     import numpy as np
 
-    try:
-        saved = read(path)  # a checkpoint plugin that did not check, or a file changed since
+    try:  # the checkpoint plugin verified it; a third-party one may not have checked the values
+        saved = read_contents(path)
     except BadCheckpoint as exc:
         raise ConfigError(f"cannot resume from {path}: {exc}; pick another checkpoint or --resume never") from None
     was = saved.kernel["locked"]
