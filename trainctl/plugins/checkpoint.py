@@ -287,7 +287,10 @@ def _name(step: int) -> str:
 
 
 def _why(exc: BaseException) -> str:
-    return exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"  # one line: it ends up in run_end's reason
 
 
 def _last_byte(path: Path) -> bytes:
