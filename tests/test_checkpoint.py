@@ -163,3 +163,57 @@ def test_best_inside_a_checkpoint_counts_that_checkpoint(registry, tmp_path):
     for step in (2, 4):
         states = json.loads((tmp_path / "out" / "checkpoints" / f"step-{step:06d}" / "plugins.json").read_text())
         assert states["checkpoint"]["best"][1] == f"step-{step:06d}"  # the fake val loss falls every step
+
+
+def test_a_failed_seal_or_an_interrupt_rolls_back_the_same_way(registry, tmp_path, monkeypatch):
+    """The one rollback: a seal that fails (rank 0's part) and a Ctrl-C inside the write both
+    leave no temporary directory and the previous checkpoint newest."""
+    import trainctl.plugins.checkpoint as plugin
+
+    out = tmp_path / "sealed"
+    sealed = plugin.seal
+
+    def seal_fails_at_step_3(tmp, final, step, reason):
+        if step == 3:
+            raise OSError(errno.EIO, "Input/output error")
+        sealed(tmp, final, step, reason)
+
+    monkeypatch.setattr(plugin, "seal", seal_fails_at_step_3)
+    _, result = fake_run(registry, out, 'plugins=["checkpoint"]', "train.max_steps=5", "train.save_interval=1")
+    assert result.status == "failed" and "could not write checkpoint step-000003" in result.reason
+    assert "Input/output error; the earlier checkpoint step-000002 is intact" in result.reason
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    monkeypatch.undo()
+
+    out = tmp_path / "interrupted"
+    session = Run(make_config(registry, out, 'plugins=["checkpoint"]', "train.max_steps=5", "train.save_interval=1"),
+                  registry, resume="never")
+    save = session.backend.save
+
+    def interrupted_at_step_3(directory):
+        save(directory)
+        if session.state.step == 3:
+            raise KeyboardInterrupt
+
+    session.backend.save = interrupted_at_step_3
+    result = session.fit()
+    assert (result.status, result.reason, result.step) == ("stopped", "interrupted", 3)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    assert ledger_steps(out) == [1, 2]
+
+
+def test_an_evaluation_whose_step_is_not_saved_never_becomes_the_best(registry, tmp_path):
+    """Best follows evaluations, but only a written checkpoint can be the best: the val loss of
+    step 4 (no checkpoint there) is the lowest, yet step-000006 is the best one kept."""
+    out = tmp_path / "out"
+    vals = {2: 1.0, 4: 0.5, 6: 0.8, 8: 0.9, 9: 5.0}
+    _, result = fake_run(registry, out, 'plugins=["checkpoint"]', "train.max_steps=9", "train.eval_interval=2",
+                         "train.save_interval=3", "plugin.checkpoint.keep_last=1",
+                         prepare=lambda b: b.val_losses.update(vals))
+    assert result.status == "completed"
+    assert [p.name for p in checkpoints(out / "checkpoints")] == ["step-000006", "step-000009"]
+    for name in ("step-000006", "step-000009"):
+        states = json.loads((out / "checkpoints" / name / "plugins.json").read_text())["checkpoint"]
+        assert states["best"] == [0.8, "step-000006"] and states["best_val"] == 0.5
+    # step 9 is saved by the interval before the final evaluation: no val loss at its save
+    assert [(r["step"], r["val_loss"]) for r in ledger(out)] == [(3, None), (6, 0.8), (9, None)]

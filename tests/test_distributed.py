@@ -218,3 +218,29 @@ def test_hf_backend_two_ranks_equal_one_process(hf, tmp_path, launcher):
     assert_close(evals(tmp_path / "ddp"), evals(tmp_path / "one"), HF_TOLERANCE)
     [ckpt] = checkpoints(tmp_path / "ddp" / "checkpoints")
     assert verify(ckpt) is None and {"rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in ckpt.iterdir()}
+
+
+def test_a_failed_write_on_one_rank_leaves_the_previous_checkpoint_newest(tmp_path):
+    """Rank 1's disk is full when step 4 is saved (its rng-rank1.pt fails): every rank fails with
+    the same message, the temporary directory is gone, and step-000002 is still the newest."""
+    out = tmp_path / "run"
+    single(out, "train.max_steps=2", "train.grad_accum=2")
+    proc = subprocess.run(
+        [*TORCHRUN, str(ROOT / "tests" / "small_files_rank.py"), "run", "--yes", "--out", str(out),
+         *sets(*SAME, "train.max_steps=4", "train.grad_accum=2")],
+        cwd=ROOT, env=env() | {"SMALL_FILES_RANK": "1"}, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    failures = [line for line in proc.stderr.splitlines() if line.startswith("trainctl: run failed at step 4")]
+    assert len(failures) == 2, proc.stderr[-3000:]  # one per rank, the same words
+    assert failures[0] == failures[1]
+    assert f"could not write checkpoint step-000004 in {out / 'checkpoints'}: rank 1: " in failures[0]
+    assert "rank 0:" not in failures[0] and "the earlier checkpoint step-000002 is intact" in failures[0]
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002"]  # no partial checkpoint, no temporary
+    assert verify(root / "step-000002") is None
+    assert [json.loads(line)["step"] for line in (out / "checkpoints.jsonl").read_text().splitlines()] == [2]
+    assert json.loads((out / "status.json").read_text())["state"] == "failed"
+    # and the run resumes from it
+    single(out, "train.max_steps=4", "train.grad_accum=2")
+    assert [p.name for p in checkpoints(root)] == ["step-000002", "step-000004"]

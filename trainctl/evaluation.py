@@ -156,10 +156,7 @@ class Evaluator:
             extra = f": pip install 'trainctl[{spec.extra}]'" if spec.extra else ""
             raise ConfigError(f"backend '{config.backend}' needs a package that is missing ({exc.name}){extra}") from None
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        backend = factory(BackendContext(
-            model=config.model, data=config.data, train=config.train, optim=config.optim,
-            sections=config.sections, seed=config.seed, out_dir=self.work_dir,
-        ))
+        backend = factory(BackendContext.of(config, out_dir=self.work_dir))
         backend.setup()
         self._cached = (key, config, backend)
         return config, backend

@@ -7,9 +7,13 @@ and everything that lives on the device. It never decides when to evaluate, save
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from trainctl.kernel.config import RunConfig
+    from trainctl.kernel.schema import OptimConfig
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -22,13 +26,34 @@ class Distributed:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class StepConfig:
+    """The keys of ``[train]`` a backend uses: the shape of a step and where it runs. Cadence,
+    logging and control stay with the kernel."""
+
+    max_steps: int
+    batch_size: int  # sequences per micro-batch, per rank
+    grad_accum: int  # micro-batches per optimizer step, summed over all ranks
+    eval_steps: int  # batches per split in an evaluation
+    grad_clip: float  # max gradient norm; 0 = off
+    device: str  # auto | cpu | cuda | cuda:N | mps
+    dtype: str  # auto | float32 | bfloat16 | float16
+    compile: bool
+    threads: int  # CPU threads for torch; 0 = one per physical core
+
+    @classmethod
+    def of(cls, train: Any) -> StepConfig:
+        """These keys of a ``TrainConfig``."""
+        return cls(**{f.name: getattr(train, f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class BackendContext:
     """Everything a backend is built from: its own tables and nothing else."""
 
     model: Any  # the backend's [model] dataclass
     data: Any  # the backend's [data] dataclass
-    train: Any  # trainctl.kernel.schema.TrainConfig
-    optim: Any  # trainctl.kernel.schema.OptimConfig
+    train: StepConfig
+    optim: OptimConfig
     sections: dict[str, Any]  # the backend's own extra tables, e.g. [hf]
     seed: int
     out_dir: Path
@@ -36,6 +61,13 @@ class BackendContext:
     #: ``loss_terms(logits, targets, loss) -> [(name, term)]`` from plugins, or None when no
     #: plugin adds terms (then the backend must not spend anything on them).
     loss_terms: Callable[[Any, Any, Any], list[tuple[str, Any]]] | None = None
+
+    @classmethod
+    def of(cls, config: RunConfig, *, out_dir: Path, dist: Distributed = Distributed(),
+           loss_terms: Callable[[Any, Any, Any], list[tuple[str, Any]]] | None = None) -> BackendContext:
+        """The sections of a resolved config that a backend uses."""
+        return cls(model=config.model, data=config.data, train=StepConfig.of(config.train), optim=config.optim,
+                   sections=config.sections, seed=config.seed, out_dir=out_dir, dist=dist, loss_terms=loss_terms)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

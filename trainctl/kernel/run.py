@@ -1,4 +1,5 @@
-"""Assembling a run from a resolved config: plugins, bus, backend, resume, and the loop.
+"""Assembling a run from a resolved config, top to bottom: the process group, the plugins on
+their bus, the backend, then resume; ``fit`` hands them to the loop.
 
 Everything that can be wrong with the input is found here, before the first step, and raised
 as a one-line ConfigError.
@@ -8,15 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import random
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from trainctl.hooks.plugin import RunInfo
+from trainctl.kernel import resume as resuming
 from trainctl.kernel import run_dir
 from trainctl.kernel.backend import Backend, BackendContext, Distributed, Plan
 from trainctl.kernel.bus import EventBus
@@ -24,12 +21,8 @@ from trainctl.kernel.config import RunConfig, dump_toml
 from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.registry import Registry, load_factory, new_plugin_manager
-from trainctl.kernel.safe_load import unpickling_reason
+from trainctl.kernel.resume import CONFIG_FILE, KERNEL_FILE, PLUGINS_FILE  # noqa: F401  (re-exported)
 from trainctl.kernel.state import RunResult, RunState
-
-KERNEL_FILE = "kernel.json"
-PLUGINS_FILE = "plugins.json"
-CONFIG_FILE = "config.toml"
 
 
 def distributed_from_env() -> Distributed:
@@ -42,47 +35,45 @@ def distributed_from_env() -> Distributed:
     )
 
 
+class BackendCalls:
+    """What plugins may ask of the backend (``RunInfo.generate``, ``RunInfo.layer_stats``).
+
+    Plugins are built before the backend, because which of them add loss terms decides how the
+    backend is built; so they get these calls through this object, which the run binds to the
+    backend once it exists. A call before that (from a plugin's constructor) is an error."""
+
+    def __init__(self) -> None:
+        self._backend: Backend | None = None
+
+    def bind(self, backend: Backend) -> None:
+        self._backend = backend
+
+    def generate(self, prompt: str, **options: Any) -> str:
+        return self._bound().generate(prompt, **options)
+
+    def layer_stats(self) -> dict[str, float]:
+        return self._bound().layer_stats()
+
+    def _bound(self) -> Backend:
+        if self._backend is None:
+            raise RuntimeError("the backend does not exist yet: call RunInfo.generate/layer_stats from trainctl_run_start on")
+        return self._backend
+
+
 class Run:
     """One training run, set up and ready to ``fit``."""
 
     def __init__(self, config: RunConfig, registry: Registry, *, resume: str = "auto", force: bool = False) -> None:
         self.config = config
-        train = config.train
-        self.out_dir = Path(train.out_dir)
-        self.run_dir = run_dir.claim(self.out_dir, main=distributed_from_env().rank == 0, plugins=config.plugins)
+        self.out_dir = Path(config.train.out_dir)
         dist = distributed_from_env()
+        self.run_dir = run_dir.claim(self.out_dir, main=dist.rank == 0, plugins=config.plugins)
         # joins the ranks' process group (WORLD_SIZE > 1) before anything that talks to it
-        self.group = Group(dist, timeout_s=train.dist_timeout_s, device=train.device)
-        pm = new_plugin_manager()
-        pm.register(self.run_dir, name="run_dir")  # stops the run if its directory is deleted
-        critical = {name for name in config.plugins if registry.plugin(name).critical}
-        self.bus = EventBus(pm, critical=critical, max_failures=train.plugin_max_failures)
-        self.info = RunInfo(
-            run_name=train.run_name or self.out_dir.resolve().name, backend=config.backend, out_dir=self.out_dir,
-            max_steps=train.max_steps, rank=dist.rank, local_rank=dist.local_rank,
-            world_size=dist.world_size, emit=self.bus.emit,
-            generate=lambda prompt, **kw: self.backend.generate(prompt, **kw),
-            layer_stats=lambda: self.backend.layer_stats(), group=self.group,
-        )
-        # pluggy calls the last registered first: register in reverse so list order is call order
-        for name in reversed(config.plugins):
-            spec = registry.plugin(name)
-            self.bus.register(spec, spec.factory(config.plugin[name], self.info))  # guarded, checked against the spec
-        problems = self.bus.check_config(config.to_dict())
-        if problems:
-            raise ConfigError("; ".join(problems))
-
-        backend_spec = registry.backend(config.backend)
-        try:
-            factory = load_factory(backend_spec.factory)
-        except ImportError as exc:
-            extra = f": pip install 'trainctl[{backend_spec.extra}]'" if backend_spec.extra else ""
-            raise ConfigError(f"backend '{config.backend}' needs a package that is missing ({exc.name}){extra}") from None
-        self.backend: Backend = factory(BackendContext(
-            model=config.model, data=config.data, train=train, optim=config.optim,
-            sections=config.sections, seed=config.seed, out_dir=self.out_dir, dist=dist,
-            loss_terms=self.bus.loss_terms if self.bus.has_loss_terms() else None,
-        ))
+        self.group = Group(dist, timeout_s=config.train.dist_timeout_s, device=config.train.device)
+        calls = BackendCalls()
+        self.bus, self.info = self._plugins(registry, dist, calls)
+        self.backend = self._backend(registry, dist)
+        calls.bind(self.backend)
         self.plan: Plan = self.backend.setup()
         self.state = RunState()
         self.resumed_from = self._resume(resume, force)
@@ -106,29 +97,46 @@ class Run:
         self.group.close()
         self.run_dir.release()
 
-    # --- checkpoint contents owned by the kernel ---------------------------------------------
+    # --- assembly, in order ------------------------------------------------------------------
 
-    def write_state(self, directory: Path, state: RunState) -> None:
-        """Fill a checkpoint directory: the backend's files, then the kernel's and plugins'.
-        Every rank calls this on the same directory; the backend writes what is its rank's
-        (rank 0 the weights, each rank its RNG), the kernel's files come from rank 0."""
-        self.backend.save(directory)
-        if not self.info.is_main:
-            return
-        kernel = {
-            "format": 1,
-            "run_name": self.info.run_name,
-            "backend": self.config.backend,
-            "state": state.to_dict(),
-            "locked": self.config.locked(),
-            "rng": {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state())},
-            "time": time.time(),
-        }
-        (directory / KERNEL_FILE).write_text(json.dumps(kernel, indent=1))
-        (directory / PLUGINS_FILE).write_text(json.dumps(self.bus.state_dict(), indent=1))
-        (directory / CONFIG_FILE).write_text(dump_toml(self.config.to_dict()))
+    def _plugins(self, registry: Registry, dist: Distributed, calls: BackendCalls) -> tuple[EventBus, RunInfo]:
+        """The enabled plugins, registered on a new bus, each given its own table and RunInfo."""
+        config = self.config
+        pm = new_plugin_manager()
+        pm.register(self.run_dir, name="run_dir")  # the kernel's own: stops the run if its directory is deleted
+        critical = {name for name in config.plugins if registry.plugin(name).critical}
+        bus = EventBus(pm, critical=critical, max_failures=config.train.plugin_max_failures)
+        info = RunInfo(
+            run_name=config.train.run_name or self.out_dir.resolve().name, backend=config.backend,
+            out_dir=self.out_dir, max_steps=config.train.max_steps, rank=dist.rank, local_rank=dist.local_rank,
+            world_size=dist.world_size, emit=bus.emit, generate=calls.generate, layer_stats=calls.layer_stats,
+            group=self.group,
+        )
+        # pluggy calls the last registered first: register in reverse so list order is call order
+        for name in reversed(config.plugins):
+            spec = registry.plugin(name)
+            bus.register(spec, spec.factory(config.plugin[name], info))  # guarded, checked against the spec
+        problems = bus.check_config(config.to_dict())
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return bus, info
+
+    def _backend(self, registry: Registry, dist: Distributed) -> Backend:
+        """The configured backend, given its own tables and the step keys of ``[train]``."""
+        config = self.config
+        spec = registry.backend(config.backend)
+        try:
+            factory = load_factory(spec.factory)
+        except ImportError as exc:
+            extra = f": pip install 'trainctl[{spec.extra}]'" if spec.extra else ""
+            raise ConfigError(f"backend '{config.backend}' needs a package that is missing ({exc.name}){extra}") from None
+        return factory(BackendContext.of(
+            config, out_dir=self.out_dir, dist=dist,
+            loss_terms=self.bus.loss_terms if self.bus.has_loss_terms() else None,
+        ))
 
     def _resume(self, resume: str, force: bool) -> str | None:
+        """The checkpoint the plugins chose (the same on every rank), restored; None: fresh."""
         path = self.bus.find_checkpoint(resume)
         found = self.group.gather(str(path) if path else None)
         if len(set(found)) > 1:  # e.g. a run directory not shared by every node
@@ -138,53 +146,23 @@ class Run:
             )
         if path is None:
             return None
-        try:
-            kernel = json.loads((path / KERNEL_FILE).read_text())
-            plugins = json.loads((path / PLUGINS_FILE).read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"checkpoint {path} is unreadable ({exc}); resume from another with --resume PATH or start over with --resume never") from None
-        changed = [
-            f"{key}: {kernel['locked'].get(key)!r} -> {value!r}"
-            for key, value in self.config.locked().items()
-            if _plain(kernel["locked"].get(key)) != _plain(value)
-        ]
-        if changed and not force:
-            raise ConfigError(
-                f"cannot resume from {path}: locked keys differ ({'; '.join(changed)}); "
-                "restore them, start over with --resume never, or pass --force"
-            )
-        try:
-            self.backend.load(path)
-        except pickle.UnpicklingError as exc:  # a backend that let torch.load's refusal through
-            raise ConfigError(
-                f"refused to load checkpoint {path}: a file holds more than tensors and plain values "
-                f"({unpickling_reason(exc)}); resume from another with --resume PATH"
-            ) from None
-        except (OSError, KeyError, RuntimeError, ValueError) as exc:  # e.g. --force over a changed shape
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
-            what = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]  # "Error(s) in ...:" then the error
-            raise ConfigError(
-                f"cannot load checkpoint {path} into this run ({type(exc).__name__}: {what}); "
-                "resume from another with --resume PATH or start over with --resume never"
-            ) from None
-        self.state.restore(kernel["state"])
-        random.setstate(_tuples(kernel["rng"]["python"]))
-        np.random.set_state(tuple(kernel["rng"]["numpy"]))
-        self.bus.load_state_dict(plugins)
+        resuming.resume(path=path, backend=self.backend, locked=self.config.locked(), force=force,
+                        restore_state=self.state.restore, load_plugins=self.bus.load_state_dict)
         return str(path)
 
+    # --- checkpoint contents owned by the kernel ---------------------------------------------
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    return value
+    def write_state(self, directory: Path, state: RunState) -> None:
+        """Fill a checkpoint directory: the backend's files, then the kernel's and plugins'.
+        Every rank calls this on the same directory; the backend writes what is its rank's
+        (rank 0 the weights, each rank its RNG), the kernel's files come from rank 0."""
+        self.backend.save(directory)
+        if not self.info.is_main:
+            return
+        kernel = resuming.kernel_record(state=state.to_dict(), run_name=self.info.run_name,
+                                        backend=self.config.backend, locked=self.config.locked())
+        (directory / KERNEL_FILE).write_text(json.dumps(kernel, indent=1))
+        (directory / PLUGINS_FILE).write_text(json.dumps(self.bus.state_dict(), indent=1))
+        (directory / CONFIG_FILE).write_text(dump_toml(self.config.to_dict()))
 
 
-def _tuples(value: Any) -> Any:
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from trainctl.hooks.events import RunStatus, RunView
 
@@ -41,12 +43,14 @@ class RunState:
             "best_val_loss": self.best_val_loss,
         }
 
-    def restore(self, saved: dict[str, object]) -> None:
-        self.step = int(saved["step"])  # type: ignore[arg-type]
-        self.tokens = int(saved["tokens"])  # type: ignore[arg-type]
-        self.last_loss = saved.get("last_loss")  # type: ignore[assignment]
-        self.last_val_loss = saved.get("last_val_loss")  # type: ignore[assignment]
-        self.best_val_loss = saved.get("best_val_loss")  # type: ignore[assignment]
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        """From a checkpoint's ``kernel.json`` state, whose types and ranges
+        :func:`trainctl.kernel.resume.kernel_problem` has checked."""
+        self.step = saved["step"]
+        self.tokens = saved["tokens"]
+        self.last_loss = saved.get("last_loss")
+        self.last_val_loss = saved.get("last_val_loss")
+        self.best_val_loss = saved.get("best_val_loss")
         self.last_save_step = self.step
 
 

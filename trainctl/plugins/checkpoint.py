@@ -21,15 +21,28 @@ improved the best validation loss (``save_best``), at the end, and on demand (si
 ctl``); ``keep_last`` keeps the newest K and the best. A write that fails (disk full) fails the
 run, leaving the previous checkpoints as they were: this plugin is critical.
 
-Distributed runs: rank 0 makes the temporary directory and tells the others its name; every rank
-writes its own files into it (``rng-rankN.pt``; rank 0 also the weights and the kernel's files);
-once all are done rank 0 writes the manifest, listing every rank's files, and renames. Only rank
-0 writes the ledger and prunes. The run directory must be on storage every rank sees.
+One write path, for one process and for many (the process group of one process answers every
+collective at once): rank 0 makes the temporary directory and tells the others its name; every
+rank writes its own files into it (``rng-rankN.pt``; rank 0 also the weights and the kernel's
+files); once all say they are done rank 0 writes the manifest, listing every rank's files, and
+renames; then the ledger and pruning (rank 0). A failure anywhere, on any rank, removes the
+temporary directory in one place. The steps are kept apart (begin, fill, seal, commit) so that an
+asynchronous save could later run seal and commit on a thread once fill has its snapshot.
+
+The best checkpoint is followed from evaluation events: a validation loss at least as good as the
+best checkpoint's makes that step's checkpoint the candidate, which becomes the best once it is
+written (a candidate whose step passes unsaved is dropped). The plugin state inside a checkpoint
+is only ever restored from that checkpoint, so it counts the candidate as written.
+
+Resume: ``--resume auto`` takes the newest checkpoint that verifies and whose kernel files pass
+the kernel's checks (:mod:`trainctl.kernel.resume`), naming each one it skips. The run directory
+must be on storage every rank sees.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -41,10 +54,11 @@ from typing import Any
 
 from trainctl.hooks import PluginSpec, RunInfo, hookimpl, notices
 from trainctl.hooks.events import Control, EvalEnd, Notice, RunStart, RunView
-from trainctl.kernel.checkpoint_files import (
-    MANIFEST, PREFIX, TMP_PREFIX, checkpoints, discard, seal, sha256_file, step_of, verify,
-)
+from trainctl.kernel.backend import Distributed
+from trainctl.kernel.checkpoint_files import MANIFEST, PREFIX, TMP_PREFIX, checkpoints, discard, seal, sha256_file, step_of
+from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import ConfigError
+from trainctl.kernel.resume import BadCheckpoint, read
 from trainctl.kernel.run_dir import open_append
 
 LEDGER = "checkpoints.jsonl"
@@ -69,11 +83,14 @@ class Checkpointer:
     def __init__(self, config: Config, run: RunInfo) -> None:
         self.config = config
         self.run = run
+        self.group: Group = run.group or Group(Distributed())  # a group of one where none is given
         self.root = run.out_dir / config.dir
         self.ledger = run.out_dir / LEDGER
-        self.best: tuple[float, str] | None = None  # (val loss, checkpoint name)
-        self.best_val: float | None = None  # best val loss seen, for save_best
-        self.last_val: tuple[int, float] | None = None  # (step, val loss)
+        self.best: tuple[float, str] | None = None  # (val loss, name) of the best checkpoint written
+        self.candidate: tuple[float, str] | None = None  # the best if the latest evaluation's checkpoint is written
+        self.best_val: float | None = None  # the lowest val loss evaluated, for save_best
+        self.improved_at = -1  # the step whose evaluation lowered best_val
+        self.last_val: tuple[int, float] | None = None  # (step, val loss) of the latest evaluation
         self.saved: set[str] = set()  # checkpoint names this run wrote
 
     @hookimpl
@@ -85,117 +102,94 @@ class Checkpointer:
 
     @hookimpl
     def trainctl_eval_end(self, event: EvalEnd) -> None:
-        if event.split == "val" and event.source == "local":
-            self.last_val = (event.step, event.loss)
+        if event.split != "val" or event.source != "local":
+            return
+        self.last_val = (event.step, event.loss)
+        if self.best is None or event.loss <= self.best[0]:  # ties: the newer checkpoint
+            self.candidate = (event.loss, _name(event.step))
+        if self.best_val is None or event.loss < self.best_val:
+            self.best_val, self.improved_at = event.loss, event.step
 
     @hookimpl
     def trainctl_control(self, view: RunView) -> Control | None:
-        if not self.config.save_best or self.last_val is None or self.last_val[0] != view.step:
-            return None
-        val = self.last_val[1]
-        if view.state != "running" or (self.best_val is not None and val >= self.best_val):
-            return None
-        self.best_val = val
-        return Control(save=True, reason="best")
+        if self.config.save_best and view.state == "running" and self.improved_at == view.step:
+            return Control(save=True, reason="best")
+        return None
 
     @hookimpl
     def trainctl_write_checkpoint(self, step: int, reason: str, write: Callable[[Path], None]) -> Path | None:
-        group = self.run.group
-        if group is not None and group.distributed:
-            return self._write_together(step, reason, write, group)
+        """begin (rank 0: the temporary directory, or keep the checkpoint this run already wrote
+        at this step) -> fill (every rank) -> seal (rank 0) -> commit (the ledger, pruning).
+        Every rank makes the same collectives in the same order whatever fails, so a failure
+        fails every rank with the same message."""
         started = time.perf_counter()
-        name = f"{PREFIX}{step:06d}"
-        final = self.root / name
-        tmp = self.root / f"{TMP_PREFIX}{name}-{os.getpid()}"
-        previous_best = (self.best, self.best_val)
-        # before write(): the plugin state saved inside this checkpoint must already count it
-        self._note_best(step, name)
-        if name in self.saved and final.is_dir():
+        final = self.root / _name(step)
+        if self.candidate and self.candidate[1] != final.name:
+            self.candidate = None  # its step passed without a checkpoint: it can never be written now
+        kind, where = self.group.broadcast(self._begin(final))  # also a barrier: the directory exists for all
+        if kind == "error":
+            raise self._failure(final.name, where)
+        if kind == "write":
+            tmp = Path(where)
+            try:
+                self._fill_and_seal(tmp, final, step, reason, write)
+            except BaseException:  # any rank's failure, a second Ctrl-C, a lost peer: the one rollback
+                if self.run.is_main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return self._commit(step, reason, final, started)
+
+    def _begin(self, final: Path) -> tuple[str, str]:
+        """Rank 0's plan: ("write", temporary directory), ("keep", "") or ("error", why)."""
+        if not self.run.is_main:
+            return ("", "")  # rank 0's answer replaces it
+        if final.name in self.saved and final.is_dir():
             # this run saved this step already and no update happened since: keep it (replacing
             # it would leave a moment with one checkpoint fewer)
-            return self._record(step, reason, final, started)
+            return ("keep", "")
+        tmp = self.root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
         try:
-            self._make(tmp)
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as exc:
+            return ("error", _why(exc))
+        return ("write", str(tmp))
+
+    def _fill_and_seal(self, tmp: Path, final: Path, step: int, reason: str, write: Callable[[Path], None]) -> None:
+        """Every rank writes its files; once all are done (the gather), rank 0 seals."""
+        why, cause = "", None
+        try:
             write(tmp)
-            seal(tmp, final, step, reason)
         except Exception as exc:  # disk full, permissions, quota: torch and safetensors raise their own types
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.best, self.best_val = previous_best
-            raise self._failure(name, _why(exc)) from exc
-        except BaseException:  # e.g. a second Ctrl-C: leave no half-written directory behind
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.best, self.best_val = previous_best
-            raise
-        return self._record(step, reason, final, started)
-
-    def _val_at(self, step: int) -> float | None:
-        return self.last_val[1] if self.last_val and self.last_val[0] == step else None
-
-    def _note_best(self, step: int, name: str) -> None:
-        val = self._val_at(step)
-        if val is not None and (self.best is None or val <= self.best[0]):
-            self.best = (val, name)
-        if val is not None and (self.best_val is None or val < self.best_val):
-            self.best_val = val
-
-    def _write_together(self, step: int, reason: str, write: Callable[[Path], None], group: Any) -> Path:
-        """Every rank writes its files (rank 0 the weights, each rank its RNG) into the one
-        temporary directory rank 0 made; rank 0 seals it (manifest of every rank's files, then
-        the rename) once all ranks are done. Every rank makes the same collectives, in the same
-        order, whatever fails, so a failure fails every rank with the same message."""
-        started = time.perf_counter()
-        name = f"{PREFIX}{step:06d}"
-        final = self.root / name
-        previous_best = (self.best, self.best_val)
-        self._note_best(step, name)  # before write(), as in the single-process path
-        plan: tuple[str, str] = ("", "")
-        if self.run.is_main:
-            tmp = self.root / f"{TMP_PREFIX}{name}-{os.getpid()}"
-            if name in self.saved and final.is_dir():
-                plan = ("keep", "")
-            else:
-                try:
-                    self._make(tmp)
-                    plan = ("write", str(tmp))
-                except OSError as exc:
-                    plan = ("error", _why(exc))
-        kind, where = group.broadcast(plan)  # also a barrier: the directory exists for everyone
-        if kind == "keep":
-            return self._record(step, reason, final, started) if self.run.is_main else final
-        if kind == "error":
-            self.best, self.best_val = previous_best
-            raise self._failure(name, where)
-        tmp = Path(where)
-        why = ""
-        try:
-            write(tmp)
-        except Exception as exc:
-            why = f"rank {self.run.rank}: {_why(exc)}"
-        except BaseException:
-            if self.run.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        problems = [p for p in group.gather(why) if p]  # every rank's files are in place
+            why, cause = _why(exc), exc
+        answers = self.group.gather(why)
+        problems = [f"rank {rank}: {p}" if self.group.distributed else p for rank, p in enumerate(answers) if p]
         if not problems and self.run.is_main:
             try:
                 seal(tmp, final, step, reason)
             except Exception as exc:
-                problems = [_why(exc)]
-        problems = group.broadcast(problems)  # rank 0's seal, for everyone
+                problems, cause = [_why(exc)], exc
+        problems = self.group.broadcast(problems)  # rank 0's seal, for everyone
         if problems:
-            if self.run.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            self.best, self.best_val = previous_best
-            raise self._failure(name, "; ".join(problems))
-        if not self.run.is_main:
-            self.saved.add(name)
-            return final
-        return self._record(step, reason, final, started)
+            raise self._failure(final.name, "; ".join(problems)) from cause
 
-    def _make(self, tmp: Path) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    def _commit(self, step: int, reason: str, final: Path, started: float) -> Path:
+        self.saved.add(final.name)
+        if self.candidate and self.candidate[1] == final.name:
+            self.best, self.candidate = self.candidate, None
+        if not self.run.is_main:
+            return final
+        self._append_ledger({
+            "step": step, "path": str(final), "reason": reason, "val_loss": self._val_at(step),
+            "manifest_sha256": sha256_file(final / MANIFEST), "seconds": round(time.perf_counter() - started, 4),
+            "time": time.time(),
+        })
+        self._prune()
+        return final
+
+    def _val_at(self, step: int) -> float | None:
+        return self.last_val[1] if self.last_val and self.last_val[0] == step else None
 
     def _failure(self, name: str, why: str) -> CheckpointWriteError:
         intact = [p.name for p in checkpoints(self.root)]
@@ -204,17 +198,6 @@ class Checkpointer:
             f"{'the earlier checkpoint ' + intact[-1] + ' is intact' if intact else 'no earlier checkpoint exists'}. "
             "Free space or fix permissions, then run again to resume"
         )
-
-    def _record(self, step: int, reason: str, final: Path, started: float) -> Path:
-        self.saved.add(final.name)
-        val = self._val_at(step)
-        self._append_ledger({
-            "step": step, "path": str(final), "reason": reason, "val_loss": val,
-            "manifest_sha256": sha256_file(final / MANIFEST), "seconds": round(time.perf_counter() - started, 4),
-            "time": time.time(),
-        })
-        self._prune()
-        return final
 
     def _append_ledger(self, record: dict[str, Any]) -> None:
         with open_append(self.ledger) as f:  # no symlink followed; a line cut short is ended first
@@ -240,7 +223,7 @@ class Checkpointer:
             return None
         if resume != "auto":
             path = Path(resume)
-            problem = verify(path) if path.is_dir() else "not a directory"
+            problem = self._problem(path) if path.is_dir() else "not a directory"
             if problem and (path / self.config.dir).is_dir():
                 raise ConfigError(f"cannot resume from {path}: it is a run directory, not a checkpoint; "
                                   f"use --out {path} (resumes from its newest checkpoint) or --resume {path / self.config.dir}/step-...")
@@ -248,7 +231,7 @@ class Checkpointer:
                 raise ConfigError(f"cannot resume from {path}: {problem}; pick another checkpoint or --resume never")
             return path
         for path in reversed(checkpoints(self.root)):
-            problem = verify(path)
+            problem = self._problem(path)
             if problem is None:
                 return path
             message = f"checkpoint {path.name} is corrupt ({problem}); trying the previous one"
@@ -257,20 +240,56 @@ class Checkpointer:
                                  data={"path": str(path), "problem": problem}, time=time.time()))
         return None
 
+    def _problem(self, path: Path) -> str | None:
+        """What makes ``path`` no checkpoint to resume from: it does not verify, the kernel's
+        files fail their checks, or this plugin's own state in it is malformed."""
+        try:
+            _restored(read(path).plugins)
+        except BadCheckpoint as exc:
+            return str(exc)
+        except ValueError as exc:
+            return f"plugins.json: {exc}"
+        return None
+
     @hookimpl
     def trainctl_state_dict(self) -> dict[str, Any]:
-        return {"checkpoint": {"best": list(self.best) if self.best else None, "best_val": self.best_val}}
+        # restored only from the checkpoint it is written into: there, the candidate is written
+        best = self.candidate or self.best
+        return {"checkpoint": {"best": list(best) if best else None, "best_val": self.best_val}}
 
     @hookimpl
     def trainctl_load_state_dict(self, states: dict[str, Any]) -> None:
-        mine = states.get("checkpoint", {})
-        best = mine.get("best")
-        self.best = (float(best[0]), str(best[1])) if best else None
-        self.best_val = mine.get("best_val", self.best[0] if self.best else None)
+        self.best, self.best_val = _restored(states)
+
+
+def _restored(states: dict[str, Any]) -> tuple[tuple[float, str] | None, float | None]:
+    """(best, best_val) from this plugin's saved state; ValueError says what is malformed."""
+    mine = states.get("checkpoint", {})
+    if not isinstance(mine, dict):
+        raise ValueError("the checkpoint plugin's state is not a table")
+    best, best_val = mine.get("best"), mine.get("best_val")
+    if best is not None and not (isinstance(best, list) and len(best) == 2 and _number(best[0])
+                                 and isinstance(best[1], str) and best[1].startswith(PREFIX) and "/" not in best[1]):
+        raise ValueError("checkpoint.best is not [val loss, checkpoint name]")
+    if best_val is not None and not _number(best_val):
+        raise ValueError("checkpoint.best_val is not a number")
+    best = (float(best[0]), best[1]) if best else None
+    return best, best_val if "best_val" in mine else (best[0] if best else None)
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
 
 
 def _why(exc: BaseException) -> str:
-    return exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"  # one line: it ends up in run_end's reason
 
 
 SPEC = PluginSpec(name="checkpoint", factory=Checkpointer, config=Config, critical=True,
