@@ -33,7 +33,7 @@ from trainctl.backends.device import Placement
 from trainctl.backends.finite_update import FiniteUpdate
 from trainctl.backends.parallel import Replicated
 from trainctl.backends.rng import load_rng, save_rng
-from trainctl.kernel.backend import Distributed, StepOutput
+from trainctl.kernel.backend import BackendContext, Distributed, StepOutput
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.safe_load import load_plain
 
@@ -76,7 +76,8 @@ class OptimizerStep:
         self.update = FiniteUpdate(optimizer)  # a non-finite step changes nothing, no host sync
         zero = lambda: torch.zeros((), device=placement.device)  # noqa: E731
         self.skipped_updates, self.skip_streak, self.skip_streak_max = zero(), zero(), zero()
-        self.lr = 0.0
+        first = optimizer.param_groups[0]
+        self.lr = first["lr"] / first["lr_scale"]  # the schedule's value, until set_lr
 
     def set_lr(self, lr: float) -> None:
         self.lr = lr
@@ -164,3 +165,24 @@ class OptimizerStep:
 
     def close(self) -> None:
         self.parallel.close()
+
+
+class StepBackend:
+    """What every backend built on ``OptimizerStep`` shares: where it runs, the learning rate,
+    and the release. A subclass builds ``self.stepper`` in ``setup`` and owns its model, data
+    and loss."""
+
+    stepper: OptimizerStep
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx, self.train = ctx, ctx.train
+        self.placement = Placement.of(ctx.train, ctx.dist.local_rank)
+        self.device, self.dtype = self.placement.device, self.placement.dtype
+
+    def set_lr(self, lr: float) -> None:
+        self.stepper.set_lr(lr)
+
+    def close(self) -> None:
+        if hasattr(self, "stepper"):  # setup may have failed before it existed
+            self.stepper.close()  # before the process group goes
+

@@ -17,13 +17,14 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from trainctl.backends import parallel, scoring
-from trainctl.backends.device import Placement, set_threads
+from trainctl.backends.device import set_threads
 from trainctl.backends.gpt import data as gpt_data
 from trainctl.backends.gpt.inference import DATA_META, MODEL_ARGS, WEIGHTS, sample
 from trainctl.backends.gpt.model import GPT, GPTConfig
+from trainctl.backends.layer_stats import group_norms
 from trainctl.backends.optim import from_config
-from trainctl.backends.step import MicroLoss, OptimizerStep, local_micro_batches
-from trainctl.kernel.backend import BackendContext, Evaluation, Plan, StepOutput
+from trainctl.backends.step import MicroLoss, OptimizerStep, StepBackend, local_micro_batches
+from trainctl.kernel.backend import Evaluation, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError
 
 IGNORE = -1  # the GPT's ignored target (none in its own data; a plugin's test may set some)
@@ -33,17 +34,12 @@ IGNORE = -1  # the GPT's ignored target (none in its own data; a plugin's test m
 EVAL_KEYS = {"train": 2**32 - 1, "val": 2**32 - 2}
 
 
-class GPTBackend:
-    def __init__(self, ctx: BackendContext) -> None:
-        self.ctx = ctx
-        self.cfg, self.train = ctx.model, ctx.train
-        self.placement = Placement.of(self.train, ctx.dist.local_rank)
-        self.device, self.dtype = self.placement.device, self.placement.dtype
-
+class GPTBackend(StepBackend):
     # --- setup ------------------------------------------------------------------------------
 
     def setup(self) -> Plan:
         ctx, train = self.ctx, self.train
+        self.cfg = ctx.model
         set_threads(train.threads)
         self.data = gpt_data.load(ctx.data.path)
         self.tokenizer = gpt_data.Tokenizer(self.data.meta)
@@ -98,9 +94,6 @@ class GPTBackend:
         )
 
     # --- the step: batches and loss; the rest is OptimizerStep's --------------------------------
-
-    def set_lr(self, lr: float) -> None:
-        self.stepper.set_lr(lr)
 
     def _batch(self, tokens: np.ndarray, *key: int) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.cfg.block_size
@@ -162,7 +155,6 @@ class GPTBackend:
         self.raw_model.train(was_training)
         return text
 
-    @torch.no_grad()
     def layer_stats(self) -> dict[str, float]:
         """Weight and gradient norms per block (``layer.N``), for the embeddings (``embedding``:
         wte, tied with the head, and wpe) and the rest (``head``: the final LayerNorm). The
@@ -177,23 +169,10 @@ class GPTBackend:
             else:
                 group = "head"
             groups.setdefault(group, []).append(p)
-        names, norms = [], []
-        for group, params in groups.items():
-            names.append(f"{group}.weight_norm")
-            norms.append(torch.linalg.vector_norm(torch.stack([p.float().norm() for p in params])))
-            grads = [p.grad for p in params if p.grad is not None]
-            if grads:
-                names.append(f"{group}.grad_norm")
-                norms.append(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])))
-        values = torch.stack(norms).tolist()  # host sync: once, on the steps that asked
-        return dict(zip(names, values))
+        return group_norms(groups)
 
     def measure(self, steps: int = 2) -> float:
         """Seconds per optimizer step from forward/backward alone; weights, optimizer and RNG
         are untouched."""
         batch = self._batch(self.data.train, self.ctx.seed, 0, 0)
         return self.stepper.measure(batch, self._loss, steps=steps, micro_batches=len(self.micro))
-
-    def close(self) -> None:
-        if hasattr(self, "stepper"):  # setup may have failed before it existed
-            self.stepper.close()

@@ -25,17 +25,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 import transformers  # noqa: F401  (imported here so a missing extra is the kernel's one-line hint)
 import trl  # noqa: F401
 
 from trainctl.backends import parallel, scoring
-from trainctl.backends.device import Placement, set_threads
+from trainctl.backends.device import set_threads
 from trainctl.backends.hf import inference, loading, rows, sft, weights
 from trainctl.backends.hf.config import DataConfig, HFConfig, ModelConfig
 from trainctl.backends.hf.validate import check_rows
 from trainctl.backends.optim import from_config
-from trainctl.backends.step import MicroLoss, OptimizerStep, local_micro_batches
+from trainctl.backends.step import MicroLoss, OptimizerStep, StepBackend, local_micro_batches
 from trainctl.kernel.backend import BackendContext, Evaluation, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError
 
@@ -53,15 +52,12 @@ def resolve_mask(shape: str, mask: str) -> str:
     return mask
 
 
-class HFBackend:
+class HFBackend(StepBackend):
     def __init__(self, ctx: BackendContext) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         self.cfg: ModelConfig = ctx.model
         self.data_cfg: DataConfig = ctx.data
         self.hf: HFConfig = ctx.sections.get("hf") or HFConfig()
-        self.train = ctx.train
-        self.placement = Placement.of(self.train, ctx.dist.local_rank)
-        self.device, self.dtype = self.placement.device, self.placement.dtype
 
     # --- setup ------------------------------------------------------------------------------
 
@@ -113,7 +109,6 @@ class HFBackend:
         placed = parallel.for_run(self.model, device=self.device, world_size=ctx.dist.world_size)
         self.stepper = OptimizerStep(optimizer=self.optimizer, params=self.params, placement=self.placement,
                                      parallel=placed, train=train, dist=ctx.dist, seed=ctx.seed, loss_terms=ctx.loss_terms)
-        self.stepper.set_lr(ctx.optim.lr)
         self.steps_done = 0
         return self._plan(hf_config, attn, frozen, fraction, len(train_rows.rows), len(val_rows.rows) if val_rows else 0)
 
@@ -154,9 +149,6 @@ class HFBackend:
     def _step_batches(self, step: int) -> list[sft.Batch]:
         """Every micro-batch of ``step`` on the host (all ranks': the token count is global)."""
         return [self.sft.batch(self.sft.rows("train", self._indices(step, m))) for m in range(self.train.grad_accum)]
-
-    def set_lr(self, lr: float) -> None:
-        self.stepper.set_lr(lr)
 
     def _loss(self, model: Any, batch: tuple[sft.Batch, int, int], with_logits: bool) -> MicroLoss:
         """One micro-batch's share of the step loss: TRL's SFT loss, ``sum CE / n_items`` with
@@ -232,8 +224,7 @@ class HFBackend:
         return self.stepper.measure((batch, n, n), self._loss, steps=steps, micro_batches=len(self.micro))
 
     def close(self) -> None:
-        if hasattr(self, "stepper"):  # before the process group goes
-            self.stepper.close()
+        super().close()
         workdir = getattr(getattr(self, "sft", None), "workdir", None)
         if workdir is not None:
             workdir.cleanup()
