@@ -274,3 +274,19 @@ def test_third_party_backend_through_the_real_cli(site, tmp_path):
     evals = [e for e in events if e["event"] == "eval"]
     assert {e["step"] for e in evals} >= {2, 4, 6} and all("accuracy" in e["metrics"] for e in evals)
     assert any(e["event"] == "run_start" and e["resumed_from"] for e in events)
+
+
+def test_muon_decays_the_hidden_matrices_by_optim_weight_decay(make):
+    decayed = make("optim.name='muon'", "optim.weight_decay=0.5", "optim.muon_lr=0.02", "plugins=[]")
+    group = decayed.backend.stepper.optimizer.muon.param_groups[0]
+    assert group["weight_decay"] == 0.5
+    start = [p.detach().clone() for p in group["params"]]
+    rng = torch.get_rng_state()
+    decayed.backend.train_step(0)
+    plain = make("optim.name='muon'", "optim.weight_decay=0.0", "optim.muon_lr=0.02", "plugins=[]")
+    torch.set_rng_state(rng)
+    plain.backend.train_step(0)
+    # Muon: p <- p * (1 - lr * wd) - lr * update; the first update is the same in both runs
+    after = plain.backend.stepper.optimizer.muon.param_groups[0]["params"]
+    for p0, a, b in zip(start, group["params"], after, strict=True):
+        assert torch.allclose(a - b, -0.02 * 0.5 * p0, atol=1e-6)
