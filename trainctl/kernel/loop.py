@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,20 +114,11 @@ class Trainer:
             read = self._read(out) if logged else None  # the one host sync of a logged step
             step_time = time.perf_counter() - t0
             interval.add(step_time, out)
-            event = StepEnd(
-                step=state.step, max_steps=train.max_steps, lr=lr, tokens=state.tokens,
-                step_time=step_time, mean_step_time=interval.time / interval.steps, logged=logged, time=time.time(),
-            )
             if read is not None:
                 state.last_loss = read.loss
-                event = dataclasses.replace(
-                    event, loss=read.loss, grad_norm=read.grad_norm, skipped=read.skipped,
-                    skipped_updates=read.skipped_updates, skip_streak_max=read.skip_streak_max, metrics=read.metrics,
-                    tokens_per_s=interval.tokens / interval.time if interval.time > 0 else None,
-                    mfu=self.flops_share * interval.processed / interval.time if self.flops_share and interval.time > 0 else None,
-                )
+            bus.step_end(self._step_event(lr, step_time, interval, read))
+            if logged:
                 interval = Interval()
-            bus.step_end(event)
             bus.deliver_pending()
 
             if train.eval_interval and state.step % train.eval_interval == 0:
@@ -141,6 +131,22 @@ class Trainer:
             if decision.stop:
                 break
         return decision
+
+    def _step_event(self, lr: float, step_time: float, interval: Interval, read: Read | None) -> StepEnd:
+        """A logged step (``read``) carries its outputs and the rates measured over the interval
+        since the last logged step: tokens actually trained, and for MFU tokens processed."""
+        measured = read is not None and interval.time > 0
+        return StepEnd(
+            step=self.state.step, max_steps=self.train.max_steps, lr=lr, tokens=self.state.tokens,
+            step_time=step_time, mean_step_time=interval.time / interval.steps, logged=read is not None,
+            loss=read.loss if read else None, grad_norm=read.grad_norm if read else None,
+            skipped=read.skipped if read else False,
+            skipped_updates=read.skipped_updates if read else None,
+            skip_streak_max=read.skip_streak_max if read else None,
+            tokens_per_s=interval.tokens / interval.time if measured else None,
+            mfu=self.flops_share * interval.processed / interval.time if measured and self.flops_share else None,
+            metrics=read.metrics if read else {}, time=time.time(),
+        )
 
     def _agree(self, decision: Control) -> Control:
         """All ranks act on the same decision at the same step: a stop, save, pause or eval
