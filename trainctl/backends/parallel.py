@@ -2,8 +2,8 @@
 
 Today that is replication (DDP; nothing at all for one process). Sharding (FSDP2) plugs in here
 as another class with the same members: ``forward`` (the module training forwards go through),
-``accumulating`` (hold the gradient reduction back while micro-batches accumulate),
-``grad_norm`` (the global norm of the reduced gradients) and ``close``. Nothing else in
+``model`` (the bare one), ``accumulating`` (hold the gradient reduction back while micro-batches
+accumulate), ``grad_norm`` (the global norm of the reduced gradients), ``clip_`` and ``close``. Nothing else in
 ``backends/`` depends on how parameters are placed.
 """
 
@@ -39,6 +39,10 @@ class Replicated:
     def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
         """The 2-norm of all gradients: after DDP's all-reduce every rank holds them all."""
         return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+
+    def clip_(self, params: list[nn.Parameter], max_norm: float, norm: torch.Tensor) -> None:
+        """Scale the gradients so that their global norm ``norm`` is at most ``max_norm``."""
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
 
     def close(self) -> None:
         # DDP's reducer must go before the process group does, or its C++ threads may abort the

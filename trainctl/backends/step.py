@@ -100,7 +100,7 @@ class OptimizerStep:
         self.scaler.unscale_(self.optimizer)  # no-op unless float16
         grad_norm = self.parallel.grad_norm(self.params)  # before clipping; also decides finiteness
         if self.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, grad_norm, foreach=True)
+            self.parallel.clip_(self.params, self.grad_clip, grad_norm)
         # bool, on the device. Distributed: decided from the reduced gradients alone, which every
         # rank shares (a non-finite loss on any rank makes them non-finite), so all ranks agree
         finite = torch.isfinite(grad_norm) if self.world > 1 else torch.isfinite(total) & torch.isfinite(grad_norm)
