@@ -94,9 +94,10 @@ class OptimizerStep:
                 with self.autocast:
                     share = self._share(loss(self.parallel.forward, batch, self.loss_terms is not None), extras, len(batches))
                 # each rank's shares add up to its part of the step loss; DDP averages over ranks
-                self.scaler.scale(share * self.world).backward()
+                self.scaler.scale(share * self.world if self.world > 1 else share).backward()
             total += share.detach()
-        loss_value = total * self.world  # this rank's estimate of the step loss; the kernel averages
+        # this rank's estimate of the step loss; the kernel averages over ranks
+        loss_value = total * self.world if self.world > 1 else total
         self.scaler.unscale_(self.optimizer)  # no-op unless float16
         grad_norm = self.parallel.grad_norm(self.params)  # before clipping; also decides finiteness
         if self.grad_clip > 0:

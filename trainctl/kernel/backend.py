@@ -38,8 +38,9 @@ class BackendContext:
     out_dir: Path
     dist: Distributed = Distributed()
     #: ``loss_terms(logits, targets, loss) -> [(name, term)]`` from plugins, or None when no
-    #: plugin adds terms (then the backend must not spend anything on them).
-    loss_terms: Callable[[Any, Any, Any], list[tuple[str, Any]]] | None = None
+    #: plugin adds terms (then the backend must not spend anything on them). Called per training
+    #: micro-batch with (B, T, V) logits, (B, T) targets and the micro-batch's mean cross-entropy.
+    loss_terms: Callable[[Tensor, Tensor, Tensor], list[tuple[str, Tensor]]] | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
