@@ -27,8 +27,6 @@ from trainctl.backends.step import MicroLoss, OptimizerStep, StepBackend, local_
 from trainctl.kernel.backend import Evaluation, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError
 
-IGNORE = -1  # the GPT's ignored target (none in its own data; a plugin's test may set some)
-
 # Evaluation batches are fixed (the same at every evaluation, so losses compare); their key uses
 # a "step" that training never reaches.
 EVAL_KEYS = {"train": 2**32 - 1, "val": 2**32 - 2}
@@ -119,8 +117,9 @@ class GPTBackend(StepBackend):
     def evaluate(self, step: int) -> dict[str, Evaluation]:
         """Fixed batches (the same at every evaluation); every rank scores the same ones."""
         def score(batch: tuple[torch.Tensor, torch.Tensor]) -> scoring.BatchScore:
-            logits, _ = self.eval_model(*batch)  # (B, T, V)
-            return scoring.BatchScore(*scoring.top1(logits, batch[1], IGNORE))
+            logits, loss = self.eval_model(*batch)  # (B, T, V), mean over every target (none ignored)
+            y = batch[1]
+            return scoring.BatchScore(loss.float() * y.numel(), (logits.argmax(-1) == y).sum(), y.numel())
 
         splits = {split: self._eval_batches(split, arr) for split, arr in (("train", self.data.train), ("val", self.data.val))}
         return scoring.evaluate(self.raw_model, splits, score, self.stepper.autocast, self.device)
