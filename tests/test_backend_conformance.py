@@ -31,6 +31,7 @@ import torch
 from tests import fault_plugins, probe_plugins, recording_plugins
 from tests.conftest import ROOT, TINY_GPT, cli_env, make_config
 from tests.recording_plugins import INSTANCES
+from tests.test_loss_guard import flat, same
 from trainctl.hooks.events import EvalEnd, StepEnd
 from trainctl.kernel.backend import Evaluation, StepOutput
 from trainctl.kernel.registry import Registry
@@ -96,20 +97,6 @@ def params(backend) -> dict[str, torch.Tensor]:
 def snapshot(backend) -> dict[str, torch.Tensor]:
     """Parameters and every tensor and number of the optimizer state, cloned."""
     return params(backend) | flat(backend.stepper.optimizer.state_dict(), "optim")
-
-
-def flat(value, prefix: str) -> dict[str, torch.Tensor]:
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}/{key}").items()}
-    if isinstance(value, (list, tuple)):
-        return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{prefix}/{i}").items()}
-    if isinstance(value, torch.Tensor):
-        return {prefix: value.detach().clone()}
-    return {prefix: torch.tensor(float(value))} if isinstance(value, (int, float)) else {}
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_every_backend_reports_the_same_step_outputs_and_events(make):
