@@ -1,5 +1,6 @@
 """The ``gpt`` backend: a nanoGPT-style GPT in plain PyTorch, implementing
-:class:`trainctl.kernel.backend.Backend`. It owns the math of a step; the kernel owns the loop.
+:class:`trainctl.kernel.backend.Backend` on the shared step machinery
+(``trainctl.backends.step``): it owns the model, the data and the loss; the kernel owns the loop.
 
 Batches are a pure function of (seed, step, micro-batch): resume and any number of ranks see
 the same data, with no data position to save beyond the step itself.

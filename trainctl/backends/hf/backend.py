@@ -15,6 +15,8 @@ fused head, with ``num_items_in_batch`` the trained-token count of the whole ste
 accumulation is token-exact). Per-step losses match ``trainer.train()`` (bench/hf_vs_trl.py).
 ``compute_loss`` itself is not called because it reads three metrics to the host on every
 micro-batch; entropy and token accuracy come back as device tensors, read on logged steps only.
+Everything else in a step (accumulation under DDP, autocast, clipping, the on-device skip of
+non-finite updates) is the shared ``trainctl.backends.step``'s, as for every backend.
 
 Batches are a pure function of (seed, step, micro-batch) (see ``sft.py``), and the trained-token
 count of a step is read from the collated labels on the host before they move to the device.
