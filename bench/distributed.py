@@ -66,7 +66,7 @@ def step_ms(work: Path, interval: int, steps: int = 120) -> float:
     if proc.returncode:
         raise SystemExit(f"torchrun exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    times = [e["step_time"] for e in events if e["event"] == "step" and e.get("loss") is not None and e["step"] > 20]
+    times = [e["mean_step_time"] for e in events if e["event"] == "step" and e.get("loss") is not None and e["step"] > 20]
     return statistics.median(times) * 1000
 
 

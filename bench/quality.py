@@ -41,7 +41,7 @@ def main() -> None:
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
     print(f"final val loss {vals[-1]['loss']:.4f} at step {vals[-1]['step']} (target <= 1.89)")
     print("val losses: " + ", ".join(f"{v['step']}:{v['loss']:.3f}" for v in vals))
-    print(f"median ms/step {statistics.median(s['step_time'] for s in steps) * 1e3:.2f}")
+    print(f"median ms/step {statistics.median(s['mean_step_time'] for s in steps) * 1e3:.2f}")
     print(f"time to first logged step {steps[0]['time'] - started:.2f} s (step {steps[0]['step']})")
     print(f"wall time {time.time() - started:.1f} s, peak RSS {rss_kb / 1024:.0f} MiB")
 

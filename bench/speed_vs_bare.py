@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainctl.backends.gpt import data as gpt_data  # noqa: E402
 from trainctl.backends.gpt.model import GPT, GPTConfig  # noqa: E402
-from trainctl.backends.gpt.optim import build_optimizer  # noqa: E402
+from trainctl.backends.optim import build_optimizer  # noqa: E402
 from trainctl.hooks import PluginSpec, hookimpl  # noqa: E402
 from trainctl.kernel import config as cfg  # noqa: E402
 from trainctl.kernel.registry import Registry  # noqa: E402

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainctl.backends.gpt.model import GPT, GPTConfig
-from trainctl.backends.gpt.optim import CombinedOptimizer, build_optimizer
+from trainctl.backends.optim import CombinedOptimizer, build_optimizer
 
 LR = 1e-3
 MUON_LR = 0.02

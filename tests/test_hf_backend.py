@@ -162,7 +162,7 @@ def test_loss_is_trls_compute_loss(registry, hf, tmp_path):
     b = session(registry, hf, tmp_path / "out", "plugins=[]", "data.packing='bfd'").backend
     batches = b._step_batches(0)
     n = sum(x.trained for x in batches)
-    ours = sum(float(b._loss(dict(x.inputs), n, {})[0].detach()) for x in batches)
+    ours = sum(float(b._loss(b.model, (x, n, n), False).share.detach()) for x in batches)
     trl = sum(float(b.sft.trainer.compute_loss(b.model, dict(x.inputs), num_items_in_batch=n).detach()) for x in batches)
     assert abs(ours - trl) < 1e-6
 

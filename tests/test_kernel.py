@@ -144,3 +144,24 @@ def test_resume_continues_from_the_checkpoint(registry, tmp_path):
     assert float(session.backend.weight) == 10.0  # 4 restored + 6 new
     assert INSTANCES["recorder"].calls[0] == ("run_start", 4)
 
+
+
+def test_step_times_are_each_steps_own_and_rates_are_measured_over_the_interval(registry, tmp_path):
+    import dataclasses
+
+    session = Run(make_config(registry, tmp_path / "out", 'plugins=["recorder"]', "train.max_steps=6",
+                              "train.log_interval=3"), registry, resume="never")
+    session.plan = dataclasses.replace(session.plan, tokens_per_step=1000)  # an estimate the steps do not meet
+    assert session.fit().status == "completed"
+    fake_tokens = 8  # the fake backend trains 8 tokens a step
+    steps = [e for e in INSTANCES["recorder"].events if type(e).__name__ == "StepEnd"]
+    first, second = steps[:3], steps[3:]
+    for interval in (first, second):
+        seconds = sum(e.step_time for e in interval)
+        logged = interval[-1]
+        assert logged.logged and logged.mean_step_time == pytest.approx(seconds / 3)
+        # tokens trained in the interval over its time, not the plan's tokens per step
+        assert logged.tokens_per_s == pytest.approx(3 * fake_tokens / seconds)
+        assert all(e.tokens_per_s is None and e.skipped_updates is None for e in interval[:-1])
+    assert first[1].mean_step_time == pytest.approx((first[0].step_time + first[1].step_time) / 2)
+    assert [e.metrics for e in steps if e.logged] == [{}, {}]  # no fixed outputs among the metrics

@@ -58,7 +58,7 @@ def test_nan_step_leaves_parameters_and_optimizer_bit_identical(registry, tmp_pa
     after_params, after_state = snapshot(backend)
     assert same(before_params, after_params)
     assert len(before_state) > 10 and same(before_state, after_state)  # moments and step counts untouched
-    assert float(out.metrics["skipped_updates"]) == 1 and float(out.metrics["skip_streak_max"]) == 1
+    assert float(out.skipped_updates) == 1 and float(out.skip_streak_max) == 1
     out = backend.train_step(3)  # the next step applies normally
     assert not bool(out.skipped) and not same(after_params, snapshot(backend)[0])
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainctl.kernel.backend import Evaluation
 from trainctl.kernel.errors import ConfigError
 
 MAX_PROMPTS = 16
@@ -107,7 +108,8 @@ class Evaluator:
         config, backend = self._backend(checkpoint)
         step = checkpoint_step(checkpoint)
         backend.load(checkpoint)
-        losses = backend.evaluate(step) if val_loss else {}
+        results = {split: Evaluation.of(r) for split, r in backend.evaluate(step).items()} if val_loss else {}
+        losses = {split: r.loss for split, r in results.items()}
         texts = []
         if samples is not None:
             for prompt in samples.prompts:

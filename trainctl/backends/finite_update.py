@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from trainctl.backends.gpt.optim import CombinedOptimizer
+from trainctl.backends.optim import CombinedOptimizer
 
 
 def parts(optimizer: Any) -> list[torch.optim.Optimizer]:

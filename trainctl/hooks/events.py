@@ -34,22 +34,28 @@ class RunStart:
 class StepEnd:
     """One optimizer step finished (``step`` counts completed steps, so the first is 1).
 
-    ``loss``, ``grad_norm`` and ``metrics`` are only measured on logged steps (every
-    ``train.log_interval``): reading a device value is a host sync, and the kernel does exactly one
-    per logged step. On other steps they are ``None``/empty and ``logged`` is False.
+    ``loss``, ``grad_norm``, the rates, the skip counters and ``metrics`` are only measured on
+    logged steps (every ``train.log_interval``): reading a device value is a host sync, and the
+    kernel does exactly one per logged step. On other steps they are ``None``/empty and
+    ``logged`` is False. ``step_time`` is this step's own wall time; on a GPU the work of
+    unlogged steps is queued asynchronously and lands in the next logged step's time, so rates
+    use ``mean_step_time`` (and ``tokens_per_s`` the tokens actually trained over that interval).
     """
 
     step: int
     max_steps: int
     lr: float
     tokens: int  # cumulative trained tokens, all ranks
-    step_time: float  # seconds: mean over the steps since the last logged step
+    step_time: float  # seconds: this step alone (the backend's step and the kernel's read)
+    mean_step_time: float = 0.0  # seconds: mean over the steps since the last logged step
     logged: bool
     loss: float | None = None
     grad_norm: float | None = None
-    tokens_per_s: float | None = None
+    tokens_per_s: float | None = None  # measured: tokens trained since the last logged step / their time
     mfu: float | None = None
     skipped: bool = False  # the update was not applied (e.g. non-finite loss)
+    skipped_updates: int | None = None  # updates skipped since the process started (None: not counted)
+    skip_streak_max: int | None = None  # the longest run of consecutive skipped updates
     metrics: dict[str, float] = field(default_factory=dict)  # loss terms and backend extras
     time: float
 

@@ -164,7 +164,9 @@ def trainctl_control(view: RunView) -> Control | None:
 def trainctl_loss_terms(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor) -> tuple[str, torch.Tensor] | None:
     """Add a term to the training loss: return ``(name, term)`` with ``term`` a scalar tensor on
     the loss's device; the backend adds it before backward. ``logits`` are (B, T, V), ``targets``
-    (B, T) with -1/-100 for ignored positions, ``loss`` the backend's mean cross-entropy.
+    (B, T) with -1/-100 for ignored positions, ``loss`` the micro-batch's mean cross-entropy over
+    its scored tokens (0-d, on every backend). The term counts as the mean over the step's
+    micro-batches.
 
     Called for every training micro-batch, never during evaluation. Do not read device values
     here (no ``.item()``): the term's mean is reported in the step event as ``metrics[name]`` on

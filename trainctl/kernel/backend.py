@@ -6,12 +6,15 @@ and everything that lives on the device. It never decides when to evaluate, save
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the kernel's contract is importable without torch (``trainctl --help``)
+    from torch import Tensor
+
     from trainctl.kernel.config import RunConfig
     from trainctl.kernel.schema import OptimConfig
 
@@ -59,8 +62,9 @@ class BackendContext:
     out_dir: Path
     dist: Distributed = Distributed()
     #: ``loss_terms(logits, targets, loss) -> [(name, term)]`` from plugins, or None when no
-    #: plugin adds terms (then the backend must not spend anything on them).
-    loss_terms: Callable[[Any, Any, Any], list[tuple[str, Any]]] | None = None
+    #: plugin adds terms (then the backend must not spend anything on them). Called per training
+    #: micro-batch with (B, T, V) logits, (B, T) targets and the micro-batch's mean cross-entropy.
+    loss_terms: Callable[[Tensor, Tensor, Tensor], list[tuple[str, Tensor]]] | None = None
 
     @classmethod
     def of(cls, config: RunConfig, *, out_dir: Path, dist: Distributed = Distributed(),
@@ -85,16 +89,41 @@ class Plan:
     details: dict[str, Any] = field(default_factory=dict)  # plain values shown in the plan
 
 
-@dataclass(slots=True)
+@dataclass(kw_only=True, slots=True)
 class StepOutput:
     """One step's results, still on the device: reading them is a host sync, so the kernel does
-    it only on logged steps, all at once."""
+    it only on logged steps, all at once (one stacked read, averaged over ranks).
 
-    loss: Any  # scalar tensor: mean training loss over the step's micro-batches
-    grad_norm: Any | None = None  # scalar tensor, before clipping
-    tokens: int = 0  # tokens trained in this step, all ranks
-    metrics: dict[str, Any] = field(default_factory=dict)  # name -> scalar tensor (loss terms, ...)
-    skipped: Any = False  # bool or bool tensor: the update was not applied
+    ``trainctl.backends.step.OptimizerStep`` fills every field; a backend built without it
+    must at least give ``loss`` and ``tokens``."""
+
+    loss: Tensor  # 0-d: the step's training loss (mean over its micro-batches, loss terms included)
+    grad_norm: Tensor | None = None  # 0-d: global gradient norm, before clipping
+    skipped: Tensor | bool = False  # 0-d bool: the update was not applied (non-finite)
+    skipped_updates: Tensor | None = None  # 0-d: updates skipped since the process started
+    skip_streak_max: Tensor | None = None  # 0-d: the longest run of consecutive skipped updates
+    tokens: int  # tokens trained in this step (scored by the loss), all ranks
+    processed_tokens: int | None = None  # positions the model ran, padding included (None: = tokens)
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # loss terms and backend extras only
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Evaluation:
+    """One split's evaluation: token-mean cross-entropy and top-1 token accuracy."""
+
+    loss: float
+    accuracy: float | None = None  # fraction of scored tokens whose most likely token is the target
+    tokens: int = 0  # tokens scored
+
+    @property
+    def perplexity(self) -> float:
+        """``exp(loss)``; infinite rather than an OverflowError for a diverged model."""
+        return math.exp(self.loss) if self.loss < 700 else math.inf
+
+    @classmethod
+    def of(cls, value: Evaluation | float) -> Evaluation:
+        """A backend may answer a bare loss (the contract before accuracy was asked for)."""
+        return value if isinstance(value, Evaluation) else cls(loss=float(value))
 
 
 class Backend(Protocol):
@@ -110,15 +139,17 @@ class Backend(Protocol):
         batches that belong to ``step``. Must not sync with the host.
 
         If the loss or the gradient norm is not finite, the update is not applied (parameters
-        and optimizer state stay bit-identical) and ``skipped`` is true; decide this on the
-        device where it can avoid a sync. For the ``loss_guard`` plugin, which sees only logged
-        steps, also report two device counters in ``metrics``: ``skipped_updates`` (skipped
-        since the process started) and ``skip_streak_max`` (the longest run of consecutive
-        skips)."""
+        and optimizer state stay bit-identical) and ``skipped`` is true, decided on the device.
+        ``skipped_updates``/``skip_streak_max`` are device counters for the ``loss_guard``
+        plugin, which sees only logged steps. Loss terms (``BackendContext.loss_terms``) get each
+        micro-batch's mean cross-entropy, its (B, T, V) logits and (B, T) targets (ignored
+        positions negative). ``trainctl.backends.step.OptimizerStep`` does all of this given a
+        loss per micro-batch: a backend built on it owns only its model, data and loss."""
 
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Mean loss per split (``train``, ``val``) over ``train.eval_steps`` batches, with loss
-        terms off and the model back in training mode afterwards."""
+    def evaluate(self, step: int) -> dict[str, Evaluation]:
+        """Token-mean loss and token accuracy per split (``train``, ``val``) over
+        ``train.eval_steps`` fixed batches, with loss terms off. Leaves training state alone:
+        parameters, optimizer, RNG, and the model back in training mode."""
 
     def save(self, directory: Path) -> None:
         """Write weights (safetensors), optimizer and RNG state into ``directory``: the torch RNG
@@ -139,7 +170,8 @@ class Backend(Protocol):
         on the steps that asked for it."""
 
     def measure(self, steps: int) -> float:
-        """Seconds per step, estimated by timing forward/backward without updating anything."""
+        """Seconds per step, estimated by timing forward/backward without updating anything:
+        parameters, optimizer state and RNG are as they were."""
 
     def close(self) -> None:
         """Release resources (process groups, files)."""

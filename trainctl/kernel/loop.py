@@ -4,7 +4,7 @@
     for step in start .. max_steps - 1:
         lr = trainctl_lr(step) or optim.lr       -> trainctl_lr (first answer wins)
         out = backend.train_step(step)           # forward, backward, clip, update: no host sync
-        read loss/grad norm if a logged step     # the one host sync of a logged step
+        read out's fields if a logged step       # the one host sync of a logged step
         step_end                                 -> trainctl_step_end
         evaluate every eval_interval             -> notice "evaluating", trainctl_eval_end (one per split)
         decision = combine(trainctl_control)     -> trainctl_control (any stop wins)
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ import torch
 from trainctl.hooks import notices
 from trainctl.hooks.events import CheckpointSaved, Control, EvalEnd, Notice, RunEnd, RunStart, StepEnd, combine
 from trainctl.hooks.plugin import RunInfo
-from trainctl.kernel.backend import Backend, Distributed, Plan
+from trainctl.kernel.backend import Backend, Distributed, Evaluation, Plan, StepOutput
 from trainctl.kernel.bus import EventBus
 from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import PluginError
@@ -59,7 +60,7 @@ class Trainer:
         self.group = group or Group(Distributed())  # one process unless Run passes the ranks' group
         self.held = Control()  # decisions waiting for the next agreement (train.control_interval)
         peak = plan.peak_flops or train.peak_tflops * 1e12
-        self.flops_per_step = (plan.flops_per_token or 0) * plan.tokens_per_step / peak if peak else 0.0
+        self.flops_share = (plan.flops_per_token or 0) / peak if peak else 0.0  # of the peak, per token per second
 
     def fit(self) -> RunResult:
         state, train, bus = self.state, self.train, self.bus
@@ -100,7 +101,7 @@ class Trainer:
 
     def _steps(self) -> Control:
         state, train, bus, backend = self.state, self.train, self.bus, self.backend
-        interval_time, interval_steps = 0.0, 0
+        interval = Interval()
         decision = Control()
         while state.step < train.max_steps:
             t0 = time.perf_counter()
@@ -111,26 +112,14 @@ class Trainer:
             bus.step = state.step
             state.tokens += out.tokens
             logged = state.step % train.log_interval == 0 or state.step == train.max_steps
-            values: dict[str, float] = {}
+            read = self._read(out) if logged else None  # the one host sync of a logged step
+            step_time = time.perf_counter() - t0
+            interval.add(step_time, out)
+            if read is not None:
+                state.last_loss = read.loss
+            bus.step_end(self._step_event(lr, step_time, interval, read))
             if logged:
-                values = self._read(out)  # the one host sync of a logged step
-                state.last_loss = values.pop("loss")
-            interval_time += time.perf_counter() - t0
-            interval_steps += 1
-            step_time = interval_time / interval_steps
-            event = StepEnd(
-                step=state.step, max_steps=train.max_steps, lr=lr, tokens=state.tokens,
-                step_time=step_time, logged=logged, time=time.time(),
-                loss=state.last_loss if logged else None,
-                grad_norm=values.pop("grad_norm", None),
-                skipped=bool(values.pop("skipped", 0.0)),
-                tokens_per_s=self.plan.tokens_per_step / step_time if logged else None,
-                mfu=self.flops_per_step / step_time if logged and self.flops_per_step else None,
-                metrics=values,
-            )
-            if logged:
-                interval_time, interval_steps = 0.0, 0
-            bus.step_end(event)
+                interval = Interval()
             bus.deliver_pending()
 
             if train.eval_interval and state.step % train.eval_interval == 0:
@@ -143,6 +132,22 @@ class Trainer:
             if decision.stop:
                 break
         return decision
+
+    def _step_event(self, lr: float, step_time: float, interval: Interval, read: Read | None) -> StepEnd:
+        """A logged step (``read``) carries its outputs and the rates measured over the interval
+        since the last logged step: tokens actually trained, and for MFU tokens processed."""
+        measured = read is not None and interval.time > 0
+        return StepEnd(
+            step=self.state.step, max_steps=self.train.max_steps, lr=lr, tokens=self.state.tokens,
+            step_time=step_time, mean_step_time=interval.time / interval.steps, logged=read is not None,
+            loss=read.loss if read else None, grad_norm=read.grad_norm if read else None,
+            skipped=read.skipped if read else False,
+            skipped_updates=read.skipped_updates if read else None,
+            skip_streak_max=read.skip_streak_max if read else None,
+            tokens_per_s=interval.tokens / interval.time if measured else None,
+            mfu=self.flops_share * interval.processed / interval.time if measured and self.flops_share else None,
+            metrics=read.metrics if read else {}, time=time.time(),
+        )
 
     def _agree(self, decision: Control) -> Control:
         """All ranks act on the same decision at the same step: a stop, save, pause or eval
@@ -197,15 +202,17 @@ class Trainer:
         # before the work, so that observers (status) can show it while it lasts
         self.bus.notice(Notice(step=state.step, kind=notices.EVALUATING, time=time.time()))
         started = time.perf_counter()
-        losses = self.backend.evaluate(state.step)
+        results = {split: Evaluation.of(value) for split, value in self.backend.evaluate(state.step).items()}
         duration = time.perf_counter() - started
         state.evaluated_step = state.step
-        if "val" in losses:
-            state.last_val_loss = losses["val"]
-            if state.best_val_loss is None or losses["val"] < state.best_val_loss:
-                state.best_val_loss = losses["val"]
-        for split, loss in losses.items():
-            self.bus.eval_end(EvalEnd(step=state.step, split=split, loss=loss, duration=duration, time=time.time()))
+        if "val" in results:
+            state.last_val_loss = results["val"].loss
+            if state.best_val_loss is None or results["val"].loss < state.best_val_loss:
+                state.best_val_loss = results["val"].loss
+        for split, result in results.items():
+            metrics = {"perplexity": result.perplexity} | ({"accuracy": result.accuracy} if result.accuracy is not None else {})
+            self.bus.eval_end(EvalEnd(step=state.step, split=split, loss=result.loss, duration=duration,
+                                      metrics=metrics, time=time.time()))
 
     def _save(self, reason: str) -> None:
         state = self.state
@@ -222,21 +229,46 @@ class Trainer:
             val_loss=state.last_val_loss if state.evaluated_step == state.step else None, time=time.time(),
         ))
 
-    def _read(self, out) -> dict[str, float]:
-        names = ["loss"]
-        tensors = [out.loss.detach().float().reshape(())]
-        if out.grad_norm is not None:
-            names.append("grad_norm")
-            tensors.append(out.grad_norm.detach().float().reshape(()))
-        if isinstance(out.skipped, torch.Tensor):
-            names.append("skipped")
-            tensors.append(out.skipped.detach().float().reshape(()))
-        for name, value in out.metrics.items():
-            names.append(name)
-            tensors.append(value.detach().float().reshape(()))
+    def _read(self, out: StepOutput) -> Read:
+        fields = [("loss", out.loss), ("grad_norm", out.grad_norm), ("skipped", out.skipped),
+                  ("skipped_updates", out.skipped_updates), ("skip_streak_max", out.skip_streak_max)]
+        present = [(name, value) for name, value in fields if isinstance(value, torch.Tensor)]
+        present += [(f"metrics.{name}", value) for name, value in out.metrics.items()]
+        tensors = [value.detach().float().reshape(()) for _, value in present]
         # host sync: once per logged step, here only (with the mean over ranks, when distributed)
-        values = self.group.mean_(torch.stack(tensors)).tolist()
-        result = dict(zip(names, values))
-        if not isinstance(out.skipped, torch.Tensor):
-            result["skipped"] = float(bool(out.skipped))
-        return result
+        values = dict(zip([name for name, _ in present], self.group.mean_(torch.stack(tensors)).tolist()))
+        count = lambda name: int(values[name]) if name in values else None  # noqa: E731
+        return Read(
+            loss=values["loss"], grad_norm=values.get("grad_norm"),
+            skipped=bool(values["skipped"]) if "skipped" in values else bool(out.skipped),
+            skipped_updates=count("skipped_updates"), skip_streak_max=count("skip_streak_max"),
+            metrics={name.removeprefix("metrics."): v for name, v in values.items() if name.startswith("metrics.")},
+        )
+
+
+@dataclass(slots=True)
+class Interval:
+    """What happened since the last logged step: the rates of the next one."""
+
+    steps: int = 0
+    time: float = 0.0
+    tokens: int = 0  # trained
+    processed: int = 0  # run through the model (for MFU)
+
+    def add(self, seconds: float, out: StepOutput) -> None:
+        self.steps += 1
+        self.time += seconds
+        self.tokens += out.tokens
+        self.processed += out.tokens if out.processed_tokens is None else out.processed_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """A logged step's outputs on the host."""
+
+    loss: float
+    grad_norm: float | None
+    skipped: bool
+    skipped_updates: int | None
+    skip_streak_max: int | None
+    metrics: dict[str, float]

@@ -113,21 +113,25 @@ class Console:
     def trainctl_step_end(self, event: StepEnd) -> None:
         self.step = event.step
         if event.logged:
-            self.step_time = event.step_time  # the kernel's: the step alone, no hooks
+            # the kernel's mean over the interval: the steps alone, no hooks (events written by
+            # hand may leave it out)
+            mean = event.mean_step_time or event.step_time
+            self.step_time = mean
             if self.logged_at is not None and event.step > self.logged_at[0]:
                 wall = event.time - self.logged_at[1] - self.excluded
-                self.step_time = max(wall / (event.step - self.logged_at[0]), event.step_time)
+                self.step_time = max(wall / (event.step - self.logged_at[0]), mean)
             self.logged_at, self.excluded = (event.step, event.time), 0.0
             eta = self.eta()
             self._emit(
                 "step", step=f"{event.step}/{event.max_steps}", loss=round(event.loss, 4),
-                lr=f"{event.lr:.2e}", ms=round(event.step_time * 1000, 1),
+                lr=f"{event.lr:.2e}", ms=round(mean * 1000, 1),
                 tok_s=int(event.tokens_per_s or 0),
                 mfu=f"{event.mfu:.1%}" if event.mfu is not None else None,
                 grad_norm=round(event.grad_norm, 3) if event.grad_norm is not None else None,
                 skipped=True if event.skipped else None,
+                skipped_updates=event.skipped_updates or None,
                 eta=human_duration(eta) if eta is not None else None,
-                # zero counters (skipped_updates, ...) would be noise on every line
+                # zero terms would be noise on every line
                 **{k: round(v, 5) for k, v in event.metrics.items() if v},
             )
         if self.bar and self.enabled:

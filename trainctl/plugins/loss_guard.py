@@ -2,19 +2,20 @@
 report (optionally skip) loss spikes.
 
 **Non-finite updates.** The backend never applies an update whose loss or gradient norm is not
-finite (the Backend contract; ``gpt`` decides it on the device, without a host sync). It keeps
-two device counters that the kernel reads with the loss on logged steps, as step metrics:
-``skipped_updates`` (since the process started) and ``skip_streak_max`` (the longest run of
-consecutive skipped updates). This plugin reports new skips as a ``skipped_update`` notice and
-stops the run as ``failed`` once the longest streak reaches ``max_skips``; it notices at the
-next logged step, so at most ``train.log_interval`` steps later. A backend without the counters
-is judged by the ``skipped`` flag of logged steps alone.
+finite (the Backend contract; the shared step machinery decides it on the device, without a
+host sync). It keeps two device counters that the kernel reads with the loss on logged steps,
+as ``StepEnd`` fields: ``skipped_updates`` (since the process started) and ``skip_streak_max``
+(the longest run of consecutive skipped updates). This plugin reports new skips as a
+``skipped_update`` notice and stops the run as ``failed`` once the longest streak reaches
+``max_skips``; it notices at the next logged step, so at most ``train.log_interval`` steps
+later. A backend without the counters (``None``) is judged by the ``skipped`` flag of logged
+steps alone.
 
 **Spikes.** A logged loss above ``mean + spike_sigma * std`` of the last ``spike_window`` logged
 losses (once ``spike_min_history`` are known) is reported as a ``loss_spike`` notice and kept out
 of the window. Only logged losses are visible to the host, so the step that showed the spike is
 already applied. With ``skip_spikes = true`` the threshold is enforced on the device from then
-on: a micro-batch whose loss exceeds it turns the step's loss into NaN (a loss term of NaN or
+on: a micro-batch whose mean cross-entropy exceeds it turns the step's loss into NaN (a loss term of NaN or
 0, chosen by ``torch.where``, no sync), so the backend skips that update like any non-finite one,
 and such skips count towards ``max_skips``: a loss that stays above the threshold fails the run
 instead of training on.
@@ -84,11 +85,11 @@ class LossGuard:
         return statistics.fmean(self.window) + self.c.spike_sigma * statistics.pstdev(self.window)
 
     def _skips(self, event: StepEnd) -> None:
-        total = event.metrics.get("skipped_updates")
+        total = event.skipped_updates
         if total is not None:
             new = int(total - self.device_total)
             self.device_total = total
-            streak = int(event.metrics.get("skip_streak_max", 0))
+            streak = event.skip_streak_max or 0
         else:
             new = int(event.skipped)
             self.streak = self.streak + 1 if event.skipped else 0

@@ -182,8 +182,6 @@ class PrometheusExporter:
         m.skipped.labels(**labels)
         m.info.labels(**labels, version=__version__, world_size=str(run.world_size)).set(1)
         self.tokens_seen = 0
-        self.since_logged = 0  # steps since the last logged step, this one included
-        self.prev_mean = 0.0
         self.server: MetricsServer | None = None
         self.state = ""
         self.address: str | None = None
@@ -234,16 +232,12 @@ class PrometheusExporter:
         self.lr.set(event.lr)
         self.tokens.inc(event.tokens - self.tokens_seen)
         self.tokens_seen = event.tokens
-        # recover this step's own duration from the running mean the kernel reports
-        k = self.since_logged = self.since_logged + 1
-        self.step_duration.observe(max(k * event.step_time - (k - 1) * self.prev_mean, 0.0))
-        self.prev_mean = event.step_time
+        self.step_duration.observe(event.step_time)  # this step's own duration
         # the step last: a scrape racing this hook never sees a step whose tokens are not counted
         self.step.set(event.step)
         self.last_step.set(event.time)
         if not event.logged:
             return
-        self.since_logged, self.prev_mean = 0, 0.0
         m, labels = self.metrics, self.labels
         if event.loss is not None:
             m.train_loss.labels(**labels).set(event.loss)

@@ -74,7 +74,7 @@ class Status:
             self.base = self.doc["state"] = "running"
             self.last_write = 0.0  # show "running" at once
         if event.logged:
-            self.step_time = event.step_time
+            self.step_time = event.mean_step_time or event.step_time
             self.doc.update(loss=event.loss, tokens_per_s=event.tokens_per_s)
         if self.step_time is not None:
             self.doc["eta_s"] = round((event.max_steps - event.step) * self.step_time, 1)

@@ -15,6 +15,8 @@ fused head, with ``num_items_in_batch`` the trained-token count of the whole ste
 accumulation is token-exact). Per-step losses match ``trainer.train()`` (bench/hf_vs_trl.py).
 ``compute_loss`` itself is not called because it reads three metrics to the host on every
 micro-batch; entropy and token accuracy come back as device tensors, read on logged steps only.
+Everything else in a step (accumulation under DDP, autocast, clipping, the on-device skip of
+non-finite updates) is the shared ``trainctl.backends.step``'s, as for every backend.
 
 Batches are a pure function of (seed, step, micro-batch) (see ``sft.py``), and the trained-token
 count of a step is read from the collated labels on the host before they move to the device.
@@ -22,22 +24,20 @@ count of a step is read from the collated labels on the host before they move to
 
 from __future__ import annotations
 
-import contextlib
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import transformers  # noqa: F401  (imported here so a missing extra is the kernel's one-line hint)
 import trl  # noqa: F401
 
-from trainctl.backends.gpt.backend import resolve_device, resolve_dtype
-from trainctl.backends.finite_update import FiniteUpdate
-from trainctl.backends.gpt.optim import build_optimizer
+from trainctl.backends import parallel, scoring
+from trainctl.backends.device import set_threads
 from trainctl.backends.hf import inference, loading, rows, sft, weights
 from trainctl.backends.hf.config import DataConfig, HFConfig, ModelConfig
 from trainctl.backends.hf.validate import check_rows
-from trainctl.kernel.backend import BackendContext, Plan, StepOutput
+from trainctl.backends.optim import from_config
+from trainctl.backends.step import MicroLoss, OptimizerStep, StepBackend, local_micro_batches
+from trainctl.kernel.backend import BackendContext, Evaluation, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError
 
 PLAN_SAMPLE_STEPS = 8  # steps collated (host only) to estimate tokens per step
@@ -54,29 +54,21 @@ def resolve_mask(shape: str, mask: str) -> str:
     return mask
 
 
-class HFBackend:
+class HFBackend(StepBackend):
     def __init__(self, ctx: BackendContext) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         self.cfg: ModelConfig = ctx.model
         self.data_cfg: DataConfig = ctx.data
         self.hf: HFConfig = ctx.sections.get("hf") or HFConfig()
-        self.train = ctx.train
-        self.device = resolve_device(self.train.device, ctx.dist.local_rank)
-        self.dtype = resolve_dtype(self.train.dtype, self.device)
-        self.lr = ctx.optim.lr
 
     # --- setup ------------------------------------------------------------------------------
 
     def setup(self) -> Plan:
         ctx, data, train = self.ctx, self.data_cfg, self.train
-        if train.threads:
-            torch.set_num_threads(train.threads)
+        set_threads(train.threads)
         if train.compile:
             raise ConfigError("train.compile is not supported by the hf backend (TRL's fused loss head is patched in at run time); set it to false")
-        world = ctx.dist.world_size
-        if train.grad_accum % world:
-            raise ConfigError(f"train.grad_accum {train.grad_accum} must be a multiple of the {world} ranks")
-        self.micro = list(range(ctx.dist.rank, train.grad_accum, world))
+        self.micro = local_micro_batches(train.grad_accum, ctx.dist)
 
         train_rows = rows.read(data.train, "data.train")
         val_rows = rows.read(data.val, "data.val") if data.val else None
@@ -108,33 +100,17 @@ class HFBackend:
             self.model.enable_input_require_grads()  # as TRL does: frozen embeddings, checkpointed blocks
         self._eval_batches: dict[str, list[sft.Batch]] = {}
         self.aux_coef = self.sft.trainer.router_aux_loss_coef if self.sft.trainer.aux_loss_enabled else 0.0
-        # training forwards go through DDP (gradients averaged over ranks in backward); evaluation,
-        # measurement and generation use the bare model and never talk to the other ranks
-        self.world = world
-        self.ddp = None
-        self.forward = self.model
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.ddp = self.forward = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
         first = self.sft.rows("train", self._indices(0, 0))
         fraction, problem = sft.mask_check(first, self.mask)
         if problem:
             raise ConfigError(problem)
 
-        optim = ctx.optim
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(
-            self.model, name=optim.name, lr=optim.lr, weight_decay=optim.weight_decay,
-            betas=(optim.beta1, optim.beta2), eps=optim.eps, device_type=self.device.type,
-            muon_lr=optim.muon_lr, muon_momentum=optim.muon_momentum, muon_weight_decay=0.0,
-        )
-        self.update = FiniteUpdate(self.optimizer)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else contextlib.nullcontext()
-        )
+        self.optimizer = from_config(self.model, ctx.optim, self.device.type)
+        placed = parallel.for_run(self.model, device=self.device, world_size=ctx.dist.world_size)
+        self.stepper = OptimizerStep(optimizer=self.optimizer, params=self.params, placement=self.placement,
+                                     parallel=placed, train=train, dist=ctx.dist, seed=ctx.seed, loss_terms=ctx.loss_terms)
         self.steps_done = 0
         return self._plan(hf_config, attn, frozen, fraction, len(train_rows.rows), len(val_rows.rows) if val_rows else 0)
 
@@ -157,10 +133,11 @@ class HFBackend:
         }
         if self.warnings:
             details["data warnings"] = "; ".join(self.warnings)
+        device, dtype = self.placement.names
         return Plan(
             params=trainable, total_params=total, tokens_per_step=round(tokens),
             flops_per_token=(6 if not self.hf.lora else 4) * total,  # forward 2N, backward 4N (2N without weight grads)
-            device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            device=device, dtype=dtype,
             summary=f"{self.cfg.name_or_path} fine-tuned on {self.data_cfg.train}",
             details=details,
         )
@@ -175,86 +152,48 @@ class HFBackend:
         """Every micro-batch of ``step`` on the host (all ranks': the token count is global)."""
         return [self.sft.batch(self.sft.rows("train", self._indices(step, m))) for m in range(self.train.grad_accum)]
 
-    def set_lr(self, lr: float) -> None:
-        self.lr = lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-
-    def _loss(self, inputs: dict[str, Any], n_items: int, terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """One micro-batch's share of the step loss (TRL's SFT loss), plus metric sums."""
-        loss_terms = self.ctx.loss_terms
-        if loss_terms is None:
-            out = self.forward(**inputs, use_cache=False, fused_lm_head=True)  # logits never materialised
-            loss = -out.log_probs.sum() / n_items
+    def _loss(self, model: Any, batch: tuple[sft.Batch, int, int], with_logits: bool) -> MicroLoss:
+        """One micro-batch's share of the step loss: TRL's SFT loss, ``sum CE / n_items`` with
+        ``n_items`` the trained tokens of the whole step (all ranks), so accumulation is
+        token-exact and bit-identical to ``SFTTrainer``; entropy and token accuracy as shares."""
+        b, n_items, n_local = batch  # trained tokens: this micro-batch, the step, this rank's part
+        inputs = sft.to_device(b.inputs, self.device)
+        if not with_logits:
+            out = model(**inputs, use_cache=False, fused_lm_head=True)  # logits never materialised
+            share = -out.log_probs.sum() / n_items
             if self.aux_coef:  # MoE load balancing, as compute_loss averages it over the accumulation
-                loss = loss + self.aux_coef * out.aux_loss / self.train.grad_accum
-            return loss, {"entropy": out.entropy.detach().sum(), "token_accuracy": out.is_top1.sum()}
-        # a plugin adds loss terms on the logits: the model's own loss with num_items_in_batch
-        # (the same shifted token sum / n), then the terms on aligned (B, T-1) logits and targets
-        out = self.forward(**inputs, use_cache=False, num_items_in_batch=n_items)
-        loss = out.loss
-        for name, term in loss_terms(out.logits[:, :-1], inputs["labels"][:, 1:], out.loss):
-            loss = loss + term / self.train.grad_accum  # the mean over the step's micro-batches, all ranks
-            terms[name] = terms.get(name, 0) + term.detach() / len(self.micro)
-        return loss, {}
+                share = share + self.aux_coef * out.aux_loss / self.train.grad_accum
+            return MicroLoss(share=share, metrics={"entropy": out.entropy.detach().sum() / n_local,
+                                                    "token_accuracy": out.is_top1.sum() / n_local})
+        # a plugin adds loss terms on the logits: the model's own loss over this micro-batch's
+        # trained tokens is its mean CE (the value the spec promises loss terms); the share
+        # weighs it by the micro-batch's part of the step's trained tokens
+        n_mine = max(b.trained, 1)
+        out = model(**inputs, use_cache=False, num_items_in_batch=n_mine)
+        share = out.loss * (n_mine / n_items)
+        return MicroLoss(share=share, ce=out.loss, logits=out.logits[:, :-1], targets=inputs["labels"][:, 1:])
 
     def train_step(self, step: int) -> StepOutput:
-        self.optimizer.zero_grad(set_to_none=True)
         batches = self._step_batches(step)
         n_items = max(sum(b.trained for b in batches), 1)  # host ints: no sync
         n_local = max(sum(batches[m].trained for m in self.micro), 1)
-        total = torch.zeros((), device=self.device)
-        sums: dict[str, torch.Tensor] = {}
-        terms: dict[str, torch.Tensor] = {}
-        for i, m in enumerate(self.micro):
-            inputs = sft.to_device(batches[m].inputs, self.device)
-            # DDP: one all-reduce, in the last local micro-batch's backward. Each share is already
-            # divided by the GLOBAL trained-token count (n_items: host ints, no sync), so the
-            # step's gradient is the SUM over ranks: scale by the world size, DDP divides by it.
-            sync = self.ddp is None or i == len(self.micro) - 1
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                with self.autocast:
-                    loss, extra = self._loss(inputs, n_items, terms)
-                self.scaler.scale(loss * self.world).backward()
-            total += loss.detach()
-            for k, v in extra.items():
-                sums[k] = sums.get(k, 0) + v
-        self.scaler.unscale_(self.optimizer)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if self.train.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.train.grad_clip, foreach=True)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        # distributed: from the all-reduced gradients alone, which every rank shares, so all agree
-        finite = torch.isfinite(grad_norm) if self.ddp is not None else torch.isfinite(total) & torch.isfinite(grad_norm)
-        if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # float16: the scaler skips non-finite steps itself
-            self.scaler.update()
-        else:
-            self.update.step(finite)
+        out = self.stepper.run([(batches[m], n_items, n_local) for m in self.micro], self._loss,
+                               tokens=sum(b.trained for b in batches), processed_tokens=sum(b.tokens for b in batches))
         self.steps_done = step + 1
-        metrics = {k: v / n_local for k, v in sums.items()} | terms
-        # this rank's share of the step loss; the kernel averages over ranks, hence x world
-        return StepOutput(loss=total * self.world, grad_norm=grad_norm, tokens=sum(b.trained for b in batches),
-                          metrics=metrics, skipped=~finite)
+        return out
 
-    @torch.no_grad()
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Token-mean loss per split over ``train.eval_steps`` fixed batches (the same rows at
-        every evaluation: the validation rows in file order, a fixed sample of the training rows)."""
-        self.model.eval()
-        losses = {}
+    def evaluate(self, step: int) -> dict[str, Evaluation]:
+        """Token-mean loss and token accuracy per split over ``train.eval_steps`` fixed batches
+        (the same rows at every evaluation: the validation rows in file order, a fixed sample of
+        the training rows)."""
+        def score(b: sft.Batch) -> scoring.BatchScore:
+            out = self.model(**sft.to_device(b.inputs, self.device), use_cache=False, fused_lm_head=True)
+            return scoring.BatchScore(-out.log_probs.float().sum(), out.is_top1.sum(), b.trained)
+
+        splits = {}
         for split in ("train", "val") if self.sft.val is not None else ("train",):
-            batches = self._eval_batches.get(split) or self._eval_batches.setdefault(split, self._fixed_batches(split))
-            n_items = max(sum(b.trained for b in batches), 1)
-            total = torch.zeros((), device=self.device)
-            for b in batches:
-                with self.autocast:
-                    out = self.model(**sft.to_device(b.inputs, self.device), use_cache=False, fused_lm_head=True)
-                total += -out.log_probs.float().sum() / n_items
-            losses[split] = total.item()  # host sync: evaluation only
-        self.model.train()
-        return losses
+            splits[split] = self._eval_batches.get(split) or self._eval_batches.setdefault(split, self._fixed_batches(split))
+        return scoring.evaluate(self.model, splits, score, self.stepper.autocast, self.device)
 
     def _fixed_batches(self, split: str) -> list[sft.Batch]:
         n_rows = len(self.sft.train if split == "train" else self.sft.val)
@@ -282,27 +221,12 @@ class HFBackend:
     def measure(self, steps: int = 2) -> float:
         """Seconds per optimizer step from forward/backward of the first micro-batch (after one
         untimed warm-up), times the micro-batches of a step; weights, optimizer and RNG untouched."""
-        rng = torch.get_rng_state()
         batch = self._step_batches(0)[self.micro[0]]
-        inputs = sft.to_device(batch.inputs, self.device)
-        elapsed = 0.0
-        for i in range(steps + 1):
-            started = time.perf_counter()
-            with self.autocast:
-                out = self.model(**dict(inputs), use_cache=False, fused_lm_head=True)
-            (-out.log_probs.sum() / max(batch.trained, 1)).backward()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            if i:
-                elapsed += time.perf_counter() - started
-        self.optimizer.zero_grad(set_to_none=True)
-        torch.set_rng_state(rng)
-        return elapsed / max(steps, 1) * len(self.micro)
+        n = max(batch.trained, 1)
+        return self.stepper.measure((batch, n, n), self._loss, steps=steps, micro_batches=len(self.micro))
 
     def close(self) -> None:
-        if getattr(self, "ddp", None) is not None:  # before the process group goes (see gpt's close)
-            self.forward = self.model
-            self.ddp = None
+        super().close()
         workdir = getattr(getattr(self, "sft", None), "workdir", None)
         if workdir is not None:
             workdir.cleanup()

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from trainctl.backends.layer_stats import group_norms
+
 
 @torch.no_grad()
 def generate(backend: Any, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int | None,
@@ -40,27 +42,11 @@ def generate(backend: Any, prompt: str, *, max_new_tokens: int, temperature: flo
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-@torch.no_grad()
 def layer_stats(model: Any) -> dict[str, float]:
-    """``layer.N.weight_norm``/``grad_norm`` per decoder layer, ``embedding.*`` and ``head.*``;
-    one host sync for all of them."""
-    names: list[str] = []
-    values: list[torch.Tensor] = []
-
-    def add(prefix: str, params: list[torch.Tensor]) -> None:
-        names.append(f"{prefix}.weight_norm")
-        values.append(torch.nn.utils.get_total_norm(params, foreach=True))
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            names.append(f"{prefix}.grad_norm")
-            values.append(torch.nn.utils.get_total_norm(grads, foreach=True))
-
-    layers = getattr(model.get_decoder(), "layers", [])
-    for i, layer in enumerate(layers):
-        add(f"layer.{i}", list(layer.parameters()))
-    add("embedding", [model.get_input_embeddings().weight])
+    """``layer.N.weight_norm``/``grad_norm`` per decoder layer, ``embedding.*`` and ``head.*``."""
+    groups = {f"layer.{i}": list(layer.parameters()) for i, layer in enumerate(getattr(model.get_decoder(), "layers", []))}
+    groups["embedding"] = [model.get_input_embeddings().weight]
     head = model.get_output_embeddings()
     if head is not None:
-        add("head", [head.weight])
-    result = torch.stack([v.float() for v in values]).tolist()  # one host sync: asked for
-    return dict(zip(names, result))
+        groups["head"] = [head.weight]
+    return group_norms(groups)

@@ -21,11 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from trainctl.backends.rng import load_rng, save_rng
 from trainctl.kernel.errors import ConfigError
-from trainctl.kernel.safe_load import load_plain
 
-OPTIMIZER = "optimizer.pt"
 TRAINER_STATE = "trainer_state.json"
 ADAPTER = "adapter_model.safetensors"
 
@@ -34,16 +31,14 @@ def save(backend: Any, directory: Path) -> None:
     """Every rank its RNG; rank 0 the rest (the same on every rank under DDP)."""
     from trainctl.backends.hf.sft import quiet
 
-    save_rng(directory, backend.ctx.dist.rank, backend.device)
-    if backend.ctx.dist.rank != 0:
+    if not backend.stepper.save(directory):
         return
     with quiet():  # save_pretrained draws a progress bar per shard
         backend.model.save_pretrained(directory)  # PeftModel: the adapter only; else the full model
         backend.tokenizer.save_pretrained(directory)
-    torch.save({"optimizer": backend.optimizer.state_dict(), "scaler": backend.scaler.state_dict()}, directory / OPTIMIZER)
     state = {
         "global_step": backend.steps_done,
-        "learning_rate": backend.lr,
+        "learning_rate": backend.stepper.lr,
         "seed": backend.ctx.seed,
         "data_order": "rows of step s, micro-batch m: positions (s*grad_accum+m)*batch_size.. of a "
                       "permutation seeded by (seed, epoch) per epoch" if backend.data_cfg.shuffle else "file order",
@@ -57,10 +52,7 @@ def load(backend: Any, directory: Path) -> None:
         _load_adapter(backend.model, directory)
     else:
         _load_full(backend.model, directory)
-    opt = load_plain(directory / OPTIMIZER, backend.device)
-    backend.optimizer.load_state_dict(opt["optimizer"])
-    backend.scaler.load_state_dict(opt["scaler"])
-    load_rng(directory, backend.ctx.dist.rank, backend.device, backend.ctx.seed)
+    backend.stepper.load(directory)
     state = json.loads((directory / TRAINER_STATE).read_text())
     backend.steps_done = int(state["global_step"])
 

@@ -1,4 +1,4 @@
-"""Optimizer construction for the GPT backend: AdamW, or Muon with an AdamW sidecar.
+"""Optimizer construction for every backend: AdamW, or Muon with an AdamW sidecar.
 
 Every param group carries "lr_scale", its learning rate relative to the main
 `lr`. The trainer schedules one learning rate and applies it to all groups with
@@ -126,3 +126,13 @@ def build_optimizer(
         momentum=muon_momentum,
     )
     return CombinedOptimizer(adamw=adamw, muon=muon)
+
+
+def from_config(model: nn.Module, optim: Any, device_type: str) -> torch.optim.AdamW | CombinedOptimizer:
+    """The optimizer an ``[optim]`` table (``OptimConfig``) describes. ``weight_decay`` applies to
+    Muon's hidden matrices too (decoupled, as AdamW's): one knob for every matrix."""
+    return build_optimizer(
+        model, name=optim.name, lr=optim.lr, weight_decay=optim.weight_decay,
+        betas=(optim.beta1, optim.beta2), eps=optim.eps, device_type=device_type,
+        muon_lr=optim.muon_lr, muon_momentum=optim.muon_momentum, muon_weight_decay=optim.weight_decay,
+    )
