@@ -22,6 +22,7 @@ import click
 from trainctl.kernel.errors import ConfigError
 
 DEFAULT_PORT = 8477
+ACCEPT_BATCH = 32
 
 
 def register(cli: click.Group) -> None:
@@ -112,7 +113,8 @@ def eval_worker(host: str, port: int, token: str, roots: tuple[Path, ...], state
         WorkerAPI(store, allowed, token=token, body_timeout_s=request_timeout).app(), log_level="warning",
         access_log=False, lifespan="off", server_header=False, timeout_graceful_shutdown=2,
         http=limited_protocol(request_timeout, limits.max_connections), timeout_keep_alive=5,
-        limit_concurrency=limits.max_connections + 8, h11_max_incomplete_event_size=16 * 1024,
+        limit_concurrency=limits.max_connections + ACCEPT_BATCH + 8, h11_max_incomplete_event_size=16 * 1024,
+        backlog=ACCEPT_BATCH,  # asyncio accepts up to this many at once, before any can be turned away
     )
     # uvicorn stops gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler that
     # was installed before it: make that one a clean exit, so the last line below is printed.
@@ -141,7 +143,8 @@ def _connection_cap(wanted: int) -> int:
     import resource
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    room = soft - 48 if soft != resource.RLIM_INFINITY else wanted  # torch, the job files, the pipe
+    # what the worker holds itself (~15: logs, pipes, the job files) and one accept batch
+    room = soft - 32 - ACCEPT_BATCH if soft != resource.RLIM_INFINITY else wanted
     if room < 4:
         raise ConfigError(f"the open-file limit ({soft}) is too low to serve; raise it (ulimit -n 1024)")
     return min(wanted, room)
@@ -160,7 +163,7 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another with --port (0 = any free port)") from None
-    sock.listen(64)  # connections queue from here on, before the server loop starts
+    sock.listen(ACCEPT_BATCH)  # connections queue from here on, before the server loop starts
     return sock
 
 

@@ -19,11 +19,12 @@ import numpy as np
 from trainctl.hooks.plugin import RunInfo
 from trainctl.kernel.backend import Backend, BackendContext, Distributed, Plan
 from trainctl.kernel.bus import EventBus
-from trainctl.kernel.config import RunConfig, dump_toml
+from trainctl.kernel.config import RunConfig
 from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.registry import Registry, load_factory, new_plugin_manager
 from trainctl.kernel.safe_load import unpickling_reason
+from trainctl.kernel.secrets import save_config
 from trainctl.kernel.state import RunResult, RunState
 
 KERNEL_FILE = "kernel.json"
@@ -123,7 +124,7 @@ class Run:
         }
         (directory / KERNEL_FILE).write_text(json.dumps(kernel, indent=1))
         (directory / PLUGINS_FILE).write_text(json.dumps(self.bus.state_dict(), indent=1))
-        (directory / CONFIG_FILE).write_text(dump_toml(self.config.to_dict()))
+        save_config(directory / CONFIG_FILE, self.config)  # secrets emptied, mode 0600
 
     def _resume(self, resume: str, force: bool) -> str | None:
         path = self.bus.find_checkpoint(resume)

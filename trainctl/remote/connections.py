@@ -23,8 +23,9 @@ def limited_protocol(request_timeout_s: float, max_connections: int) -> type:
             super().connection_made(transport)
             self._opened = self.loop.time()
             self._arm()
-            if len(self.connections) > max_connections:
-                waiting = [c for c in self.connections if c is not self and c._waiting()]
+            open_ = [c for c in self.connections if not c.transport.is_closing()]  # closing: gone next tick
+            if len(open_) > max_connections:
+                waiting = [c for c in open_ if c is not self and c._waiting()]
                 victim = min(waiting, key=lambda c: c._opened) if waiting else self
                 victim.transport.close()
 

@@ -26,6 +26,9 @@ def log(message: str) -> None:
     print(f"eval-worker: {message}", file=sys.stderr, flush=True)
 
 
+STARTUP_S = 300.0  # for the child to import torch, on a busy machine
+
+
 class ChildEvaluator:
     """The child process and the pipe to it; started on first use and after any death."""
 
@@ -33,6 +36,7 @@ class ChildEvaluator:
         self.args = ([str(d) for d in roots.dirs], limits, str(work_dir), device)
         self.proc: Any = None
         self.conn: Any = None
+        self.ready = False  # the child said it has imported torch
 
     def start(self) -> None:
         from trainctl.remote.child import serve
@@ -42,26 +46,29 @@ class ChildEvaluator:
         self.proc = context.Process(target=serve, args=(theirs, *self.args), name="eval-worker-job", daemon=True)
         self.proc.start()
         theirs.close()
+        self.ready = False
 
     def evaluate(self, job: Job, timeout: float) -> tuple[str, Any]:
         """("done", result) | ("error", message) | ("timeout", None) | ("died", why)."""
-        if self.proc is None or not self.proc.is_alive():
-            self.start()
         try:
+            if self.proc is None or not self.proc.is_alive():
+                self.start()
+            if not self.ready:  # a job's time starts once torch is imported, not before
+                if not self.conn.poll(STARTUP_S) or self.conn.recv()[0] != "ready":
+                    raise OSError("the evaluation process did not start")
+                self.ready = True
             self.conn.send(job.to_dict())
-            deadline = time.monotonic() + timeout
-            while True:  # the first answer may be "ready" (torch imported)
-                if not self.conn.poll(max(0.0, deadline - time.monotonic())):
-                    self.kill()
-                    return "timeout", None
-                kind, value = self.conn.recv()
-                if kind != "ready":
-                    return kind, value
+            if not self.conn.poll(timeout):
+                self.kill()
+                return "timeout", None
+            return self.conn.recv()
         except (EOFError, OSError):
             self.proc.join(5)
             code = self.proc.exitcode
             self.kill()
-            return "died", f"exit code {code}" if code is not None and code >= 0 else f"signal {-(code or 0)}"
+            if code is None:
+                return "died", "it stopped answering"
+            return "died", f"exit code {code}" if code >= 0 else f"signal {-code}"
 
     def kill(self) -> None:
         if self.proc is not None:
