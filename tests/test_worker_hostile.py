@@ -75,6 +75,15 @@ def test_a_manifest_that_lists_nothing_does_not_verify(base, worker):
     (ckpt / "manifest.json").write_text(json.dumps({"step": 10, "files": {}}))
     job = outcome(worker, ckpt)
     assert job["status"] == "error" and "does not list config.toml, kernel.json" in job["error"], job
+    # the kernel's files listed, the weights left out (and present: a link to someone else's)
+    partial = copy_checkpoint(base / "root" / CKPT, base / "root" / "partial-manifest")
+    manifest = json.loads((partial / "manifest.json").read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if k in ("config.toml", "kernel.json")}
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    (partial / "model.safetensors").unlink()
+    (partial / "model.safetensors").symlink_to(base / "outside" / CKPT / "model.safetensors")
+    job = outcome(worker, partial)
+    assert job["status"] == "error" and "the manifest does not list model.safetensors, optimizer.pt" in job["error"], job
 
 
 @pytest.mark.parametrize("name", ["/etc/hostname", "/no/such/file", "../../outside/secret.txt", "../../nothing"])

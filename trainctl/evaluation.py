@@ -30,6 +30,9 @@ from trainctl.kernel.errors import ConfigError
 
 MAX_PROMPTS = 16
 MAX_NEW_TOKENS = 1024
+#: What ``load`` reads beyond the kernel's files, per built-in backend: a checkpoint evaluated
+#: must list them (any backend: weights in at least one ``.safetensors`` file).
+EXPECTED = {"gpt": ("model.safetensors", "optimizer.pt"), "hf": ("optimizer.pt", "trainer_state.json")}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -136,6 +139,11 @@ class Evaluator:
             if step is not None and manifest["step"] != step:
                 raise ConfigError(f"checkpoint {checkpoint} is step {manifest['step']}, the job says step {step}")
             config, backend = self._backend(copy, policy)
+            files = manifest["files"]
+            missing = [n for n in EXPECTED.get(config.backend, ()) if n not in files]
+            if missing or not any(n.endswith(".safetensors") for n in files):
+                what = ", ".join(missing) or "any .safetensors weights"
+                raise ConfigError(f"checkpoint {checkpoint} does not verify: the manifest does not list {what}")
             backend.load(copy)
             losses = backend.evaluate(manifest["step"]) if val_loss else {}
             texts = []
