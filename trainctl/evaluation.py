@@ -76,16 +76,6 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
-def checkpoint_step(checkpoint: Path) -> int:
-    from trainctl.kernel.checkpoint_files import open_checkpoint, read_manifest
-
-    fd = open_checkpoint(checkpoint)
-    try:
-        return read_manifest(fd)["step"]
-    finally:
-        os.close(fd)
-
-
 def find_checkpoint(path: Path) -> Path:
     """A verified checkpoint directory, or a run directory's newest verified checkpoint."""
     from trainctl.kernel.checkpoint_files import MANIFEST, checkpoints, verify
