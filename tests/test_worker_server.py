@@ -123,3 +123,14 @@ def test_a_token_on_the_command_line_is_warned_about(tmp_path):
     warning, error = proc.stderr.strip().splitlines()
     assert "--token on the command line is visible to every local user" in warning and "TRAINCTL_EVAL_TOKEN" in warning
     assert proc.returncode == 2 and "is not a directory" in error
+
+
+def test_a_checkpoint_over_the_size_limit_is_not_copied(root):
+    """The worker copies what it evaluates: a checkpoint may not make it fill its disk."""
+    worker = Worker(root.parent / "state-size", [root], args=("--max-checkpoint-gb", "0.0001")).start()
+    try:
+        job = worker.wait_job(submit(worker, root / CKPT)[1]["id"])
+        assert job["status"] == "error" and "bytes, over the limit of 107374" in job["error"], job
+        assert not (worker.state / "work" / "checkpoint").exists()
+    finally:
+        worker.stop()

@@ -51,6 +51,8 @@ def default_state_dir() -> Path:
               help="The most train.eval_steps a checkpoint's config may ask for.")
 @click.option("--max-batch-size", default=1024, show_default=True, type=click.IntRange(1),
               help="The most train.batch_size a checkpoint's config may ask for.")
+@click.option("--max-checkpoint-gb", default=200.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="The most a checkpoint may hold: it is copied into the state dir to be evaluated.")
 @click.option("--max-queue", default=1000, show_default=True, type=click.IntRange(1),
               help="Queued jobs; more submissions are answered 429.")
 @click.option("--keep-finished", default=1000, show_default=True, type=click.IntRange(1),
@@ -62,7 +64,8 @@ def default_state_dir() -> Path:
 @click.option("--max-connections", default=64, show_default=True, type=click.IntRange(1),
               help="Open connections; the oldest one without a request is closed first.")
 def eval_worker(host: str, port: int, token: str, roots: tuple[Path, ...], state_dir: Path | None, device: str | None,
-                job_timeout: float, max_attempts: int, max_eval_steps: int, max_batch_size: int, max_queue: int,
+                job_timeout: float, max_attempts: int, max_eval_steps: int, max_batch_size: int,
+                max_checkpoint_gb: float, max_queue: int,
                 keep_finished: int, keep_days: float, request_timeout: float, max_connections: int) -> None:
     """Serve remote evaluation: POST /jobs, GET /jobs/ID, GET /jobs?run=RUN, GET /health."""
     from trainctl.remote.policy import Limits
@@ -72,8 +75,8 @@ def eval_worker(host: str, port: int, token: str, roots: tuple[Path, ...], state
         click.echo("eval-worker: warning: --token on the command line is visible to every local user (ps); "
                    "set TRAINCTL_EVAL_TOKEN instead", err=True)
     limits = Limits(job_timeout_s=job_timeout, max_attempts=max_attempts, max_eval_steps=max_eval_steps,
-                    max_batch_size=max_batch_size, max_queue=max_queue, keep_finished=keep_finished,
-                    keep_days=keep_days, request_timeout_s=request_timeout,
+                    max_batch_size=max_batch_size, max_checkpoint_gb=max_checkpoint_gb, max_queue=max_queue,
+                    keep_finished=keep_finished, keep_days=keep_days, request_timeout_s=request_timeout,
                     max_connections=_connection_cap(max_connections))
     if not token and not is_loopback(host):
         raise ConfigError(f"--host {host} is not a loopback address: set --token or TRAINCTL_EVAL_TOKEN so that only your clients can submit jobs")
