@@ -165,3 +165,24 @@ def test_the_webhook_url_is_not_saved_in_checkpoints(registry, tmp_path, receive
     saved = list((tmp_path / "out" / "checkpoints").glob("step-*/config.toml"))
     assert saved and all("s3cret" not in f.read_text() and f.stat().st_mode & 0o077 == 0 for f in saved)
     assert Receiver.bodies  # it was delivered all the same
+
+
+def test_credential_keys_of_every_builtin_plugin_are_marked_secret():
+    """A stray: a plugin that takes a token, password or key in its TOML table without marking
+    it ``secret()`` would have it copied into every checkpoint."""
+    import dataclasses
+    import re
+
+    from trainctl.kernel.registry import Registry
+    from trainctl.kernel.secrets import secret_keys
+
+    registry = Registry.discover(entry_points=False)
+    credential = re.compile(r"(^|_)(token|password|secret|api_key|webhook)$")
+    for name, spec in registry.plugins.items():
+        if not dataclasses.is_dataclass(spec.config):
+            continue
+        keys = [f.name for f in dataclasses.fields(spec.config)]
+        strays = [k for k in keys if credential.search(k) and k not in secret_keys(spec.config)]
+        assert not strays, f"plugin {name}: mark {strays} with trainctl.kernel.secrets.secret()"
+    assert secret_keys(registry.plugins["notify"].config) == ["url"]
+    assert secret_keys(registry.plugins["remote_eval"].config) == ["token"]
