@@ -64,14 +64,15 @@ def plain_name(name: object) -> bool:
             and "/" not in name and "\0" not in name)
 
 
-def open_regular(dir_fd: int, name: str) -> tuple[int, int]:
+def open_regular(dir_fd: int, name: str, missing: str = "") -> tuple[int, int]:
     """(descriptor, size) of the regular file ``name`` in the directory ``dir_fd``; never follows
-    a symbolic link and never blocks (O_NONBLOCK: opening a FIFO returns at once, then is refused)."""
+    a symbolic link and never blocks (O_NONBLOCK: opening a FIFO returns at once, then is refused).
+    NotVerified if it is not one (``missing``: the message when it does not exist)."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(name, flags, dir_fd=dir_fd)
     except FileNotFoundError:
-        raise NotVerified(f"{name} is missing") from None
+        raise NotVerified(missing or f"{name} is missing") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise NotVerified(f"{name} is a symbolic link; a checkpoint holds only regular files") from None
@@ -86,12 +87,7 @@ def open_regular(dir_fd: int, name: str) -> tuple[int, int]:
 def read_manifest(dir_fd: int, required: tuple[str, ...] = REQUIRED) -> dict:
     """The manifest of the checkpoint open as ``dir_fd``, checked: ``step`` a non-negative integer,
     ``files`` plain names with sha256 digests, ``required`` among them."""
-    try:
-        fd, size = open_regular(dir_fd, MANIFEST)
-    except NotVerified as exc:
-        if str(exc).endswith("is missing"):
-            raise NotVerified("no manifest (incomplete)") from None
-        raise
+    fd, size = open_regular(dir_fd, MANIFEST, missing="no manifest (incomplete)")
     try:
         if size > MAX_MANIFEST_BYTES:
             raise NotVerified(f"unreadable manifest (over {MAX_MANIFEST_BYTES} bytes)")

@@ -21,7 +21,9 @@ def secret(default: str = "") -> Any:
 
 
 def secret_keys(config: Any) -> list[str]:
-    return [f.name for f in dataclasses.fields(config) if f.metadata.get(SECRET)] if dataclasses.is_dataclass(config) else []
+    if not dataclasses.is_dataclass(config):
+        return []
+    return [f.name for f in dataclasses.fields(config) if f.metadata.get(SECRET)]
 
 
 def redacted(tables: dict[str, Any], plugin_configs: dict[str, Any]) -> dict[str, Any]:

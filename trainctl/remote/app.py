@@ -137,7 +137,8 @@ def parse_submission(data: Any) -> dict[str, Any]:
     run, checkpoint, step = data["run"], data["checkpoint"], data["step"]
     if not isinstance(run, str) or not 0 < len(run) <= 200 or not run.isprintable():
         raise bad("run must be a non-empty string of at most 200 printable characters")
-    if not isinstance(checkpoint, str) or not checkpoint.startswith("/") or len(checkpoint) > 4096 or "\0" in checkpoint:
+    if not isinstance(checkpoint, str) or not checkpoint.startswith("/") or len(checkpoint) > 4096 \
+            or "\0" in checkpoint:
         raise bad("checkpoint must be an absolute path (at most 4096 characters, no NUL)")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise bad("step must be a non-negative integer")
@@ -173,7 +174,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    print(f"eval-worker: internal error on {request.method} {escape(request.url.path)}: {type(exc).__name__}: {escape(str(exc))}",
+    where = f"{request.method} {escape(request.url.path)}"
+    print(f"eval-worker: internal error on {where}: {type(exc).__name__}: {escape(str(exc))}",
           file=sys.stderr, flush=True)
     return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
 

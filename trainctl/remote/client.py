@@ -35,7 +35,8 @@ def no_redirect_opener() -> urllib.request.OpenerDirector:
 
 
 def redirect_message(exc: urllib.error.HTTPError) -> str:
-    return f"HTTP {exc.code} redirect to {exc.headers.get('Location', '?')!r}, not followed; set the URL to where it should go"
+    location = exc.headers.get("Location", "?")
+    return f"HTTP {exc.code} redirect to {location!r}, not followed; set the URL to where it should go"
 
 
 class WorkerError(Exception):

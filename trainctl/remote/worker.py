@@ -94,7 +94,8 @@ class EvalThread(threading.Thread):
             if job is None:
                 continue
             self.current = job.id
-            log(f"job {job.id} started: run {escape(job.run)} step {job.step} ({escape(job.path)}), attempt {job.attempts}")
+            log(f"job {job.id} started: run {escape(job.run)} step {job.step} ({escape(job.path)}), "
+                f"attempt {job.attempts}")
             started = time.perf_counter()
             kind, value = self.child.evaluate(job, self.limits.job_timeout_s)
             took = time.perf_counter() - started
