@@ -114,3 +114,75 @@ def test_a_webhook_is_required(registry, tmp_path, monkeypatch):
     monkeypatch.setenv("TRAINCTL_NOTIFY_URL", "file:///etc/passwd")
     with pytest.raises(ConfigError, match="must start with http"):
         fit(registry, tmp_path / "out")
+
+
+class Elsewhere(http.server.BaseHTTPRequestHandler):
+    seen: list[str] = []
+
+    def do_POST(self) -> None:
+        Elsewhere.seen.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_redirect_is_a_failure_not_a_delivery(registry, tmp_path, capsys):
+    """Before: notify followed a 302 to another host (the summary went there) and counted it as sent."""
+    elsewhere = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+    threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
+    target = f"http://127.0.0.1:{elsewhere.server_port}/stolen"
+
+    class Redirecting(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(307)  # 307 keeps the method and body: urllib would re-POST them
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    redirecting = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=redirecting.serve_forever, daemon=True).start()
+    Elsewhere.seen = []
+    try:
+        out = tmp_path / "out"
+        result = fit(registry, out, f"plugin.notify.url='http://127.0.0.1:{redirecting.server_port}/hook'")
+    finally:
+        redirecting.shutdown()
+        elsewhere.shutdown()
+    assert result.status == "completed" and Elsewhere.seen == []
+    err = capsys.readouterr().err
+    assert f"could not notify the webhook: HTTP 307 redirect to '{target}', not followed" in err
+    assert events(out)[-2]["kind"] == "notify_failed"
+
+
+def test_the_webhook_url_is_not_saved_in_checkpoints(registry, tmp_path, receiver):
+    fit(registry, tmp_path / "out", f"plugin.notify.url='{receiver}?key=s3cret'", "train.save_interval=3")
+    saved = list((tmp_path / "out" / "checkpoints").glob("step-*/config.toml"))
+    assert saved and all("s3cret" not in f.read_text() and f.stat().st_mode & 0o077 == 0 for f in saved)
+    assert Receiver.bodies  # it was delivered all the same
+
+
+def test_credential_keys_of_every_builtin_plugin_are_marked_secret():
+    """A stray: a plugin that takes a token, password or key in its TOML table without marking
+    it ``secret()`` would have it copied into every checkpoint."""
+    import dataclasses
+    import re
+
+    from trainctl.kernel.registry import Registry
+    from trainctl.kernel.secrets import secret_keys
+
+    registry = Registry.discover(entry_points=False)
+    credential = re.compile(r"(^|_)(token|password|secret|api_key|webhook)$")
+    for name, spec in registry.plugins.items():
+        if not dataclasses.is_dataclass(spec.config):
+            continue
+        keys = [f.name for f in dataclasses.fields(spec.config)]
+        strays = [k for k in keys if credential.search(k) and k not in secret_keys(spec.config)]
+        assert not strays, f"plugin {name}: mark {strays} with trainctl.kernel.secrets.secret()"
+    assert secret_keys(registry.plugins["notify"].config) == ["url"]
+    assert secret_keys(registry.plugins["remote_eval"].config) == ["token"]

@@ -171,3 +171,81 @@ def test_every_n_steps_and_the_last_checkpoint(tmp_path):
         "step-000020.json", "step-000040.json", "step-000050.json"]
     state = plugin.trainctl_state_dict()["remote_eval"]
     assert [s["step"] for s in state["open"]] == [20, 40, 50] and state["run_id"].startswith("r-")
+
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    """Answers 302 to ``target`` when it has one; records the headers of what it receives."""
+
+    target = ""
+    seen: list[dict[str, str]] = []
+
+    def _answer(self) -> None:
+        type(self).seen.append(dict(self.headers))
+        body = b'{"id": "x", "status": "queued"}'
+        self.send_response(302 if self.target else 200)
+        if self.target:
+            self.send_header("Location", self.target + self.path)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def serve(handler: type) -> http.server.ThreadingHTTPServer:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_redirect_is_not_followed_and_the_token_stays_home():
+    """Before: urllib followed the worker's 302 and sent Authorization: Bearer to the other host."""
+    from trainctl.remote.client import Unavailable, WorkerClient
+
+    class Elsewhere(Recorder):
+        seen = []
+
+    class Redirecting(Recorder):
+        seen = []
+
+    elsewhere = serve(Elsewhere)
+    Redirecting.target = f"http://127.0.0.1:{elsewhere.server_port}"
+    worker = serve(Redirecting)
+    try:
+        client = WorkerClient(f"http://127.0.0.1:{worker.server_port}", token="s3cret-token")
+        with pytest.raises(Unavailable) as raised:
+            client.submit(run="r", checkpoint="/x", step=1, evaluate={"val_loss": True})
+        assert f"HTTP 302 redirect to '{Redirecting.target}/jobs', not followed" in str(raised.value)
+        assert Redirecting.seen[0]["Authorization"] == "Bearer s3cret-token"
+        assert Elsewhere.seen == []  # the other host never heard from us
+    finally:
+        worker.shutdown()
+        elsewhere.shutdown()
+
+
+def test_the_token_is_not_saved_in_checkpoints(registry, tmp_path, monkeypatch):
+    """Before: plugin.remote_eval.token landed in every checkpoint's config.toml, mode 0644."""
+    import stat
+    import tomllib
+
+    from trainctl.kernel.run import Run
+
+    config = make_config(registry, tmp_path / "out", 'plugins=["checkpoint", "remote_eval", "jsonl"]',
+                         "train.max_steps=4", "train.save_interval=2", f"plugin.remote_eval.url='http://127.0.0.1:{free_port()}'",
+                         "plugin.remote_eval.token='s3cret-token'", "plugin.remote_eval.wait_at_end_s=0")
+    assert Run(config, registry, resume="never").fit().status == "completed"
+    saved = sorted((tmp_path / "out" / "checkpoints").glob("step-*/config.toml"))
+    assert len(saved) == 2
+    for file in saved:
+        assert "s3cret-token" not in file.read_text()
+        assert tomllib.loads(file.read_text())["plugin"]["remote_eval"]["token"] == ""
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600
+    # the saved config still resumes: the token comes from the environment then
+    monkeypatch.setenv("TRAINCTL_EVAL_TOKEN", "from-env")
+    resumed = Run(make_config(registry, tmp_path / "out", 'plugins=["checkpoint", "remote_eval", "jsonl"]',
+                              "train.max_steps=6", "train.save_interval=2", "plugin.remote_eval.wait_at_end_s=0",
+                              f"plugin.remote_eval.url='http://127.0.0.1:{free_port()}'"), registry)
+    assert resumed.fit().status == "completed"

@@ -68,8 +68,10 @@ def http(method: str, url: str, body: Any = None, *, token: str = "", raw: bytes
 class Worker:
     """``trainctl eval-worker`` in a subprocess; ``url`` is read from ``STATE/address``."""
 
-    def __init__(self, state: Path, roots: list[Path], *, token: str = "", port: int = 0) -> None:
+    def __init__(self, state: Path, roots: list[Path], *, token: str = "", port: int = 0,
+                 args: tuple[str, ...] = (), max_files: int | None = None) -> None:
         self.state, self.roots, self.token, self.port = state, roots, token, port
+        self.args, self.max_files = args, max_files  # extra CLI options; an open-file limit (ulimit -n)
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self.log = state.parent / f"{state.name}.log"
@@ -79,9 +81,17 @@ class Worker:
         args = [sys.executable, "-m", "trainctl", "eval-worker", "--port", str(self.port), "--state", str(self.state)]
         for root in self.roots:
             args += ["--root", str(root)]
+        args += self.args
         env = {**cli_env(), "TRAINCTL_EVAL_TOKEN": self.token}
+
+        def limit_files() -> None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_files, self.max_files))
+
         with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         preexec_fn=limit_files if self.max_files else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -117,20 +127,40 @@ class Worker:
         self.kill(signal.SIGTERM)
 
 
-def copy_checkpoint(src: Path, dest: Path, *, eval_steps: int | None = None) -> Path:
+def copy_checkpoint(src: Path, dest: Path, *, eval_steps: int | None = None, **config: str) -> Path:
     """A copy of a checkpoint; with ``eval_steps`` its config asks for that many evaluation
-    batches (a slow evaluation), and its manifest is rewritten so that it still verifies."""
+    batches (a slow evaluation), with ``config`` (``"data.path": "'/x'"``) those keys set to those
+    TOML values, and its manifest is rewritten so that it still verifies."""
     shutil.copytree(src, dest)
     if eval_steps is not None:
-        config = dest / "config.toml"
-        text = config.read_text()
-        start = text.index("eval_steps = ")
-        end = text.index("\n", start)
-        config.write_text(text[:start] + f"eval_steps = {eval_steps}" + text[end:])
-        manifest = json.loads((dest / "manifest.json").read_text())
-        manifest["files"]["config.toml"] = hashlib.sha256(config.read_bytes()).hexdigest()
-        (dest / "manifest.json").write_text(json.dumps(manifest))
+        config["train.eval_steps"] = str(eval_steps)
+    if config:
+        edit_config(dest, config)
     return dest
+
+
+def edit_config(checkpoint: Path, values: dict[str, str]) -> None:
+    """Set ``section.key`` lines of the checkpoint's config.toml and re-hash it in the manifest."""
+    import tomllib
+
+    file = checkpoint / "config.toml"
+    lines, section = file.read_text().splitlines(), ""
+    for i, line in enumerate(lines):
+        key = line.split(" = ")[0]
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif " = " in line and f"{section}.{key}" in values:
+            lines[i] = f"{key} = {values[f'{section}.{key}']}"
+    file.write_text("\n".join(lines) + "\n")
+    tomllib.loads(file.read_text())
+    rehash(checkpoint, "config.toml")
+
+
+def rehash(checkpoint: Path, *names: str) -> None:
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    for name in names:
+        manifest["files"][name] = hashlib.sha256((checkpoint / name).read_bytes()).hexdigest()
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
 
 
 def alive(pid: int) -> bool:

@@ -6,7 +6,12 @@ it works for any backend: ``setup()``, ``load(checkpoint)``, ``evaluate(step)``.
 batches are fixed, so on the same device a remote evaluation equals a local ``trainctl eval`` of
 the same checkpoint, bit for bit. Perplexity is ``exp(loss)``.
 
-Nothing is ever written into the training run: the backend gets a scratch ``out_dir``.
+Nothing is ever written into the training run: the backend gets a scratch ``out_dir``. Nothing
+is read from it after verification either: the checkpoint's files are copied into the scratch
+directory as they are hashed (:func:`~trainctl.kernel.checkpoint_files.snapshot`), and the backend
+loads that copy, so a checkpoint changed or swapped for a link meanwhile cannot change what is
+evaluated. The eval worker adds a :class:`~trainctl.remote.policy.Policy` that confines the paths
+the checkpoint's config names and bounds the work it asks for.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +31,9 @@ from trainctl.kernel.errors import ConfigError
 
 MAX_PROMPTS = 16
 MAX_NEW_TOKENS = 1024
+#: What ``load`` reads beyond the kernel's files, per built-in backend: a checkpoint evaluated
+#: must list them (any backend: weights in at least one ``.safetensors`` file).
+EXPECTED = {"gpt": ("model.safetensors", "optimizer.pt"), "hf": ("optimizer.pt", "trainer_state.json")}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -67,12 +77,6 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
-def checkpoint_step(checkpoint: Path) -> int:
-    from trainctl.kernel.checkpoint_files import MANIFEST
-
-    return int(json.loads((checkpoint / MANIFEST).read_text())["step"])
-
-
 def find_checkpoint(path: Path) -> Path:
     """A verified checkpoint directory, or a run directory's newest verified checkpoint."""
     from trainctl.kernel.checkpoint_files import MANIFEST, checkpoints, verify
@@ -102,23 +106,49 @@ class Evaluator:
         self._registry = registry
         self._cached: tuple[str, Any, Any] | None = None  # (config key, RunConfig, backend)
 
-    def evaluate(self, checkpoint: Path, *, val_loss: bool = True, samples: SampleRequest | None = None) -> EvalResult:
-        """Evaluate a checkpoint that the caller has verified."""
+    def evaluate(self, checkpoint: Path, *, dir_fd: int | None = None, step: int | None = None,
+                 val_loss: bool = True, samples: SampleRequest | None = None, policy: Any = None) -> EvalResult:
+        """Verify and evaluate the checkpoint (open as ``dir_fd`` if given); ``step``: the step it
+        must be. ConfigError if it does not verify or ``policy`` refuses its config."""
+        from trainctl.kernel.checkpoint_files import NotVerified, open_checkpoint, snapshot
+
         started = time.perf_counter()
-        config, backend = self._backend(checkpoint)
-        step = checkpoint_step(checkpoint)
-        backend.load(checkpoint)
-        results = {split: Evaluation.of(r) for split, r in backend.evaluate(step).items()} if val_loss else {}
-        losses = {split: r.loss for split, r in results.items()}
-        texts = []
-        if samples is not None:
-            for prompt in samples.prompts:
-                text = backend.generate(prompt, max_new_tokens=samples.max_new_tokens,
-                                        temperature=samples.temperature, top_k=samples.top_k, seed=samples.seed)
-                texts.append({"prompt": prompt, "text": text})
+        copy = self.work_dir / "checkpoint"
+        shutil.rmtree(copy, ignore_errors=True)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        fd = dir_fd
+        try:
+            if fd is None:
+                fd = open_checkpoint(checkpoint)
+            manifest = snapshot(fd, copy, max_bytes=getattr(policy, "max_bytes", None))
+        except NotVerified as exc:
+            raise ConfigError(f"checkpoint {checkpoint} does not verify: {exc}") from None
+        finally:
+            if fd is not None and dir_fd is None:
+                os.close(fd)
+        try:
+            if step is not None and manifest["step"] != step:
+                raise ConfigError(f"checkpoint {checkpoint} is step {manifest['step']}, the job says step {step}")
+            config, backend = self._backend(copy, policy)
+            files = manifest["files"]
+            missing = [n for n in EXPECTED.get(config.backend, ()) if n not in files]
+            if missing or not any(n.endswith(".safetensors") for n in files):
+                what = ", ".join(missing) or "any .safetensors weights"
+                raise ConfigError(f"checkpoint {checkpoint} does not verify: the manifest does not list {what}")
+            backend.load(copy)
+            results = {split: Evaluation.of(r) for split, r in backend.evaluate(manifest["step"]).items()} if val_loss else {}
+            losses = {split: r.loss for split, r in results.items()}
+            texts = []
+            if samples is not None:
+                for prompt in samples.prompts:
+                    text = backend.generate(prompt, max_new_tokens=samples.max_new_tokens,
+                                            temperature=samples.temperature, top_k=samples.top_k, seed=samples.seed)
+                    texts.append({"prompt": prompt, "text": text})
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
         val, train = losses.get("val"), losses.get("train")
         return EvalResult(
-            checkpoint=str(checkpoint), step=step, backend=config.backend,
+            checkpoint=str(checkpoint), step=manifest["step"], backend=config.backend,
             val_loss=val, train_loss=train,
             perplexity=perplexity(val) if val is not None else None,
             train_perplexity=perplexity(train) if train is not None else None,
@@ -130,7 +160,7 @@ class Evaluator:
             self._cached[2].close()
             self._cached = None
 
-    def _backend(self, checkpoint: Path) -> tuple[Any, Any]:
+    def _backend(self, checkpoint: Path, policy: Any) -> tuple[Any, Any]:
         from trainctl.kernel import config as cfg
         from trainctl.kernel.backend import BackendContext
         from trainctl.kernel.registry import Registry, load_factory
@@ -140,6 +170,8 @@ class Evaluator:
         # Plugins play no part in an evaluation (and may not be installed here): drop them.
         raw.pop("plugin", None)
         raw["plugins"] = []
+        if policy is not None:
+            policy.check_config(raw)
         train = raw.setdefault("train", {})
         train.update(out_dir=str(self.work_dir), compile=False)
         if self.device:

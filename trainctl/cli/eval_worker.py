@@ -3,6 +3,9 @@
 Startup order matters: every usage error (token, roots, state dir in use, port taken) is found
 before the socket serves anything, as one line and exit code 2. The bound address is written
 to ``STATE/address`` and printed on stdout, so ``--port 0`` can be discovered.
+
+The limits (per job, queue, retention, connections) are :class:`trainctl.remote.policy.Limits`;
+docs/security.md says what each one defends against.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import click
 from trainctl.kernel.errors import ConfigError
 
 DEFAULT_PORT = 8477
+ACCEPT_BATCH = 32
 
 
 def register(cli: click.Group) -> None:
@@ -39,10 +43,41 @@ def default_state_dir() -> Path:
               help="Only read checkpoints under this directory (repeatable; default: the current directory).")
 @click.option("--state", "state_dir", type=click.Path(path_type=Path), help="Job queue directory [default: ~/.local/state/trainctl/eval-worker].")
 @click.option("--device", help="Evaluate on this device instead of each run's train.device.")
-def eval_worker(host: str, port: int, token: str, roots: tuple[Path, ...], state_dir: Path | None, device: str | None) -> None:
+@click.option("--job-timeout", default=900.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds one evaluation may take; then it is stopped and the job is an error.")
+@click.option("--max-attempts", default=3, show_default=True, type=click.IntRange(1),
+              help="Evaluations of a job whose process died (or whose worker died) before the job is an error.")
+@click.option("--max-eval-steps", default=1000, show_default=True, type=click.IntRange(1),
+              help="The most train.eval_steps a checkpoint's config may ask for.")
+@click.option("--max-batch-size", default=1024, show_default=True, type=click.IntRange(1),
+              help="The most train.batch_size a checkpoint's config may ask for.")
+@click.option("--max-checkpoint-gb", default=200.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="The most a checkpoint may hold: it is copied into the state dir to be evaluated.")
+@click.option("--max-queue", default=1000, show_default=True, type=click.IntRange(1),
+              help="Queued jobs; more submissions are answered 429.")
+@click.option("--keep-finished", default=1000, show_default=True, type=click.IntRange(1),
+              help="Finished jobs remembered (the oldest are forgotten first).")
+@click.option("--keep-days", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Finished jobs are forgotten after this many days.")
+@click.option("--request-timeout", default=10.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds a client has to send a request's headers, and again its body.")
+@click.option("--max-connections", default=64, show_default=True, type=click.IntRange(1),
+              help="Open connections; the oldest one without a request is closed first.")
+def eval_worker(host: str, port: int, token: str, roots: tuple[Path, ...], state_dir: Path | None, device: str | None,
+                job_timeout: float, max_attempts: int, max_eval_steps: int, max_batch_size: int,
+                max_checkpoint_gb: float, max_queue: int,
+                keep_finished: int, keep_days: float, request_timeout: float, max_connections: int) -> None:
     """Serve remote evaluation: POST /jobs, GET /jobs/ID, GET /jobs?run=RUN, GET /health."""
+    from trainctl.remote.policy import Limits
     from trainctl.remote.roots import Roots
 
+    if token and click.get_current_context().get_parameter_source("token").name == "COMMANDLINE":
+        click.echo("eval-worker: warning: --token on the command line is visible to every local user (ps); "
+                   "set TRAINCTL_EVAL_TOKEN instead", err=True)
+    limits = Limits(job_timeout_s=job_timeout, max_attempts=max_attempts, max_eval_steps=max_eval_steps,
+                    max_batch_size=max_batch_size, max_checkpoint_gb=max_checkpoint_gb, max_queue=max_queue,
+                    keep_finished=keep_finished, keep_days=keep_days, request_timeout_s=request_timeout,
+                    max_connections=_connection_cap(max_connections))
     if not token and not is_loopback(host):
         raise ConfigError(f"--host {host} is not a loopback address: set --token or TRAINCTL_EVAL_TOKEN so that only your clients can submit jobs")
     allowed = Roots(list(roots) or [Path.cwd()])
@@ -60,11 +95,13 @@ def eval_worker(host: str, port: int, token: str, roots: tuple[Path, ...], state
         from trainctl.remote.app import WorkerAPI
     except ImportError as exc:
         raise ConfigError(f"eval-worker needs a package that is missing ({exc.name}): pip install 'trainctl[eval]'") from None
+    from trainctl.remote.connections import limited_protocol
     from trainctl.remote.jobs import JobStore
     from trainctl.remote.worker import EvalThread, log
 
-    store = JobStore(state)
-    thread = EvalThread(store, allowed, work_dir=state / "work", device=device)
+    store = JobStore(state, max_attempts=max_attempts, max_queue=max_queue, keep_finished=keep_finished,
+                     keep_s=keep_days * 86400)
+    thread = EvalThread(store, allowed, work_dir=state / "work", device=device, limits=limits)
     thread.start()
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
@@ -76,8 +113,11 @@ def eval_worker(host: str, port: int, token: str, roots: tuple[Path, ...], state
                f"{counts['queued']} queued ({store.requeued} requeued after a restart), {counts['done'] + counts['error']} finished"
                f"{'' if token else ' | no token: loopback only'}")
     config = uvicorn.Config(
-        WorkerAPI(store, allowed, token=token).app(), log_level="warning", access_log=False,
-        lifespan="off", server_header=False, timeout_graceful_shutdown=2,
+        WorkerAPI(store, allowed, token=token, body_timeout_s=request_timeout).app(), log_level="warning",
+        access_log=False, lifespan="off", server_header=False, timeout_graceful_shutdown=2,
+        http=limited_protocol(request_timeout, limits.max_connections), timeout_keep_alive=5,
+        limit_concurrency=limits.max_connections + ACCEPT_BATCH + 8, h11_max_incomplete_event_size=16 * 1024,
+        backlog=ACCEPT_BATCH,  # asyncio accepts up to this many at once, before any can be turned away
     )
     # uvicorn stops gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler that
     # was installed before it: make that one a clean exit, so the last line below is printed.
@@ -100,6 +140,19 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it could resolve anywhere
 
 
+def _connection_cap(wanted: int) -> int:
+    """``wanted``, or fewer when the open-file limit would not hold that many sockets beside the
+    worker's own files (else accept() fails and even /health goes unanswered)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # what the worker holds itself (~15: logs, pipes, the job files) and one accept batch
+    room = soft - 32 - ACCEPT_BATCH if soft != resource.RLIM_INFINITY else wanted
+    if room < 4:
+        raise ConfigError(f"the open-file limit ({soft}) is too low to serve; raise it (ulimit -n 1024)")
+    return min(wanted, room)
+
+
 def _bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -113,7 +166,7 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another with --port (0 = any free port)") from None
-    sock.listen(64)  # connections queue from here on, before the server loop starts
+    sock.listen(ACCEPT_BATCH)  # connections queue from here on, before the server loop starts
     return sock
 
 

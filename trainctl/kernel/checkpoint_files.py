@@ -5,20 +5,41 @@ atomic seal (fsync every file, manifest last, rename into place).
 A directory is a checkpoint only once its manifest is in place and every file it lists matches
 its sha256: a kill at any instant leaves complete checkpoints under ``step-*`` names and, at
 most, a ``.tmp-*`` directory that the next run removes.
+
+A checkpoint may come from someone else (a job submitted to the eval worker, a run directory
+copied from elsewhere), so reading one trusts nothing in it: the manifest must list plain file
+names (no ``/``, no ``..``), checked before anything is opened, and must include the files every
+checkpoint has (:data:`REQUIRED`); each file is opened relative to the directory's descriptor
+without following symbolic links and must be a regular file (a FIFO or a device would block or
+never end). :func:`snapshot` copies the bytes it hashes into a private directory, so what is
+loaded afterwards is exactly what was verified, whatever happens to the original meanwhile.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
+from typing import Callable
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"  # in-progress writes and checkpoints being removed
+#: Files every checkpoint written by the kernel holds (the resolved config and the kernel state);
+#: a manifest that leaves them out (an empty file list, say) does not verify.
+REQUIRED = ("config.toml", "kernel.json")
+MAX_MANIFEST_BYTES = 1 << 20
+_CHUNK = 1 << 20
+_HEX = frozenset("0123456789abcdef")
+
+
+class NotVerified(Exception):
+    """The checkpoint is incomplete, corrupt or not made of plain files (the message says which)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -37,21 +58,147 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def verify(directory: Path) -> str | None:
+def plain_name(name: object) -> bool:
+    """A file name that stays inside its directory: no separator, no ``.``/``..``, no NUL."""
+    return (isinstance(name, str) and 0 < len(name) <= 255 and name not in (".", "..")
+            and "/" not in name and "\0" not in name)
+
+
+def open_regular(dir_fd: int, name: str, missing: str = "") -> tuple[int, int]:
+    """(descriptor, size) of the regular file ``name`` in the directory ``dir_fd``; never follows
+    a symbolic link and never blocks (O_NONBLOCK: opening a FIFO returns at once, then is refused).
+    NotVerified if it is not one (``missing``: the message when it does not exist)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise NotVerified(missing or f"{name} is missing") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotVerified(f"{name} is a symbolic link; a checkpoint holds only regular files") from None
+        raise NotVerified(f"{name} cannot be opened ({exc.strerror})") from None
+    mode, size = (st := os.fstat(fd)).st_mode, st.st_size
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotVerified(f"{name} is not a regular file; a checkpoint holds only regular files")
+    return fd, size
+
+
+def read_manifest(dir_fd: int, required: tuple[str, ...] = REQUIRED) -> dict:
+    """The manifest of the checkpoint open as ``dir_fd``, checked: ``step`` a non-negative integer,
+    ``files`` plain names with sha256 digests, ``required`` among them."""
+    fd, size = open_regular(dir_fd, MANIFEST, missing="no manifest (incomplete)")
+    try:
+        if size > MAX_MANIFEST_BYTES:
+            raise NotVerified(f"unreadable manifest (over {MAX_MANIFEST_BYTES} bytes)")
+        data = _read(fd, size)
+    finally:
+        os.close(fd)
+    try:
+        manifest = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise NotVerified(f"unreadable manifest ({type(exc).__name__}: {str(exc)[:200]})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    step = manifest.get("step") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise NotVerified('unreadable manifest (it must be {"step": N, "files": {NAME: SHA256}})')
+    for name, digest in files.items():
+        if not plain_name(name) or name == MANIFEST:
+            raise NotVerified(f"the manifest lists {name!r}, which is not a plain file name in the checkpoint")
+        if not isinstance(digest, str) or len(digest) != 64 or not _HEX.issuperset(digest):
+            raise NotVerified(f"the manifest's sha256 of {name} is not a sha256")
+    missing = [name for name in required if name not in files]
+    if missing:
+        raise NotVerified(f"the manifest does not list {', '.join(missing)} (incomplete)")
+    return manifest
+
+
+def check_files(dir_fd: int, manifest: dict, sink: Callable[[str, bytes], None] | None = None,
+                max_bytes: int | None = None) -> None:
+    """Hash every file the manifest lists; ``sink(name, chunk)`` receives exactly the bytes hashed."""
+    opened = []
+    try:
+        for name in manifest["files"]:
+            opened.append((name, *open_regular(dir_fd, name)))
+        total = sum(size for _, _, size in opened)
+        if max_bytes is not None and total > max_bytes:
+            raise NotVerified(f"the checkpoint holds {total} bytes, over the limit of {max_bytes}")
+        for name, fd, size in opened:
+            digest = hashlib.sha256()
+            left = size  # never past the size seen when it was opened: a growing file is cut there
+            while left:
+                chunk = os.read(fd, min(_CHUNK, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                digest.update(chunk)
+                if sink is not None:
+                    sink(name, chunk)
+            if digest.hexdigest() != manifest["files"][name]:
+                raise NotVerified(f"{name} does not match its sha256")
+    finally:
+        for _, fd, _ in opened:
+            os.close(fd)
+
+
+def open_checkpoint(directory: Path) -> int:
+    """A descriptor of the directory (the path itself may be a link the user made; nothing in it
+    may be)."""
+    try:
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise NotVerified("no such directory") from None
+    except OSError as exc:
+        raise NotVerified(f"not a readable directory ({exc.strerror})") from None
+
+
+def verify(directory: Path, required: tuple[str, ...] = REQUIRED) -> str | None:
     """None if the checkpoint is complete and intact, else what is wrong with it."""
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except FileNotFoundError:
-        return "no manifest (incomplete)"
-    except (OSError, ValueError) as exc:
-        return f"unreadable manifest ({exc})"
-    for name, expected in manifest.get("files", {}).items():
-        file = directory / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if sha256_file(file) != expected:
-            return f"{name} does not match its sha256"
+        dir_fd = open_checkpoint(directory)
+    except NotVerified as exc:
+        return str(exc)
+    try:
+        check_files(dir_fd, read_manifest(dir_fd, required))
+    except NotVerified as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    finally:
+        os.close(dir_fd)
     return None
+
+
+def snapshot(dir_fd: int, dest: Path, *, required: tuple[str, ...] = REQUIRED, max_bytes: int | None = None) -> dict:
+    """Copy the checkpoint open as ``dir_fd`` into the new private directory ``dest``, verifying
+    the very bytes that are written; the manifest. Raises NotVerified (``dest`` is then removed)."""
+    manifest = read_manifest(dir_fd, required)
+    dest.mkdir(mode=0o700)
+    files = {}
+    try:
+        try:
+            for name in manifest["files"]:
+                files[name] = open(dest / name, "xb")  # every listed file, empty ones too
+            check_files(dir_fd, manifest, lambda name, chunk: files[name].write(chunk), max_bytes)
+        finally:
+            for f in files.values():
+                f.close()
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    (dest / MANIFEST).write_text(json.dumps(manifest))
+    return manifest
+
+
+def _read(fd: int, size: int) -> bytes:
+    parts, left = [], size
+    while left:
+        chunk = os.read(fd, min(_CHUNK, left))
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
 
 
 def checkpoints(root: Path) -> list[Path]:

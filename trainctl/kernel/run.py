@@ -17,11 +17,12 @@ from trainctl.kernel import resume as resuming
 from trainctl.kernel import run_dir
 from trainctl.kernel.backend import Backend, BackendContext, Distributed, Plan
 from trainctl.kernel.bus import EventBus
-from trainctl.kernel.config import RunConfig, dump_toml
+from trainctl.kernel.config import RunConfig
 from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.registry import Registry, load_factory, new_plugin_manager
 from trainctl.kernel.resume import CONFIG_FILE, KERNEL_FILE, PLUGINS_FILE  # noqa: F401  (re-exported)
+from trainctl.kernel.secrets import save_config
 from trainctl.kernel.state import RunResult, RunState
 
 
@@ -163,6 +164,6 @@ class Run:
                                         backend=self.config.backend, locked=self.config.locked())
         (directory / KERNEL_FILE).write_text(json.dumps(kernel, indent=1))
         (directory / PLUGINS_FILE).write_text(json.dumps(self.bus.state_dict(), indent=1))
-        (directory / CONFIG_FILE).write_text(dump_toml(self.config.to_dict()))
+        save_config(directory / CONFIG_FILE, self.config)  # secrets emptied, mode 0600
 
 

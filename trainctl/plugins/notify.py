@@ -4,8 +4,9 @@ The body is a short JSON summary with a Slack-compatible ``text`` field (also ac
 Mattermost, Discord's ``/slack`` endpoint and most chat webhooks) beside the plain fields:
 status, step, losses, duration, run dir, reason. Sending is bounded by ``timeout_s`` in total;
 a failure is one stderr line and a ``notify_failed`` notice, and never changes how the run
-ended. Webhook URLs are secrets: prefer ``url_env`` to ``url``, since the resolved config is
-copied into every checkpoint.
+ended. Webhook URLs are secrets: ``url`` is saved empty in checkpoints (prefer ``url_env``).
+Redirects are not followed (a 3xx is a failure naming its ``Location``): the body would go to
+another host, and a redirect to a login page would count as delivered.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from typing import Any, Literal
 
 from trainctl.hooks import PluginSpec, RunInfo, hookimpl, notices
 from trainctl.hooks.events import Notice, RunEnd, RunStart
+from trainctl.kernel.secrets import secret
+from trainctl.remote.client import no_redirect_opener, redirect_message
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
-    url: str = ""  # the webhook; empty: read it from the environment variable url_env
+    url: str = secret()  # the webhook; empty: read it from the environment variable url_env
     url_env: str = "TRAINCTL_NOTIFY_URL"
     timeout_s: float = 5.0  # the whole POST, connect to answer
     on: tuple[Literal["completed", "stopped", "failed"], ...] = ("completed", "stopped", "failed")
@@ -96,11 +99,11 @@ class Notify:
             request = urllib.request.Request(self.url, data=json.dumps(body).encode(), method="POST",
                                              headers={"Content-Type": "application/json", "User-Agent": "trainctl"})
             try:
-                with urllib.request.urlopen(request, timeout=self.config.timeout_s) as response:
+                with no_redirect_opener().open(request, timeout=self.config.timeout_s) as response:
                     response.read(4096)
                 outcome.append(None)
             except urllib.error.HTTPError as exc:
-                outcome.append(f"HTTP {exc.code} {exc.reason}")
+                outcome.append(redirect_message(exc) if 300 <= exc.code < 400 else f"HTTP {exc.code} {exc.reason}")
             except Exception as exc:  # anything: a notifier must never break the run's end
                 outcome.append(f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}")
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from trainctl.hooks import Every, PluginSpec, RunInfo, hookimpl, notices
 from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RunEnd, RunStart
+from trainctl.kernel.secrets import secret
 from trainctl.remote.client import Rejected, Unavailable, WorkerClient
 from trainctl.remote.outbox import Outbox, Submission
 
@@ -31,7 +32,7 @@ from trainctl.remote.outbox import Outbox, Submission
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
     url: str = "http://127.0.0.1:8477"
-    token: str = ""  # prefer token_env: the resolved config is copied into every checkpoint
+    token: str = secret()  # saved empty in checkpoints; prefer token_env
     token_env: str = "TRAINCTL_EVAL_TOKEN"  # read when token is empty
     every: int = 0  # only checkpoints at multiples of this step (and the last one); 0 = all
     val_loss: bool = True

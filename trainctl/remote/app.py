@@ -2,13 +2,14 @@
 
     GET  /health            {"status": "ok"}; no token needed
     POST /jobs              {"run", "checkpoint", "step", "evaluate"?} -> the job (201 new, 200 existing)
-    GET  /jobs?run=RUN      {"jobs": [...]}, oldest first
+    GET  /jobs?run=RUN      {"jobs": [...]}, oldest first (the newest ``limit``, default 100)
     GET  /jobs/ID           the job: status queued|running|done|error, result or error
 
 Every answer is JSON; every error is ``{"error": "one line"}`` with a 4xx status: 400 bad JSON or
-fields, 401 missing or wrong bearer token, 403 checkpoint outside the roots, 404 unknown job or
-endpoint, 405 wrong method, 413 body over the limit, 422 checkpoint that does not exist. One log
-line per request goes to stderr.
+fields (nested too deep, control characters), 401 missing or wrong bearer token, 403 checkpoint
+outside the roots, 404 unknown job or endpoint, 405 wrong method, 408 body not sent in time, 413
+body over the limit, 422 checkpoint that does not exist, 429 queue full (``Retry-After``). One log
+line per request goes to stderr, with control characters escaped.
 
 Why Starlette + uvicorn: both are maintained, widely deployed and small (together they add
 ``starlette``, ``anyio``, ``uvicorn`` and ``h11``). uvicorn parses HTTP/1.1 (keep-alive, chunked
@@ -26,6 +27,7 @@ import sys
 import time
 from typing import Any
 
+import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -33,8 +35,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from trainctl.evaluation import SampleRequest
-from trainctl.remote.jobs import JobStore
+from trainctl.remote.jobs import JobStore, QueueFull
 from trainctl.remote.roots import Roots
+from trainctl.remote.worker import escape
 
 MAX_BODY = 64 * 1024
 FIELDS = ("run", "checkpoint", "step", "evaluate")
@@ -42,8 +45,10 @@ REQUIRED = ("run", "checkpoint", "step")
 
 
 class WorkerAPI:
-    def __init__(self, store: JobStore, roots: Roots, *, token: str = "", max_body: int = MAX_BODY) -> None:
+    def __init__(self, store: JobStore, roots: Roots, *, token: str = "", max_body: int = MAX_BODY,
+                 body_timeout_s: float = 10.0) -> None:
         self.store, self.roots, self.token, self.max_body = store, roots, token, max_body
+        self.body_timeout_s = body_timeout_s
 
     def app(self) -> Any:
         routes = [
@@ -66,13 +71,18 @@ class WorkerAPI:
             raise HTTPException(403, f"checkpoint {fields['checkpoint']} is outside the worker's roots ({self.roots})")
         if not path.is_dir():
             raise HTTPException(422, f"checkpoint {fields['checkpoint']} does not exist or is not a directory")
-        job, created = self.store.submit(path=str(path), **fields)
+        try:
+            job, created = self.store.submit(path=str(path), **fields)
+        except QueueFull as exc:
+            raise HTTPException(429, str(exc), headers={"Retry-After": "30"}) from None
         return JSONResponse(job.to_dict(), status_code=201 if created else 200)
 
     async def list_jobs(self, request: Request) -> JSONResponse:
         self._authorize(request)
-        run = request.query_params.get("run")
-        return JSONResponse({"jobs": [j.to_dict() for j in self.store.list(run)]})
+        run, limit = request.query_params.get("run"), request.query_params.get("limit", "100")
+        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+            raise HTTPException(400, "limit must be an integer from 1 to 1000")
+        return JSONResponse({"jobs": [j.to_dict() for j in self.store.list(run, int(limit))]})
 
     async def get_job(self, request: Request) -> JSONResponse:
         self._authorize(request)
@@ -95,12 +105,18 @@ class WorkerAPI:
         if length.isdigit() and int(length) > self.max_body:
             raise too_large
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_body:
-                raise too_large
+        try:
+            with anyio.fail_after(self.body_timeout_s):  # a client trickling its body holds a connection
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > self.max_body:
+                        raise too_large
+        except TimeoutError:
+            raise HTTPException(408, f"the body was not sent within {self.body_timeout_s:g}s") from None
         try:
             return json.loads(body)
+        except RecursionError:
+            raise HTTPException(400, "body is nested too deeply") from None
         except ValueError as exc:  # also UnicodeDecodeError
             raise HTTPException(400, f"body is not valid JSON ({exc})") from None
 
@@ -119,10 +135,11 @@ def parse_submission(data: Any) -> dict[str, Any]:
     if missing:
         raise bad(f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     run, checkpoint, step = data["run"], data["checkpoint"], data["step"]
-    if not isinstance(run, str) or not 0 < len(run) <= 200:
-        raise bad("run must be a non-empty string of at most 200 characters")
-    if not isinstance(checkpoint, str) or not checkpoint.startswith("/"):
-        raise bad("checkpoint must be an absolute path")
+    if not isinstance(run, str) or not 0 < len(run) <= 200 or not run.isprintable():
+        raise bad("run must be a non-empty string of at most 200 printable characters")
+    if not isinstance(checkpoint, str) or not checkpoint.startswith("/") or len(checkpoint) > 4096 \
+            or "\0" in checkpoint:
+        raise bad("checkpoint must be an absolute path (at most 4096 characters, no NUL)")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise bad("step must be a non-negative integer")
     what = data.get("evaluate", {"val_loss": True})
@@ -157,7 +174,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    print(f"eval-worker: internal error on {request.method} {request.url.path}: {type(exc).__name__}: {exc}",
+    where = f"{request.method} {escape(request.url.path)}"
+    print(f"eval-worker: internal error on {where}: {type(exc).__name__}: {escape(str(exc))}",
           file=sys.stderr, flush=True)
     return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
 
@@ -183,5 +201,5 @@ class AccessLog:
         finally:
             client = scope.get("client") or ("-", 0)
             query = f"?{scope['query_string'].decode(errors='replace')}" if scope.get("query_string") else ""
-            print(f"eval-worker: {client[0]} {scope['method']} {scope['path']}{query} {status[0] or 500} "
+            print(f"eval-worker: {client[0]} {scope['method']} {escape(scope['path'] + query)} {status[0] or 500} "
                   f"{(time.perf_counter() - started) * 1000:.1f}ms", file=sys.stderr, flush=True)

@@ -3,6 +3,10 @@
 Every failure is one of two exceptions, so the caller can decide without parsing messages:
 :class:`Unavailable` (down, slow, restarting, 5xx, or a credential the worker refused: try
 again later) and :class:`Rejected` (this submission can never succeed as it is).
+
+Redirects are never followed: urllib would repeat the request, ``Authorization`` header
+included, to whatever host the answer names. A 3xx is an :class:`Unavailable` that names its
+``Location``, so the user can fix the URL.
 """
 
 from __future__ import annotations
@@ -17,6 +21,22 @@ from urllib.parse import quote
 #: Answers that mean "this request is wrong and will stay wrong"; anything else may pass later
 #: (401/403: a token or root the worker's operator can fix; 408/429/5xx: a busy or broken worker).
 PERMANENT = frozenset({400, 404, 405, 413, 422})
+
+
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Leaves every 3xx as the HTTPError it is, instead of following it."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None
+
+
+def no_redirect_opener() -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(NoRedirects)
+
+
+def redirect_message(exc: urllib.error.HTTPError) -> str:
+    location = exc.headers.get("Location", "?")
+    return f"HTTP {exc.code} redirect to {location!r}, not followed; set the URL to where it should go"
 
 
 class WorkerError(Exception):
@@ -38,6 +58,7 @@ class WorkerClient:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.opener = no_redirect_opener()
 
     def submit(self, *, run: str, checkpoint: str, step: int, evaluate: dict[str, Any]) -> dict[str, Any]:
         """The job (new, or the existing one for this checkpoint of this run)."""
@@ -55,9 +76,11 @@ class WorkerClient:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with self.opener.open(request, timeout=self.timeout) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                raise Unavailable(f"{method} {path}: {redirect_message(exc)}", exc.code) from None
             message = _error_message(exc)
             kind = Rejected if exc.code in PERMANENT else Unavailable
             raise kind(f"{method} {path}: HTTP {exc.code}: {message}", exc.code) from None

@@ -3,7 +3,11 @@ HTTP answer (write-ahead: temporary file, fsync, rename), so an accepted job sur
 
 A job's id is a hash of (run, checkpoint real path, step): submitting the same checkpoint of the
 same run again returns the existing job instead of evaluating it twice. On start, jobs that were
-running when the worker died go back to the queue, ahead of newer ones.
+running when the worker died go back to the queue, ahead of newer ones, unless they have been
+started ``max_attempts`` times already: a job that kills its worker is not retried forever.
+
+The store is bounded: at most ``max_queue`` jobs wait (more are refused with :class:`QueueFull`),
+and finished jobs beyond ``keep_finished`` or older than ``keep_s`` are forgotten, oldest first.
 """
 
 from __future__ import annotations
@@ -46,12 +50,19 @@ def job_id(run: str, path: str, step: int) -> str:
     return hashlib.sha256(f"{run}\0{path}\0{step}".encode()).hexdigest()[:16]
 
 
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` jobs already."""
+
+
 class JobStore:
     """Every job the worker accepted, in memory and on disk. Thread-safe."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, max_attempts: int = 3, max_queue: int = 1000,
+                 keep_finished: int = 1000, keep_s: float = 30 * 86400) -> None:
         self.dir = state_dir / "jobs"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_attempts, self.max_queue = max_attempts, max_queue
+        self.keep_finished, self.keep_s = keep_finished, keep_s
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._queued = threading.Condition(self._lock)
@@ -61,12 +72,19 @@ class JobStore:
                 job = Job(**json.loads(file.read_text()))
             except (OSError, ValueError, TypeError):
                 continue  # a file not written by us; temporary files are *.tmp
-            if job.status == "running":  # the worker died mid-job: evaluate it again
+            if job.status == "running" and job.attempts >= max_attempts:
+                job.status, job.finished = "error", time.time()
+                job.error = (f"the worker stopped during each of the {job.attempts} evaluations of this job "
+                             f"(killed, crashed or restarted); not retried after {max_attempts} attempts")
+                self._write(job)
+            elif job.status == "running":  # the worker died mid-job: evaluate it again
                 job.status = "queued"
                 self._write(job)
                 self.requeued += 1
             self._jobs[job.id] = job
         self._seq = max((j.seq for j in self._jobs.values()), default=0)
+        with self._lock:
+            self._prune()
 
     def submit(self, *, run: str, checkpoint: str, path: str, step: int, evaluate: dict[str, Any]) -> tuple[Job, bool]:
         """The job for this checkpoint of this run and whether it is new (False: it existed)."""
@@ -75,6 +93,8 @@ class JobStore:
             existing = self._jobs.get(jid)
             if existing is not None:
                 return existing, False
+            if sum(j.status == "queued" for j in self._jobs.values()) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting); submit again later")
             self._seq += 1
             job = Job(id=jid, run=run, checkpoint=checkpoint, path=path, step=step, evaluate=evaluate, seq=self._seq)
             self._write(job)  # durable before anyone is told it was accepted
@@ -86,9 +106,11 @@ class JobStore:
         with self._lock:
             return self._jobs.get(jid)
 
-    def list(self, run: str | None = None) -> list[Job]:
+    def list(self, run: str | None = None, limit: int | None = None) -> list[Job]:
+        """Jobs oldest first; with ``limit``, the newest ``limit`` of them."""
         with self._lock:
-            return sorted((j for j in self._jobs.values() if run is None or j.run == run), key=lambda j: j.seq)
+            jobs = sorted((j for j in self._jobs.values() if run is None or j.run == run), key=lambda j: j.seq)
+        return jobs[-limit:] if limit else jobs
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -118,6 +140,23 @@ class JobStore:
             job.status = "error" if error is not None else "done"
             job.result, job.error, job.finished = result, error, time.time()
             self._write(job)
+            self._prune()
+
+    def requeue(self, jid: str) -> None:
+        """Back to the queue, ahead of newer jobs (its evaluation died; ``attempts`` says how often)."""
+        with self._lock:
+            job = self._jobs[jid]
+            job.status, job.started = "queued", None
+            self._write(job)
+            self._queued.notify()
+
+    def _prune(self) -> None:
+        finished = sorted((j for j in self._jobs.values() if j.finished is not None), key=lambda j: j.finished)
+        cutoff = time.time() - self.keep_s
+        drop = finished[:max(0, len(finished) - self.keep_finished)] + [j for j in finished if j.finished < cutoff]
+        for job in drop:
+            if self._jobs.pop(job.id, None) is not None:
+                (self.dir / f"{job.id}.json").unlink(missing_ok=True)
 
     def _write(self, job: Job) -> None:
         final = self.dir / f"{job.id}.json"

@@ -1,0 +1,81 @@
+"""What the eval worker grants a job: its limits, and the check of the config a checkpoint
+carries. The config comes from whoever wrote the checkpoint, so before a backend is built from
+it every path it names must lie under the worker's roots (rewritten to its real path, so what
+was checked is what the backend opens) and the work it asks for must fit the limits.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainctl.kernel.errors import ConfigError
+from trainctl.remote.roots import Roots
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Limits:
+    job_timeout_s: float = 900.0  # one evaluation, wall clock; then its process is killed
+    max_attempts: int = 3  # evaluations of one job that died (or whose worker died) before it is an error
+    max_eval_steps: int = 1000  # train.eval_steps a checkpoint's config may ask for
+    max_batch_size: int = 1024  # train.batch_size likewise
+    max_checkpoint_gb: float = 200.0  # bytes copied per evaluation (the checkpoint is snapshotted)
+    max_queue: int = 1000  # queued jobs; more are answered 429
+    keep_finished: int = 1000  # finished jobs kept (the oldest go first) ...
+    keep_days: float = 30.0  # ... and none longer than this
+    request_timeout_s: float = 10.0  # to send a request's headers, and again its body
+    max_connections: int = 64  # open connections; the oldest one still without a request goes first
+
+    def __post_init__(self) -> None:
+        positive = ("job_timeout_s", "max_attempts", "max_eval_steps", "max_batch_size", "max_checkpoint_gb",
+                    "max_queue", "keep_finished", "keep_days", "request_timeout_s", "max_connections")
+        bad = [name for name in positive if not getattr(self, name) > 0]
+        if bad:
+            raise ConfigError(f"eval-worker: {bad[0].replace('_', '-')} must be positive")
+
+
+#: The config keys that name files or directories, per backend, with the values that do not.
+PATH_KEYS: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
+    "gpt": (("data", "path", ("",)), ("model", "init_from", ("", "scratch"))),
+    "hf": (("model", "name_or_path", ("",)), ("model", "tokenizer", ("",)), ("model", "chat_template", ("",)),
+           ("data", "train", ("",)), ("data", "val", ("",))),
+}
+
+
+class Policy:
+    def __init__(self, roots: Roots, limits: Limits) -> None:
+        self.roots, self.limits = roots, limits
+        self.max_bytes = int(limits.max_checkpoint_gb * 2**30)
+
+    def check_config(self, raw: dict[str, Any]) -> None:
+        """Refuse (ConfigError) or confine, in place, the raw config of a checkpoint."""
+        backend = raw.get("backend", "gpt")
+        if backend not in PATH_KEYS:
+            raise ConfigError(f"backend {backend!r}: the eval worker knows which config keys name files only for "
+                              f"{', '.join(PATH_KEYS)}, so it evaluates only those")
+        train = raw.get("train", {})
+        for key, limit in (("eval_steps", self.limits.max_eval_steps), ("batch_size", self.limits.max_batch_size)):
+            value = train.get(key, 0)
+            if not isinstance(value, int) or value > limit:
+                raise ConfigError(f"the checkpoint's config asks for train.{key} = {value!r}, over the worker's "
+                                  f"limit of {limit} (--max-{key.replace('_', '-')})")
+        for section, key, plain in PATH_KEYS[backend]:
+            table = raw.get(section, {})
+            value = table.get(key)
+            if value is None or value in plain or (key == "chat_template" and "{" in value):
+                continue  # a default, or template text rather than a file
+            table[key] = str(self.confine(f"{section}.{key}", value, directory=key in ("name_or_path", "tokenizer")))
+
+    def confine(self, name: str, value: Any, *, directory: bool) -> Path:
+        if not isinstance(value, str) or "\0" in value:
+            raise ConfigError(f"the checkpoint's config has {name} = {value!r}, which is not a path")
+        real = Path(os.path.realpath(os.path.expanduser(value)))
+        if not self.roots.contains(real):
+            raise ConfigError(f"the checkpoint's config names {name} = {value!r}, which is outside the worker's roots "
+                              f"({self.roots}); put it under a root or evaluate the checkpoint locally (trainctl eval)")
+        if directory and not real.is_dir():  # a hub id: the worker downloads nothing
+            raise ConfigError(f"the checkpoint's config names {name} = {value!r}, which is not a directory under the "
+                              "worker's roots; the eval worker loads models only from local directories")
+        return real
