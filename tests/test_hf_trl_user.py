@@ -31,7 +31,7 @@ def test_messages_with_a_tokenizer_without_chat_template_is_one_line(hf, tmp_pat
     assert "internal error" not in proc.stderr
 
 
-def trl_losses(hf, data, out):
+def trl_losses(hf, data, out, **overrides):
     """A plain ``SFTTrainer.train()`` on the same rows, model, order, schedule and optimizer."""
     import torch
     from datasets import Dataset
@@ -55,6 +55,8 @@ def trl_losses(hf, data, out):
         train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", eval_strategy="no",
         report_to=[], disable_tqdm=True, log_level="error",
     )
+    for key, value in overrides.items():
+        setattr(args, key, value)
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     record = Record()
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(hf.llama, dtype=torch.float32, attn_implementation="sdpa"),
@@ -79,3 +81,59 @@ def test_plain_prompt_completion_without_chat_template_trains_as_trl_does(hf, tm
     assert len(theirs) == len(ours) == STEPS
     assert [e["lr"] for e in ours] == pytest.approx(lrs, rel=1e-9, abs=1e-15)
     assert [e["loss"] for e in ours] == theirs  # bit-identical, step by step
+
+
+def test_epochs_with_trls_short_last_step_match_sft_trainer(hf, tmp_path):
+    from tests import hf_assets
+
+    # 62 rows, 4 per micro-batch, 3 per step: 16 micro-batches (the last of 2 rows), so each
+    # epoch is 6 steps and its last step is one micro-batch of 2 rows, as Trainer cuts it
+    data = hf_assets.write_jsonl(tmp_path / "pc.jsonl", hf_assets.prompt_completion_rows(62))
+    out = tmp_path / "ours"
+    proc = cli_run(
+        hf, out, data, f"model.tokenizer={hf.plain_tokenizer}", f"seed={SEED}", "data.epochs=2",
+        "data.epoch_end='short_step'", f"train.batch_size={BATCH}", "train.grad_accum=3", f"model.max_length={MAX_LENGTH}",
+        "data.packing=false", "data.shuffle=false", "data.val_fraction=0.0", f"optim.lr={LR}", "optim.beta2=0.999",
+        "plugin.lr.schedule='linear'", "plugin.lr.family='transformers'", "plugin.lr.warmup_ratio=0.1",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "run length: 12 steps (data.epochs = 2) x 12 rows = 2.00 epochs of 62 rows" in proc.stdout
+    ours = events(out)
+    theirs, lrs = trl_losses(hf, data, tmp_path / "trl", max_steps=-1, num_train_epochs=2, gradient_accumulation_steps=3,
+                             lr_scheduler_type="linear", warmup_steps=0.1)
+    assert [e["max_steps"] for e in ours] == [12] * 12 and len(theirs) == 12
+    assert [e["lr"] for e in ours] == pytest.approx(lrs, rel=1e-9, abs=1e-15)
+    assert [e["loss"] for e in ours] == theirs
+    # the short steps trained fewer tokens: steps 6 and 12 hold 2 rows each
+    assert ours[5]["tokens"] - ours[4]["tokens"] < (ours[4]["tokens"] - ours[3]["tokens"]) / 2
+
+
+def test_epochs_carry_on_by_default_and_set_the_run_length(hf, tmp_path):
+    out = tmp_path / "ours"
+    proc = cli_run(hf, out, hf.prompt_completion, f"model.tokenizer={hf.plain_tokenizer}", "data.epochs=1.5",
+                   "data.packing=false", "data.val_fraction=0.0", 'plugins=["lr", "jsonl"]')
+    assert proc.returncode == 0, proc.stderr
+    # 64 rows, 4 x 2 per step: 8 steps an epoch, 12 for 1.5; hf_tiny's max_steps (20) is replaced
+    assert "x 12 steps (fresh start)" in proc.stdout
+    assert 'run length: 12 steps (data.epochs = 1.5) x 8 rows = 1.50 epochs of 64 rows; steps run over' in proc.stdout
+    steps = events(out)
+    assert [e["step"] for e in steps] == list(range(1, 13)) and {e["max_steps"] for e in steps} == {12}
+    assert events(out, "run_end")[0]["status"] == "completed"
+
+
+def test_plan_counts_rows_after_trls_preparation(hf, tmp_path):
+    from tests import hf_assets
+
+    rows = hf_assets.prompt_completion_rows(64)
+    long = [{"prompt": "Speak. " * 200, "completion": "No."}] * 2  # prompts fill max_length: TRL drops them
+    data = hf_assets.write_jsonl(tmp_path / "pc.jsonl", rows[:10] + long + rows[10:])
+    out = tmp_path / "ours"
+    proc = cli_run(hf, out, data, f"model.tokenizer={hf.plain_tokenizer}", "data.epochs=1", "data.packing=false",
+                   "data.val_fraction=0.0", 'plugins=["lr", "jsonl"]')
+    assert proc.returncode == 0, proc.stderr
+    assert ("data: prompt_completion: 66 train rows, 64 kept, 2 dropped by TRL (nothing left to train after "
+            "truncation to max_length); no validation rows") in proc.stdout
+    assert "run length: 8 steps (data.epochs = 1) x 8 rows = 1.00 epochs of 64 rows" in proc.stdout
+    per_epoch = int(proc.stdout.split("trained tokens: ")[1].split(" per epoch")[0].replace(",", ""))
+    assert events(out, "run_end")[0]["tokens"] == per_epoch  # exactly one epoch's trained tokens
+    assert "(TRL's defaults: beta2 0.999)" in proc.stdout

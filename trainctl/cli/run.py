@@ -39,11 +39,11 @@ def run(config: str | None, backend: str | None, out_dir: str | None, overrides:
     from trainctl.kernel.run import Run  # imports torch: after the config is known to be valid
 
     session = Run(resolved, registry, resume=resume, force=force)
-    if session.state.step >= resolved.train.max_steps:
+    if session.state.step >= session.config.train.max_steps:  # the backend may have derived it (epochs)
         session.close()
         click.echo(
             f"{session.out_dir} already finished {session.state.step} steps (train.max_steps = "
-            f"{resolved.train.max_steps}); raise train.max_steps to continue, or --resume never to start over"
+            f"{session.config.train.max_steps}); raise train.max_steps to continue, or --resume never to start over"
         )
         return 0
     estimate = print_plan(session)

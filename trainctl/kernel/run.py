@@ -6,6 +6,7 @@ as a one-line ConfigError.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -82,6 +83,8 @@ class Run:
             loss_terms=self.bus.loss_terms if self.bus.has_loss_terms() else None,
         ))
         self.plan: Plan = self.backend.setup()
+        if self.plan.max_steps and self.plan.max_steps != train.max_steps:
+            self._set_max_steps(self.plan.max_steps)
         self.state = RunState()
         self.resumed_from = self._resume(resume, force)
 
@@ -102,6 +105,13 @@ class Run:
         """Release the backend and leave the process group (every rank together)."""
         self.backend.close()
         self.group.close()
+
+    def _set_max_steps(self, steps: int) -> None:
+        """The backend derived the run's length from its data (hf: ``data.epochs``): the loop, the
+        saved config and every plugin's ``RunInfo`` see it from the first event on. RunInfo is
+        frozen for the plugins; the kernel that made it sets this one field, before any event."""
+        self.config = dataclasses.replace(self.config, train=dataclasses.replace(self.config.train, max_steps=steps))
+        object.__setattr__(self.info, "max_steps", steps)
 
     # --- checkpoint contents owned by the kernel ---------------------------------------------
 

@@ -34,7 +34,7 @@ import trl  # noqa: F401
 from trainctl.backends.gpt.backend import resolve_device, resolve_dtype
 from trainctl.backends.finite_update import FiniteUpdate
 from trainctl.backends.gpt.optim import build_optimizer
-from trainctl.backends.hf import inference, loading, rows, sft, weights
+from trainctl.backends.hf import epochs, inference, loading, plan, rows, sft, weights
 from trainctl.backends.hf.config import DataConfig, HFConfig, ModelConfig
 from trainctl.backends.hf.validate import check_rows
 from trainctl.kernel.backend import BackendContext, Plan, StepOutput
@@ -78,8 +78,8 @@ class HFBackend:
             raise ConfigError(f"train.grad_accum {train.grad_accum} must be a multiple of the {world} ranks")
         self.micro = list(range(ctx.dist.rank, train.grad_accum, world))
 
-        train_rows = rows.read(data.train, "data.train")
-        val_rows = rows.read(data.val, "data.val") if data.val else None
+        epochs.check(data.epoch_end == "short_step", world)
+        train_rows, val_rows = rows.read_data(data)
         self.shape = rows.detect_shape(train_rows, data.shape, data.text_field)
         self.mask = resolve_mask(self.shape, data.mask)
         hf_config = loading.model_config(self.cfg)  # before anything heavy: a missing model is one line
@@ -103,6 +103,9 @@ class HFBackend:
             peft_config=loading.lora(self.hf.lora) if self.hf.lora else None,
         )
         self.model = self.sft.model
+        self.layout = epochs.Layout(n_rows=len(self.sft.train), batch_size=train.batch_size, grad_accum=train.grad_accum,
+                                    short_step=data.epoch_end == "short_step", shuffle=data.shuffle)
+        self.max_steps = self.layout.steps(data.epochs) if data.epochs else train.max_steps
         self.base = self.model.get_base_model() if self.hf.lora else self.model
         if self.hf.lora and self.cfg.gradient_checkpointing:
             self.model.enable_input_require_grads()  # as TRL does: frozen embeddings, checkpointed blocks
@@ -118,7 +121,7 @@ class HFBackend:
 
             self.ddp = self.forward = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-        first = self.sft.rows("train", self._indices(0, 0))
+        first = self.sft.rows("train", self.layout.step(self.sft, 0)[0])
         fraction, problem = sft.mask_check(first, self.mask)
         if problem:
             raise ConfigError(problem)
@@ -141,7 +144,7 @@ class HFBackend:
     def _plan(self, hf_config: Any, attn: str, frozen: int, fraction: float, n_train: int, n_val: int) -> Plan:
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.params)
-        steps = range(min(PLAN_SAMPLE_STEPS, self.train.max_steps))
+        steps = range(min(PLAN_SAMPLE_STEPS, self.max_steps))
         sampled = [self._step_batches(s) for s in steps]  # host only: collation, no model
         tokens = sum(b.tokens for batches in sampled for b in batches) / len(sampled)
         trained = sum(b.trained for batches in sampled for b in batches) / len(sampled)
@@ -150,10 +153,10 @@ class HFBackend:
             "model": f"{type(self.base).__name__} ({hf_config.model_type}), attention {attn}",
             "trainable": f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
             + (f", LoRA r={self.hf.lora.r}" if self.hf.lora else "") + (f", vision frozen ({frozen:,})" if frozen else ""),
-            "data": f"{self.shape}, {n_train} train / {n_val} val rows, packing {packing}, max_length {self.cfg.max_length}",
+            **plan.data_details(self, n_train=n_train, n_val=n_val, packing=packing),
             "loss mask": f"{self.mask}: {100 * fraction:.1f}% of the first batch's tokens trained",
             "tokens/step": f"~{tokens:,.0f} processed, ~{trained:,.0f} trained (mean of the first {len(sampled)} steps)",
-            "optimizer": self.ctx.optim.name,
+            "optimizer": plan.optimizer_line(self.ctx.optim),
         }
         if self.warnings:
             details["data warnings"] = "; ".join(self.warnings)
@@ -162,18 +165,15 @@ class HFBackend:
             flops_per_token=(6 if not self.hf.lora else 4) * total,  # forward 2N, backward 4N (2N without weight grads)
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             summary=f"{self.cfg.name_or_path} fine-tuned on {self.data_cfg.train}",
-            details=details,
+            details=details, max_steps=self.max_steps,
         )
 
     # --- the step -------------------------------------------------------------------------------
 
-    def _indices(self, step: int, micro: int) -> list[int]:
-        first = (step * self.train.grad_accum + micro) * self.train.batch_size
-        return self.sft.indices("train", first, self.train.batch_size, self.data_cfg.shuffle)
-
     def _step_batches(self, step: int) -> list[sft.Batch]:
-        """Every micro-batch of ``step`` on the host (all ranks': the token count is global)."""
-        return [self.sft.batch(self.sft.rows("train", self._indices(step, m))) for m in range(self.train.grad_accum)]
+        """Every micro-batch of ``step`` on the host (all ranks': the token count is global);
+        fewer than grad_accum only in the short last step of an epoch (``data.epoch_end``)."""
+        return [self.sft.batch(self.sft.rows("train", rows)) for rows in self.layout.step(self.sft, step)]
 
     def set_lr(self, lr: float) -> None:
         self.lr = lr
@@ -201,17 +201,18 @@ class HFBackend:
     def train_step(self, step: int) -> StepOutput:
         self.optimizer.zero_grad(set_to_none=True)
         batches = self._step_batches(step)
+        micro = self.micro[: len(batches)]  # a short epoch-end step has fewer (one process only)
         n_items = max(sum(b.trained for b in batches), 1)  # host ints: no sync
-        n_local = max(sum(batches[m].trained for m in self.micro), 1)
+        n_local = max(sum(batches[m].trained for m in micro), 1)
         total = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
         terms: dict[str, torch.Tensor] = {}
-        for i, m in enumerate(self.micro):
+        for i, m in enumerate(micro):
             inputs = sft.to_device(batches[m].inputs, self.device)
             # DDP: one all-reduce, in the last local micro-batch's backward. Each share is already
             # divided by the GLOBAL trained-token count (n_items: host ints, no sync), so the
             # step's gradient is the SUM over ranks: scale by the world size, DDP divides by it.
-            sync = self.ddp is None or i == len(self.micro) - 1
+            sync = self.ddp is None or i == len(micro) - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with self.autocast:
                     loss, extra = self._loss(inputs, n_items, terms)
