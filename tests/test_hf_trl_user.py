@@ -111,7 +111,7 @@ def test_epochs_with_trls_short_last_step_match_sft_trainer(hf, tmp_path):
 def test_epochs_carry_on_by_default_and_set_the_run_length(hf, tmp_path):
     out = tmp_path / "ours"
     proc = cli_run(hf, out, hf.prompt_completion, f"model.tokenizer={hf.plain_tokenizer}", "data.epochs=1.5",
-                   "data.packing=false", "data.val_fraction=0.0", 'plugins=["lr", "jsonl"]')
+                   "data.packing=false", "data.val_fraction=0.0", 'plugins=["lr", "checkpoint", "jsonl"]')
     assert proc.returncode == 0, proc.stderr
     # 64 rows, 4 x 2 per step: 8 steps an epoch, 12 for 1.5; hf_tiny's max_steps (20) is replaced
     assert "x 12 steps (fresh start)" in proc.stdout
@@ -129,7 +129,7 @@ def test_plan_counts_rows_after_trls_preparation(hf, tmp_path):
     data = hf_assets.write_jsonl(tmp_path / "pc.jsonl", rows[:10] + long + rows[10:])
     out = tmp_path / "ours"
     proc = cli_run(hf, out, data, f"model.tokenizer={hf.plain_tokenizer}", "data.epochs=1", "data.packing=false",
-                   "data.val_fraction=0.0", 'plugins=["lr", "jsonl"]')
+                   "data.val_fraction=0.0", 'plugins=["lr", "checkpoint", "jsonl"]')
     assert proc.returncode == 0, proc.stderr
     assert ("data: prompt_completion: 66 train rows, 64 kept, 2 dropped by TRL (nothing left to train after "
             "truncation to max_length); no validation rows") in proc.stdout
@@ -137,3 +137,51 @@ def test_plan_counts_rows_after_trls_preparation(hf, tmp_path):
     per_epoch = int(proc.stdout.split("trained tokens: ")[1].split(" per epoch")[0].replace(",", ""))
     assert events(out, "run_end")[0]["tokens"] == per_epoch  # exactly one epoch's trained tokens
     assert "(TRL's defaults: beta2 0.999)" in proc.stdout
+
+
+def reference_reply(checkpoint, prompt, *, chat, seed=0, max_new_tokens=12):
+    """What transformers alone generates from the checkpoint directory, seeded as sample is."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    if chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_dict=True, return_tensors="pt")["input_ids"]
+    else:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=True, temperature=0.8, top_k=200, top_p=None, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("kind", ["chat", "base", "lora"])
+def test_sample_reads_hf_checkpoints(hf, tmp_path, kind):
+    out = tmp_path / "run"
+    data, sets = hf.messages, ['plugins=["lr", "checkpoint"]', "train.max_steps=2"]
+    if kind == "base":
+        data = hf.prompt_completion
+        sets.append(f"model.tokenizer={hf.plain_tokenizer}")
+    if kind == "lora":
+        sets += ["hf.lora.r=4", 'hf.lora.target_modules=["q_proj"]']
+    assert cli_run(hf, out, data, *sets).returncode == 0
+    proc = run_cli("sample", str(out), "--prompt", "Who speaks?", "--max-new-tokens", "12", "--num-samples", "2")
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.rstrip("\n").split("\n---------------\n")
+    checkpoint = out / "checkpoints" / "step-000002"
+    if kind == "lora":  # the adapter over its base, merged, generates the same text
+        from peft import AutoPeftModelForCausalLM
+
+        merged = tmp_path / "merged"
+        AutoPeftModelForCausalLM.from_pretrained(checkpoint).merge_and_unload().save_pretrained(merged)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(checkpoint).save_pretrained(merged)
+        checkpoint = merged
+    chat = kind != "base"
+    want = reference_reply(checkpoint, "Who speaks?", chat=chat)
+    assert first == (want if chat else "Who speaks?" + want)  # a base model's text continues the prompt
+    again = reference_reply(checkpoint, "Who speaks?", chat=chat, seed=1)  # --num-samples: seeds 0, 1, ...
+    assert second == (again if chat else "Who speaks?" + again)
