@@ -185,3 +185,57 @@ def test_sample_reads_hf_checkpoints(hf, tmp_path, kind):
     assert first == (want if chat else "Who speaks?" + want)  # a base model's text continues the prompt
     again = reference_reply(checkpoint, "Who speaks?", chat=chat, seed=1)  # --num-samples: seeds 0, 1, ...
     assert second == (again if chat else "Who speaks?" + again)
+
+
+def cache_hub_dataset(cache, repo, splits):
+    """Put ``repo`` into a datasets cache as ``load_dataset`` leaves it after a download
+    (``owner___name/default/0.0.0/<hash>/name-<split>.arrow``), built by datasets' own json
+    builder: the offline path of ``load_dataset`` then reads it like any cached hub dataset."""
+    import shutil
+
+    from datasets.packaged_modules.json.json import Json
+
+    owner, name = repo.split("/")
+    builder = Json(cache_dir=str(cache / "build"), dataset_name=name, hash="0123456789abcdef",
+                   data_files={split: str(path) for split, path in splits.items()})
+    builder.download_and_prepare()
+    target = cache / f"{owner}___{name}" / "default" / "0.0.0"
+    target.mkdir(parents=True)
+    shutil.move(builder.cache_dir, target / "0123456789abcdef")
+
+
+def test_hub_dataset_ids_load_from_the_cache_offline(hf, tmp_path):
+    import subprocess
+    import sys
+
+    from tests import hf_assets
+    from tests.conftest import cli_env
+
+    train = hf_assets.write_jsonl(tmp_path / "train.jsonl", hf_assets.prompt_completion_rows(40))
+    test = hf_assets.write_jsonl(tmp_path / "test.jsonl", hf_assets.prompt_completion_rows(60)[40:])
+    cache = tmp_path / "datasets-cache"
+    cache_hub_dataset(cache, "someone/capy", {"train": train, "test": test})
+    env = cli_env() | {"HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+    def run(*sets):
+        args = ["run", str(ROOT / "configs" / "hf_tiny.toml"), "--dry-run", "--out", str(tmp_path / "out"),
+                *[a for s in (f"model.name_or_path={hf.llama}", f"model.tokenizer={hf.plain_tokenizer}",
+                              "data.packing=false", *sets) for a in ("--set", s)]]
+        return subprocess.run([sys.executable, "-m", "trainctl", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    ok = run("data.train=someone/capy", "data.val=someone/capy")  # val_split defaults to "test"
+    assert ok.returncode == 0, ok.stderr
+    assert "fine-tuned on someone/capy" in ok.stdout
+    assert "data: prompt_completion: 40 train rows, 40 kept; 20 val rows from data.val" in ok.stdout
+    swapped = run("data.train=someone/capy", "data.split=test", "data.val_fraction=0.0")
+    assert swapped.returncode == 0 and "20 train rows, 20 kept" in swapped.stdout
+    for sets, message in [
+        (["data.train=nobody/no-such-dataset"], "data.train 'nobody/no-such-dataset' is not a local path and not in "
+                                                 "the datasets cache (offline: HF_HUB_OFFLINE is set)"),
+        (["data.train=someone/capy", "data.split=validation"], "data.train 'someone/capy': Unknown split \"validation\""),
+        (["data.train=./no/such.jsonl"], "does not exist; check the path"),
+    ]:
+        proc = run(*sets)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
