@@ -239,3 +239,61 @@ def test_hub_dataset_ids_load_from_the_cache_offline(hf, tmp_path):
         proc = run(*sets)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+
+
+def test_import_trl_config_trains_what_trl_trains(hf, tmp_path):
+    """A ``trl sft --config`` YAML converted by ``config import-trl``, run by trainctl, against
+    TRL's SFTTrainer built from the same YAML: every step's learning rate and loss."""
+    import yaml
+
+    from tests import hf_assets
+
+    data = hf_assets.write_jsonl(tmp_path / "pc.jsonl", hf_assets.prompt_completion_rows(30))
+    settings = {
+        "model_name_or_path": str(hf.llama), "dataset_name": str(data), "seed": SEED, "learning_rate": LR,
+        "num_train_epochs": 2, "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": 3,
+        "max_length": MAX_LENGTH, "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+        "warmup_steps": 0.2, "logging_steps": 1, "use_cpu": True, "save_strategy": "no", "optim": "adamw_torch_fused",
+        "train_sampling_strategy": "sequential", "report_to": "none", "neftune_noise_alpha": 5,
+    }
+    source = tmp_path / "sft.yaml"
+    source.write_text(yaml.safe_dump(settings))
+    target = tmp_path / "sft.toml"
+    proc = run_cli("config", "import-trl", str(source), "-o", str(target))
+    assert proc.returncode == 0, proc.stderr
+    assert "neftune_noise_alpha: not converted (no trainctl equivalent)" in proc.stderr
+    assert "report_to: not converted" in proc.stderr
+    out = tmp_path / "ours"
+    run = run_cli("run", str(target), "--yes", "--out", str(out), "--set", f"model.tokenizer={hf.plain_tokenizer}",
+                  "--set", "train.threads=1")
+    assert run.returncode == 0, run.stderr
+    # 30 rows in micro-batches of 4 (8, the last of 2) grouped 3 a step: 3 steps an epoch, 6 for 2
+    assert "run length: 6 steps (data.epochs = 2) x 12 rows = 2.00 epochs of 30 rows; each epoch ends with a shorter step" in run.stdout
+    ours = events(out)
+    trl_args = {k: v for k, v in settings.items() if k not in ("model_name_or_path", "dataset_name", "neftune_noise_alpha", "report_to")}
+    theirs, lrs = trl_losses(hf, data, tmp_path / "trl", max_steps=-1, **trl_args)
+    assert len(ours) == len(theirs) == 6
+    assert [e["lr"] for e in ours] == pytest.approx(lrs, rel=1e-9, abs=1e-15)
+    assert [e["loss"] for e in ours] == theirs
+
+
+def test_import_trl_refuses_what_is_not_a_config(tmp_path):
+    for text, message in [("- a\n- b\n", "a trl config is a mapping"), ("a: [1,\n", "not valid YAML"),
+                          ("!!python/object/apply:os.system ['echo no']\n", "not valid YAML"),
+                          ("num_train_epochs: three\n", "num_train_epochs: expected a number")]:
+        source = tmp_path / "bad.yaml"
+        source.write_text(text)
+        proc = run_cli("config", "import-trl", str(source))
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+
+
+def test_trl_defaults_are_trls():
+    import dataclasses
+
+    from trl import ModelConfig, SFTConfig
+
+    from trainctl.backends.hf.trl_config import TRL_DEFAULTS
+
+    fields = {f.name: f.default for cls in (SFTConfig, ModelConfig) for f in dataclasses.fields(cls)}
+    for name, value in TRL_DEFAULTS.items():
+        assert fields[name] in (value, None if name == "output_dir" else value), name  # output_dir: None = trainer_output
