@@ -297,3 +297,14 @@ def test_trl_defaults_are_trls():
     fields = {f.name: f.default for cls in (SFTConfig, ModelConfig) for f in dataclasses.fields(cls)}
     for name, value in TRL_DEFAULTS.items():
         assert fields[name] in (value, None if name == "output_dir" else value), name  # output_dir: None = trainer_output
+
+
+@pytest.mark.parametrize("name", ["hf_sft.toml", "hf_tiny.toml"])
+def test_shipped_hf_configs_write_out_the_defaults_that_differ_from_trls(name):
+    import tomllib
+
+    from trainctl.backends.hf.plan import TRL_BETA2, TRL_WEIGHT_DECAY
+
+    config = tomllib.loads((ROOT / "configs" / name).read_text())
+    assert config["optim"]["beta2"] == TRL_BETA2 and config["optim"]["weight_decay"] == TRL_WEIGHT_DECAY
+    assert "val_fraction" in config["data"] and "warmup_steps" in config["plugin"]["lr"]
