@@ -175,16 +175,12 @@ class LRSchedule:
                 "the learning rate never leaves warmup; lower plugin.lr.warmup_steps for a full schedule")
 
     @hookimpl
-    def trainctl_check_config(self, config: dict[str, Any]) -> list[str]:
-        warning = self.too_long_warmup()
-        if warning and self.is_main:
-            print(f"trainctl: warning: {warning}", file=sys.stderr)
-        return []
-
-    @hookimpl
     def trainctl_run_start(self, event: RunStart) -> None:
         if event.max_steps != self.max_steps:
             self._resolve(event.max_steps)
+        warning = self.too_long_warmup()  # here: the run's length is final (a backend may derive it)
+        if warning and self.is_main and event.start_step == 0:
+            print(f"trainctl: warning: {warning}", file=sys.stderr)
 
     @hookimpl
     def trainctl_lr(self, step: int, base_lr: float) -> float:
