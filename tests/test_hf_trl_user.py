@@ -308,3 +308,14 @@ def test_shipped_hf_configs_write_out_the_defaults_that_differ_from_trls(name):
     config = tomllib.loads((ROOT / "configs" / name).read_text())
     assert config["optim"]["beta2"] == TRL_BETA2 and config["optim"]["weight_decay"] == TRL_WEIGHT_DECAY
     assert "val_fraction" in config["data"] and "warmup_steps" in config["plugin"]["lr"]
+
+
+def test_sample_still_reads_gpt_checkpoints(tmp_path):
+    from tests.conftest import TINY_GPT
+
+    sets = [*TINY_GPT, "train.max_steps=3", "train.threads=1", "plugin.lr.warmup_steps=1", 'plugins=["lr", "checkpoint"]']
+    run = run_cli("run", "--yes", "--out", str(tmp_path), *[a for s in sets for a in ("--set", s)])
+    assert run.returncode == 0, run.stderr
+    proc = run_cli("sample", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "20")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ROMEO:") and len(proc.stdout.rstrip("\n")) == len("ROMEO:") + 20  # characters
