@@ -27,8 +27,14 @@ def test_messages_with_a_tokenizer_without_chat_template_is_one_line(hf, tmp_pat
     proc = cli_run(hf, tmp_path / "out", hf.messages, f"model.tokenizer={hf.plain_tokenizer}")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert "the tokenizer has no chat template and the messages rows are conversations; set model.chat_template" in proc.stderr
+    assert ("the tokenizer has no chat template and the messages rows are conversations, which need one; "
+            "set model.chat_template") in proc.stderr
     assert "internal error" not in proc.stderr
+    # plain strings, but a mask that needs the template's assistant turns: the same one line
+    masked = cli_run(hf, tmp_path / "out2", hf.prompt_completion, f"model.tokenizer={hf.plain_tokenizer}",
+                     "data.mask='assistant_only'")
+    assert masked.returncode == 2 and masked.stderr.strip().count("\n") == 0, masked.stderr
+    assert "the tokenizer has no chat template and data.mask = assistant_only needs one" in masked.stderr
 
 
 def trl_losses(hf, data, out, **overrides):
@@ -129,14 +135,14 @@ def test_plan_counts_rows_after_trls_preparation(hf, tmp_path):
     data = hf_assets.write_jsonl(tmp_path / "pc.jsonl", rows[:10] + long + rows[10:])
     out = tmp_path / "ours"
     proc = cli_run(hf, out, data, f"model.tokenizer={hf.plain_tokenizer}", "data.epochs=1", "data.packing=false",
-                   "data.val_fraction=0.0", 'plugins=["lr", "checkpoint", "jsonl"]')
+                   "data.val_fraction=0.0", 'plugins=["lr", "checkpoint", "jsonl"]', "optim.beta2=0.99")
     assert proc.returncode == 0, proc.stderr
     assert ("data: prompt_completion: 66 train rows, 64 kept, 2 dropped by TRL (nothing left to train after "
             "truncation to max_length); no validation rows") in proc.stdout
     assert "run length: 8 steps (data.epochs = 1) x 8 rows = 1.00 epochs of 64 rows" in proc.stdout
     per_epoch = int(proc.stdout.split("trained tokens: ")[1].split(" per epoch")[0].replace(",", ""))
     assert events(out, "run_end")[0]["tokens"] == per_epoch  # exactly one epoch's trained tokens
-    assert "(TRL's defaults: beta2 0.999)" in proc.stdout
+    assert "betas (0.9, 0.99), weight decay 0, eps 1e-08 (TRL's defaults: beta2 0.999)" in proc.stdout
 
 
 def reference_reply(checkpoint, prompt, *, chat, seed=0, max_new_tokens=12):

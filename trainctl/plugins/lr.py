@@ -71,10 +71,8 @@ def inverse_sqrt(step: int, *, lr: float, warmup: int, decay_steps: int, min_lr:
 
 SCHEDULES = {"cosine": cosine, "linear": linear, "constant": constant, "wsd": wsd, "inverse_sqrt": inverse_sqrt}
 
-#: transformers' ``lr_scheduler_type`` names that are functions of the step (``get_scheduler``);
-#: ``reduce_lr_on_plateau`` and ``greedy`` follow the loss and are not offered.
-HF_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+#: Ours, then transformers' ``lr_scheduler_type`` names that are functions of the step
+#: (``reduce_lr_on_plateau`` and ``greedy`` follow the loss and are not offered).
 Schedule = Literal["cosine", "linear", "constant", "wsd", "inverse_sqrt", "cosine_with_restarts", "polynomial",
                    "constant_with_warmup", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"]
 
@@ -157,8 +155,7 @@ class LRSchedule:
                 return base_lr * built[base_lr](step)
 
             self.fn = fn
-            if c.hf_kwargs:  # a kwarg the schedule does not take is a config error before training
-                fn(0, 1.0)
+            fn(0, 1.0)  # before training: transformers missing, or a kwarg the schedule does not take
         else:
             extra = {"decay_fraction": c.decay_fraction} if c.schedule == "wsd" else {}
             schedule = SCHEDULES[c.schedule]

@@ -70,17 +70,19 @@ def check_rows(files: list[Rows], *, tokenizer: Any, shape: str, mask: str, conf
     raise ConfigError on errors. Returns the warnings, one line per rule and file."""
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
-    if not tokenizer.chat_template and not plain_strings(files, shape):
+    if not tokenizer.chat_template and (mask == "assistant_only" or not plain_strings(files, shape)):
         # before TRL's training-template helper, which fails on a missing template with a TypeError
+        needs = ("data.mask = assistant_only needs" if plain_strings(files, shape)
+                 else f"the {shape} rows are conversations, which need")
         raise ConfigError(
-            f"the tokenizer has no chat template and the {shape} rows are conversations; set model.chat_template "
-            "(a .jinja file or the template text), or give plain-string prompt/completion or text rows"
+            f"the tokenizer has no chat template and {needs} one; set model.chat_template (a .jinja file or the "
+            "template text), or give plain-string prompt/completion or text rows with the default data.mask"
         )
     template = None  # the tokenizer's, or TRL's training template with {% generation %} markers
     if mask == "assistant_only" and not has_generation_markers(tokenizer.chat_template or ""):
         try:
             template = get_training_chat_template(tokenizer)
-        except ValueError:
+        except (ValueError, TypeError):
             raise ConfigError(
                 "data.mask = assistant_only needs a chat template with {% generation %} markers around assistant "
                 "turns, and TRL has no training template for this tokenizer; set model.chat_template to one"
