@@ -143,6 +143,7 @@ def test_plan_counts_rows_after_trls_preparation(hf, tmp_path):
     per_epoch = int(proc.stdout.split("trained tokens: ")[1].split(" per epoch")[0].replace(",", ""))
     assert events(out, "run_end")[0]["tokens"] == per_epoch  # exactly one epoch's trained tokens
     assert "betas (0.9, 0.99), weight decay 0, eps 1e-08 (TRL's defaults: beta2 0.999)" in proc.stdout
+    assert "lr schedule: cosine (nanoGPT's), warmup 2 steps\n" in proc.stdout
 
 
 def reference_reply(checkpoint, prompt, *, chat, seed=0, max_new_tokens=12):

@@ -128,6 +128,7 @@ def test_a_warmup_longer_than_the_run_warns_and_trains(schedule, tmp_path):
                    *[a for s in sets for a in ("--set", s)])
     assert proc.returncode == 0, proc.stderr
     assert "warning: plugin.lr warmup (100 steps) is not shorter than the schedule (3 steps)" in proc.stderr
+    assert "warmup 100 steps (trainctl's default; TRL's is 0): not shorter than the 3-step schedule" in proc.stdout
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     lrs = [e["lr"] for e in events if e["event"] == "step"]
     peak = 3e-3

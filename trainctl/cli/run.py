@@ -75,6 +75,10 @@ def print_plan(session) -> float:
             f"  estimated {per_step * 1000:.1f} ms/step -> about {_duration(estimate)} of training | out {session.out_dir}",
         ]
         lines += [f"  {k}: {v}" for k, v in plan.details.items()]
+        if "lr" in session.config.plugin:  # the schedule a TRL user compares (warmup: 100 here, 0 there)
+            from trainctl.plugins.lr import describe
+
+            lines.append(f"  lr schedule: {describe(session.config.plugin['lr'], train.max_steps)}")
         click.echo("\n".join(lines))
     return estimate
 

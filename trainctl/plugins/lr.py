@@ -184,6 +184,19 @@ class LRSchedule:
         return self.fn(step, base_lr)
 
 
+def describe(config: Config, max_steps: int) -> str:
+    """One line for the plan: the schedule, its warmup and what differs from TRL's defaults."""
+    decay = config.decay_steps or max_steps
+    warmup = math.ceil(decay * config.warmup_ratio) if config.warmup_ratio else config.warmup_steps
+    family = "transformers" if config.transformers else "nanoGPT"
+    line = f"{config.schedule} ({family}'s), warmup {warmup} steps"
+    if not config.warmup_ratio and config.warmup_steps == 100:
+        line += " (trainctl's default; TRL's is 0)"
+    if warmup >= decay:
+        line += f": not shorter than the {decay}-step schedule, the rate never leaves warmup"
+    return line
+
+
 SPEC = PluginSpec(name="lr", factory=LRSchedule, config=Config,
                   description="Learning-rate schedule with warmup: nanoGPT's cosine, linear, constant, wsd, "
                               "inverse_sqrt, or any of transformers' schedules by name.")
