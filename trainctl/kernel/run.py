@@ -83,7 +83,7 @@ class Run:
             loss_terms=self.bus.loss_terms if self.bus.has_loss_terms() else None,
         ))
         self.plan: Plan = self.backend.setup()
-        if self.plan.max_steps and self.plan.max_steps != train.max_steps:
+        if self.plan.max_steps and self.plan.max_steps != self.config.train.max_steps:
             self._set_max_steps(self.plan.max_steps)
         self.state = RunState()
         self.resumed_from = self._resume(resume, force)
