@@ -125,6 +125,9 @@ def test_epochs_carry_on_by_default_and_set_the_run_length(hf, tmp_path):
     steps = events(out)
     assert [e["step"] for e in steps] == list(range(1, 13)) and {e["max_steps"] for e in steps} == {12}
     assert events(out, "run_end")[0]["status"] == "completed"
+    again = cli_run(hf, out, hf.prompt_completion, f"model.tokenizer={hf.plain_tokenizer}", "data.epochs=1.5",
+                    "data.packing=false", "data.val_fraction=0.0", 'plugins=["lr", "checkpoint", "jsonl"]')
+    assert again.returncode == 0 and "already finished 12 steps (train.max_steps = 12)" in again.stdout, again.stderr
 
 
 def test_plan_counts_rows_after_trls_preparation(hf, tmp_path):
