@@ -17,7 +17,7 @@ def trained_tokens(ds: Any) -> int:
     host at setup, never per step; with padding-free packing it is exact up to one token per batch."""
     import pyarrow.compute as pc
 
-    labels = ds.with_format("arrow")[:]["labels"]  # respects the rows TRL filtered out
+    labels = ds.select_columns(["labels"]).with_format("arrow")[:]["labels"]  # respects the rows TRL filtered out
     scored = pc.sum(pc.not_equal(pc.list_flatten(labels), -100)).as_py() or 0
     first = pc.sum(pc.not_equal(pc.list_element(labels, 0), -100)).as_py() or 0
     return int(scored - first)
