@@ -65,6 +65,15 @@ def build_tokenizer(out: Path, vocab_size: int = 512) -> None:
     hf.save_pretrained(out)
 
 
+def build_plain_tokenizer(out: Path, tokenizer_dir: Path) -> None:
+    """The same tokenizer with no chat template, as a base model's tokenizer usually is."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = None
+    tok.save_pretrained(out)
+
+
 def build_model(out: Path, tokenizer_dir: Path, arch: str = "llama", seed: int = 0) -> None:
     """A 2-layer, 64-wide random model (untied lm_head) plus its tokenizer, in ``out``."""
     import torch

@@ -29,6 +29,7 @@ class HFAssets:
     text: Path
     messages: Path
     prompt_completion: Path
+    plain_tokenizer: Path  # the tokenizer without a chat template (a base model's)
 
     def sets(self, data: Path | None = None, *extra: str) -> list[str]:
         """``--set`` overrides of a seconds-long hf run on the tiny model."""
@@ -45,9 +46,11 @@ def hf(tmp_path_factory) -> HFAssets:
     root = tmp_path_factory.mktemp("hf")
     hf_assets.build_tokenizer(root / "tok")
     hf_assets.build_model(root / "llama", root / "tok", arch="llama")
+    hf_assets.build_plain_tokenizer(root / "tok_plain", root / "tok")
     return HFAssets(
         root=root, tokenizer=root / "tok", llama=root / "llama",
         text=hf_assets.write_jsonl(root / "text.jsonl", hf_assets.text_rows()),
         messages=hf_assets.write_jsonl(root / "messages.jsonl", hf_assets.message_rows()),
         prompt_completion=hf_assets.write_jsonl(root / "pc.jsonl", hf_assets.prompt_completion_rows()),
+        plain_tokenizer=root / "tok_plain",
     )

@@ -131,11 +131,6 @@ def test_bad_override_syntax(capsys, tmp_path):
     assert "expected KEY=VALUE" in line
 
 
-def test_warmup_longer_than_the_run(capsys, tmp_path):
-    line = fails(capsys, *dry(tmp_path, "--set", "train.max_steps=50"))
-    assert "plugin.lr.warmup_steps (100) must be below" in line
-
-
 def test_real_process_exit_code_and_single_line(tmp_path):
     proc = run_cli("run", "--yes", "--out", str(tmp_path / "o"), "--set", "train.max_stpes=3")
     assert proc.returncode == 2

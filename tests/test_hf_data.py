@@ -209,3 +209,30 @@ def test_hf_lora_sub_table_validates_and_round_trips(registry, tmp_path):
         make_config(registry, tmp_path, 'hf.lora.target_modules=["lm_head"]', backend="hf")
     with pytest.raises(ConfigError, match='packing must be false, "bfd" or "wrapped"'):
         make_config(registry, tmp_path, "data.packing=true", backend="hf")
+
+
+class _Orders:
+    """The two calls :class:`epochs.Layout` makes of SFTData, with a known order per epoch."""
+
+    def order(self, split, epoch, shuffle):
+        import numpy as np
+
+        return np.arange(10)[::-1] if epoch % 2 else np.arange(10)
+
+    def indices(self, split, first, count, shuffle):
+        return [int(self.order(split, i // 10, shuffle)[i % 10]) for i in range(first, first + count)]
+
+
+def test_epoch_layouts_continue_or_take_trls_short_step():
+    from trainctl.backends.hf.epochs import Layout
+
+    sft = _Orders()
+    carry = Layout(n_rows=10, batch_size=4, grad_accum=2, short_step=False, shuffle=True)
+    assert carry.step(sft, 0) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert carry.step(sft, 1) == [[8, 9, 9, 8], [7, 6, 5, 4]]  # runs on into epoch 1's order
+    assert carry.steps(1) == 2 and carry.steps(2.0) == 3 and carry.epochs(4) == pytest.approx(3.2)  # ceil(20 / 8)
+    short = Layout(n_rows=10, batch_size=4, grad_accum=2, short_step=True, shuffle=True)
+    assert short.steps_per_epoch == 2 and short.steps(3) == 6 and short.epochs(6) == 3
+    assert short.step(sft, 0) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert short.step(sft, 1) == [[8, 9]]  # the epoch's last step: what is left, one short micro-batch
+    assert short.step(sft, 2) == [[9, 8, 7, 6], [5, 4, 3, 2]] and short.step(sft, 3) == [[1, 0]]

@@ -1,5 +1,5 @@
 """``trainctl config show``: the fully resolved config, defaults included; ``trainctl config
-import-nanogpt``: a nanoGPT config file as TOML."""
+import-nanogpt`` / ``import-trl``: a nanoGPT config file or a ``trl sft --config`` YAML as TOML."""
 
 from __future__ import annotations
 
@@ -50,6 +50,31 @@ def import_nanogpt(source: Path, output: Path | None) -> None:
     conversion = import_file(source)
     text = f"# converted from nanoGPT config {source} by trainctl config import-nanogpt\n" + cfg.dump_toml(conversion.tables)
     for note in conversion.notes:
+        click.echo(f"trainctl: {source}: {note}", err=True)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
+
+
+@config.command("import-trl")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the TOML here instead of stdout.")
+def import_trl(source: Path, output: Path | None) -> None:
+    """Convert a `trl sft --config` YAML file (read with yaml.safe_load, never executed) to TOML
+    for the hf backend.
+
+    Settings the file does not give take TRL's defaults, so the run trains what `trl sft` would:
+    the same epochs, learning rate at every step and loss. What could not be converted is listed
+    on stderr.
+    """
+    from trainctl.backends.hf.trl_config import import_file
+    from trainctl.kernel import config as cfg
+
+    tables, notes = import_file(source)
+    text = f"# converted from trl config {source} by trainctl config import-trl\n" + cfg.dump_toml(tables)
+    for note in notes:
         click.echo(f"trainctl: {source}: {note}", err=True)
     if output is None:
         click.echo(text, nl=False)

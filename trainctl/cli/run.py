@@ -52,11 +52,11 @@ def run(config: str | None, backend: str | None, out_dir: str | None, overrides:
 
     session = Run(resolved, registry, resume=resume, force=force)
     _warn(resolved.warnings, emit=session.info.emit, step=session.state.step)
-    if session.state.step >= resolved.train.max_steps:
+    if session.state.step >= session.config.train.max_steps:  # the backend may have derived it (epochs)
         session.close()
         click.echo(
             f"{session.out_dir} already finished {session.state.step} steps (train.max_steps = "
-            f"{resolved.train.max_steps}); raise train.max_steps to continue, or --resume never to start over"
+            f"{session.config.train.max_steps}); raise train.max_steps to continue, or --resume never to start over"
         )
         return 0
     estimate = print_plan(session)
@@ -132,6 +132,10 @@ def print_plan(session) -> float:
             f"  estimated {per_step * 1000:.1f} ms/step -> about {_duration(estimate)} of training | out {session.out_dir}",
         ]
         lines += [f"  {k}: {v}" for k, v in plan.details.items()]
+        if "lr" in session.config.plugin:  # the schedule a TRL user compares (warmup: 100 here, 0 there)
+            from trainctl.plugins.lr import describe
+
+            lines.append(f"  lr schedule: {describe(session.config.plugin['lr'], train.max_steps)}")
         click.echo("\n".join(lines))
     return estimate
 

@@ -1,4 +1,5 @@
-"""``trainctl sample``: text from the newest complete checkpoint of a gpt run."""
+"""``trainctl sample``: text from the newest complete checkpoint of a run, either backend (the
+checkpoint's files say which: an hf checkpoint is a ``save_pretrained`` directory)."""
 
 from __future__ import annotations
 
@@ -24,18 +25,55 @@ def register(cli: click.Group) -> None:
 @click.option("--device", default="cpu", show_default=True)
 def sample(run_dir: Path, prompt: str, num_samples: int, max_new_tokens: int, temperature: float,
            top_k: int, seed: int, device: str) -> None:
-    """Generate text from RUN_DIR's newest complete checkpoint (or from a checkpoint directory)."""
-    from trainctl.backends.gpt.inference import load_for_inference, sample as generate
+    """Generate text from RUN_DIR's newest complete checkpoint (or from a checkpoint directory).
+
+    gpt checkpoints continue --prompt as it is; hf checkpoints put it through the tokenizer's
+    chat template as a user message when the tokenizer has one.
+    """
     from trainctl.kernel.checkpoint_files import MANIFEST, checkpoints, verify
 
     candidates = [run_dir] if (run_dir / MANIFEST).exists() else list(reversed(checkpoints(run_dir / "checkpoints")))
     chosen = next((c for c in candidates if verify(c) is None), None)
     if chosen is None:
         raise ConfigError(f"no complete checkpoint in {run_dir}; train first (trainctl run --out {run_dir})")
-    model, tokenizer = load_for_inference(chosen, device)
-    for i in range(num_samples):
-        text = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_k=top_k or None, seed=seed + i, device=device)
-        click.echo(prompt + text)
+    if _backend_of(chosen) == "hf":
+        texts, chat = _hf(chosen, prompt, num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k or None, seed=seed, device=device)
+    else:
+        texts, chat = _gpt(chosen, prompt, num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k or None, seed=seed, device=device), False
+    for i, text in enumerate(texts):
+        click.echo(text if chat else prompt + text)  # a chat reply answers the prompt; text continues it
         if i < num_samples - 1:
             click.echo("---------------")
+
+
+def _backend_of(directory: Path) -> str:
+    """The backend that wrote the checkpoint: ``kernel.json`` says; a bare ``save_pretrained``
+    directory (``config.json``, or a LoRA ``adapter_config.json``) is hf."""
+    import json
+
+    try:
+        backend = json.loads((directory / "kernel.json").read_text()).get("backend")
+    except (OSError, ValueError, AttributeError):
+        backend = None
+    if isinstance(backend, str) and backend in ("gpt", "hf"):
+        return backend
+    return "hf" if (directory / "config.json").is_file() or (directory / "adapter_config.json").is_file() else "gpt"
+
+
+def _gpt(directory: Path, prompt: str, n: int, *, seed: int, device: str, **kw) -> list[str]:
+    from trainctl.backends.gpt.inference import load_for_inference, sample as generate
+
+    model, tokenizer = load_for_inference(directory, device)
+    return [generate(model, tokenizer, prompt, seed=seed + i, device=device, **kw) for i in range(n)]
+
+
+def _hf(directory: Path, prompt: str, n: int, *, seed: int, device: str, **kw) -> tuple[list[str], bool]:
+    try:
+        from trainctl.backends.hf import sample as hf_sample
+    except ImportError as exc:
+        raise ConfigError(f"{directory} is an hf checkpoint; sampling it needs a missing package ({exc.name}): "
+                          "pip install 'trainctl[hf]'") from None
+    loaded = hf_sample.load(directory, device)
+    return [hf_sample.sample(loaded, prompt, seed=seed + i, **kw) for i in range(n)], loaded.shape == "messages"

@@ -87,6 +87,9 @@ class Plan:
     dtype: str = "float32"
     summary: str = ""  # one line: the model and data
     details: dict[str, Any] = field(default_factory=dict)  # plain values shown in the plan
+    #: > 0: the run's length, derived by the backend from its data (hf: ``data.epochs``);
+    #: it replaces ``train.max_steps`` before the first step
+    max_steps: int = 0
 
 
 @dataclass(kw_only=True, slots=True)

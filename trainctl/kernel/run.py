@@ -7,6 +7,7 @@ as a one-line ConfigError.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -76,6 +77,8 @@ class Run:
         self.backend = self._backend(registry, dist)
         calls.bind(self.backend)
         self.plan: Plan = self.backend.setup()
+        if self.plan.max_steps and self.plan.max_steps != self.config.train.max_steps:
+            self._set_max_steps(self.plan.max_steps)
         self.state = RunState()
         self.resumed_from = self._resume(resume, force)
 
@@ -150,6 +153,13 @@ class Run:
         resuming.resume(path=path, backend=self.backend, locked=self.config.locked(), force=force,
                         restore_state=self.state.restore, load_plugins=self.bus.load_state_dict)
         return str(path)
+
+    def _set_max_steps(self, steps: int) -> None:
+        """The backend derived the run's length from its data (hf: ``data.epochs``): the loop, the
+        saved config and every plugin's ``RunInfo`` see it from the first event on. RunInfo is
+        frozen for the plugins; the kernel that made it sets this one field, before any event."""
+        self.config = dataclasses.replace(self.config, train=dataclasses.replace(self.config.train, max_steps=steps))
+        object.__setattr__(self.info, "max_steps", steps)
 
     # --- checkpoint contents owned by the kernel ---------------------------------------------
 

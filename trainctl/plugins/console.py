@@ -103,6 +103,7 @@ class Console:
     @hookimpl
     def trainctl_run_start(self, event: RunStart) -> None:
         self.step = event.start_step
+        self.max_steps = event.max_steps  # the backend may have derived it (hf data.epochs)
         self._emit(
             "run start", run=event.run_name, backend=event.backend, params=f"{event.params / 1e6:.2f}M",
             tokens_per_step=event.tokens_per_step, steps=f"{event.start_step}->{event.max_steps}",

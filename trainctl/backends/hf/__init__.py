@@ -4,5 +4,7 @@ and loss, under the kernel's loop (see ``backend.py`` for why not ``SFTTrainer.t
 ``config.py`` (torch-free tables), ``rows.py`` (reading and splitting), ``validate.py`` (the data
 check), ``loading.py`` (model, tokenizer, LoRA), ``sft.py`` (TRL as a library, batch order),
 ``update.py`` (skipping non-finite updates on the device), ``weights.py`` (checkpoint files),
-``inference.py`` (generate, layer norms), ``backend.py`` (the Backend).
+``inference.py`` (generate, layer norms), ``epochs.py`` (the rows of each step, epochs),
+``plan.py`` (what the plan says), ``sample.py`` (a checkpoint for ``trainctl sample``),
+``trl_config.py`` (``config import-trl``), ``backend.py`` (the Backend).
 """

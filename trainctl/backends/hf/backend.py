@@ -32,7 +32,7 @@ import trl  # noqa: F401
 
 from trainctl.backends import parallel, scoring
 from trainctl.backends.device import set_threads
-from trainctl.backends.hf import inference, loading, rows, sft, weights
+from trainctl.backends.hf import epochs, inference, loading, plan, rows, sft, weights
 from trainctl.backends.hf.config import DataConfig, HFConfig, ModelConfig
 from trainctl.backends.hf.validate import check_rows
 from trainctl.backends.optim import from_config
@@ -70,8 +70,8 @@ class HFBackend(StepBackend):
             raise ConfigError("train.compile is not supported by the hf backend (TRL's fused loss head is patched in at run time); set it to false")
         self.micro = local_micro_batches(train.grad_accum, ctx.dist)
 
-        train_rows = rows.read(data.train, "data.train")
-        val_rows = rows.read(data.val, "data.val") if data.val else None
+        epochs.check(data.epoch_end == "short_step", ctx.dist.world_size)
+        train_rows, val_rows = rows.read_data(data)
         self.shape = rows.detect_shape(train_rows, data.shape, data.text_field)
         self.mask = resolve_mask(self.shape, data.mask)
         hf_config = loading.model_config(self.cfg)  # before anything heavy: a missing model is one line
@@ -95,13 +95,16 @@ class HFBackend(StepBackend):
             peft_config=loading.lora(self.hf.lora) if self.hf.lora else None,
         )
         self.model = self.sft.model
+        self.layout = epochs.Layout(n_rows=len(self.sft.train), batch_size=train.batch_size, grad_accum=train.grad_accum,
+                                    short_step=data.epoch_end == "short_step", shuffle=data.shuffle)
+        self.max_steps = self.layout.steps(data.epochs) if data.epochs else train.max_steps
         self.base = self.model.get_base_model() if self.hf.lora else self.model
         if self.hf.lora and self.cfg.gradient_checkpointing:
             self.model.enable_input_require_grads()  # as TRL does: frozen embeddings, checkpointed blocks
         self._eval_batches: dict[str, list[sft.Batch]] = {}
         self.aux_coef = self.sft.trainer.router_aux_loss_coef if self.sft.trainer.aux_loss_enabled else 0.0
 
-        first = self.sft.rows("train", self._indices(0, 0))
+        first = self.sft.rows("train", self.layout.step(self.sft, 0)[0])
         fraction, problem = sft.mask_check(first, self.mask)
         if problem:
             raise ConfigError(problem)
@@ -117,7 +120,7 @@ class HFBackend(StepBackend):
     def _plan(self, hf_config: Any, attn: str, frozen: int, fraction: float, n_train: int, n_val: int) -> Plan:
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.params)
-        steps = range(min(PLAN_SAMPLE_STEPS, self.train.max_steps))
+        steps = range(min(PLAN_SAMPLE_STEPS, self.max_steps))
         sampled = [self._step_batches(s) for s in steps]  # host only: collation, no model
         tokens = sum(b.tokens for batches in sampled for b in batches) / len(sampled)
         trained = sum(b.trained for batches in sampled for b in batches) / len(sampled)
@@ -126,10 +129,10 @@ class HFBackend(StepBackend):
             "model": f"{type(self.base).__name__} ({hf_config.model_type}), attention {attn}",
             "trainable": f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
             + (f", LoRA r={self.hf.lora.r}" if self.hf.lora else "") + (f", vision frozen ({frozen:,})" if frozen else ""),
-            "data": f"{self.shape}, {n_train} train / {n_val} val rows, packing {packing}, max_length {self.cfg.max_length}",
+            **plan.data_details(self, n_train=n_train, n_val=n_val, packing=packing),
             "loss mask": f"{self.mask}: {100 * fraction:.1f}% of the first batch's tokens trained",
             "tokens/step": f"~{tokens:,.0f} processed, ~{trained:,.0f} trained (mean of the first {len(sampled)} steps)",
-            "optimizer": self.ctx.optim.name,
+            "optimizer": plan.optimizer_line(self.ctx.optim),
         }
         if self.warnings:
             details["data warnings"] = "; ".join(self.warnings)
@@ -139,18 +142,15 @@ class HFBackend(StepBackend):
             flops_per_token=(6 if not self.hf.lora else 4) * total,  # forward 2N, backward 4N (2N without weight grads)
             device=device, dtype=dtype,
             summary=f"{self.cfg.name_or_path} fine-tuned on {self.data_cfg.train}",
-            details=details,
+            details=details, max_steps=self.max_steps,
         )
 
     # --- the step -------------------------------------------------------------------------------
 
-    def _indices(self, step: int, micro: int) -> list[int]:
-        first = (step * self.train.grad_accum + micro) * self.train.batch_size
-        return self.sft.indices("train", first, self.train.batch_size, self.data_cfg.shuffle)
-
     def _step_batches(self, step: int) -> list[sft.Batch]:
-        """Every micro-batch of ``step`` on the host (all ranks': the token count is global)."""
-        return [self.sft.batch(self.sft.rows("train", self._indices(step, m))) for m in range(self.train.grad_accum)]
+        """Every micro-batch of ``step`` on the host (all ranks': the token count is global);
+        fewer than grad_accum only in the short last step of an epoch (``data.epoch_end``)."""
+        return [self.sft.batch(self.sft.rows("train", rows)) for rows in self.layout.step(self.sft, step)]
 
     def _loss(self, model: Any, batch: tuple[sft.Batch, int, int], with_logits: bool) -> MicroLoss:
         """One micro-batch's share of the step loss: TRL's SFT loss, ``sum CE / n_items`` with
@@ -175,9 +175,10 @@ class HFBackend(StepBackend):
 
     def train_step(self, step: int) -> StepOutput:
         batches = self._step_batches(step)
+        micro = self.micro[: len(batches)]  # a short epoch-end step has fewer (one process only)
         n_items = max(sum(b.trained for b in batches), 1)  # host ints: no sync
-        n_local = max(sum(batches[m].trained for m in self.micro), 1)
-        out = self.stepper.run([(batches[m], n_items, n_local) for m in self.micro], self._loss,
+        n_local = max(sum(batches[m].trained for m in micro), 1)
+        out = self.stepper.run([(batches[m], n_items, n_local) for m in micro], self._loss,
                                tokens=sum(b.trained for b in batches), processed_tokens=sum(b.tokens for b in batches))
         self.steps_done = step + 1
         return out

@@ -46,13 +46,16 @@ class ModelConfig:
 class DataConfig:
     """``[data]``: rows to fine-tune on, checked before the model loads.
 
-    ``train``/``val``: a ``.jsonl``/``.json`` file, a ``.parquet`` file or a directory written by
-    ``datasets.save_to_disk``. Without ``val``, a ``val_fraction`` of ``train`` is held out, chosen
+    ``train``/``val``: a ``.jsonl``/``.json`` file, a ``.parquet`` file, a directory written by
+    ``datasets.save_to_disk``, or a hub dataset id loaded with ``datasets.load_dataset``. Without ``val``, a ``val_fraction`` of ``train`` is held out, chosen
     by ``split_seed`` alone (not the run's seed), so the split never moves between runs and resumes.
     """
 
-    train: str = locked("")
+    train: str = locked("")  # a file, a saved-datasets directory or a hub dataset id (trl-lib/Capybara)
     val: str = locked("")
+    split: str = locked("train")  # the split of a hub dataset id in train
+    val_split: str = locked("test")  # the split of a hub dataset id in val
+    subset: str = locked("")  # a hub dataset's configuration (load_dataset's name); "" = its default
     val_fraction: float = locked(0.05)  # when val = ""; 0 = no validation split
     split_seed: int = locked(0)
     shape: Shape = locked("auto")  # auto: from the columns (messages | prompt+completion | text)
@@ -62,6 +65,12 @@ class DataConfig:
     mask: Mask = locked("auto")
     packing: Literal["bfd", "wrapped"] | bool = locked(False)  # bfd: padding-free, documents kept apart
     shuffle: bool = locked(True)  # a fresh seeded order every epoch; false: file order
+    # > 0: the run is this many passes over the prepared training rows (TRL's num_train_epochs):
+    # the backend derives the steps from them and the global batch, replacing train.max_steps
+    epochs: float = 0.0
+    # how a step crosses an epoch's end: "continue" runs on into the next epoch (every step full);
+    # "short_step" ends each epoch with a shorter step, as transformers' Trainer (and so TRL) does
+    epoch_end: Literal["continue", "short_step"] = locked("continue")
     # --- validation rules (errors stop the run before the model loads)
     require_reasoning: bool = False  # every assistant turn/completion holds a closed reasoning block
     reasoning_tags: tuple[str, str] = ("<think>", "</think>")
@@ -71,6 +80,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.packing is True:
             raise ValueError('packing must be false, "bfd" or "wrapped" (bfd keeps documents apart)')
+        if not 0 <= self.epochs < 1e6:  # not NaN either
+            raise ValueError("epochs must be 0 (train.max_steps decides) or a positive number of passes")
         if not 0 <= self.val_fraction < 1:
             raise ValueError("val_fraction must be in [0, 1)")
         if self.max_row_tokens < 0 or self.report_rows < 1:

@@ -1,5 +1,6 @@
-"""Reading fine-tuning rows: JSONL/JSON, Parquet or a ``datasets.save_to_disk`` directory, the
-shape of the rows, and the fixed validation split. Torch-free; ``datasets``/``pyarrow`` are
+"""Reading fine-tuning rows: JSONL/JSON, Parquet, a ``datasets.save_to_disk`` directory or a
+Hugging Face hub dataset id (``datasets.load_dataset``, from the cache when offline), the shape of
+the rows, and the fixed validation split. Torch-free; ``datasets``/``pyarrow`` are
 imported only for the formats that need them.
 
 Rows stay plain Python dicts until validation has passed, so a bad row is reported by its line
@@ -34,13 +35,33 @@ class Rows:
         return Rows(source=source, rows=[self.rows[i] for i in indices], lines=[self.lines[i] for i in indices])
 
 
-def read(path: str, what: str) -> Rows:
-    """All rows of ``path``; ``what`` names the config key for error messages."""
+def read_data(data: Any) -> tuple[Rows, Rows | None]:
+    """The rows of ``data.train`` and, when given, ``data.val`` (``data``: the hf DataConfig)."""
+    train = read(data.train, "data.train", split=data.split, subset=data.subset)
+    val = read(data.val, "data.val", split=data.val_split, subset=data.subset) if data.val else None
+    return train, val
+
+
+def _is_dataset_id(path: str) -> bool:
+    """``owner/name`` or ``name`` as the hub spells them; anything path-like stays a path."""
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).suffix.lower() in FILE_SUFFIXES:
+        return False
+    return all(part and all(c.isalnum() or c in "-_." for c in part) for part in path.split("/"))
+
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
+
+
+def read(path: str, what: str, *, split: str = "train", subset: str = "") -> Rows:
+    """All rows of ``path``; ``what`` names the config key for error messages. A path that does
+    not exist but reads as a hub dataset id is loaded with ``datasets.load_dataset``."""
     p = Path(path).expanduser()
     if not path:
         raise ConfigError(f"{what} is not set; give a .jsonl, .parquet or saved-datasets path, e.g. --set {what}=data/train.jsonl")
     if not p.exists():
-        raise ConfigError(f"{what} {p} does not exist; check the path")
+        if _is_dataset_id(path):
+            return _read_hub(path, what, split=split, subset=subset)
+        raise ConfigError(f"{what} {p} does not exist; check the path (or give a hub dataset id, e.g. trl-lib/Capybara)")
     if p.is_dir():
         return _read_saved(p)
     suffix = p.suffix.lower()
@@ -101,6 +122,40 @@ def _read_saved(p: Path) -> Rows:
         loaded = loaded["train"]
     rows = loaded.to_list()
     return Rows(source=str(p), rows=rows, lines=list(range(1, len(rows) + 1)))
+
+
+def _read_hub(name: str, what: str, *, split: str, subset: str) -> Rows:
+    """One split of a hub dataset: downloaded once into the datasets cache, or read from it
+    offline. Only data files are read: datasets no longer runs loading scripts."""
+    import datasets
+    from huggingface_hub import constants
+
+    verbosity = datasets.logging.get_verbosity()
+    bars = datasets.is_progress_bar_enabled()
+    datasets.logging.set_verbosity_error()  # "using the latest cached version": the plan says where rows came from
+    datasets.disable_progress_bars()
+    try:
+        loaded = datasets.load_dataset(name, subset or None, split=split)
+    except (ConnectionError, FileNotFoundError) as exc:
+        if constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
+            raise ConfigError(
+                f"{what} {name!r} is not a local path and not in the datasets cache (offline: HF_HUB_OFFLINE is set); "
+                f"load it once online, or give a .jsonl/.parquet file"
+            ) from None
+        raise ConfigError(f"{what} {name!r}: no such local path, and the hub has no such dataset ({_first_line(exc)}); check the id") from None
+    except ValueError as exc:  # an unknown split or subset
+        raise ConfigError(f"{what} {name!r}: {_first_line(exc)}; set data.split / data.val_split / data.subset") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+    rows = loaded.to_list()
+    label = f"{name}[{subset + ':' if subset else ''}{split}]"
+    return Rows(source=label, rows=rows, lines=list(range(1, len(rows) + 1)))
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def detect_shape(rows: Rows, shape: str, text_field: str) -> str:

@@ -70,17 +70,23 @@ def check_rows(files: list[Rows], *, tokenizer: Any, shape: str, mask: str, conf
     raise ConfigError on errors. Returns the warnings, one line per rule and file."""
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
+    if not tokenizer.chat_template and (mask == "assistant_only" or not plain_strings(files, shape)):
+        # before TRL's training-template helper, which fails on a missing template with a TypeError
+        needs = ("data.mask = assistant_only needs" if plain_strings(files, shape)
+                 else f"the {shape} rows are conversations, which need")
+        raise ConfigError(
+            f"the tokenizer has no chat template and {needs} one; set model.chat_template (a .jinja file or the "
+            "template text), or give plain-string prompt/completion or text rows with the default data.mask"
+        )
     template = None  # the tokenizer's, or TRL's training template with {% generation %} markers
     if mask == "assistant_only" and not has_generation_markers(tokenizer.chat_template or ""):
         try:
             template = get_training_chat_template(tokenizer)
-        except ValueError:
+        except (ValueError, TypeError):
             raise ConfigError(
                 "data.mask = assistant_only needs a chat template with {% generation %} markers around assistant "
                 "turns, and TRL has no training template for this tokenizer; set model.chat_template to one"
             ) from None
-    if shape != "text" and not (template or tokenizer.chat_template):
-        raise ConfigError("the tokenizer has no chat template; set model.chat_template (a .jinja file or the template text)")
     eos = config.eos_token or tokenizer.eos_token
     reports = [validate(r, shape=shape, mask=mask, tokenizer=tokenizer, template=template, eos=eos, config=config,
                         max_length=max_length, packing=config.packing) for r in files]
@@ -95,6 +101,17 @@ def check_rows(files: list[Rows], *, tokenizer: Any, shape: str, mask: str, conf
             f"{finding.where[0]}; fix the rows listed above"
         )
     return warnings
+
+
+def plain_strings(files: list[Rows], shape: str) -> bool:
+    """Rows that need no chat template: text, or prompt/completion given as strings (TRL then
+    tokenizes ``prompt + completion`` as they are, the usual set-up for base models)."""
+    if shape == "text":
+        return True
+    return shape == "prompt_completion" and all(
+        not isinstance(row.get("prompt"), list) and not isinstance(row.get("completion"), list)
+        for rows in files for row in rows.rows
+    )
 
 
 def validate(rows: Rows, *, shape: str, mask: str, tokenizer: Any, template: str | None, eos: str,
