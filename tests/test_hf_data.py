@@ -188,6 +188,7 @@ def test_qwen3_template_without_markers_gets_trls_training_template(registry, hf
     trained = trained_chars(tok, ids, labels)
     assert trained == "<think>\nA citizen, 0.\n</think>\n\nFirst Citizen.<|im_end|>\n"  # TRL's Qwen3 span
     assert "Who speaks" not in trained and "Who speaks" in tok.decode(ids)
+    session.close()  # frees the run directory's lock for the next run in it
     rows[5]["messages"][1]["content"] = "First Citizen."  # no reasoning block
     hf_assets.write_jsonl(data, rows)
     with pytest.raises(ConfigError, match="no reasoning block <think>...</think> at line 6"):
