@@ -1,0 +1,195 @@
+"""DPO on the hf backend (``[hf] objective = "dpo"``): per-step losses and reward metrics against a
+plain ``DPOTrainer.train()`` (frozen-copy and LoRA-adapters-off references), the precomputed
+reference cached in the run directory and reused across a ``trainctl ctl stop`` and resume, the
+preference shapes TRL accepts, and 2 ranks under torchrun against one process.
+
+Same batch order as TRL: ``data.shuffle = false`` (file order) and ``data.val_fraction = 0`` here,
+``train_sampling_strategy = "sequential"`` there; the same seed (LoRA's initial adapter), the
+transformers schedule by name and fused AdamW on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests import hf_assets
+from tests.conftest import ROOT, make_config, run_cli
+from tests.live import LiveRun
+from trainctl.kernel.run import Run
+
+STEPS, BATCH, ACCUM, LR, SEED, BETA = 4, 4, 2, 3e-3, 1234, 0.1
+REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+TRL_LIKE = [f"seed={SEED}", f"train.max_steps={STEPS}", "data.shuffle=false", "data.val_fraction=0.0", "optim.beta2=0.999",
+            "plugin.lr.schedule='cosine'", "plugin.lr.family='transformers'", "plugin.lr.warmup_steps=2",
+            "train.eval_interval=0", "hf.objective='dpo'", f"hf.dpo.beta={BETA}"]
+LORA = ("hf.lora.r=4", "hf.lora.alpha=8")
+
+
+def pair_rows(n: int = 48, form: str = "conversational") -> list[dict]:
+    """Pairs from the embedded corpus: the next speech is chosen, a later one's opening rejected."""
+    speeches = [s for _, s in hf_assets.speeches()]
+    rows = []
+    for i in range(n):
+        asked, good, bad = speeches[i][:120], speeches[i + 1][:160], speeches[i + 7][:60]
+        if form == "strings":
+            rows.append({"prompt": asked + "\n", "chosen": good, "rejected": bad})
+        elif form == "implicit":
+            user = {"role": "user", "content": asked}
+            rows.append({"chosen": [user, {"role": "assistant", "content": good}],
+                         "rejected": [user, {"role": "assistant", "content": bad}]})
+        else:
+            rows.append({"prompt": [{"role": "user", "content": asked}], "chosen": [{"role": "assistant", "content": good}],
+                         "rejected": [{"role": "assistant", "content": bad}]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def pairs(hf):
+    return hf_assets.write_jsonl(hf.root / "pairs.jsonl", pair_rows())
+
+
+def session(registry, hf, out, data, *extra, resume="never"):
+    return Run(make_config(registry, out, *hf.sets(data, *extra), backend="hf"), registry, resume=resume)
+
+
+def step_events(out):
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    return [e for e in events if e["event"] == "step"]
+
+
+def trl_log(hf, data, out, peft=None):
+    """A plain ``DPOTrainer.train()`` on the same model, pairs, order, schedule and optimizer."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    kept = []
+
+    class Keep(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                kept.append(dict(logs))
+
+    torch.set_num_threads(1)
+    args = DPOConfig(
+        output_dir=str(out), use_cpu=True, bf16=False, seed=SEED, max_steps=STEPS, per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUM, max_length=128, learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=2,
+        weight_decay=0.0, adam_beta2=0.999, max_grad_norm=1.0, optim="adamw_torch_fused", beta=BETA,
+        train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", eval_strategy="no",
+        activation_checkpointing=False, report_to=[], disable_tqdm=True, log_level="error",
+    )
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(hf.llama, dtype=torch.float32, attn_implementation="sdpa")
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), peft_config=peft,
+                         processing_class=AutoTokenizer.from_pretrained(hf.llama), callbacks=[Keep()])
+    trainer.train()
+    return kept
+
+
+@pytest.mark.parametrize("reference", ["copy", "adapters_off"])
+def test_losses_and_rewards_equal_dpo_trainer(registry, hf, pairs, tmp_path, reference):
+    lora = LORA if reference == "adapters_off" else ()
+    s = session(registry, hf, tmp_path / "ours", pairs, 'plugins=["lr", "jsonl"]', *TRL_LIKE, *lora,
+                f"hf.dpo.reference='{reference}'")
+    assert s.plan.details["reference"] == reference
+    assert s.fit().status == "completed"
+    if lora:
+        assert s.backend.pairs.ref_model is None  # no second copy: the adapter is switched off instead
+    ours = step_events(tmp_path / "ours")
+    peft = None
+    if lora:
+        from peft import LoraConfig
+
+        peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", target_modules="all-linear")
+    theirs = trl_log(hf, pairs, tmp_path / "trl", peft)
+    assert len(ours) == len(theirs) == STEPS
+    assert [e["loss"] for e in ours] == [t["loss"] for t in theirs]  # bit-identical, step by step
+    assert [e["lr"] for e in ours] == pytest.approx([t["learning_rate"] for t in theirs], rel=1e-9, abs=1e-15)
+    for name in REWARDS:  # TRL averages float64 host reads of each micro-batch, we float32 device shares
+        assert [e["metrics"][name] for e in ours] == pytest.approx([t[name] for t in theirs], rel=1e-5, abs=1e-6), name
+    assert theirs[-1]["rewards/margins"] != 0  # the policy moved away from its reference
+
+
+def test_precomputed_reference_is_cached_and_reused_across_ctl_stop(registry, hf, pairs, tmp_path):
+    """The precomputed reference equals the frozen copy bit for bit (its batches are the steps'
+    micro-batches in file order), and a run stopped by ``trainctl ctl stop`` resumes on the cached
+    log-probs, unchanged on disk, to the uninterrupted run's losses."""
+    steps = ["train.max_steps=6", "plugin.lr.warmup_steps=1", "data.shuffle=false", "hf.objective='dpo'",
+             "train.eval_interval=0", "data.val_fraction=0.0"]  # 6 steps x 8 pairs: one pass, file order
+    whole = session(registry, hf, tmp_path / "copy", pairs, 'plugins=["lr", "jsonl"]', *steps, "hf.dpo.reference='copy'")
+    assert whole.fit().status == "completed"
+    reference = [e["loss"] for e in step_events(tmp_path / "copy")]
+
+    out = tmp_path / "run"
+    cached = out / "dpo_ref_logps.safetensors"
+    ours = [*steps, "hf.dpo.reference='precomputed'", "train.max_steps=1000000"]
+    args = ["--backend", "hf", str(ROOT / "configs" / "hf_tiny.toml")]
+    live = LiveRun(out, *ours, model=hf.sets(pairs), args=args)
+    try:
+        live.wait(lambda s: s.get("state") == "running" and s.get("step", 0) >= 2)
+        assert run_cli("ctl", str(out), "stop", timeout=60).returncode == 0
+        assert live.exit_code() == 0
+    finally:
+        live.close()
+    stopped = max(e["step"] for e in step_events(out))
+    assert "precomputed from the starting weights, cached in" in live.output()
+    written = cached.stat().st_mtime_ns
+
+    again = run_cli("run", "--yes", "--out", str(out), *args,
+                    *[a for s in (*hf.sets(pairs), *steps, "hf.dpo.reference='precomputed'") for a in ("--set", s)])
+    assert again.returncode == 0, again.stderr
+    assert f"resume at step {stopped}" in again.stdout
+    assert f"precomputed, read from {cached} (not recomputed)" in again.stdout
+    assert cached.stat().st_mtime_ns == written
+    losses = {e["step"]: e["loss"] for e in step_events(out) if e["loss"] is not None}
+    assert [losses[k] for k in range(1, 7)] == reference
+
+
+@pytest.mark.parametrize("form", ["strings", "implicit"])
+def test_preference_shapes_trl_accepts(registry, hf, tmp_path, form):
+    data = hf_assets.write_jsonl(tmp_path / f"{form}.jsonl", pair_rows(24, form))
+    if form == "implicit":  # and a saved-datasets directory, read like SFT data
+        from datasets import Dataset
+
+        Dataset.from_list(pair_rows(24, form)).save_to_disk(str(tmp_path / "saved"))
+        data = tmp_path / "saved"
+    s = session(registry, hf, tmp_path / "out", data, 'plugins=["jsonl"]', "train.max_steps=2", "hf.objective='dpo'")
+    assert s.plan.details["objective"].endswith(("explicit-prompt pairs" if form == "strings" else "implicit-prompt pairs"))
+    assert s.fit().status == "completed"
+    first = s.backend.pairs.rows("train", [0])[0]
+    assert first["prompt_ids"] and first["chosen_ids"] and first["rejected_ids"]
+    assert all(e["loss"] is not None and set(REWARDS) <= set(e["metrics"]) for e in step_events(tmp_path / "out"))
+
+
+def test_bad_pairs_and_settings_are_one_line_errors(hf, tmp_path):
+    rows = pair_rows(8)
+    rows[2]["rejected"] = rows[2]["chosen"]
+    bad = hf_assets.write_jsonl(tmp_path / "bad.jsonl", rows)
+    args = ["run", "--yes", "--backend", "hf", "--out", str(tmp_path / "out")]
+    proc = run_cli(*args, *[a for s in hf.sets(bad, "hf.objective='dpo'") for a in ("--set", s)])
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "bad.jsonl:3" in proc.stderr and "identical" in proc.stderr
+    proc = run_cli(*args, *[a for s in hf.sets(bad, "hf.objective='dpo'", "hf.dpo.reference='adapters_off'") for a in ("--set", s)])
+    assert proc.returncode == 2 and "needs a [hf.lora] adapter" in proc.stderr, proc.stderr
+    proc = run_cli(*args, *[a for s in hf.sets(bad, "hf.objective='dpo'", "hf.dpo.label_smoothing=0.1") for a in ("--set", s)])
+    assert proc.returncode == 2 and 'used by loss_type = "robust" only' in proc.stderr, proc.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_two_ranks_under_torchrun_equal_one_process(hf, pairs, tmp_path):
+    from tests.test_distributed import HF_TOLERANCE, TORCHRUN, assert_close, env, losses
+    from tests.live import sets
+
+    base = hf.sets(pairs, "train.max_steps=3", "plugin.lr.warmup_steps=1", "train.eval_interval=0", "hf.objective='dpo'")
+    run_cli("run", "--yes", "--backend", "hf", "--out", str(tmp_path / "one"), *sets(*base), check=True)
+    proc = subprocess.run([*TORCHRUN, "-m", "trainctl", "run", "--yes", "--backend", "hf", "--out", str(tmp_path / "ddp"),
+                           *sets(*base)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_close(losses(tmp_path / "ddp"), losses(tmp_path / "one"), HF_TOLERANCE)
+    one, ddp = step_events(tmp_path / "one"), step_events(tmp_path / "ddp")
+    for name in REWARDS:
+        assert [e["metrics"][name] for e in ddp] == pytest.approx([e["metrics"][name] for e in one], rel=1e-4, abs=1e-4)
