@@ -116,37 +116,39 @@ def test_losses_and_rewards_equal_dpo_trainer(registry, hf, pairs, tmp_path, ref
 
 def test_precomputed_reference_is_cached_and_reused_across_ctl_stop(registry, hf, pairs, tmp_path):
     """The precomputed reference equals the frozen copy bit for bit (its batches are the steps'
-    micro-batches in file order), and a run stopped by ``trainctl ctl stop`` resumes on the cached
-    log-probs, unchanged on disk, to the uninterrupted run's losses."""
-    steps = ["train.max_steps=6", "plugin.lr.warmup_steps=1", "data.shuffle=false", "hf.objective='dpo'",
-             "train.eval_interval=0", "data.val_fraction=0.0"]  # 6 steps x 8 pairs: one pass, file order
-    whole = session(registry, hf, tmp_path / "copy", pairs, 'plugins=["lr", "jsonl"]', *steps, "hf.dpo.reference='copy'")
+    micro-batches in file order: 48 pairs, 4 a batch), and a run stopped by ``trainctl ctl stop``
+    resumes on the cached log-probs, unchanged on disk, to the uninterrupted run's losses."""
+    steps = [f"seed={SEED}", "optim.beta2=0.999", "plugin.lr.warmup_steps=1", "plugin.lr.decay_steps=1000", "data.shuffle=false", "hf.objective='dpo'",
+             "train.eval_interval=0", "data.val_fraction=0.0", "data.packing=false"]  # lr: the same whatever max_steps
+    whole = session(registry, hf, tmp_path / "copy", pairs, 'plugins=["lr", "jsonl"]', *steps, "train.max_steps=16",
+                    "hf.dpo.reference='copy'")
+    assert whole.plan.details["data"].startswith("48 train pairs, 48 kept;")
     assert whole.fit().status == "completed"
     reference = [e["loss"] for e in step_events(tmp_path / "copy")]
 
     out = tmp_path / "run"
     cached = out / "dpo_ref_logps.safetensors"
-    ours = [*steps, "hf.dpo.reference='precomputed'", "train.max_steps=1000000"]
     args = ["--backend", "hf", str(ROOT / "configs" / "hf_tiny.toml")]
-    live = LiveRun(out, *ours, model=hf.sets(pairs), args=args)
+    ours = [*hf.sets(pairs), *steps, "hf.dpo.reference='precomputed'"]
+    live = LiveRun(out, "train.max_steps=1000000", model=ours, args=args)
     try:
-        live.wait(lambda s: s.get("state") == "running" and s.get("step", 0) >= 2)
+        live.wait(lambda s: s.get("state") == "running" and s.get("step", 0) >= 1)
         assert run_cli("ctl", str(out), "stop", timeout=60).returncode == 0
         assert live.exit_code() == 0
+        first = live.output()
     finally:
         live.close()
     stopped = max(e["step"] for e in step_events(out))
-    assert "precomputed from the starting weights, cached in" in live.output()
+    assert stopped < 16 and "precomputed from the starting weights, cached in" in first
     written = cached.stat().st_mtime_ns
 
-    again = run_cli("run", "--yes", "--out", str(out), *args,
-                    *[a for s in (*hf.sets(pairs), *steps, "hf.dpo.reference='precomputed'") for a in ("--set", s)])
+    again = run_cli("run", "--yes", "--out", str(out), *args, *[a for s in (*ours, "train.max_steps=16") for a in ("--set", s)])
     assert again.returncode == 0, again.stderr
     assert f"resume at step {stopped}" in again.stdout
     assert f"precomputed, read from {cached} (not recomputed)" in again.stdout
     assert cached.stat().st_mtime_ns == written
     losses = {e["step"]: e["loss"] for e in step_events(out) if e["loss"] is not None}
-    assert [losses[k] for k in range(1, 7)] == reference
+    assert [losses[k] for k in range(1, 17)] == reference
 
 
 @pytest.mark.parametrize("form", ["strings", "implicit"])
