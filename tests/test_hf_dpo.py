@@ -1,5 +1,5 @@
 """DPO on the hf backend (``[hf] objective = "dpo"``): per-step losses and reward metrics against a
-plain ``DPOTrainer.train()`` (frozen-copy and LoRA-adapters-off references), the precomputed
+plain ``DPOTrainer.train()`` (frozen copy with sigmoid, LoRA adapters off with ipo), the precomputed
 reference cached in the run directory and reused across a ``trainctl ctl stop`` and resume, the
 preference shapes TRL accepts, and 2 ranks under torchrun against one process.
 
@@ -60,7 +60,7 @@ def step_events(out):
     return [e for e in events if e["event"] == "step"]
 
 
-def trl_log(hf, data, out, peft=None):
+def trl_log(hf, data, out, peft=None, loss_type="sigmoid"):
     """A plain ``DPOTrainer.train()`` on the same model, pairs, order, schedule and optimizer."""
     import torch
     from datasets import Dataset
@@ -78,7 +78,7 @@ def trl_log(hf, data, out, peft=None):
     args = DPOConfig(
         output_dir=str(out), use_cpu=True, bf16=False, seed=SEED, max_steps=STEPS, per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=ACCUM, max_length=128, learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=2,
-        weight_decay=0.0, adam_beta2=0.999, max_grad_norm=1.0, optim="adamw_torch_fused", beta=BETA,
+        weight_decay=0.0, adam_beta2=0.999, max_grad_norm=1.0, optim="adamw_torch_fused", beta=BETA, loss_type=[loss_type],
         train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", eval_strategy="no",
         activation_checkpointing=False, report_to=[], disable_tqdm=True, log_level="error",
     )
@@ -90,11 +90,11 @@ def trl_log(hf, data, out, peft=None):
     return kept
 
 
-@pytest.mark.parametrize("reference", ["copy", "adapters_off"])
-def test_losses_and_rewards_equal_dpo_trainer(registry, hf, pairs, tmp_path, reference):
+@pytest.mark.parametrize(("reference", "loss_type"), [("copy", "sigmoid"), ("adapters_off", "ipo")])
+def test_losses_and_rewards_equal_dpo_trainer(registry, hf, pairs, tmp_path, reference, loss_type):
     lora = LORA if reference == "adapters_off" else ()
     s = session(registry, hf, tmp_path / "ours", pairs, 'plugins=["lr", "jsonl"]', *TRL_LIKE, *lora,
-                f"hf.dpo.reference='{reference}'")
+                f"hf.dpo.reference='{reference}'", f"hf.dpo.loss_type='{loss_type}'")
     assert s.plan.details["reference"] == reference
     assert s.fit().status == "completed"
     if lora:
@@ -105,7 +105,7 @@ def test_losses_and_rewards_equal_dpo_trainer(registry, hf, pairs, tmp_path, ref
         from peft import LoraConfig
 
         peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", target_modules="all-linear")
-    theirs = trl_log(hf, pairs, tmp_path / "trl", peft)
+    theirs = trl_log(hf, pairs, tmp_path / "trl", peft, loss_type=loss_type)
     assert len(ours) == len(theirs) == STEPS
     assert [e["loss"] for e in ours] == [t["loss"] for t in theirs]  # bit-identical, step by step
     assert [e["lr"] for e in ours] == pytest.approx([t["learning_rate"] for t in theirs], rel=1e-9, abs=1e-15)
@@ -167,19 +167,23 @@ def test_preference_shapes_trl_accepts(registry, hf, tmp_path, form):
     assert all(e["loss"] is not None and set(REWARDS) <= set(e["metrics"]) for e in step_events(tmp_path / "out"))
 
 
-def test_bad_pairs_and_settings_are_one_line_errors(hf, tmp_path):
+def test_bad_pairs_and_settings_are_one_line_errors(registry, hf, pairs, tmp_path):
+    from trainctl.kernel.errors import ConfigError
+
     rows = pair_rows(8)
     rows[2]["rejected"] = rows[2]["chosen"]
     bad = hf_assets.write_jsonl(tmp_path / "bad.jsonl", rows)
-    args = ["run", "--yes", "--backend", "hf", "--out", str(tmp_path / "out")]
-    proc = run_cli(*args, *[a for s in hf.sets(bad, "hf.objective='dpo'") for a in ("--set", s)])
+    proc = run_cli("run", "--yes", "--backend", "hf", "--out", str(tmp_path / "out"),
+                   *[a for s in hf.sets(bad, "hf.objective='dpo'") for a in ("--set", s)])
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "bad.jsonl:3" in proc.stderr and "identical" in proc.stderr
-    proc = run_cli(*args, *[a for s in hf.sets(bad, "hf.objective='dpo'", "hf.dpo.reference='adapters_off'") for a in ("--set", s)])
-    assert proc.returncode == 2 and "needs a [hf.lora] adapter" in proc.stderr, proc.stderr
-    proc = run_cli(*args, *[a for s in hf.sets(bad, "hf.objective='dpo'", "hf.dpo.label_smoothing=0.1") for a in ("--set", s)])
-    assert proc.returncode == 2 and 'used by loss_type = "robust" only' in proc.stderr, proc.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
+    with pytest.raises(ConfigError, match=r"needs a \[hf.lora\] adapter to switch off"):
+        session(registry, hf, tmp_path / "a", pairs, "hf.objective='dpo'", "hf.dpo.reference='adapters_off'")
+    with pytest.raises(ConfigError, match='used by loss_type = "robust" only'):
+        session(registry, hf, tmp_path / "b", pairs, "hf.objective='dpo'", "hf.dpo.label_smoothing=0.1")
+    with pytest.raises(ConfigError, match="data.packing is for objective"):
+        session(registry, hf, tmp_path / "c", pairs, "hf.objective='dpo'", "data.packing='bfd'")
 
 
 def test_two_ranks_under_torchrun_equal_one_process(hf, pairs, tmp_path):
