@@ -153,18 +153,38 @@ def test_precomputed_reference_is_cached_and_reused_across_ctl_stop(registry, hf
 
 @pytest.mark.parametrize("form", ["strings", "implicit"])
 def test_preference_shapes_trl_accepts(registry, hf, tmp_path, form):
-    data = hf_assets.write_jsonl(tmp_path / f"{form}.jsonl", pair_rows(24, form))
-    if form == "implicit":  # and a saved-datasets directory, read like SFT data
+    if form == "strings":  # from Parquet, and implicit prompts from a saved-datasets directory, like SFT data
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        data = tmp_path / "pairs.parquet"
+        pq.write_table(pa.Table.from_pylist(pair_rows(24, form)), data)
+    else:
         from datasets import Dataset
 
-        Dataset.from_list(pair_rows(24, form)).save_to_disk(str(tmp_path / "saved"))
         data = tmp_path / "saved"
-    s = session(registry, hf, tmp_path / "out", data, 'plugins=["jsonl"]', "train.max_steps=2", "hf.objective='dpo'")
+        Dataset.from_list(pair_rows(24, form)).save_to_disk(str(data))
+    out = tmp_path / "out"
+    s = session(registry, hf, out, data, 'plugins=["checkpoint", "jsonl"]', "train.max_steps=2", "hf.objective='dpo'",
+                "data.val_fraction=0.2")
     assert s.plan.details["objective"].endswith(("explicit-prompt pairs" if form == "strings" else "implicit-prompt pairs"))
     assert s.fit().status == "completed"
     first = s.backend.pairs.rows("train", [0])[0]
     assert first["prompt_ids"] and first["chosen_ids"] and first["rejected_ids"]
-    assert all(e["loss"] is not None and set(REWARDS) <= set(e["metrics"]) for e in step_events(tmp_path / "out"))
+    assert all(e["loss"] is not None and set(REWARDS) <= set(e["metrics"]) for e in step_events(out))
+    # evaluation: the DPO loss and reward accuracy on the fixed validation pairs, in the loop and
+    # from the checkpoint (what `trainctl eval` and the remote eval worker run), bit for bit
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    val = next(e for e in events if e["event"] == "eval" and e["split"] == "val")
+    assert 0 <= val["metrics"]["accuracy"] <= 1 and 0 < val["loss"] < 5
+    from trainctl.evaluation import Evaluator
+
+    evaluator = Evaluator(work_dir=tmp_path / "work", device="cpu", registry=registry)
+    try:
+        result = evaluator.evaluate(out / "checkpoints" / "step-000002")
+    finally:
+        evaluator.close()
+    assert result.val_loss == val["loss"]
 
 
 def test_bad_pairs_and_settings_are_one_line_errors(registry, hf, pairs, tmp_path):

@@ -125,10 +125,10 @@ class DPOConfig:
     (prompt + completion, cut at the end; pairs whose prompt alone fills it are dropped, as TRL does).
     """
 
-    beta: float = ranged(0.1, gt=0, lock=True)
-    loss_type: LossType = locked("sigmoid")
-    label_smoothing: float = ranged(0.0, ge=0, lt=0.5, lock=True)  # robust only: the flipped-label rate
-    reference: Literal["auto", "copy", "adapters_off", "precomputed"] = locked("auto")
+    beta: float = ranged(0.1, gt=0)
+    loss_type: LossType = "sigmoid"
+    label_smoothing: float = ranged(0.0, ge=0, lt=0.5)  # robust only: the flipped-label rate
+    reference: Literal["auto", "copy", "adapters_off", "precomputed"] = "auto"
 
     def __post_init__(self) -> None:
         if self.label_smoothing and self.loss_type != "robust":

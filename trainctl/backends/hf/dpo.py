@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,9 @@ class PreferenceData:
         from trl import DPOConfig
 
         self.workdir = tempfile.TemporaryDirectory(prefix="trainctl-hf-")  # Trainer wants an output_dir
+        # TRL's reference forward asks transformers a deprecated question on every call; the
+        # answer is right, the warning is for TRL's maintainers
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         args = DPOConfig(
             output_dir=self.workdir.name, report_to=[], use_cpu=use_cpu, seed=seed, bf16=False, fp16=False,
             activation_checkpointing=False, per_device_train_batch_size=batch_size, max_length=max_length,
