@@ -51,6 +51,8 @@ class DPOBackend(HFBackend):
             raise ConfigError(f"{train_rows.source} has no rows; give a file with at least one preference pair")
         self.shape = dpo.preference_shape(train_rows.rows[0], train_rows.source)
         hf_config = loading.model_config(self.cfg)
+        if getattr(hf_config.get_text_config(), "output_router_logits", None) is not None:
+            raise ConfigError('objective = "dpo" does not add the MoE load-balancing loss yet; use a dense model or objective = "sft"')
         self.tokenizer = loading.tokenizer(self.cfg)
         with sft.quiet():
             problems = [p for r in (train_rows, val_rows) if r is not None
@@ -66,8 +68,6 @@ class DPOBackend(HFBackend):
             model, frozen = loading.model(self.cfg, hf_config, attn=attn, device=self.device)
             # the frozen copy of the starting weights, loaded as TRL loads it (same dtype and attention)
             ref = loading.model(self.cfg, hf_config, attn=attn, device=self.device)[0].eval() if self.reference == "copy" else None
-        if getattr(hf_config.get_text_config(), "output_router_logits", None) is not None:
-            raise ConfigError('objective = "dpo" does not add the MoE load-balancing loss yet; use a dense model or objective = "sft"')
         self.pairs = dpo.PreferenceData(
             model=model, ref_model=ref, tokenizer=self.tokenizer, train_rows=train_rows.rows,
             val_rows=val_rows.rows if val_rows else None, max_length=self.cfg.max_length,

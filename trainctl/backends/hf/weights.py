@@ -43,6 +43,7 @@ def save(backend: Any, directory: Path) -> None:
         "data_order": "rows of step s, micro-batch m: positions (s*grad_accum+m)*batch_size.. of a "
                       "permutation seeded by (seed, epoch) per epoch" if backend.data_cfg.shuffle else "file order",
         "lora": backend.hf.lora is not None,
+        "objective": backend.hf.objective,  # dpo: the reference is rebuilt from model.name_or_path, not saved
     }
     (directory / TRAINER_STATE).write_text(json.dumps(state, indent=1))
 
