@@ -142,10 +142,11 @@ def test_precomputed_reference_is_cached_and_reused_across_ctl_stop(registry, hf
     assert stopped < 16 and "precomputed from the starting weights, cached in" in first
     written = cached.stat().st_mtime_ns
 
-    again = run_cli("run", "--yes", "--out", str(out), *args, *[a for s in (*ours, "train.max_steps=16") for a in ("--set", s)])
-    assert again.returncode == 0, again.stderr
-    assert f"resume at step {stopped}" in again.stdout
-    assert f"precomputed, read from {cached} (not recomputed)" in again.stdout
+    again = session(registry, hf, out, pairs, 'plugins=["lr", "checkpoint", "jsonl"]', *steps, "train.max_steps=16",
+                    "hf.dpo.reference='precomputed'", resume="auto")
+    assert again.resumed_from.endswith(f"step-{stopped:06d}")
+    assert again.plan.details["reference"] == f"precomputed, read from {cached} (not recomputed)"
+    assert again.fit().status == "completed"
     assert cached.stat().st_mtime_ns == written
     losses = {e["step"]: e["loss"] for e in step_events(out) if e["loss"] is not None}
     assert [losses[k] for k in range(1, 17)] == reference
@@ -206,15 +207,19 @@ def test_bad_pairs_and_settings_are_one_line_errors(registry, hf, pairs, tmp_pat
         session(registry, hf, tmp_path / "c", pairs, "hf.objective='dpo'", "data.packing='bfd'")
 
 
-def test_two_ranks_under_torchrun_equal_one_process(hf, pairs, tmp_path):
-    from tests.test_distributed import HF_TOLERANCE, TORCHRUN, assert_close, env, losses
+def test_two_ranks_under_torchrun_equal_one_process(registry, hf, pairs, tmp_path):
     from tests.live import sets
+    from tests.test_distributed import HF_TOLERANCE, TORCHRUN, assert_close, env, losses
 
-    base = hf.sets(pairs, "train.max_steps=3", "plugin.lr.warmup_steps=1", "train.eval_interval=0", "hf.objective='dpo'")
-    run_cli("run", "--yes", "--backend", "hf", "--out", str(tmp_path / "one"), *sets(*base), check=True)
+    # the precomputed reference: every rank computes it, rank 0 writes the run directory's cache
+    steps = ("train.max_steps=3", "plugin.lr.warmup_steps=1", "train.eval_interval=0", "hf.objective='dpo'",
+             "hf.dpo.reference='precomputed'")
+    assert session(registry, hf, tmp_path / "one", pairs, 'plugins=["lr", "checkpoint", "jsonl"]', *steps).fit().status == "completed"
+    base = [*hf.sets(pairs, *steps), 'plugins=["lr", "checkpoint", "jsonl"]']
     proc = subprocess.run([*TORCHRUN, "-m", "trainctl", "run", "--yes", "--backend", "hf", "--out", str(tmp_path / "ddp"),
                            *sets(*base)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "ddp" / "dpo_ref_logps.safetensors").is_file() and "cached in" in proc.stdout
     assert_close(losses(tmp_path / "ddp"), losses(tmp_path / "one"), HF_TOLERANCE)
     one, ddp = step_events(tmp_path / "one"), step_events(tmp_path / "ddp")
     for name in REWARDS:
