@@ -67,7 +67,9 @@ class DPOBackend(HFBackend):
         with sft.quiet():
             model, frozen = loading.model(self.cfg, hf_config, attn=attn, device=self.device)
             # the frozen copy of the starting weights, loaded as TRL loads it (same dtype and attention)
-            ref = loading.model(self.cfg, hf_config, attn=attn, device=self.device)[0].eval() if self.reference == "copy" else None
+            ref = loading.model(self.cfg, hf_config, attn=attn, device=self.device)[0] if self.reference == "copy" else None
+        if ref is not None:
+            ref.eval().requires_grad_(False)
         self.pairs = dpo.PreferenceData(
             model=model, ref_model=ref, tokenizer=self.tokenizer, train_rows=train_rows.rows,
             val_rows=val_rows.rows if val_rows else None, max_length=self.cfg.max_length,
@@ -186,8 +188,6 @@ class DPOBackend(HFBackend):
         return self.stepper.measure((batch, len(self.micro), 1), self._loss, steps=steps, micro_batches=len(self.micro))
 
     def close(self) -> None:
-        if hasattr(self, "stepper"):
-            self.stepper.close()
-        workdir = getattr(getattr(self, "pairs", None), "workdir", None)
-        if workdir is not None:
-            workdir.cleanup()
+        super().close()
+        if hasattr(self, "pairs"):  # setup may have failed before it existed
+            self.pairs.workdir.cleanup()
