@@ -114,6 +114,32 @@ def test_losses_and_rewards_equal_dpo_trainer(registry, hf, pairs, tmp_path, ref
     assert theirs[-1]["rewards/margins"] != 0  # the policy moved away from its reference
 
 
+def test_every_loss_type_is_dpo_trainers_compute_loss(registry, hf, pairs, tmp_path):
+    """Each loss type offered, on one batch, against TRL's own ``_compute_loss`` (same model,
+    reference and collated pairs): bit-identical."""
+    import dataclasses
+
+    import torch
+
+    from trainctl.backends.hf.config import DPOConfig
+
+    backend = session(registry, hf, tmp_path / "out", pairs, "plugins=[]", "hf.objective='dpo'").backend
+    trainer, inputs = backend.pairs.trainer, backend._step_batches(0)[0].inputs
+    with torch.no_grad():
+        for loss_type, smoothing in (("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.1)):
+            trainer.loss_types, trainer.label_smoothing = [loss_type], smoothing
+            theirs = trainer._compute_loss(backend.model, dict(inputs), return_outputs=False)
+            backend.hf = dataclasses.replace(backend.hf, dpo=DPOConfig(loss_type=loss_type, label_smoothing=smoothing))
+            ours = backend._pair_loss(backend.model, inputs)[0].per_pair.mean()
+            assert torch.equal(ours, theirs), (loss_type, ours, theirs)
+    metrics = trainer._metrics["train"]  # and the reward metrics TRL logged for that batch
+    loss, chosen, rejected = backend._pair_loss(backend.model, inputs)
+    from trainctl.backends.hf.dpo_loss import reward_metrics
+
+    for name, value in reward_metrics(loss, chosen, rejected).items():
+        assert value.item() == metrics[name][-1], name
+
+
 def test_precomputed_reference_is_cached_and_reused_across_ctl_stop(registry, hf, pairs, tmp_path):
     """The precomputed reference equals the frozen copy bit for bit (its batches are the steps'
     micro-batches in file order: 48 pairs, 4 a batch), and a run stopped by ``trainctl ctl stop``
