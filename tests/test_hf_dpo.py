@@ -231,6 +231,13 @@ def test_bad_pairs_and_settings_are_one_line_errors(registry, hf, pairs, tmp_pat
         session(registry, hf, tmp_path / "b", pairs, "hf.objective='dpo'", "hf.dpo.label_smoothing=0.1")
     with pytest.raises(ConfigError, match="data.packing is for objective"):
         session(registry, hf, tmp_path / "c", pairs, "hf.objective='dpo'", "data.packing='bfd'")
+    sft_run = session(registry, hf, tmp_path / "sft", None, 'plugins=["checkpoint"]', "train.max_steps=1")
+    assert sft_run.fit().status == "completed"
+    sft_run.close()
+    # the data files differ, so the kernel refuses first; with --force the backend still does
+    config = make_config(registry, tmp_path / "sft", *hf.sets(pairs, "hf.objective='dpo'"), backend="hf")
+    with pytest.raises(ConfigError, match="was trained with \\[hf\\] objective = 'sft', not 'dpo'"):
+        Run(config, registry, resume="auto", force=True)
 
 
 def test_two_ranks_under_torchrun_equal_one_process(registry, hf, pairs, tmp_path):

@@ -4,7 +4,9 @@ Torch-free: ``config show``, ``backends`` and ``--help`` import this without tra
 
 Locked keys (refused on resume if changed) are the ones that decide which tokens a step trains
 on: the model, tokenizer and chat template, the data files and split, the shape and mask, the
-packing and the maximum length, and the objective.
+packing and the maximum length. A resume that changes ``[hf] objective`` is refused when the
+checkpoint loads (``weights.py``), ``--force`` or not: the step count of one objective means nothing
+to the other.
 """
 
 from __future__ import annotations
@@ -143,5 +145,5 @@ class HFConfig:
     ``sft`` (TRL's SFT loss on the rows) or ``dpo`` (preference pairs, ``[hf.dpo]``)."""
 
     lora: LoraConfig | None = None
-    objective: Literal["sft", "dpo"] = locked("sft")
+    objective: Literal["sft", "dpo"] = "sft"
     dpo: DPOConfig = DPOConfig()

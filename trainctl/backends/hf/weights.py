@@ -49,12 +49,16 @@ def save(backend: Any, directory: Path) -> None:
 
 
 def load(backend: Any, directory: Path) -> None:
+    state = json.loads((directory / TRAINER_STATE).read_text())
+    objective = state.get("objective", "sft")  # checkpoints from before DPO are SFT's
+    if objective != backend.hf.objective:
+        raise ConfigError(f"checkpoint {directory} was trained with [hf] objective = {objective!r}, not {backend.hf.objective!r}; "
+                          "resume with the same objective, or start a new run from it (model.name_or_path = that directory)")
     if backend.hf.lora is not None:
         _load_adapter(backend.model, directory)
     else:
         _load_full(backend.model, directory)
     backend.stepper.load(directory)
-    state = json.loads((directory / TRAINER_STATE).read_text())
     backend.steps_done = int(state["global_step"])
 
 
