@@ -209,11 +209,11 @@ def check_rows(rows: Any, *, tokenizer: Any, max_length: int) -> list[str]:
 
 
 def _guard(rows: Any) -> list[str]:
-    problems = [f"{rows.source}:{line}: {why}" for line, why in rows.bad]
+    problems = [f"{rows.source}:{line}: {why}; fix or remove the line" for line, why in rows.bad]
     for line, row in zip(rows.lines, rows.rows):
         missing = [k for k in ("chosen", "rejected") if not row.get(k)]
         if missing:
-            problems.append(f"{rows.source}:{line}: {' and '.join(missing)} missing or empty")
+            problems.append(f"{rows.source}:{line}: {' and '.join(missing)} missing or empty; give both answers of the pair or drop it")
         elif row["chosen"] == row["rejected"]:
-            problems.append(f"{rows.source}:{line}: chosen and rejected are identical (no preference to learn)")
+            problems.append(f"{rows.source}:{line}: chosen and rejected are identical (no preference to learn); drop the pair")
     return problems

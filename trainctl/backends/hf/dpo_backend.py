@@ -58,8 +58,8 @@ class DPOBackend(HFBackend):
             problems = [p for r in (train_rows, val_rows) if r is not None
                         for p in dpo.check_rows(r, tokenizer=self.tokenizer, max_length=self.cfg.max_length)]
         if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise ConfigError(f"{problems[0]}{more}; fix the data")
+            more = f" ({len(problems) - 1} more problem(s) after it)" if len(problems) > 1 else ""
+            raise ConfigError(f"{problems[0]}{more}")
         if val_rows is None:
             train_rows, val_rows = rows.split(train_rows, data.val_fraction, data.split_seed)
 
