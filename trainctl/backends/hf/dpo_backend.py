@@ -40,6 +40,9 @@ class DPOBackend(HFBackend):
             raise ConfigError("train.compile is not supported by the hf backend (TRL's fused loss head is patched in at run time); set it to false")
         if data.packing:
             raise ConfigError('data.packing is for objective = "sft"; DPO pads each pair batch (set data.packing = false)')
+        if data.shape != "auto" or data.mask != "auto":
+            raise ConfigError('data.shape and data.mask are for objective = "sft"; DPO reads prompt/chosen/rejected and '
+                              'scores the completions only (leave them "auto")')
         if ctx.loss_terms is not None:
             raise ConfigError('loss-term plugins need token logits, which objective = "dpo" never builds; remove them or use "sft"')
         self.micro = local_micro_batches(train.grad_accum, ctx.dist)
