@@ -55,6 +55,15 @@ def resolve_mask(shape: str, mask: str) -> str:
 
 
 class HFBackend(StepBackend):
+    def __new__(cls, ctx: BackendContext) -> HFBackend:
+        """``[hf] objective = "dpo"`` builds the preference backend (``dpo_backend.py``) instead."""
+        hf = ctx.sections.get("hf")
+        if cls is HFBackend and hf is not None and hf.objective == "dpo":
+            from trainctl.backends.hf.dpo_backend import DPOBackend
+
+            return super().__new__(DPOBackend)
+        return super().__new__(cls)
+
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
         self.cfg: ModelConfig = ctx.model

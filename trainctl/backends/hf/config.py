@@ -1,9 +1,12 @@
-"""The ``hf`` backend's tables: ``[model]``, ``[data]`` and ``[hf]`` (with ``[hf.lora]``).
+"""The ``hf`` backend's tables: ``[model]``, ``[data]`` and ``[hf]`` (with ``[hf.lora]`` and
+``[hf.dpo]``).
 Torch-free: ``config show``, ``backends`` and ``--help`` import this without transformers.
 
 Locked keys (refused on resume if changed) are the ones that decide which tokens a step trains
 on: the model, tokenizer and chat template, the data files and split, the shape and mask, the
-packing and the maximum length.
+packing and the maximum length. A resume that changes ``[hf] objective`` is refused when the
+checkpoint loads (``weights.py``), ``--force`` or not: the step count of one objective means nothing
+to the other.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from trainctl.kernel.schema import locked
+from trainctl.kernel.schema import locked, ranged
 
 Shape = Literal["auto", "text", "messages", "prompt_completion"]
 Mask = Literal["auto", "none", "assistant_only", "completion_only"]
@@ -108,9 +111,39 @@ class LoraConfig:
             raise ValueError("lm_head cannot take an adapter: TRL's fused loss reads lm_head.weight directly")
 
 
+#: TRL's DPO loss types this backend computes (``DPOTrainer._compute_loss``'s formulas).
+LossType = Literal["sigmoid", "hinge", "ipo", "robust"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DPOConfig:
+    """``[hf.dpo]``: preference optimisation (``[hf] objective = "dpo"``), named as TRL's ``DPOConfig``.
+
+    ``reference`` is what the log-ratios are taken against: ``copy`` a frozen copy of the starting
+    weights; ``adapters_off`` the base model with the LoRA adapter disabled (no second copy; needs
+    ``[hf.lora]``); ``precomputed`` reference log-probs computed once from the starting weights before
+    the first step and cached in the run directory (a resume reads them back); ``auto`` TRL's
+    choice (``adapters_off`` with LoRA, else ``copy``). ``model.max_length`` is TRL's ``max_length``
+    (prompt + completion, cut at the end; pairs whose prompt alone fills it are dropped, as TRL does).
+    """
+
+    beta: float = ranged(0.1, gt=0)
+    loss_type: LossType = "sigmoid"
+    label_smoothing: float = ranged(0.0, ge=0, lt=0.5)  # robust only: the flipped-label rate
+    reference: Literal["auto", "copy", "adapters_off", "precomputed"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.label_smoothing and self.loss_type != "robust":
+            raise ValueError(f"label_smoothing is used by loss_type = \"robust\" only (TRL ignores it for {self.loss_type!r}); "
+                             "set loss_type = \"robust\" or label_smoothing = 0")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class HFConfig:
     """``[hf]``: what is specific to transformers/TRL. A ``[hf.lora]`` table turns LoRA on; a
-    change of its shape across a resume is refused when the adapter is loaded."""
+    change of its shape across a resume is refused when the adapter is loaded. ``objective``:
+    ``sft`` (TRL's SFT loss on the rows) or ``dpo`` (preference pairs, ``[hf.dpo]``)."""
 
     lora: LoraConfig | None = None
+    objective: Literal["sft", "dpo"] = "sft"
+    dpo: DPOConfig = DPOConfig()

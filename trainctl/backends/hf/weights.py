@@ -43,17 +43,22 @@ def save(backend: Any, directory: Path) -> None:
         "data_order": "rows of step s, micro-batch m: positions (s*grad_accum+m)*batch_size.. of a "
                       "permutation seeded by (seed, epoch) per epoch" if backend.data_cfg.shuffle else "file order",
         "lora": backend.hf.lora is not None,
+        "objective": backend.hf.objective,  # dpo: the reference is rebuilt from model.name_or_path, not saved
     }
     (directory / TRAINER_STATE).write_text(json.dumps(state, indent=1))
 
 
 def load(backend: Any, directory: Path) -> None:
+    state = json.loads((directory / TRAINER_STATE).read_text())
+    objective = state.get("objective", "sft")  # checkpoints from before DPO are SFT's
+    if objective != backend.hf.objective:
+        raise ConfigError(f"checkpoint {directory} was trained with [hf] objective = {objective!r}, not {backend.hf.objective!r}; "
+                          "resume with the same objective, or start a new run from it (model.name_or_path = that directory)")
     if backend.hf.lora is not None:
         _load_adapter(backend.model, directory)
     else:
         _load_full(backend.model, directory)
     backend.stepper.load(directory)
-    state = json.loads((directory / TRAINER_STATE).read_text())
     backend.steps_done = int(state["global_step"])
 
 

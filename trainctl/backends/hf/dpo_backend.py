@@ -1,0 +1,196 @@
+"""The ``hf`` backend with ``[hf] objective = "dpo"``: preference optimisation under the kernel's
+loop, TRL's ``DPOTrainer`` as a library (see ``dpo.py``), its loss replicated in ``dpo_loss.py``.
+
+Each micro-batch is one forward of its chosen and rejected rows together (TRL's collator stacks
+them), and its share of the step loss is ``mean over its pairs / micro-batches of the step``,
+as ``Trainer`` scales a loss that is not token-normalised for gradient accumulation; so the losses
+equal ``DPOTrainer.train()``'s bit for bit on the same batches. The reward metrics come back as
+device tensors (shares of the step's mean), read by the kernel on logged steps only. Everything
+else (the optimizer step, DDP, checkpoints, generation) is the SFT backend's, inherited.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainctl.backends import parallel, scoring
+from trainctl.backends.device import set_threads
+from trainctl.backends.hf import dpo, epochs, loading, rows, sft
+from trainctl.backends.hf.backend import EVAL_EPOCH, HFBackend
+from trainctl.backends.hf.dpo_loss import dpo_loss, reward_metrics
+from trainctl.backends.optim import from_config
+from trainctl.backends.step import MicroLoss, OptimizerStep, local_micro_batches
+from trainctl.kernel.backend import Evaluation, Plan, StepOutput
+from trainctl.kernel.errors import ConfigError
+
+
+def resolve_reference(reference: str, lora: bool) -> str:
+    if reference == "auto":
+        return "adapters_off" if lora else "copy"
+    if reference == "adapters_off" and not lora:
+        raise ConfigError('hf.dpo.reference = "adapters_off" needs a [hf.lora] adapter to switch off; add [hf.lora] or use "copy"')
+    return reference
+
+
+class DPOBackend(HFBackend):
+    def setup(self) -> Plan:
+        ctx, data, train, opts = self.ctx, self.data_cfg, self.train, self.hf.dpo
+        set_threads(train.threads)
+        if train.compile:
+            raise ConfigError("train.compile is not supported by the hf backend (TRL's fused loss head is patched in at run time); set it to false")
+        if data.packing:
+            raise ConfigError('data.packing is for objective = "sft"; DPO pads each pair batch (set data.packing = false)')
+        if data.shape != "auto" or data.mask != "auto":
+            raise ConfigError('data.shape and data.mask are for objective = "sft"; DPO reads prompt/chosen/rejected and '
+                              'scores the completions only (leave them "auto")')
+        if ctx.loss_terms is not None:
+            raise ConfigError('loss-term plugins need token logits, which objective = "dpo" never builds; remove them or use "sft"')
+        self.micro = local_micro_batches(train.grad_accum, ctx.dist)
+        epochs.check(data.epoch_end == "short_step", ctx.dist.world_size)
+        self.reference = resolve_reference(opts.reference, self.hf.lora is not None)
+
+        train_rows, val_rows = rows.read_data(data)
+        if not train_rows.rows:
+            raise ConfigError(f"{train_rows.source} has no rows; give a file with at least one preference pair")
+        self.shape = dpo.preference_shape(train_rows.rows[0], train_rows.source)
+        hf_config = loading.model_config(self.cfg)
+        if getattr(hf_config.get_text_config(), "output_router_logits", None) is not None:
+            raise ConfigError('objective = "dpo" does not add the MoE load-balancing loss yet; use a dense model or objective = "sft"')
+        self.tokenizer = loading.tokenizer(self.cfg)
+        with sft.quiet():
+            problems = [p for r in (train_rows, val_rows) if r is not None
+                        for p in dpo.check_rows(r, tokenizer=self.tokenizer, max_length=self.cfg.max_length)]
+        if problems:
+            more = f" ({len(problems) - 1} more problem(s) after it)" if len(problems) > 1 else ""
+            raise ConfigError(f"{problems[0]}{more}")
+        if val_rows is None:
+            train_rows, val_rows = rows.split(train_rows, data.val_fraction, data.split_seed)
+
+        attn = loading.attention(self.cfg.attn_implementation, self.device)
+        with sft.quiet():
+            model, frozen = loading.model(self.cfg, hf_config, attn=attn, device=self.device)
+            # the frozen copy of the starting weights, loaded as TRL loads it (same dtype and attention)
+            ref = loading.model(self.cfg, hf_config, attn=attn, device=self.device)[0] if self.reference == "copy" else None
+        if ref is not None:
+            ref.eval().requires_grad_(False)
+        self.pairs = dpo.PreferenceData(
+            model=model, ref_model=ref, tokenizer=self.tokenizer, train_rows=train_rows.rows,
+            val_rows=val_rows.rows if val_rows else None, max_length=self.cfg.max_length,
+            batch_size=train.batch_size, seed=ctx.seed, use_cpu=self.device.type == "cpu",
+            peft_config=loading.lora(self.hf.lora) if self.hf.lora else None, reference=self.reference,
+            beta=opts.beta, loss_type=opts.loss_type, label_smoothing=opts.label_smoothing,
+        )
+        if self.pairs.ref_model is not None:
+            self.pairs.ref_model.to(self.device)  # accelerate placed it on its own idea of the device
+        self.model = self.pairs.model
+        self.layout = epochs.Layout(n_rows=len(self.pairs.train), batch_size=train.batch_size, grad_accum=train.grad_accum,
+                                    short_step=data.epoch_end == "short_step", shuffle=data.shuffle)
+        self.max_steps = self.layout.steps(data.epochs) if data.epochs else train.max_steps
+        self.base = self.model.get_base_model() if self.hf.lora else self.model
+        if self.hf.lora and self.cfg.gradient_checkpointing:
+            self.model.enable_input_require_grads()
+        self._eval_batches: dict[str, list[dpo.PairBatch]] = {}
+
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = from_config(self.model, ctx.optim, self.device.type)
+        placed = parallel.for_run(self.model, device=self.device, world_size=ctx.dist.world_size)
+        self.stepper = OptimizerStep(optimizer=self.optimizer, params=self.params, placement=self.placement,
+                                     parallel=placed, train=train, dist=ctx.dist, seed=ctx.seed, loss_terms=None)
+        self.reference_line = self.reference
+        if self.reference == "precomputed":  # before any step, and before a resume loads weights
+            self.reference_line = self.pairs.precompute(ctx.out_dir, device=self.device, autocast=self.stepper.autocast,
+                                                        batch_size=train.batch_size, write=ctx.dist.rank == 0)
+        self.steps_done = 0
+        return self._dpo_plan(hf_config, attn, frozen, len(train_rows.rows), len(val_rows.rows) if val_rows else 0)
+
+    def _dpo_plan(self, hf_config: Any, attn: str, frozen: int, n_train: int, n_val: int) -> Plan:
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.params)
+        sampled = [self._step_batches(s) for s in range(min(8, self.max_steps))]  # host only: collation
+        tokens = sum(b.tokens for batches in sampled for b in batches) / len(sampled)
+        kept, opts = len(self.pairs.train), self.hf.dpo
+        details = {
+            "model": f"{type(self.base).__name__} ({hf_config.model_type}), attention {attn}",
+            "trainable": f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+            + (f", LoRA r={self.hf.lora.r}" if self.hf.lora else "") + (f", vision frozen ({frozen:,})" if frozen else ""),
+            "objective": f"DPO ({opts.loss_type}, beta {opts.beta:g}) on {self.shape}-prompt pairs",
+            "reference": self.reference_line,
+            "data": f"{n_train} train pairs, {kept} kept" + (f", {n_train - kept} dropped by TRL (prompt fills max_length)"
+                                                               if n_train > kept else "") + f"; {n_val} val pairs",
+            "run length": f"{self.max_steps} steps x {self.layout.rows_per_step} pairs = {self.layout.epochs(self.max_steps):.2f} epochs",
+            "tokens/step": f"~{tokens:,.0f} processed (chosen + rejected, mean of the first {len(sampled)} steps)",
+        }
+        device, dtype = self.placement.names
+        in_loop_ref = 2 if self.reference in ("copy", "adapters_off") else 0  # the reference's forward
+        return Plan(
+            params=trainable, total_params=total, tokens_per_step=round(tokens),
+            flops_per_token=((6 if not self.hf.lora else 4) + in_loop_ref) * total,
+            device=device, dtype=dtype, summary=f"{self.cfg.name_or_path} DPO on {self.data_cfg.train}",
+            details=details, max_steps=self.max_steps,
+        )
+
+    # --- the step -------------------------------------------------------------------------------
+
+    def _step_batches(self, step: int) -> list[dpo.PairBatch]:
+        return [self.pairs.batch("train", indices) for indices in self.layout.step(self.pairs, step)]
+
+    def _pair_loss(self, model: Any, inputs: dict[str, Any]) -> tuple[Any, Any, Any]:
+        """The concatenated forward (chosen rows, then rejected) and its DPO loss, as
+        ``DPOTrainer._compute_loss`` runs them: summed completion log-probs of the policy, then
+        of the reference."""
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
+                    labels=labels, fused_lm_head=True)
+        seq_len = completion_mask.size(1) - 1
+        chosen_logps, rejected_logps = out.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)  # (B,), (B,)
+        ref_chosen, ref_rejected = self.pairs.reference_logps(inputs)
+        opts = self.hf.dpo
+        loss = dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, completion_mask, beta=opts.beta,
+                        loss_type=opts.loss_type, label_smoothing=opts.label_smoothing)
+        return loss, chosen_logps, rejected_logps
+
+    def _loss(self, model: Any, batch: tuple[dpo.PairBatch, int, int], with_logits: bool) -> MicroLoss:
+        """One micro-batch's share: its mean pair loss over the step's micro-batches (all ranks),
+        and the reward metrics as shares of this rank's mean over its micro-batches."""
+        b, n_micro, n_local = batch
+        loss, chosen_logps, rejected_logps = self._pair_loss(model, sft.to_device(b.inputs, self.device))
+        metrics = {k: v / n_local for k, v in reward_metrics(loss, chosen_logps, rejected_logps).items()}
+        return MicroLoss(share=loss.per_pair.mean() / n_micro, metrics=metrics)
+
+    def train_step(self, step: int) -> StepOutput:
+        batches = self._step_batches(step)
+        micro = self.micro[: len(batches)]  # a short epoch-end step has fewer (one process only)
+        out = self.stepper.run([(batches[m], len(batches), len(micro)) for m in micro], self._loss,
+                               tokens=sum(b.trained for b in batches), processed_tokens=sum(b.tokens for b in batches))
+        self.steps_done = step + 1
+        return out
+
+    def evaluate(self, step: int) -> dict[str, Evaluation]:
+        """Per split over ``train.eval_steps`` fixed batches: the mean DPO loss over the pairs and
+        the reward accuracy (pairs whose chosen reward beats the rejected one); ``tokens`` counts pairs."""
+        def score(b: dpo.PairBatch) -> scoring.BatchScore:
+            loss, _, _ = self._pair_loss(self.model, sft.to_device(b.inputs, self.device))
+            won = (loss.chosen_rewards > loss.rejected_rewards).sum()
+            return scoring.BatchScore(loss.per_pair.float().sum(), won, b.pairs)
+
+        splits = {}
+        for split in ("train", "val") if self.pairs.val is not None else ("train",):
+            splits[split] = self._eval_batches.get(split) or self._eval_batches.setdefault(split, self._fixed_pairs(split))
+        return scoring.evaluate(self.model, splits, score, self.stepper.autocast, self.device)
+
+    def _fixed_pairs(self, split: str) -> list[dpo.PairBatch]:
+        n_rows = len(self.pairs.train if split == "train" else self.pairs.val)
+        count = min(self.train.eval_steps * self.train.batch_size, n_rows)
+        chosen = [int(i) for i in self.pairs.order(split, EVAL_EPOCH, split == "train")[:count]]
+        size = self.train.batch_size
+        return [self.pairs.batch(split, chosen[i : i + size]) for i in range(0, count, size)]
+
+    def measure(self, steps: int = 2) -> float:
+        batch = self._step_batches(0)[self.micro[0]]
+        return self.stepper.measure((batch, len(self.micro), 1), self._loss, steps=steps, micro_batches=len(self.micro))
+
+    def close(self) -> None:
+        super().close()
+        if hasattr(self, "pairs"):  # setup may have failed before it existed
+            self.pairs.workdir.cleanup()
