@@ -81,8 +81,8 @@ def _row_problems(row: dict[str, Any], form: str | None, tokenizer: Any, limit: 
         yield f"wrong types: {listed}; give all of them as strings or all as message lists"
         return
     if form is not None and _form(row) != form:
-        first = "message lists" if form == "messages" else "strings"
-        yield f"the answers are {'strings' if form == 'messages' else 'message lists'} but the file's first row uses {first}; use one form per file"
+        first, these = ("message lists", "strings") if form == "messages" else ("strings", "message lists")
+        yield f"the answers are {these} but the file's first row uses {first}; use one form per file"
         return
     if form == "messages":
         yield from _conversation_problems(row, tokenizer, limit, limit_key, max_length)
