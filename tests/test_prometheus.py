@@ -52,9 +52,10 @@ def parse(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return out
 
 
-def value(samples, name: str, **labels: str) -> float:
-    matches = [v for l, v in samples.get(name, []) if all(l.get(k) == w for k, w in labels.items())]
-    assert len(matches) == 1, f"{name}{labels}: {matches}"
+def value(samples, metric: str, /, **labels: str) -> float:
+    """The one sample of ``metric`` with ``labels`` (``name=`` too: the generic series' label)."""
+    matches = [v for l, v in samples.get(metric, []) if all(l.get(k) == w for k, w in labels.items())]
+    assert len(matches) == 1, f"{metric}{labels}: {matches}"
     return matches[0]
 
 
