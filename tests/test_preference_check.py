@@ -89,7 +89,7 @@ def test_prompt_longer_than_the_limits_counted_with_the_template(tmp_path, token
                        "and leaves no room for the answers; shorten the prompt or raise model.max_length")
     assert check(tmp_path, tokenizer, rows, max_length=templated + 1) == []
     [problem] = check(tmp_path, tokenizer, rows, max_length=512, max_prompt_length=plain)
-    assert problem.startswith(f"data.train line 1: the prompt is {templated} tokens, longer than max_prompt_length {plain};")
+    assert problem.startswith(f"data.train line 1: the prompt is {templated} tokens, longer than hf.dpo.max_prompt_length {plain};")
     strings = [{"prompt": long, "chosen": "Aye.", "rejected": "Nay."}]
     assert check(tmp_path, tokenizer, strings, max_length=plain + 1) == []
     assert "fills model.max_length" in check(tmp_path, tokenizer, strings, max_length=plain)[0]
@@ -143,9 +143,18 @@ def test_conversation_shape(tmp_path, tokenizer, row, expected):
     assert problem.startswith("data.train line 1: " + expected), problem
 
 
-def test_string_rows_need_an_explicit_prompt(tmp_path, tokenizer):
-    [problem] = check(tmp_path, tokenizer, [{"chosen": "Blue.", "rejected": "Green."}])
-    assert problem.startswith("data.train line 1: no 'prompt'") and "add a 'prompt' field" in problem
+def test_implicit_prompt_strings_split_on_their_shared_start(tmp_path, tokenizer):
+    hh = {"chosen": "\n\nHuman: What colour is the sky?\n\nAssistant: Blue.",
+          "rejected": "\n\nHuman: What colour is the sky?\n\nAssistant: Green."}
+    assert check(tmp_path, tokenizer, [hh]) == []
+    [problem] = check(tmp_path, tokenizer, [hh, {"chosen": "Blue.", "rejected": "Green."}])
+    assert problem == ("data.train line 2: chosen and rejected share no leading text, so there is no implicit prompt; "
+                       "start both with the same prompt, or give an explicit 'prompt'")
+    prompt = "\n\nHuman: What colour is the sky?\n\nAssistant: "
+    assert prompt == "\n\nHuman: What colour is the sky?\n\nAssistant: Blue."[:len(prompt)]
+    short = len(tokenizer(prompt.rstrip(" "))["input_ids"])  # TRL leaves the space before the answers to them
+    [problem] = check(tmp_path, tokenizer, [hh], max_length=short)
+    assert problem.startswith(f"data.train line 1: the prompt is {short} tokens, which fills model.max_length")
 
 
 def test_lines_that_are_not_objects_and_blank_lines_keep_file_numbering(tmp_path, tokenizer):

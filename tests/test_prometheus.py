@@ -172,6 +172,8 @@ def test_metric_names_that_sanitise_alike_share_one_series(tmp_path):
     finally:
         plugin.trainctl_run_end(RunEnd(status="completed", step=1, tokens=8, duration=1.0, time=0.0))
     assert [(labels["name"], v) for labels, v in samples["trainctl_step_metric"]] == [("x_y", 2.0)]
+    plugin, _ = exporter(tmp_path)
+    assert plugin.label("z" * 300) == "z" * 100 and plugin.label("") == "_" and plugin.label("é/x") == "_/x"
 
 
 def test_failed_run_sets_no_success_timestamp(tmp_path):

@@ -2,8 +2,8 @@
 problem one line naming the config key, the line of the file and the fix.
 
 The forms are TRL's: ``{"prompt", "chosen", "rejected"}`` with strings or message lists, and
-implicit-prompt conversations (``chosen``/``rejected`` message lists whose shared leading turns
-are the prompt, split off with TRL's own ``extract_prompt``). One form per file: TRL builds an
+implicit prompts (``chosen``/``rejected`` alone: their shared leading turns, or for strings their
+shared leading text, are the prompt, split off with TRL's own ``extract_prompt``). One form per file: TRL builds an
 Arrow table from the rows, and a column cannot hold strings on one row and lists on another.
 
 Rules: a row that is not a JSON object, ``chosen``/``rejected`` missing or empty, ``chosen`` equal
@@ -25,6 +25,7 @@ from trainctl.backends.hf.validate import ROLES, _follows
 from trainctl.kernel.errors import ConfigError
 
 ANSWERS = ("chosen", "rejected")
+PROMPT_KEY = "hf.dpo.max_prompt_length"  # the config key named when a prompt is over max_prompt_length
 
 
 def check_preference_rows(rows: Rows, *, source: str, tokenizer: Any, max_length: int,
@@ -40,7 +41,7 @@ def check_preference_rows(rows: Rows, *, source: str, tokenizer: Any, max_length
             f"{source}: the rows are conversations and the tokenizer has no chat template; set "
             "model.chat_template, or give prompt/chosen/rejected as strings"]
     limit = min(max_prompt_length or max_length, max_length)
-    limit_key = "max_prompt_length" if max_prompt_length and max_prompt_length < max_length else "model.max_length"
+    limit_key = PROMPT_KEY if max_prompt_length and max_prompt_length < max_length else "model.max_length"
     for line, row in zip(rows.lines, rows.rows):
         problem = next(_row_problems(row, form, tokenizer, limit, limit_key, max_length), None)
         if problem:
@@ -95,6 +96,8 @@ def _kind(value: Any) -> str:
 
 
 def _string_problems(row, tokenizer, limit: int, limit_key: str, max_length: int) -> Iterator[str]:
+    from trl.data_utils import extract_prompt
+
     for key in ANSWERS:
         if not row[key].strip():
             yield f"'{key}' is empty; a preference pair needs two non-empty answers"
@@ -102,11 +105,14 @@ def _string_problems(row, tokenizer, limit: int, limit_key: str, max_length: int
     if row["chosen"] == row["rejected"]:
         yield "chosen and rejected are identical; a preference pair needs two different answers"
         return
-    if "prompt" not in row:
-        yield ("no 'prompt': strings need an explicit prompt (only conversations carry it in their shared "
-               "leading turns); add a 'prompt' field")
-        return
-    yield from _prompt_length(len(tokenizer(row["prompt"])["input_ids"]), limit, limit_key, max_length)
+    prompt = row.get("prompt")
+    if prompt is None:  # implicit prompt (e.g. Anthropic HH's "Human: ... Assistant: ..." texts): the shared start
+        prompt = extract_prompt({"chosen": row["chosen"], "rejected": row["rejected"]})["prompt"]
+        if not prompt.strip():
+            yield ("chosen and rejected share no leading text, so there is no implicit prompt; start both with "
+                   "the same prompt, or give an explicit 'prompt'")
+            return
+    yield from _prompt_length(len(tokenizer(prompt)["input_ids"]), limit, limit_key, max_length)
 
 
 def _conversation_problems(row, tokenizer, limit: int, limit_key: str, max_length: int) -> Iterator[str]:
