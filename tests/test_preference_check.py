@@ -4,9 +4,12 @@ line numbers are the file's), with the tiny tokenizer and its chat template."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
+from tests.conftest import ROOT, cli_env
 from trainctl.backends.hf.preference_check import check_preference_rows, require_valid_preferences
 from trainctl.backends.hf.rows import read
 from trainctl.kernel.errors import ConfigError
@@ -93,6 +96,27 @@ def test_prompt_longer_than_the_limits_counted_with_the_template(tmp_path, token
     strings = [{"prompt": long, "chosen": "Aye.", "rejected": "Nay."}]
     assert check(tmp_path, tokenizer, strings, max_length=plain + 1) == []
     assert "fills model.max_length" in check(tmp_path, tokenizer, strings, max_length=plain)[0]
+
+
+def test_a_prompt_over_the_tokenizers_own_limit_is_one_line_only(tmp_path, hf):
+    """transformers warns (on stderr, once per process) about sequences over the tokenizer's
+    model_max_length, 512 here; the check silences it, so its error stays the only line. In a
+    fresh process: under pytest the warning's handler writes to a stream captured elsewhere."""
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"prompt": "To be, or not to be. " * 200, "chosen": "Aye.", "rejected": "Nay."}) + "\n")
+    code = ("import sys; from transformers import AutoTokenizer\n"
+            "from trainctl.backends.hf.preference_check import check_preference_rows\n"
+            "from trainctl.backends.hf.rows import read\n"
+            f"tok = AutoTokenizer.from_pretrained({str(hf.tokenizer)!r})\n"
+            f"print(check_preference_rows(read({str(path)!r}, 'data.train'), source='data.train', tokenizer=tok, "
+            "max_length=128, max_prompt_length=None))\n"
+            "print(len(tok('To be, or not to be. ' * 200)['input_ids']) > 512)")  # the precondition: over 512
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    problems, over = proc.stdout.splitlines()
+    assert "fills model.max_length 128" in problems and over == "True"
+    assert proc.stderr == ""
 
 
 def test_implicit_prompt_long_is_counted_from_the_shared_turns(tmp_path, tokenizer):

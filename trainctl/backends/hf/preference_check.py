@@ -17,6 +17,7 @@ is an error, so a data set never shrinks without a word.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,10 +43,11 @@ def check_preference_rows(rows: Rows, *, source: str, tokenizer: Any, max_length
             "model.chat_template, or give prompt/chosen/rejected as strings"]
     limit = min(max_prompt_length or max_length, max_length)
     limit_key = PROMPT_KEY if max_prompt_length and max_prompt_length < max_length else "model.max_length"
-    for line, row in zip(rows.lines, rows.rows):
-        problem = next(_row_problems(row, form, tokenizer, limit, limit_key, max_length), None)
-        if problem:
-            found.append((line, problem))
+    with _quiet_tokenizer():
+        for line, row in zip(rows.lines, rows.rows):
+            problem = next(_row_problems(row, form, tokenizer, limit, limit_key, max_length), None)
+            if problem:
+                found.append((line, problem))
     return [f"{source} line {line}: {why}" for line, why in sorted(found)]
 
 
@@ -58,6 +60,20 @@ def require_valid_preferences(rows: Rows, *, source: str, tokenizer: Any, max_le
         more = f" (and {len(problems) - show} more)" if len(problems) > show else ""
         raise ConfigError(f"data check failed: {len(problems)} problem(s) in {rows.source}: "
                           + " | ".join(problems[:show]) + more)
+
+
+@contextlib.contextmanager
+def _quiet_tokenizer() -> Iterator[None]:
+    """Counting a prompt longer than the tokenizer's model_max_length is the point here, not an
+    accident: transformers' warning about it would be a second, confusing line on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _form(row: dict[str, Any]) -> str:
