@@ -202,7 +202,9 @@ class PrometheusExporter:
         self.server: MetricsServer | None = None
         self.state = ""
         self.address: str | None = None
-        self.names: dict[str, str | None] = {}  # a metric's name -> its label value, None when over the cap
+        self.names: dict[str, str] = {}  # an exported metric's name -> its label value
+        self.taken: set[str] = set()  # label values in use, at most max_metric_names
+        self.capped = False  # the warning about the cap was given
         self.step_metrics: dict[str, Any] = {}  # label value -> bound child
 
     # --- serving ---------------------------------------------------------------------------
@@ -285,18 +287,20 @@ class PrometheusExporter:
                                                 name=label).set(value)
 
     def label(self, name: str) -> str | None:
-        """The ``name`` label for a metric, or None once ``max_metric_names`` are taken (a
-        warning the first time). Remembered per name: the sanitising runs once per name."""
-        if name in self.names:
-            return self.names[name]
+        """The ``name`` label for a metric, or None once ``max_metric_names`` labels are taken (a
+        warning the first time). Only exported names are remembered, so memory stays bounded too."""
+        if (label := self.names.get(name)) is not None:
+            return label
         label = NAME_CHARS.sub("_", name)[:100] or "_"
-        taken = {v for v in self.names.values() if v is not None}
-        if label not in taken and len(taken) >= self.config.max_metric_names:
-            if None not in self.names.values():
-                print(f"trainctl: warning: prometheus: more than {self.config.max_metric_names} distinct step/eval "
-                      f"metric names; {name!r} and any later new names are not exported. Raise "
-                      "plugin.prometheus.max_metric_names if they are all wanted", file=sys.stderr)
-            label = None
+        if label not in self.taken:
+            if len(self.taken) >= self.config.max_metric_names:
+                if not self.capped:
+                    self.capped = True
+                    print(f"trainctl: warning: prometheus: more than {self.config.max_metric_names} distinct "
+                          f"step/eval metric names; {name!r} and any later new names are not exported. Raise "
+                          "plugin.prometheus.max_metric_names if they are all wanted", file=sys.stderr)
+                return None
+            self.taken.add(label)
         self.names[name] = label
         return label
 
