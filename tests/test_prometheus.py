@@ -4,6 +4,7 @@ evaluates, saves and pauses, a busy port, ranks, and the Pushgateway push."""
 from __future__ import annotations
 
 import http.server
+import math
 import os
 import shutil
 import socket
@@ -33,9 +34,13 @@ TYPES = {
     "trainctl_checkpoint_save_duration_seconds": "gauge", "trainctl_skipped_steps": "counter",
     "trainctl_run_state": "gauge", "trainctl_run_info": "gauge", "trainctl_last_step_timestamp_seconds": "gauge",
     "trainctl_layer_weight_norm": "gauge", "trainctl_layer_grad_norm": "gauge",
-    "trainctl_last_success_timestamp_seconds": "gauge",
+    "trainctl_last_success_timestamp_seconds": "gauge", "trainctl_step_metric": "gauge", "trainctl_eval_metric": "gauge",
 }
-BOUNDED_LABELS = {"run", "backend", "rank", "split", "source", "state", "layer", "version", "world_size", "le"}
+# name: bounded by plugin.prometheus.max_metric_names (test_metric_names_are_capped_with_one_warning)
+BOUNDED_LABELS = {"run", "backend", "rank", "split", "source", "state", "layer", "version", "world_size", "le", "name"}
+# what a DPO backend reports on logged steps (TRL's names), and names that need sanitising
+STEP_METRICS = {"rewards/accuracies": 0.75, "rewards/margins": 0.2, "logps/chosen": -30.5, "token_accuracy": 0.4,
+                "odd name{x=\"1\"}\n": 1.0}
 
 
 def parse(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -47,9 +52,10 @@ def parse(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return out
 
 
-def value(samples, name: str, **labels: str) -> float:
-    matches = [v for l, v in samples.get(name, []) if all(l.get(k) == w for k, w in labels.items())]
-    assert len(matches) == 1, f"{name}{labels}: {matches}"
+def value(samples, metric: str, /, **labels: str) -> float:
+    """The one sample of ``metric`` with ``labels`` (``name=`` too: the generic series' label)."""
+    matches = [v for l, v in samples.get(metric, []) if all(l.get(k) == w for k, w in labels.items())]
+    assert len(matches) == 1, f"{metric}{labels}: {matches}"
     return matches[0]
 
 
@@ -74,8 +80,9 @@ def feed_run(exporter: PrometheusExporter, *, status: str = "completed") -> None
             step=step, max_steps=4, lr=0.1 * step, tokens=8 * step, step_time=0.02, logged=logged,
             loss=2.0 / step if logged else None, grad_norm=0.5 if logged else None,
             tokens_per_s=400.0 if logged else None, mfu=0.1 if logged else None,
-            skipped=step == 4, time=t + step))
-    exporter.trainctl_eval_end(EvalEnd(step=4, split="val", loss=1.5, time=t))
+            skipped=step == 4, metrics={k: v * step for k, v in STEP_METRICS.items()} if logged else {}, time=t + step))
+    exporter.trainctl_eval_end(EvalEnd(step=4, split="val", loss=1.5, time=t, metrics={
+        "perplexity": math.exp(1.5), "accuracy": 0.5, "rewards/accuracies": 0.625}))
     exporter.trainctl_eval_end(EvalEnd(step=4, split="val", loss=1.6, source="remote", time=t))
     exporter.trainctl_checkpoint_saved(CheckpointSaved(step=4, path="/tmp/x/checkpoints/step-000004", reason="end",
                                                        duration=0.25, time=t))
@@ -121,6 +128,52 @@ def test_metric_names_types_and_labels(tmp_path):
     assert value(samples, "trainctl_layer_weight_norm", layer="embedding") == 2.0
     assert value(samples, "trainctl_last_success_timestamp_seconds") > 0
     assert [n.kind for n in emitted] == ["metrics"]  # served on a free port, closed at run end
+    # the generic export: every step and eval metric by name, values of the last logged step (4)
+    steps = {labels["name"]: v for labels, v in samples["trainctl_step_metric"]}
+    assert steps == {"rewards/accuracies": 3.0, "rewards/margins": 0.8, "logps/chosen": -122.0,
+                     "token_accuracy": 1.6, "odd_name_x__1___": 4.0}
+    evals = {(labels["split"], labels["source"], labels["name"]): v for labels, v in samples["trainctl_eval_metric"]}
+    assert evals == {("val", "local", "perplexity"): pytest.approx(math.exp(1.5)), ("val", "local", "accuracy"): 0.5,
+                     ("val", "local", "rewards/accuracies"): 0.625}
+
+
+def test_metric_names_are_capped_with_one_warning(tmp_path, capsys):
+    plugin, _ = exporter(tmp_path, max_metric_names=3)
+    plugin.trainctl_run_start(RunStart(run_name="t", backend="fake", out_dir="o", start_step=0, max_steps=9,
+                                       params=1, tokens_per_step=8, time=0.0))
+
+    def step(n: int, metrics: dict[str, float]) -> None:
+        plugin.trainctl_step_end(StepEnd(step=n, max_steps=9, lr=0.1, tokens=8 * n, step_time=0.01, logged=True,
+                                         loss=1.0, metrics=metrics, time=0.0))
+
+    step(1, {"a": 1.0, "b": 1.0})
+    step(2, {"a": 2.0, f"step {2}": 2.0, "a/b": 2.0, "c": 2.0})  # the third name fills the cap; 'a/b' and 'c' are over it
+    plugin.trainctl_eval_end(EvalEnd(step=2, split="val", loss=1.0, time=0.0, metrics={"b": 5.0, "d": 5.0}))
+    step(3, {"a": 3.0, "step 3": 3.0, "e": 3.0})
+    try:
+        samples = parse(generate_latest(plugin.registry).decode())
+    finally:
+        plugin.trainctl_run_end(RunEnd(status="completed", step=3, tokens=24, duration=1.0, time=0.0))
+    assert {labels["name"]: v for labels, v in samples["trainctl_step_metric"]} == {"a": 3.0, "b": 1.0, "step_2": 2.0}
+    assert {labels["name"]: v for labels, v in samples["trainctl_eval_metric"]} == {"b": 5.0}  # the cap is shared
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "prometheus" in line]
+    assert warnings == ["trainctl: warning: prometheus: more than 3 distinct step/eval metric names; 'a/b' and any "
+                        "later new names are not exported. Raise plugin.prometheus.max_metric_names if they are all wanted"]
+
+
+def test_metric_names_that_sanitise_alike_share_one_series(tmp_path):
+    plugin, _ = exporter(tmp_path, max_metric_names=1)
+    plugin.trainctl_run_start(RunStart(run_name="t", backend="fake", out_dir="o", start_step=0, max_steps=9,
+                                       params=1, tokens_per_step=8, time=0.0))
+    plugin.trainctl_step_end(StepEnd(step=1, max_steps=9, lr=0.1, tokens=8, step_time=0.01, logged=True, loss=1.0,
+                                     metrics={"x y": 1.0, "x:y": 2.0, "z" * 300: 3.0}, time=0.0))
+    try:
+        samples = parse(generate_latest(plugin.registry).decode())
+    finally:
+        plugin.trainctl_run_end(RunEnd(status="completed", step=1, tokens=8, duration=1.0, time=0.0))
+    assert [(labels["name"], v) for labels, v in samples["trainctl_step_metric"]] == [("x_y", 2.0)]
+    plugin, _ = exporter(tmp_path)
+    assert plugin.label("z" * 300) == "z" * 100 and plugin.label("") == "_" and plugin.label("é/x") == "_/x"
 
 
 def test_failed_run_sets_no_success_timestamp(tmp_path):

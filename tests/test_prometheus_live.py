@@ -1,6 +1,12 @@
 """A live ``gpt`` run (the real CLI in a subprocess) with the prometheus plugin: its endpoint
 scraped over HTTP, and a real Prometheus server scraping it that must answer every PromQL
-expression of the Grafana dashboard (configs/grafana/trainctl.json)."""
+expression of the Grafana dashboard (configs/grafana/trainctl.json).
+
+The dashboard's DPO row reads the generic step/eval metric series by TRL's names. A second run
+beside the gpt run feeds them: a third-party backend, installed through the entry point like any
+other, whose steps report ``rewards/accuracies``, ``logps/chosen``... in ``StepOutput.metrics``.
+Nothing in the prometheus plugin knows those names, which is the point: a real DPO run exports
+them the same way."""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.parse
 import urllib.request
@@ -19,6 +26,7 @@ import pytest
 
 from tests.conftest import ROOT, TINY_GPT, cli_env
 from tests.test_prometheus import free_port, scrape, value
+from trainctl.kernel.registry import ENTRY_POINT_GROUP
 
 DASHBOARD = ROOT / "configs" / "grafana" / "trainctl.json"
 ALERTS = ROOT / "configs" / "prometheus" / "alerts.yml"
@@ -26,6 +34,66 @@ RUN_NAME = "live"
 # What Grafana substitutes before it sends a query; with a 1 s scrape interval a 10 s window
 # holds enough samples for rate().
 GRAFANA_VARIABLES = {"$__rate_interval": "10s", "$run": RUN_NAME}
+
+
+DPO_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected")
+PREFERENCE_BACKEND = '''
+import time
+
+import torch
+
+from tests.fake_backend import FakeBackend, FakeDataConfig, FakeModelConfig
+from trainctl.hooks import BackendSpec, hookimpl
+from trainctl.kernel.backend import Evaluation, StepOutput
+
+
+class PreferenceMetrics(FakeBackend):
+    """Steps that report what a DPO objective reports, by TRL's names; an evaluation whose
+    accuracy is the reward accuracy."""
+
+    def train_step(self, step):
+        time.sleep(0.05)  # a step's pace, not a busy loop beside the gpt run
+        out = super().train_step(step)
+        chosen, rejected = torch.tensor(0.1 * step), torch.tensor(-0.1 * step)
+        return StepOutput(loss=out.loss, grad_norm=out.grad_norm, tokens=out.tokens, metrics={
+            "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+            "rewards/accuracies": torch.tensor(0.75), "logps/chosen": torch.tensor(-20.0),
+            "logps/rejected": torch.tensor(-25.0)})
+
+    def evaluate(self, step):
+        return {"val": Evaluation(loss=0.6, accuracy=0.7)}
+
+
+@hookimpl
+def trainctl_register_backends(register):
+    register(BackendSpec(name="prefmetrics", factory="pref_metrics:PreferenceMetrics",
+                         model_config=FakeModelConfig, data_config=FakeDataConfig))
+'''
+
+
+def install_preference_backend(site: Path) -> Path:
+    """The backend above installed the way pip leaves a package: a module and its dist-info."""
+    info = site / "pref_metrics-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pref-metrics\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\npref_metrics = pref_metrics\n")
+    (site / "pref_metrics.py").write_text(textwrap.dedent(PREFERENCE_BACKEND))
+    return site
+
+
+def start_preference_run(out: Path, port: int, site: Path) -> subprocess.Popen:
+    """The same run name as the gpt run: the dashboard's $run picks both, the backend label tells them apart."""
+    sets = ["backend='prefmetrics'", "train.max_steps=100000", "train.log_interval=2", "train.eval_interval=10",
+            "train.save_interval=0", "train.device='cpu'", "train.threads=1", f"train.run_name='{RUN_NAME}'",
+            f"plugin.prometheus.port={port}", 'plugins=["prometheus"]']
+    args = [sys.executable, "-m", "trainctl", "run", "--yes", "--out", str(out)]
+    for item in sets:
+        args += ["--set", item]
+    env = cli_env()
+    env["PYTHONPATH"] += os.pathsep + str(site)
+    log = open(out.parent / "preference.log", "w")
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def start_run(out: Path, port: int, *extra: str) -> subprocess.Popen:
@@ -116,8 +184,8 @@ def prometheus_binary(name: str = "prometheus") -> str:
     pytest.skip(f"{why}; this test always runs in CI")
 
 
-def dashboard_queries() -> list[str]:
-    """Every PromQL expression of the dashboard, with Grafana's variables substituted."""
+def dashboard_queries(panels: list | None = None) -> list[str]:
+    """Every PromQL expression of the dashboard (or of ``panels``), with Grafana's variables substituted."""
     exprs: list[str] = []
 
     def walk(node):
@@ -130,7 +198,7 @@ def dashboard_queries() -> list[str]:
             for child in node:
                 walk(child)
 
-    walk(json.loads(DASHBOARD.read_text()))
+    walk(json.loads(DASHBOARD.read_text()) if panels is None else panels)
     substituted = []
     for expr in exprs:
         for name, replacement in GRAFANA_VARIABLES.items():
@@ -138,6 +206,22 @@ def dashboard_queries() -> list[str]:
         assert "$" not in expr, f"a Grafana variable the test does not know: {expr}"
         substituted.append(expr)
     return substituted
+
+
+def dpo_row() -> list[dict]:
+    """The panels under the dashboard's "Preference training (DPO)" row, up to the next row."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    start = next(i for i, p in enumerate(panels) if p["type"] == "row" and "DPO" in p["title"])
+    rest = panels[start + 1:]
+    return rest[:next((i for i, p in enumerate(rest) if p["type"] == "row"), len(rest))]
+
+
+def test_the_dpo_row_shows_every_dpo_metric_and_the_dpo_loss():
+    queries = dashboard_queries(dpo_row())
+    for name in DPO_NAMES:
+        assert any(f'name="{name}"' in q for q in queries), f"no DPO panel shows {name}"
+    assert any(q.startswith("trainctl_eval_loss") for q in queries)  # the DPO validation loss
+    assert any("trainctl_eval_metric" in q for q in queries)  # the validation reward accuracy
 
 
 def api(port: int, path: str, **params: str) -> dict:
@@ -151,14 +235,15 @@ def api(port: int, path: str, **params: str) -> dict:
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path):
     binary = prometheus_binary()
     queries = dashboard_queries()
-    assert len(queries) >= 12
-    metrics_port, web_port = free_port(), free_port()
+    dpo_queries = set(dashboard_queries(dpo_row()))
+    assert len(queries) >= 12 + 9 and len(dpo_queries) == 9
+    metrics_port, preference_port, web_port = free_port(), free_port(), free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
         f"rule_files: ['{ALERTS}']\n"
         "scrape_configs:\n  - job_name: trainctl\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{metrics_port}']\n"
+        f"      - targets: ['127.0.0.1:{metrics_port}', '127.0.0.1:{preference_port}']\n"
     )
     prom_log = open(tmp_path / "prometheus.log", "w")
     prometheus = subprocess.Popen(
@@ -167,12 +252,16 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path):
         stdout=prom_log, stderr=subprocess.STDOUT,
     )
     run = start_run(tmp_path / "run", metrics_port)
+    preference = start_preference_run(tmp_path / "preference", preference_port,
+                                      install_preference_backend(tmp_path / "site"))
     pending = {q: None for q in queries}
+    backends: dict[str, set[str]] = {}
     try:
-        deadline = time.monotonic() + 50  # the run's startup, then up to ~20 s of scraping
+        deadline = time.monotonic() + 60  # the runs' startup, then up to ~20 s of scraping
         while pending and time.monotonic() < deadline:
             assert prometheus.poll() is None, (tmp_path / "prometheus.log").read_text()
             assert run.poll() is None, (tmp_path / "run.log").read_text()
+            assert preference.poll() is None, (tmp_path / "preference.log").read_text()
             for query in list(pending):
                 try:
                     data = api(web_port, "query", query=query)
@@ -181,18 +270,26 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path):
                     continue
                 if data["result"]:
                     del pending[query]
+                    backends[query] = {r["metric"].get("backend") for r in data["result"]}
                 else:
                     pending[query] = data
             time.sleep(1)
         assert not pending, "dashboard queries without data:\n" + "\n".join(f"{q}  -> {r}" for q, r in pending.items())
+        # the DPO row shows only the run that reports DPO metrics, though the gpt run has a loss too
+        assert all(backends[q] == {"prefmetrics"} for q in dpo_queries), {q: backends[q] for q in dpo_queries}
+        accuracy = api(web_port, "query", query='trainctl_step_metric{name="rewards/accuracies"}')["result"]
+        assert [float(r["value"][1]) for r in accuracy] == [0.75]  # the value, not only a series
+        query = 'trainctl_eval_metric{name="accuracy", split="val", backend="prefmetrics"}'  # gpt has its own
+        assert [float(r["value"][1]) for r in api(web_port, "query", query=query)["result"]] == [0.7]
         # the dashboard's run picker: label_values(trainctl_run_info, run)
         assert RUN_NAME in api(web_port, "label/run/values", **{"match[]": "trainctl_run_info"})
         rules = api(web_port, "rules")["groups"]
         assert [g["name"] for g in rules] == ["trainctl"] and len(rules[0]["rules"]) == 2
-        target = api(web_port, "targets")["activeTargets"][0]
-        assert target["health"] == "up", target
+        targets = api(web_port, "targets")["activeTargets"]
+        assert len(targets) == 2 and all(t["health"] == "up" for t in targets), targets
     finally:
         stop(run)
+        stop(preference)
         prometheus.terminate()
         prometheus.wait(10)
 

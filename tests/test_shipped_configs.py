@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, TINY_GPT, run_cli
+from tests.hf_assets import write_jsonl
 from tests.live import LiveRun
+from tests.test_hf_dpo_cli import preference_rows
 from trainctl.kernel.checkpoint_files import verify
 
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.toml"))
@@ -25,7 +27,8 @@ GPT = [*TINY_GPT, "model.vocab_size=0", "model.dropout=0.0", "data.path=''", "tr
 def overrides(name: str, hf) -> list[str]:
     """The least that turns a shipped config into a seconds-per-step CPU run."""
     if name.startswith("hf_"):
-        return [*hf.sets(), "train.grad_accum=2", "data.val_fraction=0.1", "plugin.lr.warmup_steps=2", *ENDLESS]
+        data = write_jsonl(hf.root / "pairs.jsonl", preference_rows()) if name == "hf_dpo.toml" else None
+        return [*hf.sets(data), "train.grad_accum=2", "data.val_fraction=0.1", "plugin.lr.warmup_steps=2", *ENDLESS]
     return [*GPT, *ENDLESS]
 
 

@@ -23,6 +23,15 @@ step or a path)::
     trainctl_last_step_timestamp_seconds       gauge      the run start until a step completes
     trainctl_layer_{weight,grad}_norm{layer}   gauge      from the layer_stats plugin
     trainctl_last_success_timestamp_seconds    gauge      set when the run completes (Pushgateway)
+    trainctl_step_metric{name}                 gauge      every entry of a logged step's ``metrics``
+    trainctl_eval_metric{split,source,name}    gauge      every entry of an evaluation's ``metrics``
+
+The last two export whatever a backend or objective measures (loss terms, token accuracy, DPO's
+``rewards/accuracies``...) with no code here that knows the names: the name is a label value,
+kept as the backend spells it (``/`` included, so PromQL reads ``name="rewards/margins"``), other
+characters outside ``[A-Za-z0-9_./-]`` replaced by ``_`` and cut at 100 characters. At most
+``max_metric_names`` distinct names are exported (a warning once, then the rest are dropped), so a
+backend that puts a step number in a name cannot grow the series without bound.
 
 The step-duration histogram observes every step without the kernel doing more work: a step
 event carries the mean time of the steps since the last logged step, so ``k * mean_k - (k - 1) *
@@ -35,6 +44,7 @@ a failure: training goes on without the endpoint.
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 import threading
@@ -54,6 +64,7 @@ STATE_NOTICES = {notices.PAUSED: "paused", notices.RESUMED: "running", notices.E
 # 1 ms (tiny CPU models) to a minute (large models): wide enough that p50/p95 stay resolvable
 STEP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 LAYER_STATS = ("weight_norm", "grad_norm")
+NAME_CHARS = re.compile(r"[^A-Za-z0-9_./-]")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -64,6 +75,7 @@ class Config:
     pushgateway: str = ""  # e.g. "http://127.0.0.1:9091": push the final metrics at run end
     job: str = "trainctl"  # the Pushgateway job
     step_buckets: list[float] = field(default_factory=lambda: list(STEP_BUCKETS))
+    max_metric_names: int = 64  # distinct step/eval metric names exported; more are dropped with a warning
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -72,6 +84,8 @@ class Config:
             raise ValueError("pushgateway must be an http:// or https:// URL, or empty")
         if not self.step_buckets or sorted(self.step_buckets) != list(self.step_buckets):
             raise ValueError("step_buckets must be a non-empty increasing list of seconds")
+        if self.max_metric_names < 0:
+            raise ValueError("max_metric_names must be 0 (export none) or more")
 
 
 class Metrics:
@@ -108,6 +122,9 @@ class Metrics:
         self.last_step = gauge("last_step_timestamp_seconds", "Unix time of the last completed step (the run start before the first).")
         self.layer = {stat: gauge(f"layer_{stat}", f"Per-layer {stat.replace('_', ' ')} (layer_stats plugin).", "layer") for stat in LAYER_STATS}
         self.last_success = gauge("last_success_timestamp_seconds", "Unix time the run last completed.")
+        self.step_metric = gauge("step_metric", "A backend's step metric by name, last logged step.", "name")
+        self.eval_metric = gauge("eval_metric", "A backend's evaluation metric by split, source and name.",
+                                 "split", "source", "name")
 
 
 class MetricsServer:
@@ -185,6 +202,10 @@ class PrometheusExporter:
         self.server: MetricsServer | None = None
         self.state = ""
         self.address: str | None = None
+        self.names: dict[str, str] = {}  # an exported metric's name -> its label value
+        self.taken: set[str] = set()  # label values in use, at most max_metric_names
+        self.capped = False  # the warning about the cap was given
+        self.step_metrics: dict[str, Any] = {}  # label value -> bound child
 
     # --- serving ---------------------------------------------------------------------------
 
@@ -249,12 +270,39 @@ class PrometheusExporter:
             m.mfu.labels(**labels).set(event.mfu)
         if event.skipped:
             m.skipped.labels(**labels).inc()
+        for name, value in event.metrics.items():
+            if (label := self.label(name)) is not None:
+                if label not in self.step_metrics:
+                    self.step_metrics[label] = m.step_metric.labels(**labels, name=label)
+                self.step_metrics[label].set(value)
 
     @hookimpl
     def trainctl_eval_end(self, event: EvalEnd) -> None:
         if self.state == "evaluating":
             self.set_state("running")
         self.metrics.eval_loss.labels(**self.labels, split=event.split, source=event.source).set(event.loss)
+        for name, value in event.metrics.items():
+            if (label := self.label(name)) is not None:
+                self.metrics.eval_metric.labels(**self.labels, split=event.split, source=event.source,
+                                                name=label).set(value)
+
+    def label(self, name: str) -> str | None:
+        """The ``name`` label for a metric, or None once ``max_metric_names`` labels are taken (a
+        warning the first time). Only exported names are remembered, so memory stays bounded too."""
+        if (label := self.names.get(name)) is not None:
+            return label
+        label = NAME_CHARS.sub("_", name)[:100] or "_"
+        if label not in self.taken:
+            if len(self.taken) >= self.config.max_metric_names:
+                if not self.capped:
+                    self.capped = True
+                    print(f"trainctl: warning: prometheus: more than {self.config.max_metric_names} distinct "
+                          f"step/eval metric names; {name!r} and any later new names are not exported. Raise "
+                          "plugin.prometheus.max_metric_names if they are all wanted", file=sys.stderr)
+                return None
+            self.taken.add(label)
+        self.names[name] = label
+        return label
 
     @hookimpl
     def trainctl_checkpoint_saved(self, event: CheckpointSaved) -> None:
