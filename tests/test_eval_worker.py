@@ -62,6 +62,8 @@ def test_result_equals_the_runs_own_eval_and_resubmission_returns_the_same_job(w
     in_run = {e["split"]: e["loss"] for e in events(root / "run") if e["event"] == "eval" and e["step"] == 20}
     assert result["val_loss"] == in_run["val"] and result["train_loss"] == in_run["train"]
     assert result["perplexity"] == math.exp(result["val_loss"]) and result["step"] == 20
+    in_run_accuracy = {e["split"]: e["metrics"]["accuracy"] for e in events(root / "run") if e["event"] == "eval" and e["step"] == 20}
+    assert result["accuracy"] == in_run_accuracy["val"] and result["train_accuracy"] == in_run_accuracy["train"]
     listed = worker.request("GET", "/jobs?run=r1")[1]["jobs"]
     assert [j["id"] for j in listed if j["step"] == 20] == [job["id"]]
     assert worker.request("GET", "/jobs?run=nobody")[1] == {"jobs": []}

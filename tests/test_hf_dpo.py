@@ -223,7 +223,7 @@ def test_bad_pairs_and_settings_are_one_line_errors(registry, hf, pairs, tmp_pat
     proc = run_cli("run", "--yes", "--backend", "hf", "--out", str(tmp_path / "out"),
                    *[a for s in hf.sets(bad, "hf.objective='dpo'") for a in ("--set", s)])
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert "bad.jsonl:3" in proc.stderr and "identical" in proc.stderr
+    assert "data.train line 3: chosen and rejected are identical" in proc.stderr and "bad.jsonl" in proc.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
     with pytest.raises(ConfigError, match=r"needs a \[hf.lora\] adapter to switch off"):
         session(registry, hf, tmp_path / "a", pairs, "hf.objective='dpo'", "hf.dpo.reference='adapters_off'")

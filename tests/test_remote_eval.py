@@ -36,7 +36,7 @@ def test_live_run_with_a_live_worker(tmp_path):
         remote = remote_evals(out)
         assert [e["step"] for e in remote] == [20, 40]
         for e in remote:
-            assert e["metrics"]["perplexity"] == math.exp(e["loss"])
+            assert e["metrics"]["perplexity"] == math.exp(e["loss"]) and 0.0 <= e["metrics"]["accuracy"] <= 1.0
         assert [e["step"] for e in remote_evals(out, "train")] == [20, 40]
         # remote == local `trainctl eval` of the same checkpoint == the run's own evaluation, exactly
         local = local_eval(out / "checkpoints" / "step-000040")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
@@ -62,19 +61,16 @@ class EvalResult:
     backend: str
     val_loss: float | None = None
     train_loss: float | None = None
-    perplexity: float | None = None  # exp(val_loss)
+    perplexity: float | None = None  # exp(val_loss), when that loss is a cross-entropy
     train_perplexity: float | None = None
+    accuracy: float | None = None  # val: top-1 token accuracy (DPO: reward accuracy)
+    train_accuracy: float | None = None
     samples: list[dict[str, str]] = field(default_factory=list)  # [{"prompt", "text"}]
     device: str = ""
     duration: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def perplexity(loss: float) -> float:
-    """``exp(loss)``; infinite rather than an OverflowError for a diverged model."""
-    return math.exp(loss) if loss < 700 else math.inf
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -150,8 +146,10 @@ class Evaluator:
         return EvalResult(
             checkpoint=str(checkpoint), step=manifest["step"], backend=config.backend,
             val_loss=val, train_loss=train,
-            perplexity=perplexity(val) if val is not None else None,
-            train_perplexity=perplexity(train) if train is not None else None,
+            perplexity=results["val"].perplexity if "val" in results else None,
+            train_perplexity=results["train"].perplexity if "train" in results else None,
+            accuracy=results["val"].accuracy if "val" in results else None,
+            train_accuracy=results["train"].accuracy if "train" in results else None,
             samples=texts, device=config.train.device, duration=time.perf_counter() - started,
         )
 

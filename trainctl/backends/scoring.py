@@ -23,7 +23,7 @@ class BatchScore(NamedTuple):
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, splits: dict[str, Iterable[Any]], score: Callable[[Any], BatchScore],
-             autocast: Any, device: torch.device) -> dict[str, Evaluation]:
+             autocast: Any, device: torch.device, *, cross_entropy: bool = True) -> dict[str, Evaluation]:
     was_training = model.training
     model.eval()
     results = {}
@@ -36,7 +36,7 @@ def evaluate(model: torch.nn.Module, splits: dict[str, Iterable[Any]], score: Ca
                 sums += torch.stack([s.loss_sum.float(), s.correct.float(), torch.as_tensor(s.count, device=device).float()])
             loss_sum, correct, count = sums.tolist()  # host sync: evaluation only, once per split
             n = max(count, 1.0)
-            results[split] = Evaluation(loss=loss_sum / n, accuracy=correct / n, tokens=int(count))
+            results[split] = Evaluation(loss=loss_sum / n, accuracy=correct / n, tokens=int(count), cross_entropy=cross_entropy)
     finally:
         model.train(was_training)
     return results

@@ -112,15 +112,20 @@ class StepOutput:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Evaluation:
-    """One split's evaluation: token-mean cross-entropy and top-1 token accuracy."""
+    """One split's evaluation: the loss (a token-mean cross-entropy unless ``cross_entropy`` is
+    false, e.g. a DPO loss) and an accuracy (top-1 tokens; for DPO, the reward accuracy)."""
 
     loss: float
-    accuracy: float | None = None  # fraction of scored tokens whose most likely token is the target
-    tokens: int = 0  # tokens scored
+    accuracy: float | None = None  # fraction of scored items (tokens, pairs) the model gets right
+    tokens: int = 0  # items scored
+    cross_entropy: bool = True  # the loss is a token-mean cross-entropy, so exp(loss) is a perplexity
 
     @property
-    def perplexity(self) -> float:
-        """``exp(loss)``; infinite rather than an OverflowError for a diverged model."""
+    def perplexity(self) -> float | None:
+        """``exp(loss)`` of a cross-entropy (infinite rather than an OverflowError for a diverged
+        model); None for any other loss, where it would mean nothing."""
+        if not self.cross_entropy:
+            return None
         return math.exp(self.loss) if self.loss < 700 else math.inf
 
     @classmethod

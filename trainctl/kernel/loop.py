@@ -210,7 +210,8 @@ class Trainer:
             if state.best_val_loss is None or results["val"].loss < state.best_val_loss:
                 state.best_val_loss = results["val"].loss
         for split, result in results.items():
-            metrics = {"perplexity": result.perplexity} | ({"accuracy": result.accuracy} if result.accuracy is not None else {})
+            metrics = {name: value for name, value in (("perplexity", result.perplexity), ("accuracy", result.accuracy))
+                       if value is not None}
             self.bus.eval_end(EvalEnd(step=state.step, split=split, loss=result.loss, duration=duration,
                                       metrics=metrics, time=time.time()))
 

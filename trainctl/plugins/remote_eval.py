@@ -191,11 +191,12 @@ class RemoteEval:
         elif job["status"] == "done":
             result = job["result"]
             sub.status, sub.result = "done", result
-            for split, loss, ppl in (("train", "train_loss", "train_perplexity"), ("val", "val_loss", "perplexity")):
-                if result.get(loss) is not None:
-                    self.run.emit(EvalEnd(step=sub.step, split=split, loss=result[loss], source="remote",
-                                          duration=result.get("duration", 0.0), metrics={"perplexity": result[ppl]},
-                                          time=time.time()))
+            for split, prefix in (("train", "train_"), ("val", "")):
+                if result.get(f"{split}_loss") is not None:
+                    metrics = {name: result[f"{prefix}{name}"] for name in ("perplexity", "accuracy")
+                               if result.get(f"{prefix}{name}") is not None}
+                    self.run.emit(EvalEnd(step=sub.step, split=split, loss=result[f"{split}_loss"], source="remote",
+                                          duration=result.get("duration", 0.0), metrics=metrics, time=time.time()))
             if result.get("samples"):
                 self.run.emit(Notice(step=sub.step, kind=notices.REMOTE_EVAL_SAMPLES,
                                      message=f"{len(result['samples'])} sample(s) from the checkpoint at step {sub.step}",

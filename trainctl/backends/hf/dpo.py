@@ -197,23 +197,3 @@ def preference_shape(first: dict[str, Any], source: str) -> str:
     return "explicit" if "prompt" in keys else "implicit"
 
 
-def check_rows(rows: Any, *, tokenizer: Any, max_length: int) -> list[str]:
-    """One line per problem with the pairs of ``rows`` (``rows.Rows``), by file line."""
-    try:
-        from trainctl.backends.hf.preference_check import check_preference_rows
-    except ImportError:  # the full check lands separately; until then the minimal guard below
-        return _guard(rows)
-    # TRL drops a pair whose prompt alone fills max_length: the longest prompt kept is one less
-    return check_preference_rows(rows, source=rows.source, tokenizer=tokenizer, max_length=max_length,
-                                 max_prompt_length=max_length - 1)
-
-
-def _guard(rows: Any) -> list[str]:
-    problems = [f"{rows.source}:{line}: {why}; fix or remove the line" for line, why in rows.bad]
-    for line, row in zip(rows.lines, rows.rows):
-        missing = [k for k in ("chosen", "rejected") if not row.get(k)]
-        if missing:
-            problems.append(f"{rows.source}:{line}: {' and '.join(missing)} missing or empty; give both answers of the pair or drop it")
-        elif row["chosen"] == row["rejected"]:
-            problems.append(f"{rows.source}:{line}: chosen and rejected are identical (no preference to learn); drop the pair")
-    return problems

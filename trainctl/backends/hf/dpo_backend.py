@@ -18,6 +18,7 @@ from trainctl.backends.device import set_threads
 from trainctl.backends.hf import dpo, epochs, loading, rows, sft
 from trainctl.backends.hf.backend import EVAL_EPOCH, HFBackend
 from trainctl.backends.hf.dpo_loss import dpo_loss, reward_metrics
+from trainctl.backends.hf.preference_check import require_valid_preferences
 from trainctl.backends.optim import from_config
 from trainctl.backends.step import MicroLoss, OptimizerStep, local_micro_batches
 from trainctl.kernel.backend import Evaluation, Plan, StepOutput
@@ -57,12 +58,10 @@ class DPOBackend(HFBackend):
         if getattr(hf_config.get_text_config(), "output_router_logits", None) is not None:
             raise ConfigError('objective = "dpo" does not add the MoE load-balancing loss yet; use a dense model or objective = "sft"')
         self.tokenizer = loading.tokenizer(self.cfg)
-        with sft.quiet():
-            problems = [p for r in (train_rows, val_rows) if r is not None
-                        for p in dpo.check_rows(r, tokenizer=self.tokenizer, max_length=self.cfg.max_length)]
-        if problems:
-            more = f" ({len(problems) - 1} more problem(s) after it)" if len(problems) > 1 else ""
-            raise ConfigError(f"{problems[0]}{more}")
+        for key, found in (("data.train", train_rows), ("data.val", val_rows)):
+            if found is not None:  # before the model loads: a bad pair is one line, exit 2
+                require_valid_preferences(found, source=key, tokenizer=self.tokenizer,
+                                          max_length=self.cfg.max_length, max_prompt_length=None)
         if val_rows is None:
             train_rows, val_rows = rows.split(train_rows, data.val_fraction, data.split_seed)
 
@@ -177,7 +176,8 @@ class DPOBackend(HFBackend):
         splits = {}
         for split in ("train", "val") if self.pairs.val is not None else ("train",):
             splits[split] = self._eval_batches.get(split) or self._eval_batches.setdefault(split, self._fixed_pairs(split))
-        return scoring.evaluate(self.model, splits, score, self.stepper.autocast, self.device)
+        # the DPO loss is no cross-entropy: no perplexity; the accuracy is the reward accuracy
+        return scoring.evaluate(self.model, splits, score, self.stepper.autocast, self.device, cross_entropy=False)
 
     def _fixed_pairs(self, split: str) -> list[dpo.PairBatch]:
         n_rows = len(self.pairs.train if split == "train" else self.pairs.val)
