@@ -174,7 +174,7 @@ def test_trainctl_eval_cli(root, worker):
     result = job["result"]
     assert result["perplexity"] == pytest.approx(math.exp(result["val_loss"]))
     assert (f"val loss {result['val_loss']:.4f} | perplexity {result['perplexity']:.3f} | "
-            f"train loss {result['train_loss']:.4f}") in human
+            f"accuracy {result['accuracy']:.4f} | train loss {result['train_loss']:.4f}") in human
     proc = run_cli("eval", str(root.parent / "outside"))
     assert proc.returncode == 2 and "no verified checkpoint" in proc.stderr
     assert os.path.isdir(run_dir / "checkpoints" / "step-000010")  # nothing was written into the run
