@@ -33,6 +33,11 @@ UNCERTAINTY = 0.35  # the estimate is within ±35 % of the measured peak
 #: because building it would hang in allocation instead of answering
 MAX_PARAMS = 2**50
 FP32 = 4
+#: What a training process holds beyond the model's tensors, per rank. CPU, measured here
+#: (bench/memory_plan.py, a 2-layer 32-wide GPT): ~96 MiB, most of it torch's kernels paged in on
+#: first use (fused AdamW's first step alone ~73 MiB) and the decoded embedded corpus. CUDA:
+#: cuBLAS workspaces and the caching allocator's slack, a round figure (not measured here).
+RUNTIME = {"cpu": 96 * 2**20, "cuda": 512 * 2**20}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -101,9 +106,10 @@ def estimate(shape: ModelShape, *, optimizer: str, strategy: Strategy, device: s
     # optimizer state per trained parameter: Muon keeps one momentum for hidden matrices, AdamW two
     # moments for everything (else)
     muon = shape.hidden_matrices if optimizer == "muon" else 0
-    state = (2 * (shape.trained - muon) + muon) * FP32
+    # gradients and optimizer state take the parameters' dtype (fp32 but for hf's bf16/fp16 loads)
+    state = (2 * (shape.trained - muon) + muon) * param_bytes
     params = shape.params * param_bytes // share
-    grads = shape.trained * FP32 // share
+    grads = shape.trained * param_bytes // share
     device_params = device_grads = 0
     if strategy.sharded:
         # gathered while computing: two blocks (the current one and the prefetched next) when
@@ -111,7 +117,7 @@ def estimate(shape: ModelShape, *, optimizer: str, strategy: Strategy, device: s
         # unsharded gradients wait for their reduce-scatter
         gathered = 2 * shape.block_params if strategy.reshard_after_forward else shape.params - shape.params // world
         device_params = gathered * param_bytes
-        device_grads = shape.block_params * FP32 if shape.trained else 0
+        device_grads = shape.block_params * param_bytes if shape.trained else 0
     elif world > 1:
         grads *= 2  # DDP's buckets are a second copy of every gradient
     sharding = 'shard over more ranks (train.parallel = "fsdp")' if not strategy.sharded else "shard over more ranks"
@@ -130,6 +136,8 @@ def estimate(shape: ModelShape, *, optimizer: str, strategy: Strategy, device: s
         Term(name="activations", bytes=activations(shape, strategy.activation_checkpointing),
              what=f"activations at {shape.what_activations}", fix=_activation_fix(shape, strategy)),
         Term(name="logits", bytes=shape.logits, what=f"logits at {shape.what_activations}", fix=shape.fix_activations),
+        Term(name="runtime", bytes=RUNTIME.get(device.partition(":")[0], 0), what="the runtime (torch's kernels, buffers)",
+             fix="close other programs"),
     ]
     return MemoryEstimate(terms=tuple(terms), device=device, world_size=world, params=shape.params,
                           model_fix=shape.model_fix)
