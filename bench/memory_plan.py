@@ -32,6 +32,18 @@ GPT2_SMALL = ["model.n_layer=12", "model.n_head=12", "model.n_embd=768", "model.
               "model.vocab_size=50304", "train.batch_size=4"]
 
 
+def corpus_rows(path: Path, rows: int = 400, chars: int = 2000) -> Path:
+    """A JSONL of plain-text rows cut from the embedded corpus, for the hf backend's packed runs."""
+    sys.path.insert(0, str(ROOT))
+    from trainctl.backends.gpt.data import embedded_text
+
+    text = embedded_text()
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(rows):
+            f.write(json.dumps({"text": text[i * chars : (i + 1) * chars]}) + "\n")
+    return path
+
+
 def _status(key: str) -> int:
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:

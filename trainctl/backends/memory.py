@@ -95,6 +95,7 @@ class ModelShape:
     fix_activations: str  # the keys that shrink them
     checkpointing_key: str  # the key that turns activation checkpointing on
     model_fix: str = "a smaller model"
+    pipeline: int = 0  # host bytes of the backend's data pipeline and libraries beyond torch's
 
 
 def estimate(shape: ModelShape, *, optimizer: str, strategy: Strategy, device: str,
@@ -138,6 +139,7 @@ def estimate(shape: ModelShape, *, optimizer: str, strategy: Strategy, device: s
         Term(name="logits", bytes=shape.logits, what=f"logits at {shape.what_activations}", fix=shape.fix_activations),
         Term(name="runtime", bytes=RUNTIME.get(device.partition(":")[0], 0), what="the runtime (torch's kernels, buffers)",
              fix="close other programs"),
+        Term(name="data pipeline", bytes=shape.pipeline, what="the data pipeline", fix="close other programs", host=True),
     ]
     return MemoryEstimate(terms=tuple(terms), device=device, world_size=world, params=shape.params,
                           model_fix=shape.model_fix)

@@ -23,6 +23,10 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 #: rows of the fused LM head's tile (TRL's ``_CHUNKED_LOGPROB_CHUNK_SIZE``): the logits exist a
 #: tile at a time, never as (B, T, V)
 LOGITS_TILE = 32768
+#: host memory of transformers, TRL's SFTTrainer, tokenizers and the rows' Arrow tables beyond
+#: what torch itself needs: measured here with the tiny test model and 64 rows (~160 MiB; bench/
+#: memory_plan.py). It grows with the data, which the plan does not read: a floor, not a bound.
+PIPELINE = 160 * 2**20
 
 
 def estimate(ctx: BackendContext) -> MemoryEstimate:
@@ -32,11 +36,13 @@ def estimate(ctx: BackendContext) -> MemoryEstimate:
 
     cfg, hf = ctx.model, ctx.sections.get("hf") or HFConfig()
     text = loading.model_config(cfg).get_text_config()
-    device, dtype = Placement.of(ctx.train, ctx.dist.local_rank).names
+    placement = Placement.of(ctx.train, ctx.dist.local_rank)
+    device, dtype = placement.names
+    attn = loading.attention(cfg.attn_implementation, placement.device)
     lora = hf.lora
     s = shape(text, tokens=ctx.train.batch_size * cfg.max_length, batch=ctx.train.batch_size, seq=cfg.max_length,
               dtype=dtype, lora_r=lora.r if lora else 0, lora_targets=lora.target_modules if lora else (),
-              checkpointing=cfg.gradient_checkpointing)
+              math_attention=attn == "eager" or (attn == "sdpa" and device.startswith("cpu")))
     return memory.estimate(s, optimizer=ctx.optim.name, strategy=_strategy(ctx, cfg.gradient_checkpointing),
                            device=device, param_bytes=2 if cfg.dtype in ("bfloat16", "float16") else 4)
 
@@ -57,8 +63,13 @@ def _dims(c: Any) -> tuple[int, int, int, int, int, int, int]:
 
 
 def shape(c: Any, *, tokens: int, batch: int, seq: int, dtype: str, lora_r: int = 0,
-          lora_targets: tuple[str, ...] = (), checkpointing: bool = False) -> ModelShape:
-    """The memory shape of the decoder config ``c`` at micro-batches of ``batch`` x ``seq``."""
+          lora_targets: tuple[str, ...] = (), math_attention: bool = False) -> ModelShape:
+    """The memory shape of the decoder config ``c`` at micro-batches of ``batch`` x ``seq``.
+
+    ``math_attention``: the attention materialises (B, nh, T, T) — eager attention, and SDPA on
+    CPU, where the rows' mask (padding, or documents kept apart in a packed row) rules out the
+    flash kernel. It keeps three such fp32 tensors per layer (the masked scores, the softmax and
+    the mask broadcast to every head; measured: bench/memory_plan.py)."""
     H, L, nh, kv, hd, inter, V = _dims(c)
     gated = c.model_type not in NON_GATED
     linears = {  # (in, out) of each projection of one layer
@@ -78,14 +89,16 @@ def shape(c: Any, *, tokens: int, batch: int, seq: int, dtype: str, lora_r: int 
     if lora_r:
         saved += len(targets) * lora_r * elt  # each adapter's A output
     tile = min(tokens, LOGITS_TILE)
+    attention = 3 * batch * nh * seq * seq * 4 if math_attention else 0
     return ModelShape(
         params=params + adapters, trained=adapters or params, hidden_matrices=adapters or L * (block - 2 * H),
         block_params=block, layers=L, tokens=tokens,
-        saved_per_token_layer=saved, checkpointed_per_token_layer=H * elt,
+        saved_per_token_layer=saved, checkpointed_per_token_layer=H * elt, attention_per_layer=attention,
         other_saved_per_token=3 * H * 4 + 8 * 3,  # the final norm; input ids, labels, positions
         logits=tile * V * 4 * 3,  # one tile of fp32 logits, its softmax and gradient
         what_activations=f"max_length {seq} x batch {batch}",
         fix_activations="lower model.max_length or train.batch_size (raise train.grad_accum to keep the batch)",
         checkpointing_key="model.gradient_checkpointing",
         model_fix="a smaller model or LoRA ([hf.lora])",
+        pipeline=PIPELINE,
     )
