@@ -148,9 +148,9 @@ def estimate(shape: ModelShape, *, optimizer: str, strategy: Strategy, device: s
 def activations(shape: ModelShape, checkpointing: bool) -> int:
     """Bytes saved for backward at the micro-batch, plus one layer's working set (the layer being
     recomputed under checkpointing; the gradients flowing through it in backward otherwise)."""
-    layer = shape.tokens * shape.saved_per_token_layer + shape.attention_per_layer
-    kept = shape.tokens * shape.checkpointed_per_token_layer if checkpointing else layer
-    return shape.layers * kept + layer + shape.tokens * shape.other_saved_per_token
+    layer = shape.tokens * shape.saved_per_token_layer
+    kept = shape.tokens * shape.checkpointed_per_token_layer if checkpointing else layer + shape.attention_per_layer
+    return shape.layers * kept + layer + shape.attention_per_layer * checkpointing + shape.tokens * shape.other_saved_per_token
 
 
 def _activation_fix(shape: ModelShape, strategy: Strategy) -> str:

@@ -42,7 +42,7 @@ def estimate(ctx: BackendContext) -> MemoryEstimate:
     lora = hf.lora
     s = shape(text, tokens=ctx.train.batch_size * cfg.max_length, batch=ctx.train.batch_size, seq=cfg.max_length,
               dtype=dtype, lora_r=lora.r if lora else 0, lora_targets=lora.target_modules if lora else (),
-              math_attention=attn == "eager" or (attn == "sdpa" and device.startswith("cpu")))
+              attention=attn, packing=ctx.data.packing)
     return memory.estimate(s, optimizer=ctx.optim.name, strategy=_strategy(ctx, cfg.gradient_checkpointing),
                            device=device, param_bytes=2 if cfg.dtype in ("bfloat16", "float16") else 4)
 
@@ -63,13 +63,14 @@ def _dims(c: Any) -> tuple[int, int, int, int, int, int, int]:
 
 
 def shape(c: Any, *, tokens: int, batch: int, seq: int, dtype: str, lora_r: int = 0,
-          lora_targets: tuple[str, ...] = (), math_attention: bool = False) -> ModelShape:
+          lora_targets: tuple[str, ...] = (), attention: str = "sdpa", packing: str | bool = False) -> ModelShape:
     """The memory shape of the decoder config ``c`` at micro-batches of ``batch`` x ``seq``.
 
-    ``math_attention``: the attention materialises (B, nh, T, T) — eager attention, and SDPA on
-    CPU, where the rows' mask (padding, or documents kept apart in a packed row) rules out the
-    flash kernel. It keeps three such fp32 tensors per layer (the masked scores, the softmax and
-    the mask broadcast to every head; measured: bench/memory_plan.py)."""
+    The attention mask is saved for backward by every layer under SDPA and eager attention
+    (counted with saved_tensors_hooks on the tiny test model): (B, 1, T, T) for padded rows,
+    (1, 1, B·T, B·T) for BFD packing, which flattens the batch into one padding-free row, none for
+    wrapped packing (full rows, causal only) or flash attention (varlen kernels). Eager attention
+    also keeps the (B, nh, T, T) softmax and its input."""
     H, L, nh, kv, hd, inter, V = _dims(c)
     gated = c.model_type not in NON_GATED
     linears = {  # (in, out) of each projection of one layer
@@ -89,7 +90,9 @@ def shape(c: Any, *, tokens: int, batch: int, seq: int, dtype: str, lora_r: int 
     if lora_r:
         saved += len(targets) * lora_r * elt  # each adapter's A output
     tile = min(tokens, LOGITS_TILE)
-    attention = 3 * batch * nh * seq * seq * 4 if math_attention else 0
+    masked = attention in ("sdpa", "eager") and packing != "wrapped"
+    mask = (tokens * tokens if packing == "bfd" else batch * seq * seq) * elt if masked else 0
+    attention = mask + (2 * batch * nh * seq * seq * elt if attention == "eager" else 0)
     return ModelShape(
         params=params + adapters, trained=adapters or params, hidden_matrices=adapters or L * (block - 2 * H),
         block_params=block, layers=L, tokens=tokens,
