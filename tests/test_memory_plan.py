@@ -17,6 +17,7 @@ from tests.live import sets
 from trainctl.backends import memory
 from trainctl.backends.gpt import memory as gpt_memory
 from trainctl.kernel.backend import Distributed
+from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.run import Run
 from trainctl.kernel.schema import TrainConfig
@@ -136,11 +137,11 @@ def test_a_huge_max_length_is_refused_within_10_seconds_on_hf(hf):
 
 def test_memory_check_false_skips_the_refusal(registry, tmp_path):
     config = make_config(registry, tmp_path, "model.block_size=100000", *CPU, backend="gpt")
-    owner = SimpleNamespace(config=config, out_dir=tmp_path)
+    owner = SimpleNamespace(config=config, out_dir=tmp_path, group=Group(Distributed()))
     with pytest.raises(ConfigError, match="block_size 100000"):
         Run._memory_plan(owner, registry, Distributed())
     off = dataclasses.replace(config, train=dataclasses.replace(config.train, memory_check=False))
-    estimate = Run._memory_plan(SimpleNamespace(config=off, out_dir=tmp_path), registry, Distributed())
+    estimate = Run._memory_plan(SimpleNamespace(config=off, out_dir=tmp_path, group=owner.group), registry, Distributed())
     assert estimate.biggest().name == "activations" and not estimate.fits()
 
 

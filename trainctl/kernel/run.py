@@ -156,8 +156,11 @@ class Run:
         if problem:
             raise ConfigError(problem)
         estimate = estimate.with_available()
-        if self.config.train.memory_check and not estimate.fits():
-            raise ConfigError(estimate.refusal())
+        refusal = estimate.refusal() if self.config.train.memory_check and not estimate.fits() else None
+        # every rank refuses together (their free memory may differ), or none waits alone in setup
+        refusal = next((r for r in self.group.gather(refusal) if r), None)
+        if refusal:
+            raise ConfigError(refusal)
         return estimate
 
     def _resume(self, resume: str, force: bool) -> str | None:
