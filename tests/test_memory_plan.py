@@ -148,7 +148,7 @@ def test_memory_check_false_skips_the_refusal(registry, tmp_path):
 def test_the_plan_shows_the_memory_line(tmp_path):
     proc = run_cli("run", "--dry-run", "--out", str(tmp_path / "run"), *sets(*CPU), check=True)
     line = next(x for x in proc.stdout.splitlines() if x.strip().startswith("memory:"))
-    assert "parameters" in line and "activations" in line and "available" in line
+    assert "parameters" in line and "activations" in line and "checkpointed)" in line and "available" in line
 
 
 # --- accuracy: estimate vs measured peak RSS growth, in a fresh process per rank --------------

@@ -141,8 +141,10 @@ def estimate(shape: ModelShape, *, optimizer: str, strategy: Strategy, device: s
              fix="close other programs"),
         Term(name="data pipeline", bytes=shape.pipeline, what="the data pipeline", fix="close other programs", host=True),
     ]
+    checkpointing = strategy.activation_checkpointing
     return MemoryEstimate(terms=tuple(terms), device=device, world_size=world, params=shape.params,
-                          model_fix=shape.model_fix)
+                          model_fix=shape.model_fix, checkpointing=checkpointing,
+                          other_activations=activations(shape, not checkpointing))
 
 
 def activations(shape: ModelShape, checkpointing: bool) -> int:
@@ -168,6 +170,8 @@ class MemoryEstimate:
     world_size: int = 1
     params: int = 0  # every parameter of the model
     model_fix: str = "a smaller model"
+    checkpointing: bool = False  # the activations term is with activation checkpointing
+    other_activations: int = 0  # the activations the other way (with checkpointing if off, without if on)
     available: int | None = None  # bytes free on the device (CPU: MemAvailable); None: unknown
     host_available: int | None = None  # host RAM, when terms live there (cpu_offload)
 
@@ -215,8 +219,14 @@ class MemoryEstimate:
 
     def line(self) -> str:
         """The plan's memory line."""
-        parts = ", ".join(f"{t.name} {human_bytes(t.bytes)}{' (host)' if t.host and not self.device.startswith('cpu') else ''}"
-                          for t in self.terms if t.bytes)
+        def part(t: Term) -> str:
+            where = " (host)" if t.host and not self.device.startswith("cpu") else ""
+            if t.name == "activations":
+                other = "without checkpointing" if self.checkpointing else "checkpointed"
+                where += f" ({human_bytes(self.other_activations)} {other})"
+            return f"{t.name} {human_bytes(t.bytes)}{where}"
+
+        parts = ", ".join(part(t) for t in self.terms if t.bytes)
         have = "unknown" if self.available is None else human_bytes(self.available)
         tight = "" if self.available is None or self.on_device() <= self.available else " (tight: the estimate is over what is free)"
         return f"≈ {human_bytes(self.total)} per rank ({parts}) | {self.device} has {have} available{tight}"
@@ -260,8 +270,11 @@ def host_available() -> int | None:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    """``1.9 TiB``: binary units, one decimal; PiB is the largest."""
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
         n /= 1024
-    raise AssertionError("unreachable")
+        if abs(n) < 1024 or unit == "PiB":
+            break
+    return f"{n:.1f} {unit}"
