@@ -194,3 +194,9 @@ def test_the_hf_estimate_is_within_35_percent_of_the_measured_peak(hf, tmp_path)
     growth = {"estimate": big["estimate"] - small["estimate"], "measured": big["measured"] - small["measured"]}
     assert growth["measured"] > 300 * 2**20  # the shape's terms dominate this comparison
     _within([growth])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_on_a_machine_without_one_is_one_line():
+    line = _refused_quickly(*sets("train.device='cuda'", "train.threads=1"))
+    assert 'has 0 CUDA device(s) usable by torch; set train.device = "cpu" or "auto"' in line

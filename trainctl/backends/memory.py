@@ -244,7 +244,12 @@ def device_available(device: str) -> int | None:
     if device.startswith("cuda"):
         import torch
 
+        from trainctl.kernel.errors import ConfigError
+
         index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                              "usable by torch; set train.device = \"cpu\" or \"auto\"")
         return torch.cuda.mem_get_info(index)[0]
     available = host_available()
     if available is not None and device.startswith("cpu"):
