@@ -131,8 +131,9 @@ def estimate(shape: ModelShape, *, optimizer: str, strategy: Strategy, device: s
              fix=state_fix, host=offload),
     ]
     if device_params or device_grads:
+        gather_fix = shape.model_fix if strategy.reshard_after_forward else "train.fsdp_reshard_after_forward = true"
         terms.append(Term(name="gathered blocks", bytes=device_params + device_grads,
-                          what="blocks gathered by FSDP", fix="train.fsdp_reshard_after_forward = true"))
+                          what="blocks gathered by FSDP", fix=gather_fix))
     terms += [
         Term(name="activations", bytes=activations(shape, strategy.activation_checkpointing),
              what=f"activations at {shape.what_activations}", fix=_activation_fix(shape, strategy)),
