@@ -15,6 +15,7 @@ def trainctl_register_backends(register):
         factory="trainctl.backends.gpt.backend:GPTBackend",
         model_config=GPTModelConfig,
         data_config=GPTDataConfig,
+        memory="trainctl.backends.gpt.memory:estimate",
         description="nanoGPT-style GPT in plain PyTorch (character, byte or GPT-2 BPE tokens).",
     ))
     register(BackendSpec(
@@ -23,6 +24,7 @@ def trainctl_register_backends(register):
         model_config=HFModelConfig,
         data_config=HFDataConfig,
         sections={"hf": HFConfig},
+        memory="trainctl.backends.hf.memory:estimate",
         extra="hf",
         description="Hugging Face causal LMs fine-tuned with TRL's SFT data pipeline and loss (LoRA optional).",
     ))

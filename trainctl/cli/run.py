@@ -131,6 +131,8 @@ def print_plan(session) -> float:
             f"  {plan.tokens_per_step:,} tokens/step x {steps_left} steps ({start})",
             f"  estimated {per_step * 1000:.1f} ms/step -> about {_duration(estimate)} of training | out {session.out_dir}",
         ]
+        if plan.memory is not None:
+            lines.append(f"  memory: {plan.memory.line()}")
         lines += [f"  {k}: {v}" for k, v in plan.details.items()]
         if "lr" in session.config.plugin:  # the schedule a TRL user compares (warmup: 100 here, 0 there)
             from trainctl.plugins.lr import describe

@@ -85,3 +85,6 @@ class BackendSpec:
     extra: str = ""  # the pip extra that provides its dependencies, for error messages
     #: Further top-level tables this backend owns, e.g. ``{"hf": HFConfig}`` for ``[hf]``.
     sections: dict[str, type] = field(default_factory=dict)
+    #: ``"module:function"``, a ``MemoryEstimator`` (``trainctl.kernel.backend``): the memory plan
+    #: from the config alone, checked before ``setup``; "" = no plan, no check.
+    memory: str = ""

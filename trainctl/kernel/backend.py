@@ -87,6 +87,9 @@ class Plan:
     dtype: str = "float32"
     summary: str = ""  # one line: the model and data
     details: dict[str, Any] = field(default_factory=dict)  # plain values shown in the plan
+    #: one rank's estimated peak memory (``trainctl.backends.memory.MemoryEstimate``), set by the
+    #: kernel from the backend's ``MemoryEstimator`` before ``setup``; None: the backend has none
+    memory: Any = None
     #: > 0: the run's length, derived by the backend from its data (hf: ``data.epochs``);
     #: it replaces ``train.max_steps`` before the first step
     max_steps: int = 0
@@ -132,6 +135,20 @@ class Evaluation:
     def of(cls, value: Evaluation | float) -> Evaluation:
         """A backend may answer a bare loss (the contract before accuracy was asked for)."""
         return value if isinstance(value, Evaluation) else cls(loss=float(value))
+
+
+class MemoryEstimator(Protocol):
+    """A backend's memory plan, registered as ``BackendSpec.memory`` (``"module:function"``).
+
+    Called by the kernel with the backend's context *before* the backend is constructed or set
+    up: it reads the config (and at most the model's config file or the data's metadata) and
+    allocates nothing on the device, so a shape no machine could hold is answered in seconds.
+    Returns a ``trainctl.backends.memory.MemoryEstimate`` of one rank's peak (parameters,
+    gradients, optimizer state, activations at the micro-batch, logits); the kernel fills in
+    the memory available, refuses the run when it clearly does not fit (``train.memory_check``)
+    and puts it in ``Plan.memory``. Raises ConfigError for input it cannot read."""
+
+    def __call__(self, ctx: BackendContext) -> Any: ...
 
 
 class Backend(Protocol):

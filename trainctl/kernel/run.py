@@ -74,9 +74,10 @@ class Run:
         self.group = Group(dist, timeout_s=config.train.dist_timeout_s, device=config.train.device)
         calls = BackendCalls()
         self.bus, self.info = self._plugins(registry, dist, calls)
+        memory = self._memory_plan(registry, dist)  # from the config alone: before anything is allocated
         self.backend = self._backend(registry, dist)
         calls.bind(self.backend)
-        self.plan: Plan = self.backend.setup()
+        self.plan: Plan = dataclasses.replace(self.backend.setup(), memory=memory)
         if self.plan.max_steps and self.plan.max_steps != self.config.train.max_steps:
             self._set_max_steps(self.plan.max_steps)
         self.state = RunState()
@@ -138,6 +139,29 @@ class Run:
             config, out_dir=self.out_dir, dist=dist,
             loss_terms=self.bus.loss_terms if self.bus.has_loss_terms() else None,
         ))
+
+    def _memory_plan(self, registry: Registry, dist: Distributed) -> Any:
+        """The backend's memory estimate against the memory free now; a run that clearly does not
+        fit is refused here (``train.memory_check``), before the model is built or measured."""
+        spec = registry.backend(self.config.backend)
+        if not spec.memory:
+            return None
+        try:
+            estimator = load_factory(spec.memory)
+        except ImportError as exc:
+            extra = f": pip install 'trainctl[{spec.extra}]'" if spec.extra else ""
+            raise ConfigError(f"backend '{self.config.backend}' needs a package that is missing ({exc.name}){extra}") from None
+        estimate = estimator(BackendContext.of(self.config, out_dir=self.out_dir, dist=dist))
+        problem = estimate.impossible()  # even with the check off: building it would never answer
+        if problem:
+            raise ConfigError(problem)
+        estimate = estimate.with_available()
+        refusal = estimate.refusal() if self.config.train.memory_check and not estimate.fits() else None
+        # every rank refuses together (their free memory may differ), or none waits alone in setup
+        refusal = next((r for r in self.group.gather(refusal) if r), None)
+        if refusal:
+            raise ConfigError(refusal)
+        return estimate
 
     def _resume(self, resume: str, force: bool) -> str | None:
         """The checkpoint the plugins chose (the same on every rank), restored; None: fresh."""

@@ -75,6 +75,9 @@ class TrainConfig:
     # distributed: a collective waiting longer fails the run (a rank died); torch wants a timedelta
     dist_timeout_s: float = ranged(120.0, gt=0, le=7 * 24 * 3600)
     control_interval: int = ranged(1, ge=1)  # distributed: steps between agreements on stop/save/pause/eval
+    # refuse, before anything is allocated, a run whose estimated memory clearly exceeds what the
+    # device has (the memory plan: trainctl/backends/memory.py); false: train anyway
+    memory_check: bool = True
 
     def __post_init__(self) -> None:
         if not DEVICE.fullmatch(self.device):

@@ -1,0 +1,107 @@
+"""The ``hf`` model's memory from its ``config.json`` alone (``AutoConfig``, no weights read, no
+model built): the input to the memory plan (``trainctl/backends/memory.py``).
+
+The shape is a Llama-style decoder (what nearly every current causal LM is): attention with
+``num_key_value_heads`` (GQA), a gated MLP of ``intermediate_size`` (two matrices for the
+GPT-2/NeoX families), RMSNorms, untied or tied embeddings. A vision tower (image-text-to-text
+checkpoints) is left out: it is frozen and runs on no training token. Rows are counted at
+``model.max_length`` tokens: exact with packing, an upper bound without it (a batch is padded
+to its longest row only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainctl.backends import memory
+from trainctl.backends.hf.config import HFConfig
+from trainctl.backends.memory import MemoryEstimate, ModelShape
+from trainctl.kernel.backend import BackendContext
+
+NON_GATED = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "gpt_bigcode", "starcoder2"}
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: rows of the fused LM head's tile (TRL's ``_CHUNKED_LOGPROB_CHUNK_SIZE``): the logits exist a
+#: tile at a time, never as (B, T, V)
+LOGITS_TILE = 32768
+#: host memory of transformers, TRL's SFTTrainer, tokenizers and the rows' Arrow tables beyond
+#: what torch itself needs: measured here with the tiny test model and 64 rows (~160 MiB; bench/
+#: memory_plan.py). It grows with the data, which the plan does not read: a floor, not a bound.
+PIPELINE = 160 * 2**20
+
+
+def estimate(ctx: BackendContext) -> MemoryEstimate:
+    """One rank's memory for this run from the model's config: nothing is loaded but config.json."""
+    from trainctl.backends.device import Placement
+    from trainctl.backends.hf import loading
+
+    cfg, hf = ctx.model, ctx.sections.get("hf") or HFConfig()
+    text = loading.model_config(cfg).get_text_config()
+    placement = Placement.of(ctx.train, ctx.dist.local_rank)
+    device, dtype = placement.names
+    attn = loading.attention(cfg.attn_implementation, placement.device)
+    lora = hf.lora
+    s = shape(text, tokens=ctx.train.batch_size * cfg.max_length, batch=ctx.train.batch_size, seq=cfg.max_length,
+              dtype=dtype, lora_r=lora.r if lora else 0, lora_targets=lora.target_modules if lora else (),
+              attention=attn, packing=ctx.data.packing)
+    return memory.estimate(s, optimizer=ctx.optim.name, strategy=_strategy(ctx, cfg.gradient_checkpointing),
+                           device=device, param_bytes=2 if cfg.dtype in ("bfloat16", "float16") else 4)
+
+
+def _strategy(ctx: BackendContext, gradient_checkpointing: bool) -> memory.Strategy:
+    from dataclasses import replace
+
+    strategy = memory.Strategy.of(ctx.train, ctx.dist.world_size)
+    return replace(strategy, activation_checkpointing=strategy.activation_checkpointing or gradient_checkpointing)
+
+
+def _dims(c: Any) -> tuple[int, int, int, int, int, int, int]:
+    H, L, nh = c.hidden_size, c.num_hidden_layers, c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or nh
+    hd = getattr(c, "head_dim", None) or H // nh
+    inter = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * H
+    return H, L, nh, kv, hd, inter, c.vocab_size
+
+
+def shape(c: Any, *, tokens: int, batch: int, seq: int, dtype: str, lora_r: int = 0,
+          lora_targets: tuple[str, ...] = (), attention: str = "sdpa", packing: str | bool = False) -> ModelShape:
+    """The memory shape of the decoder config ``c`` at micro-batches of ``batch`` x ``seq``.
+
+    The attention mask is saved for backward by every layer under SDPA and eager attention
+    (counted with saved_tensors_hooks on the tiny test model): (B, 1, T, T) for padded rows,
+    (1, 1, B·T, B·T) for BFD packing, which flattens the batch into one padding-free row, none for
+    wrapped packing (full rows, causal only) or flash attention (varlen kernels). Eager attention
+    also keeps the (B, nh, T, T) softmax and its input."""
+    H, L, nh, kv, hd, inter, V = _dims(c)
+    gated = c.model_type not in NON_GATED
+    linears = {  # (in, out) of each projection of one layer
+        "q_proj": (H, nh * hd), "k_proj": (H, kv * hd), "v_proj": (H, kv * hd), "o_proj": (nh * hd, H),
+        "up_proj": (H, inter), "down_proj": (inter, H),
+    } | ({"gate_proj": (H, inter)} if gated else {})
+    block = sum(i * o for i, o in linears.values()) + 2 * H + (2 * hd if c.model_type.startswith("qwen3") else 0)
+    head = 0 if getattr(c, "tie_word_embeddings", False) else V * H
+    params = V * H + head + L * block + H
+    targets = set(linears) if "all-linear" in lora_targets else {t for t in lora_targets if t in linears}
+    adapters = L * sum(lora_r * (i + o) for name, (i, o) in linears.items() if name in targets) if lora_r else 0
+    elt = 4 if dtype == "float32" else 2
+    # per token per layer, saved for backward: two RMSNorms (fp32 input, normalised, output: 3H
+    # each), q/k/v after RoPE and k/v repeated to every head (GQA), SDPA's output and o_proj's
+    # input (2H), the residual (H), and the MLP's gate, up, activation and product (4I)
+    saved = (9 * H + 3 * nh * hd + 2 * kv * hd + (4 if gated else 2) * inter) * elt + nh * 4
+    if lora_r:
+        saved += len(targets) * lora_r * elt  # each adapter's A output
+    tile = min(tokens, LOGITS_TILE)
+    masked = attention in ("sdpa", "eager") and packing != "wrapped"
+    mask = (tokens * tokens if packing == "bfd" else batch * seq * seq) * elt if masked else 0
+    attention = mask + (2 * batch * nh * seq * seq * elt if attention == "eager" else 0)
+    return ModelShape(
+        params=params + adapters, trained=adapters or params, hidden_matrices=adapters or L * (block - 2 * H),
+        block_params=block, layers=L, tokens=tokens,
+        saved_per_token_layer=saved, checkpointed_per_token_layer=H * elt, attention_per_layer=attention,
+        other_saved_per_token=3 * H * 4 + 8 * 3,  # the final norm; input ids, labels, positions
+        logits=tile * V * 4 * 3,  # one tile of fp32 logits, its softmax and gradient
+        what_activations=f"max_length {seq} x batch {batch}",
+        fix_activations="lower model.max_length or train.batch_size (raise train.grad_accum to keep the batch)",
+        checkpointing_key="model.gradient_checkpointing",
+        model_fix="a smaller model or LoRA ([hf.lora])",
+        pipeline=PIPELINE,
+    )
