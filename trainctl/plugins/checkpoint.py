@@ -48,13 +48,15 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trainctl.hooks import PluginSpec, RunInfo, hookimpl, notices
-from trainctl.hooks.events import Control, EvalEnd, Notice, RunStart, RunView
+from trainctl.hooks.events import CheckpointSaved, Control, EvalEnd, Notice, RunEnd, RunStart, RunView
 from trainctl.kernel.backend import Distributed
+from trainctl.kernel import staging
 from trainctl.kernel.checkpoint_files import MANIFEST, PREFIX, TMP_PREFIX, checkpoints, discard, seal, sha256_file, step_of
 from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import ConfigError
@@ -73,6 +75,7 @@ class Config:
     dir: str = "checkpoints"  # relative to the out dir
     keep_last: int = 0  # keep the newest K checkpoints (and the best); 0 = keep all
     save_best: bool = False  # also save after an evaluation that improved the val loss
+    async_save: bool = False  # the loop waits only while the state is copied to memory
 
     def __post_init__(self) -> None:
         if self.keep_last < 0:
@@ -92,6 +95,9 @@ class Checkpointer:
         self.improved_at = -1  # the step whose evaluation lowered best_val
         self.last_val: tuple[int, float] | None = None  # (step, val loss) of the latest evaluation
         self.saved: set[str] = set()  # checkpoint names this run wrote
+        self.executor: ThreadPoolExecutor | None = None  # async: the background thread
+        self.inflight: Future | None = None  # async: the save being written
+        self.side: SideGroup | None = None  # async: the background thread's own collectives
 
     @hookimpl
     def trainctl_run_start(self, event: RunStart) -> None:
@@ -121,7 +127,9 @@ class Checkpointer:
         """begin (rank 0: the temporary directory, or keep the checkpoint this run already wrote
         at this step) -> fill (every rank) -> seal (rank 0) -> commit (the ledger, pruning).
         Every rank makes the same collectives in the same order whatever fails, so a failure
-        fails every rank with the same message."""
+        fails every rank with the same message. Async: fill stages, and the rest runs on the
+        background thread; None is returned and CheckpointSaved is emitted once it is done."""
+        self._wait()  # at most one save in flight: the previous one first (its failure is raised here)
         started = time.perf_counter()
         final = self.root / _name(step)
         if self.candidate and self.candidate[1] != final.name:
@@ -129,15 +137,19 @@ class Checkpointer:
         kind, where = self.group.broadcast(self._begin(final))  # also a barrier: the directory exists for all
         if kind == "error":
             raise self._failure(final.name, where)
+        if kind == "keep" and self.config.async_save:
+            return None  # written (and announced) by its own save, which is complete now
+        if kind == "write" and self.config.async_save:
+            self._start(Path(where), final, step, reason, write, started)
+            return None
         if kind == "write":
             tmp = Path(where)
             try:
-                self._fill_and_seal(tmp, final, step, reason, write)
-            except BaseException:  # any rank's failure, a second Ctrl-C, a lost peer: the one rollback
-                if self.run.is_main:
-                    shutil.rmtree(tmp, ignore_errors=True)
+                self._seal(tmp, final, step, reason, *self._fill(tmp, write), self.group)
+            except BaseException:  # any rank's failure, a second Ctrl-C, a lost peer
+                self._rollback(tmp)
                 raise
-        return self._commit(step, reason, final, started)
+        return self._commit(step, reason, final, started, self._val_at(step), self._take_candidate(final.name))
 
     def _begin(self, final: Path) -> tuple[str, str]:
         """Rank 0's plan: ("write", temporary directory), ("keep", "") or ("error", why)."""
@@ -156,35 +168,111 @@ class Checkpointer:
             return ("error", _why(exc))
         return ("write", str(tmp))
 
-    def _fill_and_seal(self, tmp: Path, final: Path, step: int, reason: str, write: Callable[[Path], None]) -> None:
-        """Every rank writes its files; once all are done (the gather), rank 0 seals."""
-        why, cause = "", None
+    def _fill(self, tmp: Path, write: Callable[[Path], None]) -> tuple[str, BaseException | None]:
+        """This rank's files (or, staging, their copies in memory): ("", None) or what failed."""
         try:
             write(tmp)
         except Exception as exc:  # disk full, permissions, quota: torch and safetensors raise their own types
-            why, cause = _why(exc), exc
-        answers = self.group.gather(why)
-        problems = [f"rank {rank}: {p}" if self.group.distributed else p for rank, p in enumerate(answers) if p]
+            return _why(exc), exc
+        return "", None
+
+    def _seal(self, tmp: Path, final: Path, step: int, reason: str, why: str, cause: BaseException | None,
+              group: Any) -> None:
+        """Once every rank is done (the gather), rank 0 seals; everyone learns how it went."""
+        answers = group.gather(why)
+        problems = [f"rank {rank}: {p}" if group.distributed else p for rank, p in enumerate(answers) if p]
         if not problems and self.run.is_main:
             try:
                 seal(tmp, final, step, reason)
             except Exception as exc:
                 problems, cause = [_why(exc)], exc
-        problems = self.group.broadcast(problems)  # rank 0's seal, for everyone
+        problems = group.broadcast(problems)  # rank 0's seal, for everyone
         if problems:
             raise self._failure(final.name, "; ".join(problems)) from cause
 
-    def _commit(self, step: int, reason: str, final: Path, started: float) -> Path:
+    def _rollback(self, tmp: Path) -> None:
+        """The one rollback of a write that failed anywhere: its temporary directory goes."""
+        if self.run.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # --- async: stage on the training thread, write and seal on the background one ------------
+
+    def _start(self, tmp: Path, final: Path, step: int, reason: str, write: Callable[[Path], None],
+               started: float) -> None:
+        """Fill with the big writes deferred (their state copied to CPU memory), agree that every
+        rank staged, and hand the rest to the background thread."""
+        with staging.staging() as writes:
+            why, cause = self._fill(tmp, write)
+        problems = [p for p in self.group.gather(why) if p]  # every rank starts the background part, or none
+        if problems:
+            self._rollback(tmp)
+            raise self._failure(final.name, "; ".join(problems)) from cause
+        if self.side is None:
+            self.side = SideGroup(self.group)  # every rank is here at the same step: creating it is collective
+        val, best = self._val_at(step), self._take_candidate(final.name)
+        blocked = time.perf_counter() - started
+        self.inflight = self._worker().submit(self._finish, tmp, final, step, reason, writes, started, val, best, blocked)
+
+    def _finish(self, tmp: Path, final: Path, step: int, reason: str, writes: list[staging.Write],
+                started: float, val: float | None, best: tuple[float, str] | None, blocked: float) -> None:
+        try:
+            why, cause = "", None
+            try:
+                for deferred in writes:
+                    deferred(self.side.pg)  # type: ignore[union-attr]
+            except Exception as exc:
+                why, cause = _why(exc), exc
+            self._seal(tmp, final, step, reason, why, cause, self.side)
+        except BaseException:
+            self._rollback(tmp)
+            raise
+        path = self._commit(step, reason, final, started, val, best, blocked=blocked)
+        self.run.emit(CheckpointSaved(step=step, path=str(path), reason=reason, duration=time.perf_counter() - started,
+                                      val_loss=val, time=time.time()))
+
+    def _worker(self) -> ThreadPoolExecutor:
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainctl-checkpoint")
+        return self.executor
+
+    def _wait(self) -> None:
+        """Until the save in flight (if any) is complete; raises its failure."""
+        inflight, self.inflight = self.inflight, None
+        if inflight is not None:
+            inflight.result()
+
+    @hookimpl
+    def trainctl_run_end(self, event: RunEnd) -> None:
+        """The end of the run (a signal's included) waits for the save in flight."""
+        try:
+            self._wait()
+        except CheckpointWriteError as exc:  # the run is over: say so; the earlier checkpoints are intact
+            print(f"trainctl: {exc}", file=sys.stderr)
+        finally:
+            if self.executor is not None:
+                self.executor.shutdown()
+
+    # --- commit ---------------------------------------------------------------------------------
+
+    def _take_candidate(self, name: str) -> tuple[float, str] | None:
+        """The best-checkpoint candidate if it is this checkpoint (it becomes the best once written)."""
+        if self.candidate and self.candidate[1] == name:
+            taken, self.candidate = self.candidate, None
+            return taken
+        return None
+
+    def _commit(self, step: int, reason: str, final: Path, started: float, val: float | None,
+                best: tuple[float, str] | None, *, blocked: float | None = None) -> Path:
         self.saved.add(final.name)
-        if self.candidate and self.candidate[1] == final.name:
-            self.best, self.candidate = self.candidate, None
+        if best is not None:
+            self.best = best
         if not self.run.is_main:
             return final
         self._append_ledger({
-            "step": step, "path": str(final), "reason": reason, "val_loss": self._val_at(step),
+            "step": step, "path": str(final), "reason": reason, "val_loss": val,
             "manifest_sha256": sha256_file(final / MANIFEST), "seconds": round(time.perf_counter() - started, 4),
             "time": time.time(),
-        })
+        } | ({"blocked_seconds": round(blocked, 4)} if blocked is not None else {}))
         self._prune()
         return final
 
@@ -260,6 +348,39 @@ class Checkpointer:
     @hookimpl
     def trainctl_load_state_dict(self, states: dict[str, Any]) -> None:
         self.best, self.best_val = _restored(states)
+
+
+class SideGroup:
+    """``gather`` and ``broadcast`` (as :class:`~trainctl.kernel.distributed.Group`'s) on a gloo
+    process group of their own, for the background thread: collectives of two threads on one
+    group could interleave. One process: answers at once, ``pg`` None."""
+
+    def __init__(self, group: Group) -> None:
+        self.distributed, self.world_size, self.pg = group.distributed, group.world_size, None
+        if group.distributed:
+            import datetime
+
+            import torch.distributed as td
+
+            self.pg = td.new_group(backend="gloo", timeout=datetime.timedelta(seconds=group.timeout_s))
+
+    def gather(self, obj: Any) -> list[Any]:
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as td
+
+        out: list[Any] = [None] * self.world_size
+        td.all_gather_object(out, obj, group=self.pg)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        if not self.distributed:
+            return obj
+        import torch.distributed as td
+
+        box = [obj]
+        td.broadcast_object_list(box, src=0, group=self.pg)
+        return box[0]
 
 
 def _restored(states: dict[str, Any]) -> tuple[tuple[float, str] | None, float | None]:
