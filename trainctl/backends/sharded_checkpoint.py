@@ -21,6 +21,7 @@ CPU memory (DCP's ``DefaultStager``; the loop waits for that only) and defers th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,9 @@ def load_sharded(directory: Path, model: nn.Module, optimizer: Any | None, extra
         model_state, optim_state = get_state_dict(model, _parts(optimizer))
         state = {"model": model_state, "optimizer": optim_state, **extra}
     try:
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)))
+        with warnings.catch_warnings():  # DCP warns that one process reads alone: that is the intent here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=not _distributed())
     except Exception as exc:  # DCP wraps every rank's failure in one CheckpointException
         raise ConfigError(f"checkpoint {directory} does not fit this model ({_first_line(exc)}); "
                           "was the model config changed?") from None
@@ -185,6 +188,12 @@ def by_name(model: nn.Module, optimizer: Any, saved: dict[str, Any]) -> dict[str
             state.update({fqn: part["state"][i] for i, fqn in zip(group["params"], fqns) if i in part["state"]})
             groups.append({**group, "params": fqns})
     return {"state": state, "param_groups": groups}
+
+
+def _distributed() -> bool:
+    import torch.distributed as td
+
+    return td.is_available() and td.is_initialized()
 
 
 def _parts(optimizer: Any) -> list[torch.optim.Optimizer]:
