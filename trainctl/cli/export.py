@@ -33,14 +33,23 @@ def register(cli: click.Group) -> None:
 def export(target: Path, out: Path, device: str) -> None:
     """Write one consolidated checkpoint (safetensors / save_pretrained) from a checkpoint
     (RUN_DIR: its newest verified one), sharded or not."""
-    from trainctl.evaluation import Evaluator, find_checkpoint
-    from trainctl.kernel.checkpoint_files import SHARD_SUFFIX, SHARDED_METADATA, seal
+    from trainctl.evaluation import find_checkpoint
 
     if out.exists() or out.is_symlink():
         raise ConfigError(f"{out} already exists; export into a new directory")
     if not out.parent.is_dir():
         raise ConfigError(f"{out.parent} is not a directory; create it first or export elsewhere")
     checkpoint = find_checkpoint(target)
+    step, backend = consolidate(checkpoint, out, device)
+    click.echo(f"exported {checkpoint} (step {step}, {backend}) to {out}")
+
+
+def consolidate(checkpoint: Path, out: Path, device: str) -> tuple[int, str]:
+    """Write the verified ``checkpoint`` as the new checkpoint ``out``, in the full layout;
+    (step, backend)."""
+    from trainctl.evaluation import Evaluator
+    from trainctl.kernel.checkpoint_files import SHARD_SUFFIX, SHARDED_METADATA, seal
+
     tmp = out.parent / f".tmp-export-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="trainctl-export-") as scratch:
@@ -59,4 +68,4 @@ def export(target: Path, out: Path, device: str) -> None:
             raise
         finally:
             evaluator.close()
-    click.echo(f"exported {checkpoint} (step {manifest['step']}, {config.backend}) to {out}")
+    return manifest["step"], config.backend
