@@ -62,4 +62,5 @@ if __name__ == "__main__":
     from trainctl.cli import main
 
     parallel.for_run = placed
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    main(args[2:] if args[:2] == ["-m", "trainctl"] else args)  # LiveRun's launcher line ends in -m trainctl
