@@ -50,6 +50,19 @@ def files(ckpt: Path) -> set[str]:
     return set(json.loads((ckpt / "manifest.json").read_text())["files"])
 
 
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory) -> dict[int, float]:
+    """The losses of one uninterrupted run, in one process (which FSDP on 2 ranks equals, as DDP
+    does); the lr schedule does not depend on max_steps, so every shorter run's losses are these."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    single(out, "train.max_steps=80")
+    return losses(out)
+
+
+def upto(ref: dict[int, float], first: int, last: int) -> dict[int, float]:
+    return {k: v for k, v in ref.items() if first <= k <= last}
+
+
 @pytest.fixture
 def live(tmp_path):
     runs = []
@@ -64,7 +77,7 @@ def live(tmp_path):
         run.close()
 
 
-def test_sigterm_to_fsdp_saves_shards_that_resume_on_one_and_on_two_ranks(live, tmp_path):
+def test_sigterm_to_fsdp_saves_shards_that_resume_on_one_and_on_two_ranks(live, tmp_path, ref):
     run = live("run", "train.log_interval=1")
     run.wait(lambda s: s["state"] == "running" and s["step"] >= 3, timeout=120)
     run.proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
@@ -78,26 +91,21 @@ def test_sigterm_to_fsdp_saves_shards_that_resume_on_one_and_on_two_ranks(live, 
     assert "model.safetensors" not in files(ckpt) and "optimizer.pt" not in files(ckpt)
 
     end = f"train.max_steps={step + 2}"
-    single(tmp_path / "ref", end)  # uninterrupted (FSDP on 2 ranks equals one process: the DDP test's twin)
-    ref = losses(tmp_path / "ref")
-    assert_close(losses(tmp_path / "run"), {k: v for k, v in ref.items() if k <= step})
+    assert_close(losses(tmp_path / "run"), upto(ref, 1, step))  # uninterrupted: FSDP on 2 ranks equals one process
     single(tmp_path / "one", end, resume=ckpt)
     fsdp(tmp_path / "two", end, resume=ckpt)
-    after = {k: v for k, v in ref.items() if k > step}
-    assert_close(losses(tmp_path / "one"), after)
-    assert_close(losses(tmp_path / "two"), after)
+    assert_close(losses(tmp_path / "one"), upto(ref, step + 1, step + 2))
+    assert_close(losses(tmp_path / "two"), upto(ref, step + 1, step + 2))
 
 
-def test_full_checkpoint_resumes_under_fsdp_and_back_and_exports(tmp_path):
-    single(tmp_path / "ref", "train.max_steps=6")
-    ref = losses(tmp_path / "ref")
+def test_full_checkpoint_resumes_under_fsdp_and_back_and_exports(tmp_path, ref):
     single(tmp_path / "a", "train.max_steps=2")  # the full layout: model.safetensors + optimizer.pt
     fsdp(tmp_path / "b", "train.max_steps=4", resume=checkpoints(tmp_path / "a" / "checkpoints")[-1])
     [sharded] = checkpoints(tmp_path / "b" / "checkpoints")
     assert SHARDS <= files(sharded)
     fsdp(tmp_path / "c", "train.max_steps=6", resume=sharded, launcher=TORCHRUN)  # DDP, 2 ranks
-    assert_close(losses(tmp_path / "b"), {k: v for k, v in ref.items() if 2 < k <= 4})
-    assert_close(losses(tmp_path / "c"), {k: v for k, v in ref.items() if k > 4})
+    assert_close(losses(tmp_path / "b"), upto(ref, 3, 4))
+    assert_close(losses(tmp_path / "c"), upto(ref, 5, 6))
     assert {"model.safetensors", "optimizer.pt"} <= files(checkpoints(tmp_path / "c" / "checkpoints")[-1])
 
     # export: one safetensors checkpoint that evaluates as the sharded run did at that step
@@ -115,10 +123,23 @@ def test_full_checkpoint_resumes_under_fsdp_and_back_and_exports(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+def kill_ranks(proc: subprocess.Popen) -> None:
+    """kill -9 the ranks (torchrun starts each in a session of its own), then torchrun."""
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for pid in [*map(int, children), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path, mode):
+def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path, ref, mode):
     out = tmp_path / "run"
-    overrides = [*LONG, ACCUM, "train.log_interval=1", "train.save_interval=1", f"plugin.checkpoint.async_save={mode == 'async'}"]
+    overrides = [*LONG, ACCUM, "train.log_interval=1", "train.save_interval=1", f"plugin.checkpoint.async_save={str(mode == 'async').lower()}"]
     log = open(tmp_path / "run.log", "w")
     proc = subprocess.Popen([*FSDP, "run", "--yes", "--out", str(out), *sets(*overrides)], cwd=ROOT, env=env(),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -130,12 +151,11 @@ def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path, m
             # a save under way after one is complete: its temporary directory holds shards
             writing = [p for p in root.glob(".tmp-step-*") if any(p.glob("*.distcp")) or any(p.glob("rng-*"))] if done else []
             if writing:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_ranks(proc)
                 caught = writing[0].name
             time.sleep(0.002)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_ranks(proc)
         proc.wait()
         log.close()
     assert caught, (tmp_path / "run.log").read_text()[-3000:]
@@ -146,7 +166,6 @@ def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path, m
 
     # the next run starts from it (auto), on one rank, and continues exactly
     end = f"train.max_steps={step + 1}"
-    single(tmp_path / "ref", end)
     run_cli("run", "--yes", "--out", str(out), *sets(*SAME, ACCUM, end), check=True)
     assert not list(root.glob(".tmp-*"))  # the cut-short write was cleared
-    assert_close({k: v for k, v in losses(out).items() if k > step}, {step + 1: losses(tmp_path / "ref")[step + 1]})
+    assert_close({k: v for k, v in losses(out).items() if k > step}, upto(ref, step + 1, step + 1))
