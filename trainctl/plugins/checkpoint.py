@@ -4,7 +4,9 @@ seal are in :mod:`trainctl.kernel.checkpoint_files`; this plugin owns when, wher
 Layout::
 
     OUT/checkpoints/step-000500/   the backend's files (gpt: model.safetensors, optimizer.pt,
-                                   rng-rank0.pt, model.json, data_meta.json), the kernel's
+                                   rng-rank0.pt, model.json, data_meta.json; under FSDP the
+                                   weights and optimizer are every rank's DCP shard
+                                   __N_0.distcp and .metadata instead), the kernel's
                                    (kernel.json: step = data position, python/numpy RNG, locked
                                    keys; plugins.json; config.toml) and manifest.json (sha256 of
                                    every other file; written last)
@@ -26,8 +28,14 @@ collective at once): rank 0 makes the temporary directory and tells the others i
 rank writes its own files into it (``rng-rankN.pt``; rank 0 also the weights and the kernel's
 files); once all say they are done rank 0 writes the manifest, listing every rank's files, and
 renames; then the ledger and pruning (rank 0). A failure anywhere, on any rank, removes the
-temporary directory in one place. The steps are kept apart (begin, fill, seal, commit) so that an
-asynchronous save could later run seal and commit on a thread once fill has its snapshot.
+temporary directory in one place (``_rollback``). The steps are kept apart (begin, fill, seal,
+commit) for the asynchronous save (``async_save = true``): on the training thread, begin, then
+fill with the big writes deferred (:mod:`trainctl.kernel.staging`: the tensors copied to CPU
+memory, all the loop waits for); on the background thread (:mod:`.background_save`, with a
+process group of its own), those writes, seal and commit, then ``CheckpointSaved`` through
+``run.emit`` (delivered at the next step boundary). One save in flight: the next save, the end of
+the run and SIGTERM (which ends it) wait for it; a kill meanwhile leaves a ``.tmp-*`` directory
+and the previous checkpoint the newest complete one.
 
 The best checkpoint is followed from evaluation events: a validation loss at least as good as the
 best checkpoint's makes that step's checkpoint the candidate, which becomes the best once it is
@@ -48,7 +56,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +69,7 @@ from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.resume import BadCheckpoint, read
 from trainctl.kernel.run_dir import open_append
+from trainctl.plugins.background_save import Background
 
 LEDGER = "checkpoints.jsonl"
 
@@ -95,9 +103,7 @@ class Checkpointer:
         self.improved_at = -1  # the step whose evaluation lowered best_val
         self.last_val: tuple[int, float] | None = None  # (step, val loss) of the latest evaluation
         self.saved: set[str] = set()  # checkpoint names this run wrote
-        self.executor: ThreadPoolExecutor | None = None  # async: the background thread
-        self.inflight: Future | None = None  # async: the save being written
-        self.side: SideGroup | None = None  # async: the background thread's own collectives
+        self.background = Background(self.group)  # async saves: the thread, the save in flight
 
     @hookimpl
     def trainctl_run_start(self, event: RunStart) -> None:
@@ -129,7 +135,7 @@ class Checkpointer:
         Every rank makes the same collectives in the same order whatever fails, so a failure
         fails every rank with the same message. Async: fill stages, and the rest runs on the
         background thread; None is returned and CheckpointSaved is emitted once it is done."""
-        self._wait()  # at most one save in flight: the previous one first (its failure is raised here)
+        self.background.wait()  # at most one save in flight: the previous one first (its failure is raised here)
         started = time.perf_counter()
         final = self.root / _name(step)
         if self.candidate and self.candidate[1] != final.name:
@@ -207,11 +213,9 @@ class Checkpointer:
         if problems:
             self._rollback(tmp)
             raise self._failure(final.name, "; ".join(problems)) from cause
-        if self.side is None:
-            self.side = SideGroup(self.group)  # every rank is here at the same step: creating it is collective
         val, best = self._val_at(step), self._take_candidate(final.name)
         blocked = time.perf_counter() - started
-        self.inflight = self._worker().submit(self._finish, tmp, final, step, reason, writes, started, val, best, blocked)
+        self.background.submit(self._finish, tmp, final, step, reason, writes, started, val, best, blocked)
 
     def _finish(self, tmp: Path, final: Path, step: int, reason: str, writes: list[staging.Write],
                 started: float, val: float | None, best: tuple[float, str] | None, blocked: float) -> None:
@@ -219,10 +223,10 @@ class Checkpointer:
             why, cause = "", None
             try:
                 for deferred in writes:
-                    deferred(self.side.pg)  # type: ignore[union-attr]
+                    deferred(self.background.group.pg)
             except Exception as exc:
                 why, cause = _why(exc), exc
-            self._seal(tmp, final, step, reason, why, cause, self.side)
+            self._seal(tmp, final, step, reason, why, cause, self.background.group)
         except BaseException:
             self._rollback(tmp)
             raise
@@ -230,27 +234,15 @@ class Checkpointer:
         self.run.emit(CheckpointSaved(step=step, path=str(path), reason=reason, duration=time.perf_counter() - started,
                                       val_loss=val, time=time.time()))
 
-    def _worker(self) -> ThreadPoolExecutor:
-        if self.executor is None:
-            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainctl-checkpoint")
-        return self.executor
-
-    def _wait(self) -> None:
-        """Until the save in flight (if any) is complete; raises its failure."""
-        inflight, self.inflight = self.inflight, None
-        if inflight is not None:
-            inflight.result()
-
     @hookimpl
     def trainctl_run_end(self, event: RunEnd) -> None:
         """The end of the run (a signal's included) waits for the save in flight."""
         try:
-            self._wait()
+            self.background.wait()
         except CheckpointWriteError as exc:  # the run is over: say so; the earlier checkpoints are intact
             print(f"trainctl: {exc}", file=sys.stderr)
         finally:
-            if self.executor is not None:
-                self.executor.shutdown()
+            self.background.close()
 
     # --- commit ---------------------------------------------------------------------------------
 
@@ -348,39 +340,6 @@ class Checkpointer:
     @hookimpl
     def trainctl_load_state_dict(self, states: dict[str, Any]) -> None:
         self.best, self.best_val = _restored(states)
-
-
-class SideGroup:
-    """``gather`` and ``broadcast`` (as :class:`~trainctl.kernel.distributed.Group`'s) on a gloo
-    process group of their own, for the background thread: collectives of two threads on one
-    group could interleave. One process: answers at once, ``pg`` None."""
-
-    def __init__(self, group: Group) -> None:
-        self.distributed, self.world_size, self.pg = group.distributed, group.world_size, None
-        if group.distributed:
-            import datetime
-
-            import torch.distributed as td
-
-            self.pg = td.new_group(backend="gloo", timeout=datetime.timedelta(seconds=group.timeout_s))
-
-    def gather(self, obj: Any) -> list[Any]:
-        if not self.distributed:
-            return [obj]
-        import torch.distributed as td
-
-        out: list[Any] = [None] * self.world_size
-        td.all_gather_object(out, obj, group=self.pg)
-        return out
-
-    def broadcast(self, obj: Any) -> Any:
-        if not self.distributed:
-            return obj
-        import torch.distributed as td
-
-        box = [obj]
-        td.broadcast_object_list(box, src=0, group=self.pg)
-        return box[0]
 
 
 def _restored(states: dict[str, Any]) -> tuple[tuple[float, str] | None, float | None]:
