@@ -21,6 +21,8 @@ CPU memory (DCP's ``DefaultStager``; the loop waits for that only) and defers th
 
 from __future__ import annotations
 
+import io
+import pickle
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +33,7 @@ from torch import nn
 
 from trainctl.kernel import staging
 from trainctl.kernel.errors import ConfigError
+from trainctl.kernel.safe_load import unpickling_reason
 
 METADATA = ".metadata"  # DCP's global plan: which rank's file holds which piece
 SHARD_SUFFIX = ".distcp"
@@ -130,7 +133,9 @@ def load_sharded(directory: Path, model: nn.Module, optimizer: Any | None, extra
     try:
         with warnings.catch_warnings():  # DCP warns that one process reads alone: that is the intent here
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=not _distributed())
+            dcp.load(state, storage_reader=_reader(directory), planner=_planner(), no_dist=not _distributed())
+    except ConfigError as exc:
+        raise ConfigError(f"checkpoint {directory}: {exc}") from None
     except Exception as exc:  # DCP wraps every rank's failure in one CheckpointException
         raise ConfigError(f"checkpoint {directory} does not fit this model ({_first_line(exc)}); "
                           "was the model config changed?") from None
@@ -188,6 +193,78 @@ def by_name(model: nn.Module, optimizer: Any, saved: dict[str, Any]) -> dict[str
             state.update({fqn: part["state"][i] for i, fqn in zip(group["params"], fqns) if i in part["state"]})
             groups.append({**group, "params": fqns})
     return {"state": state, "param_groups": groups}
+
+
+# --- reading a checkpoint that may come from anyone ------------------------------------------
+# DCP reads ``.metadata`` with pickle.load and plain values with torch.load(weights_only=False):
+# either would run whatever a crafted checkpoint holds. These read the same data but accept only
+# the classes DCP's metadata is made of, and plain values (weights_only=True).
+
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": None,  # its dataclasses and enums, any of them
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},  # and dtypes, memory formats, layouts (checked by type below)
+    "collections": {"OrderedDict"},
+    "copyreg": {"_reconstructor"},
+    "builtins": {"object"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = module in _METADATA_GLOBALS and (_METADATA_GLOBALS[module] is None or name in _METADATA_GLOBALS[module])
+        found = super().find_class(module, name) if allowed or module == "torch" else None
+        if module == "torch" and isinstance(found, (torch.dtype, torch.memory_format, torch.layout)):
+            return found
+        if not allowed or found is None:
+            raise ConfigError(f"refused to read {METADATA}: it names {module}.{name}, which DCP metadata never holds "
+                              "(the file may have been tampered with)")
+        return found
+
+
+def _reader(directory: Path) -> Any:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(dcp.FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                with open(Path(self.path) / METADATA, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as exc:
+                raise ConfigError(f"unreadable {METADATA} ({type(exc).__name__})") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(str(directory))
+
+
+def _planner() -> Any:
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.planner import ReadItem
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+            try:
+                plain = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise ConfigError(f"refused {read_item.dest_index.fqn}: it holds more than tensors and plain values "
+                                  f"({unpickling_reason(exc)})") from None
+            super().load_bytes(read_item, _saved(plain))
+
+    return Planner()
+
+
+def _saved(value: Any) -> io.BytesIO:
+    """``value`` as the bytes DefaultLoadPlanner reads back (it is plain by now)."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def _distributed() -> bool:
