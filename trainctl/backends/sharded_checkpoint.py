@@ -130,13 +130,17 @@ def load_sharded(directory: Path, model: nn.Module, optimizer: Any | None, extra
     else:
         model_state, optim_state = get_state_dict(model, _parts(optimizer))
         state = {"model": model_state, "optimizer": optim_state, **extra}
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        _reader(directory).read_metadata()  # refused here, in one line, before DCP reads (and logs) anything
+    except ConfigError as exc:
+        raise ConfigError(f"checkpoint {directory}: {exc}") from None
     try:
         with warnings.catch_warnings():  # DCP warns that one process reads alone: that is the intent here
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, storage_reader=_reader(directory), planner=_planner(), no_dist=not _distributed())
-    except ConfigError as exc:
-        raise ConfigError(f"checkpoint {directory}: {exc}") from None
-    except Exception as exc:  # DCP wraps every rank's failure in one CheckpointException
+    except (Exception, CheckpointException) as exc:  # DCP wraps every rank's failure in one CheckpointException (a BaseException)
         raise ConfigError(f"checkpoint {directory} does not fit this model ({_first_line(exc)}); "
                           "was the model config changed?") from None
     if optimizer is None:
