@@ -18,7 +18,7 @@ from tests.test_sharded_checkpoint import FSDP
 from trainctl.kernel.checkpoint_files import checkpoints, verify
 
 # a model big enough that writing takes longer than copying (4 x 128: ~1 M parameters)
-BIGGER = [*FAST, "model.n_layer=4", "model.n_embd=128", "model.n_head=4", "train.max_steps=6",
+BIGGER = [*FAST, "model.n_layer=4", "model.n_embd=128", "model.n_head=4", "train.max_steps=4",
           "train.save_interval=1", "train.eval_interval=3", "train.log_interval=1"]
 
 
@@ -35,7 +35,7 @@ def test_async_saves_write_what_sync_saves_write_and_block_only_for_staging(tmp_
 
     # the same checkpoints, byte for byte where bytes are deterministic
     names = [p.name for p in checkpoints(tmp_path / "async" / "checkpoints")]
-    assert names == [p.name for p in checkpoints(tmp_path / "sync" / "checkpoints")] == [f"step-{s:06d}" for s in range(1, 7)]
+    assert names == [p.name for p in checkpoints(tmp_path / "sync" / "checkpoints")] == [f"step-{s:06d}" for s in range(1, 5)]
     for name in names:
         a, s = tmp_path / "async" / "checkpoints" / name, tmp_path / "sync" / "checkpoints" / name
         assert verify(a) is None
@@ -45,7 +45,7 @@ def test_async_saves_write_what_sync_saves_write_and_block_only_for_staging(tmp_
     # one ledger line and one CheckpointSaved per checkpoint, each announced once complete
     assert [(r["step"], r["reason"]) for r in ledger] == [(r["step"], r["reason"]) for r in sync_ledger]
     saves = [e for e in events if e["event"] == "save"]
-    assert [e["step"] for e in saves] == list(range(1, 7))
+    assert [e["step"] for e in saves] == list(range(1, 5))
     assert [e["val_loss"] for e in saves] == [e["val_loss"] for e in sync_events if e["event"] == "save"]
     assert saves[2]["val_loss"] is not None  # step 3 was evaluated before its save
     assert all(verify(Path(e["path"])) is None for e in saves)

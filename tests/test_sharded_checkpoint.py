@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, run_cli
 from tests.live import LiveRun, sets
@@ -132,7 +133,7 @@ def test_full_checkpoint_resumes_under_fsdp_and_back_and_exports(tmp_path, ref):
     (tmp_path / "checkpoints").mkdir()
     seal(crafted, tmp_path / "checkpoints" / "step-000004", 4, "crafted")
     crafted = tmp_path / "checkpoints" / "step-000004"
-    for args in (["eval", str(crafted)], ["sample", str(crafted)], ["run", "--yes", "--resume", str(crafted),
+    for args in (["eval", str(crafted)], ["run", "--yes", "--resume", str(crafted),
                  "--out", str(tmp_path / "d"), *sets(*SAME, ACCUM, "train.max_steps=5")]):
         refused = run_cli(*args)
         assert refused.returncode == 2 and "refused to read .metadata" in refused.stderr, (args, refused.stderr)
@@ -193,3 +194,34 @@ def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path, r
     run_cli("run", "--yes", "--out", str(out), *sets(*SAME, ACCUM, end), check=True)
     assert not list(root.glob(".tmp-*"))  # the cut-short write was cleared
     assert_close({k: v for k, v in losses(out).items() if k > step}, upto(ref, step + 1, step + 1))
+
+
+@pytest.mark.parametrize("strategy", ["one process", "fsdp"])
+def test_hf_export_loads_with_from_pretrained_and_evaluates_as_the_run(hf, tmp_path, strategy):
+    """``fsdp`` needs the strategy switch (``train.parallel``, branch fsdp): the hf backend must
+    build its optimizer over the sharded parameters, which tests/fsdp_run.py cannot arrange."""
+    from transformers import AutoModelForCausalLM
+
+    steps = [*hf.sets(None, "train.max_steps=2", "train.eval_interval=2", "plugin.lr.warmup_steps=1")]
+    args = ["run", "--yes", "--backend", "hf", *sets(*steps)]
+    run_cli(*args, "--out", str(tmp_path / "ref"), check=True)
+    if strategy == "fsdp":
+        proc = subprocess.run([*TORCHRUN, "-m", "trainctl", *args, "--out", str(tmp_path / "run"),
+                               "--set", "train.parallel='fsdp'"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert SHARDS <= files(checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    run_dir = tmp_path / ("run" if strategy == "fsdp" else "ref")
+    out = tmp_path / "export"
+    run_cli("export", str(run_dir), "-o", str(out), check=True)
+    assert {"model.safetensors", "config.json", "tokenizer.json", "optimizer.pt"} <= files(out)
+    result = json.loads(run_cli("eval", str(out), "--json", check=True).stdout)
+    assert abs(result["val_loss"] - evals(run_dir)[(2, "val")]) < 1e-4, result
+
+    # from_pretrained on the export is the model the run trained (the one-process run's own checkpoint)
+    ids = torch.arange(4, 60).reshape(1, -1)
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    trained = AutoModelForCausalLM.from_pretrained(checkpoints(tmp_path / "ref" / "checkpoints")[-1]).eval()
+    with torch.no_grad():
+        a, b = (m(input_ids=ids, labels=ids).loss.item() for m in (exported, trained))
+    assert abs(a - b) < 1e-4, (a, b)
