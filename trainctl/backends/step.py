@@ -150,10 +150,12 @@ class OptimizerStep:
 
     # --- checkpoint -----------------------------------------------------------------------
 
-    def save(self, directory: Path, model: nn.Module) -> bool:
-        """Every rank its RNG (``rng-rank{N}.pt``). A sharded ``model`` (FSDP): every rank its
-        shard of the weights and optimizer (``sharded_checkpoint``); else rank 0 the optimizer and
-        scaler, the same on every rank under DDP. True on the rank that writes the full weights."""
+    def save(self, directory: Path, model: nn.Module | None = None) -> bool:
+        """Every rank its RNG (``rng-rank{N}.pt``). A sharded ``model`` (FSDP; default: the placed
+        model): every rank its shard of the weights and optimizer (``sharded_checkpoint``); else
+        rank 0 the optimizer and scaler, the same on every rank under DDP. True on the rank that
+        writes the full weights."""
+        model = model or self.parallel.model
         save_rng(directory, self.rank, self.placement.device)
         if sharded_checkpoint.is_sharded(model):
             sharded_checkpoint.save_sharded(directory, model, self.optimizer, self._extra())
@@ -164,10 +166,11 @@ class OptimizerStep:
                                       directory / OPTIMIZER)
         return True
 
-    def load(self, directory: Path, model: nn.Module) -> None:
+    def load(self, directory: Path, model: nn.Module | None = None) -> None:
         """Optimizer, scaler and this rank's RNG; from a sharded checkpoint the weights too
         (the backend loads a full checkpoint's weights itself). Either layout into either
         placement, on any number of ranks."""
+        model = model or self.parallel.model
         if sharded_checkpoint.is_sharded_checkpoint(directory):
             extra = sharded_checkpoint.load_sharded(directory, model, self.optimizer, self._extra())
             if extra:
