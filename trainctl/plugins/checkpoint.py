@@ -145,12 +145,12 @@ class Checkpointer:
             raise self._failure(final.name, where)
         if kind == "keep" and self.config.async_save:
             return None  # written (and announced) by its own save, which is complete now
-        if kind == "write" and self.config.async_save:
-            self._start(Path(where), final, step, reason, write, started)
-            return None
         if kind == "write":
             tmp = Path(where)
             try:
+                if self.config.async_save:
+                    self._start(tmp, final, step, reason, write, started)
+                    return None
                 self._seal(tmp, final, step, reason, *self._fill(tmp, write), self.group)
             except BaseException:  # any rank's failure, a second Ctrl-C, a lost peer
                 self._rollback(tmp)
@@ -211,7 +211,6 @@ class Checkpointer:
             why, cause = self._fill(tmp, write)
         problems = [p for p in self.group.gather(why) if p]  # every rank starts the background part, or none
         if problems:
-            self._rollback(tmp)
             raise self._failure(final.name, "; ".join(problems)) from cause
         val, best = self._val_at(step), self._take_candidate(final.name)
         blocked = time.perf_counter() - started
@@ -239,8 +238,8 @@ class Checkpointer:
         """The end of the run (a signal's included) waits for the save in flight."""
         try:
             self.background.wait()
-        except CheckpointWriteError as exc:  # the run is over: say so; the earlier checkpoints are intact
-            print(f"trainctl: {exc}", file=sys.stderr)
+        except Exception as exc:  # the run is over: say so (one line); the earlier checkpoints are intact
+            print(f"trainctl: {exc if isinstance(exc, CheckpointWriteError) else _why(exc)}", file=sys.stderr)
         finally:
             self.background.close()
 
