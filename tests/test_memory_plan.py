@@ -7,7 +7,6 @@ import dataclasses
 import importlib.util
 import resource
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

@@ -21,6 +21,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,10 @@ from trainctl.kernel.errors import ConfigError
 MAX_PROMPTS = 16
 MAX_NEW_TOKENS = 1024
 #: What ``load`` reads beyond the kernel's files, per built-in backend: a checkpoint evaluated
-#: must list them (any backend: weights in at least one ``.safetensors`` file).
+#: must list them (any backend: weights in at least one ``.safetensors`` file, or a sharded
+#: checkpoint's ``.metadata`` and ``.distcp`` shards, which hold the optimizer state too).
 EXPECTED = {"gpt": ("model.safetensors", "optimizer.pt"), "hf": ("optimizer.pt", "trainer_state.json")}
+EXPECTED_SHARDED = {"gpt": ("model.json",), "hf": ("trainer_state.json",)}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -106,9 +110,34 @@ class Evaluator:
                  val_loss: bool = True, samples: SampleRequest | None = None, policy: Any = None) -> EvalResult:
         """Verify and evaluate the checkpoint (open as ``dir_fd`` if given); ``step``: the step it
         must be. ConfigError if it does not verify or ``policy`` refuses its config."""
-        from trainctl.kernel.checkpoint_files import NotVerified, open_checkpoint, snapshot
-
         started = time.perf_counter()
+        with self.loaded(checkpoint, dir_fd=dir_fd, step=step, policy=policy) as (manifest, config, backend, _):
+            results = {split: Evaluation.of(r) for split, r in backend.evaluate(manifest["step"]).items()} if val_loss else {}
+            losses = {split: r.loss for split, r in results.items()}
+            texts = []
+            if samples is not None:
+                for prompt in samples.prompts:
+                    text = backend.generate(prompt, max_new_tokens=samples.max_new_tokens,
+                                            temperature=samples.temperature, top_k=samples.top_k, seed=samples.seed)
+                    texts.append({"prompt": prompt, "text": text})
+        val, train = losses.get("val"), losses.get("train")
+        return EvalResult(
+            checkpoint=str(checkpoint), step=manifest["step"], backend=config.backend,
+            val_loss=val, train_loss=train,
+            perplexity=results["val"].perplexity if "val" in results else None,
+            train_perplexity=results["train"].perplexity if "train" in results else None,
+            accuracy=results["val"].accuracy if "val" in results else None,
+            train_accuracy=results["train"].accuracy if "train" in results else None,
+            samples=texts, device=config.train.device, duration=time.perf_counter() - started,
+        )
+
+    @contextmanager
+    def loaded(self, checkpoint: Path, *, dir_fd: int | None = None, step: int | None = None,
+               policy: Any = None) -> Iterator[tuple[dict, Any, Any, Path]]:
+        """(manifest, config, backend, verified copy): the checkpoint verified into a private copy
+        and loaded into its backend, in this one process (a sharded checkpoint is read whole)."""
+        from trainctl.kernel.checkpoint_files import NotVerified, holds_weights, is_sharded, open_checkpoint, snapshot
+
         copy = self.work_dir / "checkpoint"
         shutil.rmtree(copy, ignore_errors=True)
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -127,31 +156,15 @@ class Evaluator:
                 raise ConfigError(f"checkpoint {checkpoint} is step {manifest['step']}, the job says step {step}")
             config, backend = self._backend(copy, policy)
             files = manifest["files"]
-            missing = [n for n in EXPECTED.get(config.backend, ()) if n not in files]
-            if missing or not any(n.endswith(".safetensors") for n in files):
+            expected = (EXPECTED_SHARDED if is_sharded(files) else EXPECTED).get(config.backend, ())
+            missing = [n for n in expected if n not in files]
+            if missing or not holds_weights(files):
                 what = ", ".join(missing) or "any .safetensors weights"
                 raise ConfigError(f"checkpoint {checkpoint} does not verify: the manifest does not list {what}")
             backend.load(copy)
-            results = {split: Evaluation.of(r) for split, r in backend.evaluate(manifest["step"]).items()} if val_loss else {}
-            losses = {split: r.loss for split, r in results.items()}
-            texts = []
-            if samples is not None:
-                for prompt in samples.prompts:
-                    text = backend.generate(prompt, max_new_tokens=samples.max_new_tokens,
-                                            temperature=samples.temperature, top_k=samples.top_k, seed=samples.seed)
-                    texts.append({"prompt": prompt, "text": text})
+            yield manifest, config, backend, copy
         finally:
             shutil.rmtree(copy, ignore_errors=True)
-        val, train = losses.get("val"), losses.get("train")
-        return EvalResult(
-            checkpoint=str(checkpoint), step=manifest["step"], backend=config.backend,
-            val_loss=val, train_loss=train,
-            perplexity=results["val"].perplexity if "val" in results else None,
-            train_perplexity=results["train"].perplexity if "train" in results else None,
-            accuracy=results["val"].accuracy if "val" in results else None,
-            train_accuracy=results["train"].accuracy if "train" in results else None,
-            samples=texts, device=config.train.device, duration=time.perf_counter() - started,
-        )
 
     def close(self) -> None:
         if self._cached is not None:
@@ -172,6 +185,8 @@ class Evaluator:
             policy.check_config(raw)
         train = raw.setdefault("train", {})
         train.update(out_dir=str(self.work_dir), compile=False)
+        if "parallel" in train:  # one process, whatever the run's strategy: DCP reads shards into full tensors
+            train["parallel"] = "ddp"
         if self.device:
             train["device"] = self.device
         key = json.dumps(raw, sort_keys=True, default=str)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainctl.backends import sharded_checkpoint
 from trainctl.backends.device import Placement
 from trainctl.backends.finite_update import FiniteUpdate
 from trainctl.backends.parallel import Replicated
@@ -149,20 +150,43 @@ class OptimizerStep:
 
     # --- checkpoint -----------------------------------------------------------------------
 
-    def save(self, directory: Path) -> bool:
-        """Every rank its RNG (``rng-rank{N}.pt``); rank 0 the optimizer and scaler, the same on
-        every rank under DDP. True on the rank that writes the shared files."""
+    def save(self, directory: Path, model: nn.Module | None = None) -> bool:
+        """Every rank its RNG (``rng-rank{N}.pt``). A sharded ``model`` (FSDP; default: the placed
+        model): every rank its shard of the weights and optimizer (``sharded_checkpoint``); else
+        rank 0 the optimizer and scaler, the same on every rank under DDP. True on the rank that
+        writes the full weights."""
+        model = model or self.parallel.model
         save_rng(directory, self.rank, self.placement.device)
+        if sharded_checkpoint.is_sharded(model):
+            sharded_checkpoint.save_sharded(directory, model, self.optimizer, self._extra())
+            return False
         if self.rank != 0:
             return False
-        torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}, directory / OPTIMIZER)
+        sharded_checkpoint.save_torch({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()},
+                                      directory / OPTIMIZER)
         return True
 
-    def load(self, directory: Path) -> None:
-        opt = load_plain(directory / OPTIMIZER, self.placement.device)
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scaler.load_state_dict(opt["scaler"])
+    def load(self, directory: Path, model: nn.Module | None = None) -> None:
+        """Optimizer, scaler and this rank's RNG; from a sharded checkpoint the weights too
+        (the backend loads a full checkpoint's weights itself). Either layout into either
+        placement, on any number of ranks."""
+        model = model or self.parallel.model
+        if sharded_checkpoint.is_sharded_checkpoint(directory):
+            extra = sharded_checkpoint.load_sharded(directory, model, self.optimizer, self._extra())
+            if extra:
+                self.scaler.load_state_dict(extra["scaler"])
+        else:
+            opt = load_plain(directory / OPTIMIZER, self.placement.device)
+            if sharded_checkpoint.is_sharded(model):
+                sharded_checkpoint.load_full_optimizer(model, self.optimizer, opt["optimizer"])
+            else:
+                self.optimizer.load_state_dict(opt["optimizer"])
+            self.scaler.load_state_dict(opt["scaler"])
         load_rng(directory, self.rank, self.placement.device, self.seed)
+
+    def _extra(self) -> dict[str, Any]:
+        # the scaler holds state only for float16 (a disabled one's is empty, which DCP cannot place)
+        return {"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
 
     def close(self) -> None:
         self.parallel.close()

@@ -29,10 +29,10 @@ def cli() -> None:
 
 
 def build_cli() -> click.Group:
-    from trainctl.cli import configs, ctl, eval_worker, evaluate, info, plot, prepare, run, sample, status
+    from trainctl.cli import configs, ctl, eval_worker, evaluate, export, info, plot, prepare, run, sample, status
     from trainctl.kernel.registry import Registry
 
-    for module in (run, configs, info, prepare, sample, ctl, status, evaluate, eval_worker, plot):
+    for module in (run, configs, info, prepare, sample, ctl, status, evaluate, export, eval_worker, plot):
         module.register(cli)
     registry = Registry.discover()
     registry.register_commands(cli)  # third-party commands, through the hook

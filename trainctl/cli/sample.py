@@ -75,5 +75,13 @@ def _hf(directory: Path, prompt: str, n: int, *, seed: int, device: str, **kw) -
     except ImportError as exc:
         raise ConfigError(f"{directory} is an hf checkpoint; sampling it needs a missing package ({exc.name}): "
                           "pip install 'trainctl[hf]'") from None
+    if (directory / ".metadata").is_file():  # sharded (FSDP): consolidated first, as trainctl export does
+        import tempfile
+
+        from trainctl.cli.export import consolidate
+
+        with tempfile.TemporaryDirectory(prefix="trainctl-sample-") as scratch:
+            consolidate(directory, Path(scratch) / "checkpoint", device)
+            return _hf(Path(scratch) / "checkpoint", prompt, n, seed=seed, device=device, **kw)
     loaded = hf_sample.load(directory, device)
     return [hf_sample.sample(loaded, prompt, seed=seed + i, **kw) for i in range(n)], loaded.shape == "messages"

@@ -33,6 +33,11 @@ TMP_PREFIX = ".tmp-"  # in-progress writes and checkpoints being removed
 #: Files every checkpoint written by the kernel holds (the resolved config and the kernel state);
 #: a manifest that leaves them out (an empty file list, say) does not verify.
 REQUIRED = ("config.toml", "kernel.json")
+#: A sharded checkpoint (FSDP, written through PyTorch Distributed Checkpoint) holds its weights
+#: and optimizer state as DCP's coordinator file and one ``__RANK_0.distcp`` file per rank:
+#: plain names, listed and hashed like every other file.
+SHARDED_METADATA = ".metadata"
+SHARD_SUFFIX = ".distcp"
 MAX_MANIFEST_BYTES = 1 << 20
 _CHUNK = 1 << 20
 _HEX = frozenset("0123456789abcdef")
@@ -62,6 +67,16 @@ def plain_name(name: object) -> bool:
     """A file name that stays inside its directory: no separator, no ``.``/``..``, no NUL."""
     return (isinstance(name, str) and 0 < len(name) <= 255 and name not in (".", "..")
             and "/" not in name and "\0" not in name)
+
+
+def holds_weights(files: dict | list) -> bool:
+    """The listed files include weights: safetensors, or a sharded checkpoint's metadata and shards."""
+    return (any(name.endswith(".safetensors") for name in files)
+            or (SHARDED_METADATA in files and any(name.endswith(SHARD_SUFFIX) for name in files)))
+
+
+def is_sharded(files: dict | list) -> bool:
+    return SHARDED_METADATA in files
 
 
 def open_regular(dir_fd: int, name: str, missing: str = "") -> tuple[int, int]:

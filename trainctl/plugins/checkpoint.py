@@ -4,7 +4,9 @@ seal are in :mod:`trainctl.kernel.checkpoint_files`; this plugin owns when, wher
 Layout::
 
     OUT/checkpoints/step-000500/   the backend's files (gpt: model.safetensors, optimizer.pt,
-                                   rng-rank0.pt, model.json, data_meta.json), the kernel's
+                                   rng-rank0.pt, model.json, data_meta.json; under FSDP the
+                                   weights and optimizer are every rank's DCP shard
+                                   __N_0.distcp and .metadata instead), the kernel's
                                    (kernel.json: step = data position, python/numpy RNG, locked
                                    keys; plugins.json; config.toml) and manifest.json (sha256 of
                                    every other file; written last)
@@ -26,8 +28,14 @@ collective at once): rank 0 makes the temporary directory and tells the others i
 rank writes its own files into it (``rng-rankN.pt``; rank 0 also the weights and the kernel's
 files); once all say they are done rank 0 writes the manifest, listing every rank's files, and
 renames; then the ledger and pruning (rank 0). A failure anywhere, on any rank, removes the
-temporary directory in one place. The steps are kept apart (begin, fill, seal, commit) so that an
-asynchronous save could later run seal and commit on a thread once fill has its snapshot.
+temporary directory in one place (``_rollback``). The steps are kept apart (begin, fill, seal,
+commit) for the asynchronous save (``async_save = true``): on the training thread, begin, then
+fill with the big writes deferred (:mod:`trainctl.kernel.staging`: the tensors copied to CPU
+memory, all the loop waits for); on the background thread (:mod:`.background_save`, with a
+process group of its own), those writes, seal and commit, then ``CheckpointSaved`` through
+``run.emit`` (delivered at the next step boundary). One save in flight: the next save, the end of
+the run and SIGTERM (which ends it) wait for it; a kill meanwhile leaves a ``.tmp-*`` directory
+and the previous checkpoint the newest complete one.
 
 The best checkpoint is followed from evaluation events: a validation loss at least as good as the
 best checkpoint's makes that step's checkpoint the candidate, which becomes the best once it is
@@ -53,13 +61,15 @@ from pathlib import Path
 from typing import Any
 
 from trainctl.hooks import PluginSpec, RunInfo, hookimpl, notices
-from trainctl.hooks.events import Control, EvalEnd, Notice, RunStart, RunView
+from trainctl.hooks.events import CheckpointSaved, Control, EvalEnd, Notice, RunEnd, RunStart, RunView
 from trainctl.kernel.backend import Distributed
+from trainctl.kernel import staging
 from trainctl.kernel.checkpoint_files import MANIFEST, PREFIX, TMP_PREFIX, checkpoints, discard, seal, sha256_file, step_of
 from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.resume import BadCheckpoint, read
 from trainctl.kernel.run_dir import open_append
+from trainctl.plugins.background_save import Background
 
 LEDGER = "checkpoints.jsonl"
 
@@ -73,6 +83,7 @@ class Config:
     dir: str = "checkpoints"  # relative to the out dir
     keep_last: int = 0  # keep the newest K checkpoints (and the best); 0 = keep all
     save_best: bool = False  # also save after an evaluation that improved the val loss
+    async_save: bool = False  # the loop waits only while the state is copied to memory
 
     def __post_init__(self) -> None:
         if self.keep_last < 0:
@@ -92,6 +103,7 @@ class Checkpointer:
         self.improved_at = -1  # the step whose evaluation lowered best_val
         self.last_val: tuple[int, float] | None = None  # (step, val loss) of the latest evaluation
         self.saved: set[str] = set()  # checkpoint names this run wrote
+        self.background = Background(self.group)  # async saves: the thread, the save in flight
 
     @hookimpl
     def trainctl_run_start(self, event: RunStart) -> None:
@@ -121,7 +133,9 @@ class Checkpointer:
         """begin (rank 0: the temporary directory, or keep the checkpoint this run already wrote
         at this step) -> fill (every rank) -> seal (rank 0) -> commit (the ledger, pruning).
         Every rank makes the same collectives in the same order whatever fails, so a failure
-        fails every rank with the same message."""
+        fails every rank with the same message. Async: fill stages, and the rest runs on the
+        background thread; None is returned and CheckpointSaved is emitted once it is done."""
+        self.background.wait()  # at most one save in flight: the previous one first (its failure is raised here)
         started = time.perf_counter()
         final = self.root / _name(step)
         if self.candidate and self.candidate[1] != final.name:
@@ -129,15 +143,19 @@ class Checkpointer:
         kind, where = self.group.broadcast(self._begin(final))  # also a barrier: the directory exists for all
         if kind == "error":
             raise self._failure(final.name, where)
+        if kind == "keep" and self.config.async_save:
+            return None  # written (and announced) by its own save, which is complete now
         if kind == "write":
             tmp = Path(where)
             try:
-                self._fill_and_seal(tmp, final, step, reason, write)
-            except BaseException:  # any rank's failure, a second Ctrl-C, a lost peer: the one rollback
-                if self.run.is_main:
-                    shutil.rmtree(tmp, ignore_errors=True)
+                if self.config.async_save:
+                    self._start(tmp, final, step, reason, write, started)
+                    return None
+                self._seal(tmp, final, step, reason, *self._fill(tmp, write), self.group)
+            except BaseException:  # any rank's failure, a second Ctrl-C, a lost peer
+                self._rollback(tmp)
                 raise
-        return self._commit(step, reason, final, started)
+        return self._commit(step, reason, final, started, self._val_at(step), self._take_candidate(final.name))
 
     def _begin(self, final: Path) -> tuple[str, str]:
         """Rank 0's plan: ("write", temporary directory), ("keep", "") or ("error", why)."""
@@ -156,35 +174,96 @@ class Checkpointer:
             return ("error", _why(exc))
         return ("write", str(tmp))
 
-    def _fill_and_seal(self, tmp: Path, final: Path, step: int, reason: str, write: Callable[[Path], None]) -> None:
-        """Every rank writes its files; once all are done (the gather), rank 0 seals."""
-        why, cause = "", None
+    def _fill(self, tmp: Path, write: Callable[[Path], None]) -> tuple[str, BaseException | None]:
+        """This rank's files (or, staging, their copies in memory): ("", None) or what failed."""
         try:
             write(tmp)
         except Exception as exc:  # disk full, permissions, quota: torch and safetensors raise their own types
-            why, cause = _why(exc), exc
-        answers = self.group.gather(why)
-        problems = [f"rank {rank}: {p}" if self.group.distributed else p for rank, p in enumerate(answers) if p]
+            return _why(exc), exc
+        return "", None
+
+    def _seal(self, tmp: Path, final: Path, step: int, reason: str, why: str, cause: BaseException | None,
+              group: Any) -> None:
+        """Once every rank is done (the gather), rank 0 seals; everyone learns how it went."""
+        answers = group.gather(why)
+        problems = [f"rank {rank}: {p}" if group.distributed else p for rank, p in enumerate(answers) if p]
         if not problems and self.run.is_main:
             try:
                 seal(tmp, final, step, reason)
             except Exception as exc:
                 problems, cause = [_why(exc)], exc
-        problems = self.group.broadcast(problems)  # rank 0's seal, for everyone
+        problems = group.broadcast(problems)  # rank 0's seal, for everyone
         if problems:
             raise self._failure(final.name, "; ".join(problems)) from cause
 
-    def _commit(self, step: int, reason: str, final: Path, started: float) -> Path:
+    def _rollback(self, tmp: Path) -> None:
+        """The one rollback of a write that failed anywhere: its temporary directory goes."""
+        if self.run.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # --- async: stage on the training thread, write and seal on the background one ------------
+
+    def _start(self, tmp: Path, final: Path, step: int, reason: str, write: Callable[[Path], None],
+               started: float) -> None:
+        """Fill with the big writes deferred (their state copied to CPU memory), agree that every
+        rank staged, and hand the rest to the background thread."""
+        with staging.staging() as writes:
+            why, cause = self._fill(tmp, write)
+        problems = [p for p in self.group.gather(why) if p]  # every rank starts the background part, or none
+        if problems:
+            raise self._failure(final.name, "; ".join(problems)) from cause
+        val, best = self._val_at(step), self._take_candidate(final.name)
+        blocked = time.perf_counter() - started
+        self.background.submit(self._finish, tmp, final, step, reason, writes, started, val, best, blocked)
+
+    def _finish(self, tmp: Path, final: Path, step: int, reason: str, writes: list[staging.Write],
+                started: float, val: float | None, best: tuple[float, str] | None, blocked: float) -> None:
+        try:
+            why, cause = "", None
+            try:
+                for deferred in writes:
+                    deferred(self.background.group.pg)
+            except Exception as exc:
+                why, cause = _why(exc), exc
+            self._seal(tmp, final, step, reason, why, cause, self.background.group)
+        except BaseException:
+            self._rollback(tmp)
+            raise
+        path = self._commit(step, reason, final, started, val, best, blocked=blocked)
+        self.run.emit(CheckpointSaved(step=step, path=str(path), reason=reason, duration=time.perf_counter() - started,
+                                      val_loss=val, time=time.time()))
+
+    @hookimpl
+    def trainctl_run_end(self, event: RunEnd) -> None:
+        """The end of the run (a signal's included) waits for the save in flight."""
+        try:
+            self.background.wait()
+        except Exception as exc:  # the run is over: say so (one line); the earlier checkpoints are intact
+            print(f"trainctl: {exc if isinstance(exc, CheckpointWriteError) else _why(exc)}", file=sys.stderr)
+        finally:
+            self.background.close()
+
+    # --- commit ---------------------------------------------------------------------------------
+
+    def _take_candidate(self, name: str) -> tuple[float, str] | None:
+        """The best-checkpoint candidate if it is this checkpoint (it becomes the best once written)."""
+        if self.candidate and self.candidate[1] == name:
+            taken, self.candidate = self.candidate, None
+            return taken
+        return None
+
+    def _commit(self, step: int, reason: str, final: Path, started: float, val: float | None,
+                best: tuple[float, str] | None, *, blocked: float | None = None) -> Path:
         self.saved.add(final.name)
-        if self.candidate and self.candidate[1] == final.name:
-            self.best, self.candidate = self.candidate, None
+        if best is not None:
+            self.best = best
         if not self.run.is_main:
             return final
         self._append_ledger({
-            "step": step, "path": str(final), "reason": reason, "val_loss": self._val_at(step),
+            "step": step, "path": str(final), "reason": reason, "val_loss": val,
             "manifest_sha256": sha256_file(final / MANIFEST), "seconds": round(time.perf_counter() - started, 4),
             "time": time.time(),
-        })
+        } | ({"blocked_seconds": round(blocked, 4)} if blocked is not None else {}))
         self._prune()
         return final
 

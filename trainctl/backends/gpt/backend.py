@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model
 
-from trainctl.backends import parallel, scoring
+from trainctl.backends import parallel, scoring, sharded_checkpoint
 from trainctl.backends.device import set_threads
 from trainctl.backends.gpt import data as gpt_data
 from trainctl.backends.gpt.inference import DATA_META, MODEL_ARGS, WEIGHTS, sample
@@ -131,17 +131,21 @@ class GPTBackend(StepBackend):
     # --- state ------------------------------------------------------------------------------
 
     def save(self, directory: Path) -> None:
-        """Every rank writes its RNG; rank 0 the rest (weights and optimizer are the same on every
-        rank under DDP)."""
-        if not self.stepper.save(directory):
-            return
-        save_model(self.raw_model, str(directory / WEIGHTS))  # tied weights stored once
-        (directory / MODEL_ARGS).write_text(json.dumps(asdict(self.model_args), indent=1))
-        (directory / DATA_META).write_text(json.dumps(self.data.meta, indent=1))
+        """Every rank writes its RNG (and under FSDP its shard of the weights and optimizer);
+        rank 0 the rest (full weights and optimizer are the same on every rank under DDP)."""
+        if self.stepper.save(directory, self.raw_model):
+            sharded_checkpoint.save_safetensors(self.raw_model, directory / WEIGHTS)  # tied weights stored once
+        if self.ctx.dist.rank == 0:
+            (directory / MODEL_ARGS).write_text(json.dumps(asdict(self.model_args), indent=1))
+            (directory / DATA_META).write_text(json.dumps(self.data.meta, indent=1))
 
     def load(self, directory: Path) -> None:
-        load_model(self.raw_model, str(directory / WEIGHTS), device=str(self.device))
-        self.stepper.load(directory)
+        if not sharded_checkpoint.is_sharded_checkpoint(directory):  # sharded: the stepper reads the weights too
+            if sharded_checkpoint.is_sharded(self.raw_model):
+                sharded_checkpoint.load_full_weights(self.raw_model, load_file(str(directory / WEIGHTS)))
+            else:
+                load_model(self.raw_model, str(directory / WEIGHTS), device=str(self.device))
+        self.stepper.load(directory, self.raw_model)
 
     # --- inference ------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model
 
+from trainctl.backends import sharded_checkpoint
 from trainctl.backends.gpt.data import Tokenizer
 from trainctl.backends.gpt.model import GPT, GPTConfig
 from trainctl.kernel.errors import ConfigError
@@ -26,7 +27,10 @@ def load_for_inference(directory: Path, device: str = "cpu") -> tuple[GPT, Token
     except FileNotFoundError as exc:
         raise ConfigError(f"{directory} is not a gpt checkpoint ({Path(exc.filename).name} missing)") from None
     model = GPT(GPTConfig(**args))
-    load_model(model, str(directory / WEIGHTS), device=device)
+    if sharded_checkpoint.is_sharded_checkpoint(directory):  # FSDP's shards, read whole in this one process
+        sharded_checkpoint.load_sharded(directory, model, None, {})
+    else:
+        load_model(model, str(directory / WEIGHTS), device=device)
     return model.to(device).eval(), Tokenizer(meta)
 
 

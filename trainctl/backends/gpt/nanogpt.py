@@ -104,6 +104,10 @@ def _trainctl_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     problem = verify(path)
     if problem:
         raise ConfigError(f"model.init_from {path}: not a complete checkpoint ({problem})")
+    if (path / ".metadata").is_file():  # sharded (FSDP): read whole, in this process, as trainctl sample does
+        from trainctl.backends.gpt.inference import load_for_inference
+
+        return dict(load_for_inference(path)[0].state_dict())
     state = load_file(str(path / WEIGHTS))
     for a, b in (TIED, TIED[::-1]):
         if a not in state and b in state:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from trainctl.backends import sharded_checkpoint
 from trainctl.kernel.errors import ConfigError
 
 TRAINER_STATE = "trainer_state.json"
@@ -28,13 +29,22 @@ ADAPTER = "adapter_model.safetensors"
 
 
 def save(backend: Any, directory: Path) -> None:
-    """Every rank its RNG; rank 0 the rest (the same on every rank under DDP)."""
+    """Every rank its RNG (and under FSDP its shard of the weights and optimizer: the
+    ``sharded_checkpoint`` layout); rank 0 the rest (the same on every rank under DDP)."""
     from trainctl.backends.hf.sft import quiet
 
-    if not backend.stepper.save(directory):
+    full = backend.stepper.save(directory, backend.model)
+    if backend.ctx.dist.rank != 0:
         return
-    with quiet():  # save_pretrained draws a progress bar per shard
-        backend.model.save_pretrained(directory)  # PeftModel: the adapter only; else the full model
+    model = backend.model
+
+    def save_pretrained(state: dict[str, torch.Tensor], _pg: Any) -> None:
+        with quiet():  # save_pretrained draws a progress bar per shard
+            model.save_pretrained(directory, state_dict=state)  # PeftModel: the adapter only; else the full model
+
+    if full:
+        sharded_checkpoint.write(dict(model.state_dict()), save_pretrained)
+    with quiet():
         backend.tokenizer.save_pretrained(directory)
     state = {
         "global_step": backend.steps_done,
@@ -54,11 +64,13 @@ def load(backend: Any, directory: Path) -> None:
     if objective != backend.hf.objective:
         raise ConfigError(f"checkpoint {directory} was trained with [hf] objective = {objective!r}, not {backend.hf.objective!r}; "
                           "resume with the same objective, or start a new run from it (model.name_or_path = that directory)")
-    if backend.hf.lora is not None:
+    if sharded_checkpoint.is_sharded_checkpoint(directory):
+        pass  # the stepper reads the weights with the optimizer
+    elif backend.hf.lora is not None:
         _load_adapter(backend.model, directory)
     else:
         _load_full(backend.model, directory)
-    backend.stepper.load(directory)
+    backend.stepper.load(directory, backend.model)
     backend.steps_done = int(state["global_step"])
 
 
@@ -66,6 +78,9 @@ def _load_adapter(model: Any, directory: Path) -> None:
     from peft import set_peft_model_state_dict
 
     file = directory / ADAPTER
+    if sharded_checkpoint.is_sharded(model):
+        raise ConfigError(f"checkpoint {directory} holds a LoRA adapter written without sharding; resuming it into a "
+                          "sharded model is not supported: resume it without FSDP, or from a sharded checkpoint")
     if not file.is_file():
         raise ConfigError(f"checkpoint {directory} has no LoRA adapter ({ADAPTER}); it was saved without [hf.lora]")
     try:
@@ -87,6 +102,9 @@ def _load_full(model: Any, directory: Path) -> None:
         if not (directory / name).is_file():
             raise ConfigError(f"checkpoint {directory} has no {name}; it was saved with [hf.lora] or is not an hf checkpoint")
         state.update(load_file(str(directory / name)))
+    if sharded_checkpoint.is_sharded(model):
+        sharded_checkpoint.load_full_weights(model, state)
+        return
     result = model.load_state_dict(state, strict=False)
     # a tied weight (lm_head = embed_tokens) is saved once: missing names must share a loaded tensor
     params = dict(model.named_parameters(remove_duplicate=False))
