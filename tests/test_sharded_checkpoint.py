@@ -93,12 +93,18 @@ def test_sigterm_to_fsdp_saves_shards_that_resume_on_one_and_on_two_ranks(live, 
     assert SHARDS | {"rng-rank0.pt", "rng-rank1.pt", "model.json"} <= files(ckpt)
     assert "model.safetensors" not in files(ckpt) and "optimizer.pt" not in files(ckpt)
 
+    # FSDP on 2 ranks equals one process, a reduction order apart: the noise of each step adds up
+    # over a long run, and when SIGTERM lands is up to the machine, so compare the first 20 steps
+    first = min(step, 20)
+    assert_close(upto(losses(tmp_path / "run"), 1, first), upto(ref, 1, first))
+    # the resumed runs continue as the uninterrupted 2-rank run does, from the same state
     end = f"train.max_steps={step + 2}"
-    assert_close(losses(tmp_path / "run"), upto(ref, 1, step))  # uninterrupted: FSDP on 2 ranks equals one process
+    fsdp(tmp_path / "uninterrupted", end)
+    uninterrupted = upto(losses(tmp_path / "uninterrupted"), step + 1, step + 2)
     single(tmp_path / "one", end, resume=ckpt)
     fsdp(tmp_path / "two", end, resume=ckpt)
-    assert_close(losses(tmp_path / "one"), upto(ref, step + 1, step + 2))
-    assert_close(losses(tmp_path / "two"), upto(ref, step + 1, step + 2))
+    assert_close(losses(tmp_path / "one"), uninterrupted)
+    assert_close(losses(tmp_path / "two"), uninterrupted)
 
 
 def test_full_checkpoint_resumes_under_fsdp_and_back_and_exports(tmp_path, ref):
