@@ -31,10 +31,12 @@ def save(backend: Any, directory: Path) -> None:
     """Every rank its RNG; rank 0 the rest (the same on every rank under DDP)."""
     from trainctl.backends.hf.sft import quiet
 
-    if not backend.stepper.save(directory):
+    weights = backend.stepper.save(directory, backend.model)
+    if weights is None:
         return
+    whole = {"state_dict": weights} if isinstance(weights, dict) else {}  # FSDP: gathered from the shards
     with quiet():  # save_pretrained draws a progress bar per shard
-        backend.model.save_pretrained(directory)  # PeftModel: the adapter only; else the full model
+        backend.model.save_pretrained(directory, **whole)  # PeftModel: the adapter only; else the full model
         backend.tokenizer.save_pretrained(directory)
     state = {
         "global_step": backend.steps_done,
@@ -48,30 +50,44 @@ def save(backend: Any, directory: Path) -> None:
 
 
 def load(backend: Any, directory: Path) -> None:
+    parallel = backend.stepper.parallel
     if backend.hf.lora is not None:
-        _load_adapter(backend.model, directory)
+        _load_adapter(backend.model, directory, parallel)
     else:
-        _load_full(backend.model, directory)
-    backend.stepper.load(directory)
+        _load_full(backend.model, directory, parallel)
+    backend.stepper.load(directory, backend.model)
     state = json.loads((directory / TRAINER_STATE).read_text())
     backend.steps_done = int(state["global_step"])
 
 
-def _load_adapter(model: Any, directory: Path) -> None:
+def _load_adapter(model: Any, directory: Path, parallel: Any) -> None:
     from peft import set_peft_model_state_dict
 
     file = directory / ADAPTER
     if not file.is_file():
         raise ConfigError(f"checkpoint {directory} has no LoRA adapter ({ADAPTER}); it was saved without [hf.lora]")
+    adapter = load_file(str(file))
+    if parallel.sharded:  # the adapter's names as the model has them, loaded into the shards (strict=False: the base stays)
+        _load_sharded_adapter(model, adapter, parallel, directory)
+        return
     try:
-        result = set_peft_model_state_dict(model, load_file(str(file)))
+        result = set_peft_model_state_dict(model, adapter)
     except RuntimeError as exc:  # shapes differ: r or target modules changed
         raise ConfigError(f"checkpoint {directory}: the LoRA adapter does not fit ([hf.lora] changed?): {str(exc).splitlines()[0]}") from None
     if result.unexpected_keys:
         raise ConfigError(f"checkpoint {directory}: adapter weights the model has no place for ({result.unexpected_keys[0]}, ...); was [hf.lora] changed?")
 
 
-def _load_full(model: Any, directory: Path) -> None:
+def _load_sharded_adapter(model: Any, adapter: dict, parallel: Any, directory: Path) -> None:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    name = model.active_adapter
+    state = {k.replace(".weight", f".{name}.weight"): v for k, v in adapter.items()}
+    if set(state) != names:
+        raise ConfigError(f"checkpoint {directory}: the LoRA adapter does not fit the model's ([hf.lora] changed?)")
+    parallel.load_weights(model, state, strict=False)
+
+
+def _load_full(model: Any, directory: Path, parallel: Any) -> None:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -82,7 +98,7 @@ def _load_full(model: Any, directory: Path) -> None:
         if not (directory / name).is_file():
             raise ConfigError(f"checkpoint {directory} has no {name}; it was saved with [hf.lora] or is not an hf checkpoint")
         state.update(load_file(str(directory / name)))
-    result = model.load_state_dict(state, strict=False)
+    result = parallel.load_weights(model, state, strict=False)
     # a tied weight (lm_head = embed_tokens) is saved once: missing names must share a loaded tensor
     params = dict(model.named_parameters(remove_duplicate=False))
     shared: dict[int, set[str]] = {}
