@@ -68,7 +68,7 @@ class Replicated:
         """Scale the gradients so that their global norm ``norm`` is at most ``max_norm``."""
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
 
-    def full_state(self, module: nn.Module, optimizer: Any) -> tuple[nn.Module, dict]:
+    def full_state(self, module: nn.Module | None, optimizer: Any) -> tuple[nn.Module | None, dict]:
         """What rank 0 writes a checkpoint from: the module itself and the optimizer's state dict
         (every rank holds both whole)."""
         return module, optimizer.state_dict()
@@ -76,7 +76,7 @@ class Replicated:
     def load_weights(self, module: nn.Module, weights: dict, *, strict: bool = True) -> Any:
         return module.load_state_dict(weights, strict=strict)
 
-    def load_optimizer(self, module: nn.Module, optimizer: Any, state: dict) -> None:
+    def load_optimizer(self, module: nn.Module | None, optimizer: Any, state: dict) -> None:
         optimizer.load_state_dict(state)
 
     def close(self) -> None:

@@ -160,19 +160,19 @@ class OptimizerStep:
 
     # --- checkpoint -----------------------------------------------------------------------
 
-    def save(self, directory: Path, module: nn.Module) -> Any:
-        """Every rank its RNG (``rng-rank{N}.pt``); rank 0 the optimizer and scaler. Returns what
-        rank 0 writes ``module``'s weights from (None on the other ranks): the module itself under
-        DDP, its whole state dict gathered to rank 0's CPU under FSDP, where this is a collective
-        that every rank calls."""
+    def save(self, directory: Path, module: nn.Module | None = None) -> Any:
+        """Every rank its RNG (``rng-rank{N}.pt``); rank 0 the optimizer and scaler. Returns, on
+        rank 0, what to write ``module``'s weights from: the module itself under DDP (True without
+        ``module``), its whole state dict gathered to rank 0's CPU under FSDP, where this is a
+        collective that every rank calls with ``module``; None on the other ranks."""
         save_rng(directory, self.rank, self.placement.device)
         weights, optimizer = self.parallel.full_state(module, self.optimizer)
         if self.rank != 0:
             return None
         torch.save({"optimizer": optimizer, "scaler": self.scaler.state_dict()}, directory / OPTIMIZER)
-        return weights
+        return True if weights is None else weights
 
-    def load(self, directory: Path, module: nn.Module) -> None:
+    def load(self, directory: Path, module: nn.Module | None = None) -> None:
         opt = load_plain(directory / OPTIMIZER, self.placement.device)
         self.parallel.load_optimizer(module, self.optimizer, opt["optimizer"])
         self.scaler.load_state_dict(opt["scaler"])
