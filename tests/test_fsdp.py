@@ -30,12 +30,14 @@ def notices(out, kind: str) -> dict[int, dict]:
 def test_gpt_two_ranks_fsdp_equal_one_process_and_resume(tmp_path):
     """20 steps, 4 micro-batches a step (2 per rank), float32: the same losses, evaluations and
     per-layer norms (global, from the shards) as one process; generation and layer norms run on
-    every rank in lockstep; the FSDP checkpoint at step 10 resumes on 2 ranks."""
+    every rank in lockstep. The checkpoints carry across strategies and world sizes: FSDP on 2
+    ranks to step 10, DDP in one process to 15, FSDP on 2 ranks again to 20."""
     # lr 1e-3: at the tiny config's 3e-3, DDP itself leaves one process's losses by 7e-5 at step 14
     # (Adam's update of near-zero moments amplifies rounding), which would test chaos, not the reduction
     common = [*OBSERVED, "train.grad_accum=4", "train.eval_interval=10", "optim.lr=1e-3"]
     single(tmp_path / "one", *common, "train.max_steps=20")
     launch(TORCHRUN, tmp_path / "fsdp", *common, FSDP, "train.max_steps=10")
+    single(tmp_path / "fsdp", *common, "train.max_steps=15")
     launch(TORCHRUN, tmp_path / "fsdp", *common, FSDP, "train.max_steps=20")
     one, fsdp = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
     print("gpt fsdp 2 ranks vs 1 process, largest step-loss difference:", max(abs(one[k] - fsdp[k]) for k in one))
@@ -43,13 +45,13 @@ def test_gpt_two_ranks_fsdp_equal_one_process_and_resume(tmp_path):
     assert_close(fsdp, one)
     assert_close(evals(tmp_path / "fsdp"), evals(tmp_path / "one"))
     stats_one, stats_fsdp = notices(tmp_path / "one", "layer_stats"), notices(tmp_path / "fsdp", "layer_stats")
-    assert sorted(stats_fsdp) == [5, 10, 15, 20] and stats_fsdp.keys() == stats_one.keys()
+    assert sorted(stats_fsdp) == [5, 10, 15, 20] and stats_fsdp.keys() == stats_one.keys()  # 15: from DDP
     for step in stats_one:
         assert_close(stats_fsdp[step], stats_one[step], 1e-4)
     assert all(s["texts"][0] for s in notices(tmp_path / "fsdp", "samples").values())
     starts = [e for e in events(tmp_path / "fsdp") if e["event"] == "run_start"]
-    assert [(s["parallel"], s["world_size"]) for s in starts] == [("fsdp", 2), ("fsdp", 2)]
-    assert starts[1]["resumed_from"].endswith("step-000010")
+    assert [(s["parallel"], s["world_size"]) for s in starts] == [("fsdp", 2), ("ddp", 1), ("fsdp", 2)]
+    assert starts[1]["resumed_from"].endswith("step-000010") and starts[2]["resumed_from"].endswith("step-000015")
 
 
 def test_each_rank_holds_half_and_a_nonfinite_step_changes_no_shard(tmp_path):
@@ -165,11 +167,15 @@ def test_hf_two_ranks_fsdp_equal_one_process(hf, tmp_path, lora):
         steps += ["hf.lora.r=4", "hf.lora.target_modules=['q_proj', 'v_proj']"]
     base = hf.sets(None, *steps)
     run_cli("run", "--yes", "--backend", "hf", "--out", str(tmp_path / "one"), *sets(*base), check=True, timeout=300)
-    proc = subprocess.run(
-        [*TORCHRUN, "-m", "trainctl", "run", "--yes", "--backend", "hf", "--out", str(tmp_path / "fsdp"), *sets(*base, FSDP)],
-        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for steps in (2, 4):  # the checkpoint at step 2 (gathered weights or adapter) resumes into the shards
+        proc = subprocess.run(
+            [*TORCHRUN, "-m", "trainctl", "run", "--yes", "--backend", "hf", "--out", str(tmp_path / "fsdp"),
+             *sets(*base, FSDP, f"train.max_steps={steps}")],
+            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    starts = [e for e in events(tmp_path / "fsdp") if e["event"] == "run_start"]
+    assert starts[1]["resumed_from"].endswith("step-000002")
     one, fsdp = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
     print(f"hf {'lora' if lora else 'full'} fsdp 2 ranks vs 1 process, largest step-loss difference:",
           max(abs(one[k] - fsdp[k]) for k in one))

@@ -143,11 +143,19 @@ class Sharded:
 
     def full_state(self, module: nn.Module, optimizer: Any) -> tuple[dict, dict]:
         """Whole weights and optimizer state gathered to rank 0's CPU (the other ranks get empty
-        dicts): a collective. The optimizer state is keyed by parameter name."""
+        dicts): a collective. The optimizer state comes back in ``Optimizer.state_dict()``'s own
+        form (parameters numbered in group order), so the file is the one DDP writes and a
+        checkpoint resumes under either strategy."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(module, options=options), get_optimizer_state_dict(module, optimizer, options=options)
+        weights = get_model_state_dict(module, options=options)
+        state = get_optimizer_state_dict(module, optimizer, options=options)
+        if state:
+            index = {name: i for i, name in enumerate(_names_in_order(module, optimizer))}
+            state = {"state": {index[k]: v for k, v in state["state"].items()},
+                     "param_groups": [g | {"params": [index[k] for k in g["params"]]} for g in state["param_groups"]]}
+        return weights, state
 
     def load_weights(self, module: nn.Module, weights: dict, *, strict: bool = True) -> Any:
         """Whole weights, read by every rank; each keeps its shard."""
@@ -156,8 +164,12 @@ class Sharded:
         return set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True, strict=strict))
 
     def load_optimizer(self, module: nn.Module, optimizer: Any, state: dict) -> None:
+        """A whole ``Optimizer.state_dict()`` (from either strategy); each rank keeps its shard."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        names = _names_in_order(module, optimizer)
+        state = {"state": {names[i]: v for i, v in state["state"].items()},
+                 "param_groups": [g | {"params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
         set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
     def close(self) -> None:
@@ -170,6 +182,12 @@ class Sharded:
 
 
 Placed = Replicated | Sharded
+
+
+def _names_in_order(module: nn.Module, optimizer: Any) -> list[str]:
+    """The name of each parameter of ``optimizer``, in the order ``state_dict()`` numbers them."""
+    name = {id(p): n for n, p in module.named_parameters()}
+    return [name[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
 def for_run(model: nn.Module, *, device: torch.device, world_size: int, sharding: Sharding = Sharding(),

@@ -135,8 +135,8 @@ class GPTBackend(StepBackend):
     # --- state ------------------------------------------------------------------------------
 
     def save(self, directory: Path) -> None:
-        """Every rank writes its RNG; rank 0 the rest (weights and optimizer are the same on every
-        rank under DDP)."""
+        """Every rank writes its RNG; rank 0 the rest (under DDP every rank holds the same weights and
+        optimizer state; under FSDP they are gathered to rank 0 first, the same files result)."""
         weights = self.stepper.save(directory, self.raw_model)
         if weights is None:
             return

@@ -1,0 +1,106 @@
+"""FSDP2 vs DDP on this machine, 2 ranks (gloo, CPU): step time and per-rank peak memory.
+
+Shapes: the baby GPT (the defaults) and GPT-2 small (12 x 768, 12 heads, vocab 50304) with a
+short block (64) so that a CPU step takes seconds. One micro-batch per rank per step.
+Per rank: the step time (median ``mean_step_time`` of the logged steps after warm-up) and the
+peak resident memory (``ru_maxrss`` of each rank's process, read at its exit; it includes the
+~0.4 GiB every torch process holds before any model exists, printed as ``baseline``).
+Goals (issue 11): on GPT-2 small, FSDP step time <= 1.2x DDP's, FSDP peak <= 0.7x DDP's.
+
+    python bench/fsdp_vs_ddp.py [--steps 8] [--shapes baby,gpt2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import runpy
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
+COMMON = ["train.device='cpu'", "train.threads=1", "train.grad_accum=2", "train.eval_interval=0",
+          "train.eval_steps=1", "plugin.lr.warmup_steps=2", 'plugins=["lr", "status", "jsonl"]']
+SHAPES = {
+    "baby": [],
+    "gpt2": ["model.n_layer=12", "model.n_head=12", "model.n_embd=768", "model.vocab_size=50304",
+             "model.block_size=64", "train.batch_size=2", "model.dropout=0.0"],
+}
+
+
+def rank_main() -> None:
+    """Under torchrun: ``trainctl ARGS`` in this process, then its peak RSS into ``RSS_DIR``."""
+    import atexit
+
+    def report() -> None:
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+        Path(os.environ["RSS_DIR"], f"rank{os.environ['RANK']}.kib").write_text(str(peak_kib))
+
+    atexit.register(report)
+    sys.argv = ["trainctl", *sys.argv[2:]]
+    runpy.run_module("trainctl", run_name="__main__", alter_sys=True)
+
+
+def baseline_kib() -> int:
+    """The peak RSS of a process that imported torch and trainctl's kernel and built nothing."""
+    code = "import resource, torch, trainctl.kernel.run; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    return int(subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True,
+                              check=True).stdout)
+
+
+def env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def sets(items: list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def one(work: Path, shape: str, parallel: str, steps: int) -> dict:
+    out, rss = work / f"{shape}-{parallel}", work / f"{shape}-{parallel}-rss"
+    rss.mkdir()
+    overrides = [*COMMON, *SHAPES[shape], f"train.parallel='{parallel}'", f"train.max_steps={steps}", "train.log_interval=1"]
+    started = time.perf_counter()
+    proc = subprocess.run([*TORCHRUN, __file__, "--rank", "run", "--yes", "--out", str(out), *sets(overrides)],
+                          cwd=ROOT, env=env() | {"RSS_DIR": str(rss)}, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{shape} {parallel}: torchrun exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    times = [e["step_time"] for e in events if e["event"] == "step" and e.get("step_time") and e["step"] > 2]
+    peaks = [int((rss / f"rank{r}.kib").read_text()) for r in (0, 1)]
+    return {"step_ms": statistics.median(times) * 1000, "peak_mib": max(peaks) / 1024,
+            "wall_s": time.perf_counter() - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--shapes", default="baby,gpt2")
+    args = parser.parse_args()
+    load = os.getloadavg()
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
+    base = baseline_kib() / 1024
+    print(f"baseline peak RSS of a process with torch imported: {base:.0f} MiB")
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes.split(","):
+            ddp, fsdp = (one(Path(tmp), shape, p, args.steps) for p in ("ddp", "fsdp"))
+            print(f"{shape}: step DDP {ddp['step_ms']:.0f} ms, FSDP {fsdp['step_ms']:.0f} ms "
+                  f"({fsdp['step_ms'] / ddp['step_ms']:.2f}x); peak RSS per rank DDP {ddp['peak_mib']:.0f} MiB, "
+                  f"FSDP {fsdp['peak_mib']:.0f} MiB ({fsdp['peak_mib'] / ddp['peak_mib']:.2f}x; above the baseline "
+                  f"{(fsdp['peak_mib'] - base) / max(ddp['peak_mib'] - base, 1):.2f}x)")
+    load = os.getloadavg()
+    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--rank":
+        rank_main()
+    else:
+        main()
