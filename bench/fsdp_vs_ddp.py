@@ -2,9 +2,10 @@
 
 Shapes: the baby GPT (the defaults) and GPT-2 small (12 x 768, 12 heads, vocab 50304) with a
 short block (64) so that a CPU step takes seconds. One micro-batch per rank per step.
-Per rank: the step time (median ``mean_step_time`` of the logged steps after warm-up) and the
-peak resident memory (``ru_maxrss`` of each rank's process, read at its exit; it includes the
-~0.4 GiB every torch process holds before any model exists, printed as ``baseline``).
+The step time is the median ``step_time`` of the steps after the first two; the peak resident
+memory per rank is the largest ``ru_maxrss`` among torchrun's ranks (``RUSAGE_CHILDREN`` of a
+fresh process that waits for torchrun, so runs do not mix); it includes what every torch
+process holds before any model exists, printed as ``baseline``.
 Goals (issue 11): on GPT-2 small, FSDP step time <= 1.2x DDP's, FSDP peak <= 0.7x DDP's.
 
     python bench/fsdp_vs_ddp.py [--steps 8] [--shapes baby,gpt2]
@@ -15,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import runpy
 import statistics
 import subprocess
 import sys
@@ -35,17 +34,9 @@ SHAPES = {
 }
 
 
-def rank_main() -> None:
-    """Under torchrun: ``trainctl ARGS`` in this process, then its peak RSS into ``RSS_DIR``."""
-    import atexit
-
-    def report() -> None:
-        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
-        Path(os.environ["RSS_DIR"], f"rank{os.environ['RANK']}.kib").write_text(str(peak_kib))
-
-    atexit.register(report)
-    sys.argv = ["trainctl", *sys.argv[2:]]
-    runpy.run_module("trainctl", run_name="__main__", alter_sys=True)
+# runs argv, then prints the largest peak RSS (KiB, Linux) of any process it waited for, ranks included
+PEAK_OF_CHILDREN = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+                    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
 
 
 def baseline_kib() -> int:
@@ -64,18 +55,17 @@ def sets(items: list[str]) -> list[str]:
 
 
 def one(work: Path, shape: str, parallel: str, steps: int) -> dict:
-    out, rss = work / f"{shape}-{parallel}", work / f"{shape}-{parallel}-rss"
-    rss.mkdir()
+    out = work / f"{shape}-{parallel}"
     overrides = [*COMMON, *SHAPES[shape], f"train.parallel='{parallel}'", f"train.max_steps={steps}", "train.log_interval=1"]
     started = time.perf_counter()
-    proc = subprocess.run([*TORCHRUN, __file__, "--rank", "run", "--yes", "--out", str(out), *sets(overrides)],
-                          cwd=ROOT, env=env() | {"RSS_DIR": str(rss)}, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", PEAK_OF_CHILDREN, *TORCHRUN, "-m", "trainctl", "run", "--yes",
+                           "--out", str(out), *sets(overrides)], cwd=ROOT, env=env(), capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{shape} {parallel}: torchrun exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     times = [e["step_time"] for e in events if e["event"] == "step" and e.get("step_time") and e["step"] > 2]
-    peaks = [int((rss / f"rank{r}.kib").read_text()) for r in (0, 1)]
-    return {"step_ms": statistics.median(times) * 1000, "peak_mib": max(peaks) / 1024,
+    peak_kib = int(proc.stdout.strip().splitlines()[-1])
+    return {"step_ms": statistics.median(times) * 1000, "peak_mib": peak_kib / 1024,
             "wall_s": time.perf_counter() - started}
 
 
@@ -100,7 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--rank":
-        rank_main()
-    else:
-        main()
+    main()
