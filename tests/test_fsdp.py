@@ -85,12 +85,17 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
 
 
 def test_accelerate_launch_with_fsdp_trains_sharded(tmp_path):
+    """The launcher's FSDP settings become the run's: bf16 (FSDP's mixed precision), CPU offload
+    and activation checkpointing, on 2 ranks; the training still learns."""
     accelerate = [*ACCELERATE[:2], "--use_fsdp", "--fsdp_version", "2", "--fsdp_activation_checkpointing", "true",
-                  *ACCELERATE[3:]]
-    proc = launch(accelerate, tmp_path / "acc", "train.max_steps=4", "train.grad_accum=2")
-    assert "  parallel: fsdp over 2 ranks (reshard after forward, activation checkpointing)" in proc.stdout.splitlines()
+                  "--fsdp_offload_params", "true", "--mixed_precision", "bf16", *ACCELERATE[3:]]
+    proc = launch(accelerate, tmp_path / "acc", "train.max_steps=6", "train.grad_accum=2")
+    line = "  parallel: fsdp over 2 ranks (reshard after forward, bf16 weights / fp32 reduce, CPU offload, activation checkpointing)"
+    assert line in proc.stdout.splitlines(), proc.stdout
     [start] = [e for e in events(tmp_path / "acc") if e["event"] == "run_start"]
     assert start["parallel"] == "fsdp" and start["world_size"] == 2
+    trained = losses(tmp_path / "acc")
+    assert len(trained) == 6 and trained[6] < trained[1] - 0.05, trained
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -164,7 +169,8 @@ HF_FSDP_TOLERANCE = 1e-4  # float32 on CPU; measured largest differences are pri
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_hf_two_ranks_fsdp_equal_one_process(hf, tmp_path, lora):
-    steps = ["train.max_steps=4", "plugin.lr.warmup_steps=1", "train.eval_interval=2"]
+    steps = ["train.max_steps=4", "plugin.lr.warmup_steps=1", "train.eval_interval=2", *OBSERVED[:1],
+             "plugin.layer_stats.every=2", "plugin.samples.every=4", "plugin.samples.max_new_tokens=4"]
     if lora:
         steps += ["hf.lora.r=4", "hf.lora.target_modules=['q_proj', 'v_proj']"]
     base = hf.sets(None, *steps)
@@ -184,3 +190,8 @@ def test_hf_two_ranks_fsdp_equal_one_process(hf, tmp_path, lora):
     assert_close(fsdp, one, HF_FSDP_TOLERANCE)
     assert_close(evals(tmp_path / "fsdp"), evals(tmp_path / "one"), HF_FSDP_TOLERANCE)
     assert "parallel: fsdp over 2 ranks" in proc.stdout
+    stats_one, stats_fsdp = notices(tmp_path / "one", "layer_stats"), notices(tmp_path / "fsdp", "layer_stats")
+    assert sorted(stats_fsdp) == [2, 4]
+    for step in stats_fsdp:
+        assert_close(stats_fsdp[step], stats_one[step], HF_FSDP_TOLERANCE)
+    assert sorted(notices(tmp_path / "fsdp", "samples")) == [4]  # generated on both ranks in lockstep
