@@ -54,6 +54,9 @@ def test_gpt_two_ranks_fsdp_equal_one_process_and_resume(tmp_path):
     starts = [e for e in events(tmp_path / "fsdp") if e["event"] == "run_start"]
     assert [(s["parallel"], s["world_size"]) for s in starts] == [("fsdp", 2), ("ddp", 1), ("fsdp", 2)]
     assert starts[1]["resumed_from"].endswith("step-000010") and starts[2]["resumed_from"].endswith("step-000015")
+    # the checkpoint written from the shards evaluates in one process to the sharded run's numbers
+    result = json.loads(run_cli("eval", str(tmp_path / "fsdp"), "--json", check=True).stdout)
+    assert result["step"] == 20 and abs(result["val_loss"] - chained[(20, "val")]) < 1e-5, result
 
 
 def test_each_rank_holds_half_and_a_nonfinite_step_changes_no_shard(tmp_path):
