@@ -175,7 +175,8 @@ def test_hf_two_ranks_fsdp_equal_one_process(hf, tmp_path, lora):
     steps = ["train.max_steps=4", "plugin.lr.warmup_steps=1", "train.eval_interval=2", *OBSERVED[:1],
              "plugin.layer_stats.every=2", "plugin.samples.every=4", "plugin.samples.max_new_tokens=4"]
     if lora:
-        steps += ["hf.lora.r=4", "hf.lora.target_modules=['q_proj', 'v_proj']"]
+        # with activation checkpointing (per decoder layer) on both sides: recomputed forwards in the sharded layers
+        steps += ["hf.lora.r=4", "hf.lora.target_modules=['q_proj', 'v_proj']", "train.activation_checkpointing=true"]
     base = hf.sets(None, *steps)
     run_cli("run", "--yes", "--backend", "hf", "--out", str(tmp_path / "one"), *sets(*base), check=True, timeout=300)
     for steps in (2, 4):  # the checkpoint at step 2 (gathered weights or adapter) resumes into the shards
