@@ -84,7 +84,10 @@ def _load_sharded_adapter(model: Any, adapter: dict, parallel: Any, directory: P
     state = {k.replace(".weight", f".{name}.weight"): v for k, v in adapter.items()}
     if set(state) != names:
         raise ConfigError(f"checkpoint {directory}: the LoRA adapter does not fit the model's ([hf.lora] changed?)")
-    parallel.load_weights(model, state, strict=False)
+    try:
+        parallel.load_weights(model, state, strict=False)
+    except (RuntimeError, ValueError) as exc:  # shapes differ: r changed
+        raise ConfigError(f"checkpoint {directory}: the LoRA adapter does not fit ([hf.lora] changed?): {str(exc).splitlines()[0]}") from None
 
 
 def _load_full(model: Any, directory: Path, parallel: Any) -> None:
