@@ -6,7 +6,8 @@ bit-identical, without a host sync. Fused AdamW does this natively: given ``foun
 flag GradScaler uses), its kernel skips the update and undoes its step count. Optimizers
 without that (Muon, unfused AdamW) get a snapshot of what the update touches, restored with
 ``torch.where`` where the step was not finite: one extra copy of their parameters and state per
-step, the price of not syncing.
+step, the price of not syncing. Under FSDP2 parameters and state are DTensors: the snapshot and
+the restore work on each rank's local shard (the decision ``finite`` is the same on every rank).
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from typing import Any
 import torch
 
 from trainctl.backends.optim import CombinedOptimizer
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: a DTensor's local shard (a view: writing it writes ``t``)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def parts(optimizer: Any) -> list[torch.optim.Optimizer]:
@@ -45,17 +51,19 @@ class FiniteUpdate:
             for p in group["params"]:
                 if p.grad is None:
                     continue  # untouched by step()
-                state = {k: v.clone() for k, v in o.state[p].items() if torch.is_tensor(v)}
-                out.append((p, p.detach().clone(), state))
+                state = {k: local(v).clone() for k, v in o.state[p].items() if torch.is_tensor(v)}
+                out.append((p, local(p.detach()).clone(), state))
         return out
 
     @staticmethod
     @torch.no_grad()
     def _restore(o: torch.optim.Optimizer, snapshot: list, finite: torch.Tensor) -> None:
         for p, before, state_before in snapshot:
-            p.copy_(torch.where(finite, p, before))
+            mine = local(p)
+            mine.copy_(torch.where(finite, mine, before))
             for k, v in o.state[p].items():
                 if torch.is_tensor(v):
+                    v = local(v)
                     # state created by this step starts from zeros, as a fresh optimizer's would
                     old = state_before.get(k, torch.zeros_like(v))
                     v.copy_(torch.where(finite, v, old))

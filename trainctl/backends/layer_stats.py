@@ -19,5 +19,7 @@ def group_norms(groups: dict[str, list[torch.Tensor]]) -> dict[str, float]:
         if grads:
             names.append(f"{group}.grad_norm")
             norms.append(torch.nn.utils.get_total_norm(grads, foreach=True))
-    values = torch.stack([n.float() for n in norms]).tolist()  # host sync: once, on the steps that asked
+    # FSDP: a norm over DTensor shards is a partial one; full_tensor() all-reduces it (every rank calls this)
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    values = torch.stack([n.float().to(norms[0].device) for n in norms]).tolist()  # host sync: once, on the steps that asked
     return dict(zip(names, values))

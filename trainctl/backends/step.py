@@ -5,7 +5,7 @@ module does the rest.
     for each local micro-batch (DDP: no all-reduce but in the last one's backward):
         with autocast: share = loss(micro-batch)                 # the backend's
                        + sum(loss terms) / grad_accum            # plugins', on (B, T, V) logits
-        backward(scaler.scale(share * world))                    # DDP averages over ranks
+        backward(scaler.scale(share * world))                    # DDP/FSDP average over ranks
     unscale; grad norm of all gradients (global); clip to it
     finite = loss and norm finite (ranks: the reduced norm)      # on the device, no host sync
     optimizer step where finite, else a no-op (bit-identical)   # FiniteUpdate / GradScaler
@@ -20,6 +20,7 @@ its losses stay bit-identical to ``SFTTrainer``'s. Where the model is spread ove
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,8 @@ from torch import nn
 from trainctl.backends import sharded_checkpoint
 from trainctl.backends.device import Placement
 from trainctl.backends.finite_update import FiniteUpdate
-from trainctl.backends.parallel import Replicated
+from trainctl.backends.optim import CombinedOptimizer
+from trainctl.backends.parallel import Placed
 from trainctl.backends.rng import load_rng, save_rng
 from trainctl.kernel.backend import BackendContext, Distributed, StepOutput
 from trainctl.kernel.errors import ConfigError
@@ -67,12 +69,19 @@ def local_micro_batches(grad_accum: int, dist: Distributed) -> list[int]:
 class OptimizerStep:
     """The optimizer, grad scaler, skip counters and parallel placement of one backend's model."""
 
-    def __init__(self, *, optimizer: Any, params: list[nn.Parameter], placement: Placement, parallel: Replicated,
+    def __init__(self, *, optimizer: Any, params: list[nn.Parameter], placement: Placement, parallel: Placed,
                  train: Any, dist: Distributed, seed: int, loss_terms: Callable | None = None) -> None:
+        if parallel.sharded and isinstance(optimizer, CombinedOptimizer):
+            raise ConfigError(
+                "optim.name = 'muon' does not run under train.parallel = 'fsdp': Muon's Newton-Schulz step needs each "
+                "whole matrix and torch.optim.Muon on FSDP2's row shards computes another update; use optim.name = "
+                "'adamw' with FSDP, or train.parallel = 'ddp' with Muon"
+            )
         self.optimizer, self.params, self.placement, self.parallel = optimizer, params, placement, parallel
         self.grad_accum, self.grad_clip, self.world = train.grad_accum, train.grad_clip, dist.world_size
         self.rank, self.seed, self.loss_terms = dist.rank, seed, loss_terms
-        self.autocast = placement.autocast()
+        # under FSDP, bf16 is its MixedPrecisionPolicy (weights cast once per all-gather), not autocast
+        self.autocast = contextlib.nullcontext() if parallel.sharded else placement.autocast()
         self.scaler = torch.amp.GradScaler(placement.device.type, enabled=placement.dtype == torch.float16)
         self.update = FiniteUpdate(optimizer)  # a non-finite step changes nothing, no host sync
         zero = lambda: torch.zeros((), device=placement.device)  # noqa: E731
@@ -103,10 +112,12 @@ class OptimizerStep:
         grad_norm = self.parallel.grad_norm(self.params)  # before clipping; also decides finiteness
         if self.grad_clip > 0:
             self.parallel.clip_(self.params, self.grad_clip, grad_norm)
-        # bool, on the device. Distributed: decided from the reduced gradients alone, which every
-        # rank shares (a non-finite loss on any rank makes them non-finite), so all ranks agree
-        finite = torch.isfinite(grad_norm) if self.world > 1 else torch.isfinite(total) & torch.isfinite(grad_norm)
-        skip = ~finite
+        # bool, on the device. Distributed or sharded: decided from the reduced gradients alone,
+        # which every rank shares (a non-finite loss on any rank makes them non-finite), so all
+        # ranks agree; on the gradients' device (the CPU under FSDP's offload), like the update
+        reduced = self.world > 1 or self.parallel.sharded
+        finite = torch.isfinite(grad_norm) if reduced else torch.isfinite(total) & torch.isfinite(grad_norm)
+        skip = (~finite).to(self.placement.device, non_blocking=True)
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # float16: the scaler skips non-finite gradients itself
             self.scaler.update()
@@ -116,7 +127,7 @@ class OptimizerStep:
         torch.maximum(self.skip_streak_max, self.skip_streak, out=self.skip_streak_max)
         self.skipped_updates.add_(skip)
         return StepOutput(
-            loss=loss_value, grad_norm=grad_norm, skipped=skip, skipped_updates=self.skipped_updates,
+            loss=loss_value, grad_norm=grad_norm.to(self.placement.device, non_blocking=True), skipped=skip, skipped_updates=self.skipped_updates,
             skip_streak_max=self.skip_streak_max, tokens=tokens,
             processed_tokens=tokens if processed_tokens is None else processed_tokens, metrics=extras,
         )
@@ -140,7 +151,7 @@ class OptimizerStep:
             started = time.perf_counter()
             with self.autocast:
                 share = loss(self.parallel.model, batch, False).share
-            share.backward()  # the bare model: no all-reduce, so the estimate leaves it out
+            share.backward()  # DDP: the bare model, no all-reduce in the estimate; FSDP: its gathers are in it
             self.placement.synchronize()
             if i:
                 elapsed += time.perf_counter() - started

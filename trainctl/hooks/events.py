@@ -26,6 +26,7 @@ class RunStart:
     params: int  # trainable parameters
     tokens_per_step: int  # global: all ranks, all micro-batches
     world_size: int = 1
+    parallel: str = "ddp"  # how the model is placed over the ranks (train.parallel): ddp | fsdp
     resumed_from: str | None = None
     time: float  # time.time()
 

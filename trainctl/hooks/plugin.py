@@ -30,9 +30,11 @@ class RunInfo:
     #: whose run_end has not run yet). Safe from any thread.
     emit: Callable[[Any], None] = lambda event: None
     #: ``generate(prompt, max_new_tokens=..., temperature=..., top_k=..., seed=...) -> str``
-    #: through the run's backend; available from ``trainctl_run_start`` on.
+    #: through the run's backend; available from ``trainctl_run_start`` on. Call it on every rank
+    #: at the same point (under ``train.parallel = "fsdp"`` each forward is a collective).
     generate: Callable[..., str] = field(default=None, repr=False)  # type: ignore[assignment]
-    #: ``layer_stats() -> {name: value}``: per-layer weight/gradient norms after the last step.
+    #: ``layer_stats() -> {name: value}``: per-layer weight/gradient norms after the last step;
+    #: like ``generate``, on every rank at the same point (the norms are global).
     layer_stats: Callable[[], dict[str, float]] = field(default=None, repr=False)  # type: ignore[assignment]
     #: The ranks' collectives (:class:`trainctl.kernel.distributed.Group`: ``broadcast``,
     #: ``gather``, ``all_ok``) for a plugin whose hook must act together on every rank (the

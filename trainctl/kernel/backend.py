@@ -42,6 +42,10 @@ class StepConfig:
     dtype: str  # auto | float32 | bfloat16 | float16
     compile: bool
     threads: int  # CPU threads for torch; 0 = one per physical core
+    parallel: str = "ddp"  # ddp | fsdp: how the model is placed over the ranks
+    fsdp_reshard_after_forward: bool = True
+    cpu_offload: bool = False  # fsdp only
+    activation_checkpointing: bool = False  # per transformer block
 
     @classmethod
     def of(cls, train: Any) -> StepConfig:

@@ -21,11 +21,13 @@ known plugin that the list leaves out (it is ignored).
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainctl.kernel import accelerate_env
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.registry import Registry
 from trainctl.kernel.schema import (
@@ -214,7 +216,9 @@ def load(
         _table(raw, "train")["out_dir"] = out_dir
     if path and not _table(raw, "train").get("run_name"):
         _table(raw, "train")["run_name"] = Path(path).stem
-    return resolve(raw, registry, source=str(path or ""))
+    launcher = accelerate_env.apply(raw, os.environ)  # accelerate launch --use_fsdp ...: its settings, or one line
+    resolved = resolve(raw, registry, source=str(path or ""))
+    return dataclasses.replace(resolved, warnings=resolved.warnings + tuple(launcher)) if launcher else resolved
 
 
 def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:

@@ -70,7 +70,7 @@ class Trainer:
             bus.run_start(RunStart(
                 run_name=self.run.run_name, backend=self.run.backend, out_dir=str(self.run.out_dir),
                 start_step=state.step, max_steps=train.max_steps, params=self.plan.params,
-                tokens_per_step=self.plan.tokens_per_step, world_size=self.run.world_size,
+                tokens_per_step=self.plan.tokens_per_step, world_size=self.run.world_size, parallel=train.parallel,
                 resumed_from=self.resumed_from, time=time.time(),
             ))
             bus.deliver_pending()  # what setup queued: a skipped corrupt checkpoint, the metrics address

@@ -75,6 +75,12 @@ class TrainConfig:
     # distributed: a collective waiting longer fails the run (a rank died); torch wants a timedelta
     dist_timeout_s: float = ranged(120.0, gt=0, le=7 * 24 * 3600)
     control_interval: int = ranged(1, ge=1)  # distributed: steps between agreements on stop/save/pause/eval
+    # how the model is placed over the ranks: ddp replicates it, fsdp shards parameters,
+    # gradients and optimizer state (FSDP2, one unit per transformer block); any number of ranks
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    fsdp_reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after forward (less memory)
+    cpu_offload: bool = False  # fsdp: keep parameters, gradients and optimizer state in CPU memory
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     # refuse, before anything is allocated, a run whose estimated memory clearly exceeds what the
     # device has (the memory plan: trainctl/backends/memory.py); false: train anyway
     memory_check: bool = True
@@ -82,6 +88,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not DEVICE.fullmatch(self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.cpu_offload and self.parallel != "fsdp":
+            raise ValueError("cpu_offload needs parallel = 'fsdp' (DDP keeps the whole model on every device); set train.parallel = 'fsdp'")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -28,13 +28,15 @@ class Config:
 class LayerStats:
     def __init__(self, config: Config, run: RunInfo) -> None:
         self.every, self.run = Every(config.every, at_end=False), run
-        self.enabled = run.is_main
+        self.main = run.is_main  # every rank computes (a collective under FSDP), the main rank reports
 
     @hookimpl
     def trainctl_step_end(self, event: StepEnd) -> None:
-        if not self.enabled or not self.every.due(event.step, event.max_steps):
+        if not self.every.due(event.step, event.max_steps):
             return
         stats = self.run.layer_stats()  # gradients of this step are still there
+        if not self.main:
+            return
         grads = {k.removesuffix(".grad_norm"): v for k, v in stats.items() if k.endswith(".grad_norm")}
         top = max(grads, key=grads.get) if grads else None
         message = f"{len(stats)} norms" + (f"; largest gradient norm {grads[top]:.3g} in {top}" if top else "")

@@ -4,7 +4,7 @@ writes it, tensorboard and wandb keep it as text).
 
 Generation runs on the training thread between steps, so it never races the optimizer; its
 time is not part of any step time. It uses its own seed and leaves the training RNG alone.
-Only the main rank generates.
+Every rank generates (under FSDP each forward is a collective); only the main rank reports.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Config:
 class Samples:
     def __init__(self, config: Config, run: RunInfo) -> None:
         self.config, self.run = config, run
-        self.enabled = run.is_main
+        self.enabled = True  # every rank: see the module doc
         self.every = Every(config.every, at_end=False)  # the end is the "ending" decision: a stop ends early too
         self.sampled_step: int | None = None
 
@@ -50,6 +50,8 @@ class Samples:
             for prompt in c.prompts
         ]
         self.sampled_step = step
+        if not self.run.is_main:
+            return
         self.run.emit(Notice(
             step=step, kind=notices.SAMPLES, message=_preview(c.prompts[0] + texts[0]),
             data={"prompts": list(c.prompts), "texts": texts}, time=time.time(),

@@ -31,6 +31,7 @@ from trainctl.kernel.errors import ConfigError
 # Evaluation batches are fixed (the same at every evaluation, so losses compare); their key uses
 # a "step" that training never reaches.
 EVAL_KEYS = {"train": 2**32 - 1, "val": 2**32 - 2}
+TIED = "transformer.wte.weight"  # = lm_head.weight, the name safetensors' save_model keeps
 
 
 class GPTBackend(StepBackend):
@@ -70,9 +71,11 @@ class GPTBackend(StepBackend):
         self.raw_model.to(self.device)
         if ctx.dist.rank:
             torch.manual_seed(ctx.seed + ctx.dist.rank)  # other ranks draw other dropout masks; rank 0's stream is as alone
-        # the GPT has no buffers, so DDP's forward sends nothing
-        placed = parallel.for_run(self.raw_model, device=self.device, world_size=ctx.dist.world_size, compile=train.compile)
-        self.eval_model = placed.model  # evaluation, measurement, generation: never talks to other ranks
+        self.raw_model.activation_checkpointing = train.activation_checkpointing
+        # the GPT has no buffers, so DDP's forward sends nothing; FSDP shards block by block
+        placed = parallel.for_run(self.raw_model, device=self.device, world_size=ctx.dist.world_size,
+                                  sharding=parallel.Sharding.of(train), blocks=self.raw_model.transformer.h, dtype=self.dtype)
+        self.eval_model = placed.model  # evaluation, measurement, generation (DDP: never talks to other ranks)
         self.optimizer = from_config(self.raw_model, ctx.optim, self.device.type)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.stepper = OptimizerStep(optimizer=self.optimizer, params=self.params, placement=self.placement,
@@ -88,7 +91,8 @@ class GPTBackend(StepBackend):
                 f"GPT {self.cfg.n_layer}x{self.cfg.n_embd} ({self.cfg.n_head} heads, block {block}, "
                 f"vocab {vocab}) on {self.data.meta.get('source', ctx.data.path)}"
             ),
-            details={"train_tokens": len(self.data.train), "val_tokens": len(self.data.val), "optimizer": ctx.optim.name}
+            details={"train_tokens": len(self.data.train), "val_tokens": len(self.data.val), "optimizer": ctx.optim.name,
+                     "parallel": parallel.describe(train, ctx.dist.world_size, self.dtype)}
             | ({"init_from": self.init_note} if getattr(self, "init_note", "") else {}),
         )
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(kw_only=True, slots=True)
@@ -117,6 +118,9 @@ class GPT(nn.Module):
         # embedding and the output projection share one matrix, saving V*C params.
         self.transformer.wte.weight = self.lm_head.weight
 
+        # recompute each block's activations in backward instead of keeping them (set by the
+        # backend from train.activation_checkpointing); training forwards only
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2 paper: scale the residual projections by 1/sqrt(number of residual
         # additions) so the residual stream's variance does not grow with depth.
@@ -168,15 +172,18 @@ class GPT(nn.Module):
         tok_emb = self.transformer.wte(idx)  # (b, t, n_embd)
         pos_emb = self.transformer.wpe(pos)  # (t, n_embd), broadcast over the batch
         x = self.transformer.drop(tok_emb + pos_emb)  # (b, t, n_embd)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x = block(x)
+            # non-reentrant, as torchtitan's: dropout masks are replayed, FSDP's hooks run again
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         x = self.transformer.ln_f(x)
 
         if targets is not None:
             logits = self.lm_head(x)  # (b, t, vocab_size)
             # reshape, not view: targets may be a strided slice such as tokens[:, 1:]
+            # in float32 (what autocast does too): under FSDP's bf16 policy the logits are bf16
             loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+                logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
             )
             return logits, loss
         # Inference only needs the next token: skip the vocab projection of every

@@ -96,6 +96,9 @@ class HFBackend(StepBackend):
         attn = loading.attention(self.cfg.attn_implementation, self.device)
         with sft.quiet():
             model, frozen = loading.model(self.cfg, hf_config, attn=attn, device=self.device)
+        checkpointing = self.cfg.gradient_checkpointing or train.activation_checkpointing
+        if checkpointing and not self.cfg.gradient_checkpointing:  # per decoder layer, as model.gradient_checkpointing
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.sft = sft.SFTData(
             model=model, tokenizer=self.tokenizer, train_rows=train_rows.rows,
             val_rows=val_rows.rows if val_rows else None, mask=self.mask, packing=data.packing,
@@ -108,7 +111,7 @@ class HFBackend(StepBackend):
                                     short_step=data.epoch_end == "short_step", shuffle=data.shuffle)
         self.max_steps = self.layout.steps(data.epochs) if data.epochs else train.max_steps
         self.base = self.model.get_base_model() if self.hf.lora else self.model
-        if self.hf.lora and self.cfg.gradient_checkpointing:
+        if self.hf.lora and checkpointing:
             self.model.enable_input_require_grads()  # as TRL does: frozen embeddings, checkpointed blocks
         self._eval_batches: dict[str, list[sft.Batch]] = {}
         self.aux_coef = self.sft.trainer.router_aux_loss_coef if self.sft.trainer.aux_loss_enabled else 0.0
@@ -118,9 +121,16 @@ class HFBackend(StepBackend):
         if problem:
             raise ConfigError(problem)
 
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # FSDP: one unit per decoder layer (the classes the model says must not be split), then the root
+        no_split = set(getattr(self.base, "_no_split_modules", None) or ())
+        blocks = [m for m in self.model.modules() if type(m).__name__ in no_split][::-1]  # bottom-up, as fully_shard needs
+        if train.parallel == "fsdp" and not blocks:
+            raise ConfigError(f"{type(self.base).__name__} declares no decoder layer class (_no_split_modules) to shard "
+                              "one by one; use train.parallel = 'ddp'")
+        placed = parallel.for_run(self.model, device=self.device, world_size=ctx.dist.world_size,
+                                  sharding=parallel.Sharding.of(train), blocks=blocks, dtype=self.dtype)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # after sharding: FSDP's DTensors
         self.optimizer = from_config(self.model, ctx.optim, self.device.type)
-        placed = parallel.for_run(self.model, device=self.device, world_size=ctx.dist.world_size)
         self.stepper = OptimizerStep(optimizer=self.optimizer, params=self.params, placement=self.placement,
                                      parallel=placed, train=train, dist=ctx.dist, seed=ctx.seed, loss_terms=ctx.loss_terms)
         self.steps_done = 0
@@ -142,6 +152,7 @@ class HFBackend(StepBackend):
             "loss mask": f"{self.mask}: {100 * fraction:.1f}% of the first batch's tokens trained",
             "tokens/step": f"~{tokens:,.0f} processed, ~{trained:,.0f} trained (mean of the first {len(sampled)} steps)",
             "optimizer": plan.optimizer_line(self.ctx.optim),
+            "parallel": parallel.describe(self.train, self.ctx.dist.world_size, self.dtype),
         }
         if self.warnings:
             details["data warnings"] = "; ".join(self.warnings)
@@ -222,8 +233,8 @@ class HFBackend(StepBackend):
 
     def generate(self, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
                  top_k: int | None = 200, seed: int = 0) -> str:
-        return inference.generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_k=top_k, seed=seed)
+        return inference.generate(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                  seed=seed, synced=self.stepper.parallel.sharded and self.ctx.dist.world_size > 1)
 
     def layer_stats(self) -> dict[str, float]:
         return inference.layer_stats(self.base)

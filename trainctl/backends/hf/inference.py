@@ -12,8 +12,9 @@ from trainctl.backends.layer_stats import group_norms
 
 @torch.no_grad()
 def generate(backend: Any, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int | None,
-             seed: int) -> str:
-    """Text after ``prompt``; a chat model (messages data) is asked through its chat template."""
+             seed: int, synced: bool = False) -> str:
+    """Text after ``prompt``; a chat model (messages data) is asked through its chat template.
+    ``synced``: every rank of a sharded model generates together."""
     model, tok = backend.model, backend.tokenizer
     if backend.shape == "text":
         ids = tok(prompt, return_tensors="pt")["input_ids"]
@@ -33,6 +34,8 @@ def generate(backend: Any, prompt: str, *, max_new_tokens: int, temperature: flo
             temperature=temperature if sample else None, top_k=top_k if sample else None, top_p=None,
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
             use_cache=True,  # safe here: no packed rows in generation
+            # FSDP: every rank generates; ranks that finish early keep forwarding until all have
+            synced_gpus=synced,
         )
     finally:
         model.train(was_training)

@@ -67,28 +67,41 @@ def load(backend: Any, directory: Path) -> None:
     if sharded_checkpoint.is_sharded_checkpoint(directory):
         pass  # the stepper reads the weights with the optimizer
     elif backend.hf.lora is not None:
-        _load_adapter(backend.model, directory)
+        _load_adapter(backend.model, directory, backend.stepper.parallel)
     else:
         _load_full(backend.model, directory)
     backend.stepper.load(directory, backend.model)
     backend.steps_done = int(state["global_step"])
 
 
-def _load_adapter(model: Any, directory: Path) -> None:
+def _load_adapter(model: Any, directory: Path, parallel: Any) -> None:
     from peft import set_peft_model_state_dict
 
     file = directory / ADAPTER
-    if sharded_checkpoint.is_sharded(model):
-        raise ConfigError(f"checkpoint {directory} holds a LoRA adapter written without sharding; resuming it into a "
-                          "sharded model is not supported: resume it without FSDP, or from a sharded checkpoint")
     if not file.is_file():
         raise ConfigError(f"checkpoint {directory} has no LoRA adapter ({ADAPTER}); it was saved without [hf.lora]")
+    adapter = load_file(str(file))
+    if parallel.sharded:  # the adapter's names as the model has them, loaded into the shards (strict=False: the base stays)
+        _load_sharded_adapter(model, adapter, parallel, directory)
+        return
     try:
-        result = set_peft_model_state_dict(model, load_file(str(file)))
+        result = set_peft_model_state_dict(model, adapter)
     except RuntimeError as exc:  # shapes differ: r or target modules changed
         raise ConfigError(f"checkpoint {directory}: the LoRA adapter does not fit ([hf.lora] changed?): {str(exc).splitlines()[0]}") from None
     if result.unexpected_keys:
         raise ConfigError(f"checkpoint {directory}: adapter weights the model has no place for ({result.unexpected_keys[0]}, ...); was [hf.lora] changed?")
+
+
+def _load_sharded_adapter(model: Any, adapter: dict, parallel: Any, directory: Path) -> None:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    name = model.active_adapter
+    state = {k.replace(".weight", f".{name}.weight"): v for k, v in adapter.items()}
+    if set(state) != names:
+        raise ConfigError(f"checkpoint {directory}: the LoRA adapter does not fit the model's ([hf.lora] changed?)")
+    try:
+        parallel.load_weights(model, state, strict=False)
+    except (RuntimeError, ValueError) as exc:  # shapes differ: r changed
+        raise ConfigError(f"checkpoint {directory}: the LoRA adapter does not fit ([hf.lora] changed?): {str(exc).splitlines()[0]}") from None
 
 
 def _load_full(model: Any, directory: Path) -> None:
