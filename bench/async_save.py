@@ -10,8 +10,7 @@ Goal (issue 11): blocked <= 20 % of the synchronous save on the GPT-2 small shap
 JSON line per (strategy, mode) and a markdown table for docs/benchmarks.md. The first save of a
 run allocates the staging buffers and is left out of the medians.
 
-FSDP: ``train.parallel = "fsdp"`` where the config has it, else the test-only FSDP2 placement
-of ``tests/fsdp_run.py``.
+FSDP: ``train.parallel = "fsdp"``.
 """
 
 from __future__ import annotations
@@ -33,15 +32,6 @@ MODELS = {
 }
 
 
-def has_parallel_key() -> bool:
-    sys.path.insert(0, str(ROOT))
-    import dataclasses
-
-    from trainctl.kernel.schema import TrainConfig
-
-    return any(f.name == "parallel" for f in dataclasses.fields(TrainConfig))
-
-
 def one(strategy: str, mode: str, model: str, saves: int, work: Path) -> dict:
     out = work / f"{strategy}-{mode}"
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
@@ -49,11 +39,7 @@ def one(strategy: str, mode: str, model: str, saves: int, work: Path) -> dict:
                  "train.save_interval=1", "train.eval_interval=0", "train.log_interval=1", "train.threads=1",
                  "plugin.checkpoint.keep_last=2", f"plugin.checkpoint.async_save={str(mode == 'async').lower()}"]
     entry = [*torchrun, "-m", "trainctl"]
-    if strategy == "fsdp":
-        if has_parallel_key():
-            overrides.append("train.parallel='fsdp'")
-        else:
-            entry = [*torchrun, str(ROOT / "tests" / "fsdp_run.py")]
+    overrides.append(f"train.parallel='{strategy}'")
     sets = [arg for o in overrides for arg in ("--set", o)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run([*entry, "run", "--yes", "--out", str(out), *sets], cwd=ROOT, env=env,

@@ -14,7 +14,6 @@ import pytest
 from tests.conftest import run_cli
 from tests.live import FAST, LiveRun, sets
 from tests.test_distributed import LONG, TORCHRUN
-from tests.test_sharded_checkpoint import FSDP
 from trainctl.kernel.checkpoint_files import checkpoints, verify
 
 # a model big enough that writing takes longer than copying (4 x 128: ~1 M parameters)
@@ -63,9 +62,8 @@ def test_async_saves_write_what_sync_saves_write_and_block_only_for_staging(tmp_
 
 @pytest.mark.parametrize("launcher", ["ddp", "fsdp"])
 def test_sigterm_waits_for_the_async_save(tmp_path, launcher):
-    line = TORCHRUN if launcher == "ddp" else FSDP
-    live = LiveRun(tmp_path / "run", *LONG, "train.grad_accum=2", "train.save_interval=3",
-                   "plugin.checkpoint.async_save=true", model=[], launcher=line)
+    live = LiveRun(tmp_path / "run", *LONG, "train.grad_accum=2", "train.save_interval=3", f"train.parallel='{launcher}'",
+                   "plugin.checkpoint.async_save=true", model=[], launcher=TORCHRUN)
     try:
         live.wait(lambda s: s["state"] == "running" and s["step"] >= 4, timeout=120)
         live.proc.send_signal(signal.SIGTERM)

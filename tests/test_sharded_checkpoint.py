@@ -6,8 +6,7 @@ either strategy (DCP reshards), exports to one safetensors checkpoint, and ``tra
 ``eval`` read it directly. A kill -9 during a sharded save, synchronous or async, leaves the
 previous checkpoint the newest complete one.
 
-FSDP here is ``tests/fsdp_run.py`` (the real CLI with a test-only FSDP2 placement) until the
-strategy switch (``train.parallel``) lands; with it, these runs are ``--set train.parallel=...``.
+FSDP is ``train.parallel = "fsdp"`` on 2 ranks under torchrun, DDP the same without it.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from tests.live import LiveRun, sets
 from tests.test_distributed import LONG, SAME, TORCHRUN, assert_close, env, evals, losses
 from trainctl.kernel.checkpoint_files import checkpoints, seal, verify
 
-FSDP = [*TORCHRUN, str(ROOT / "tests" / "fsdp_run.py")]
+FSDP = "train.parallel='fsdp'"
 ACCUM = "train.grad_accum=2"  # a micro-batch per rank
 SHARDS = {".metadata", "__0_0.distcp", "__1_0.distcp"}
 
@@ -39,12 +38,11 @@ def single(out: Path, *overrides: str, resume: Path | None = None) -> None:
             *sets(*SAME, ACCUM, *overrides), check=True)
 
 
-def fsdp(out: Path, *overrides: str, resume: Path | None = None, launcher: list[str] = FSDP) -> None:
-    """A run on 2 ranks: FSDP (default) or DDP (``launcher=TORCHRUN``)."""
-    entry = [*launcher, "-m", "trainctl"] if launcher is TORCHRUN else launcher
+def fsdp(out: Path, *overrides: str, resume: Path | None = None, parallel: str = "fsdp") -> None:
+    """A run on 2 ranks: FSDP (default) or DDP (``parallel="ddp"``)."""
     proc = subprocess.run(
-        [*entry, "run", "--yes", "--out", str(out), *(["--resume", str(resume)] if resume else []),
-         *sets(*SAME, ACCUM, *overrides)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180,
+        [*TORCHRUN, "-m", "trainctl", "run", "--yes", "--out", str(out), *(["--resume", str(resume)] if resume else []),
+         *sets(*SAME, ACCUM, f"train.parallel='{parallel}'", *overrides)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
@@ -71,7 +69,7 @@ def live(tmp_path):
     runs = []
 
     def start(name, *overrides):
-        run = LiveRun(tmp_path / name, *LONG, ACCUM, *overrides, model=[], launcher=FSDP)
+        run = LiveRun(tmp_path / name, *LONG, ACCUM, FSDP, *overrides, model=[], launcher=TORCHRUN)
         runs.append(run)
         return run
 
@@ -112,7 +110,7 @@ def test_full_checkpoint_resumes_under_fsdp_and_back_and_exports(tmp_path, ref):
     fsdp(tmp_path / "b", "train.max_steps=4", resume=checkpoints(tmp_path / "a" / "checkpoints")[-1])
     [sharded] = checkpoints(tmp_path / "b" / "checkpoints")
     assert SHARDS <= files(sharded)
-    fsdp(tmp_path / "c", "train.max_steps=6", resume=sharded, launcher=TORCHRUN)  # DDP, 2 ranks
+    fsdp(tmp_path / "c", "train.max_steps=6", resume=sharded, parallel="ddp")  # DDP, 2 ranks
     assert_close(losses(tmp_path / "b"), upto(ref, 3, 4))
     assert_close(losses(tmp_path / "c"), upto(ref, 5, 6))
     assert {"model.safetensors", "optimizer.pt"} <= files(checkpoints(tmp_path / "c" / "checkpoints")[-1])
@@ -172,7 +170,8 @@ def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path, r
     out = tmp_path / "run"
     overrides = [*LONG, ACCUM, "train.log_interval=1", "train.save_interval=1", f"plugin.checkpoint.async_save={str(mode == 'async').lower()}"]
     log = open(tmp_path / "run.log", "w")
-    proc = subprocess.Popen([*FSDP, "run", "--yes", "--out", str(out), *sets(*overrides)], cwd=ROOT, env=env(),
+    proc = subprocess.Popen([*TORCHRUN, "-m", "trainctl", "run", "--yes", "--out", str(out), *sets(*overrides, FSDP)],
+                            cwd=ROOT, env=env(),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     root, caught = out / "checkpoints", None
     try:
@@ -204,8 +203,6 @@ def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path, r
 
 @pytest.mark.parametrize("strategy", ["one process", "fsdp"])
 def test_hf_export_loads_with_from_pretrained_and_evaluates_as_the_run(hf, tmp_path, strategy):
-    """``fsdp`` needs the strategy switch (``train.parallel``, branch fsdp): the hf backend must
-    build its optimizer over the sharded parameters, which tests/fsdp_run.py cannot arrange."""
     from transformers import AutoModelForCausalLM
 
     steps = [*hf.sets(None, "train.max_steps=2", "train.eval_interval=2", "plugin.lr.warmup_steps=1")]
