@@ -45,17 +45,9 @@ def import_nanogpt(source: Path, output: Path | None) -> None:
     converted is listed on stderr.
     """
     from trainctl.backends.gpt.nanogpt_config import import_file
-    from trainctl.kernel import config as cfg
 
     conversion = import_file(source)
-    text = f"# converted from nanoGPT config {source} by trainctl config import-nanogpt\n" + cfg.dump_toml(conversion.tables)
-    for note in conversion.notes:
-        click.echo(f"trainctl: {source}: {note}", err=True)
-    if output is None:
-        click.echo(text, nl=False)
-    else:
-        output.write_text(text, encoding="utf-8")
-        click.echo(f"wrote {output}", err=True)
+    _write_converted(source, "nanoGPT config", "import-nanogpt", conversion.tables, conversion.notes, output)
 
 
 @config.command("import-trl")
@@ -70,10 +62,16 @@ def import_trl(source: Path, output: Path | None) -> None:
     on stderr.
     """
     from trainctl.backends.hf.trl_config import import_file
-    from trainctl.kernel import config as cfg
 
     tables, notes = import_file(source)
-    text = f"# converted from trl config {source} by trainctl config import-trl\n" + cfg.dump_toml(tables)
+    _write_converted(source, "trl config", "import-trl", tables, notes, output)
+
+
+def _write_converted(source: Path, what: str, command: str, tables: dict, notes: list[str], output: Path | None) -> None:
+    """A converted config as TOML on stdout or into ``output``; what was not converted on stderr."""
+    from trainctl.kernel import config as cfg
+
+    text = f"# converted from {what} {source} by trainctl config {command}\n" + cfg.dump_toml(tables)
     for note in notes:
         click.echo(f"trainctl: {source}: {note}", err=True)
     if output is None:
