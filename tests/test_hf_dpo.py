@@ -60,7 +60,7 @@ def step_events(out):
     return [e for e in events if e["event"] == "step"]
 
 
-def trl_log(hf, data, out, peft=None, loss_type="sigmoid"):
+def trl_log(hf, data, out, peft=None, loss_type="sigmoid", ref=None):
     """A plain ``DPOTrainer.train()`` on the same model, pairs, order, schedule and optimizer."""
     import torch
     from datasets import Dataset
@@ -84,7 +84,8 @@ def trl_log(hf, data, out, peft=None, loss_type="sigmoid"):
     )
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     model = AutoModelForCausalLM.from_pretrained(hf.llama, dtype=torch.float32, attn_implementation="sdpa")
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), peft_config=peft,
+    ref_model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32, attn_implementation="sdpa") if ref else None
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows), peft_config=peft,
                          processing_class=AutoTokenizer.from_pretrained(hf.llama), callbacks=[Keep()])
     trainer.train()
     return kept
@@ -112,6 +113,33 @@ def test_losses_and_rewards_equal_dpo_trainer(registry, hf, pairs, tmp_path, ref
     for name in REWARDS:  # TRL averages float64 host reads of each micro-batch, we float32 device shares
         assert [e["metrics"][name] for e in ours] == pytest.approx([t[name] for t in theirs], rel=1e-5, abs=1e-6), name
     assert theirs[-1]["rewards/margins"] != 0  # the policy moved away from its reference
+
+
+def test_a_separate_reference_model_equals_dpo_trainers_ref_model(registry, hf, pairs, tmp_path):
+    """``hf.dpo.ref_model`` is TRL's ``ref_model``: the log-ratios are taken against that model,
+    held as a frozen copy or, precomputed, cached once; both equal ``DPOTrainer(ref_model=...)``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref = tmp_path / "reference"  # the tiny model with other weights: a reference that is not the start
+    model = AutoModelForCausalLM.from_pretrained(hf.llama, dtype=torch.float32)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(7)
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    model.save_pretrained(ref)
+    runs = {}
+    for reference in ("copy", "precomputed"):
+        out = tmp_path / reference
+        s = session(registry, hf, out, pairs, 'plugins=["lr", "jsonl"]', *TRL_LIKE,
+                    f"hf.dpo.reference='{reference}'", f"hf.dpo.ref_model='{ref}'")
+        assert str(ref) in s.plan.details["reference"]
+        assert s.fit().status == "completed"
+        runs[reference] = [e["loss"] for e in step_events(out)]
+    theirs = trl_log(hf, pairs, tmp_path / "trl", ref=str(ref))
+    assert runs["copy"] == runs["precomputed"] == [t["loss"] for t in theirs]  # bit-identical, step by step
+    start = trl_log(hf, pairs, tmp_path / "trl-start")  # against the starting weights: another run
+    assert [t["loss"] for t in start] != runs["copy"]
 
 
 def test_every_loss_type_is_dpo_trainers_compute_loss(registry, hf, pairs, tmp_path):

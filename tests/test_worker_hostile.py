@@ -224,3 +224,25 @@ def test_a_job_that_keeps_killing_the_worker_ends_as_an_error_across_restarts(ba
         assert done["status"] == "error" and "not retried after 1 attempts" in done["error"], done
     finally:
         worker.stop()
+
+
+def test_every_path_a_checkpoint_config_names_is_confined_to_the_roots(tmp_path):
+    """The worker's policy over the config a checkpoint carries: each path key, nested tables too
+    (``hf.dpo.ref_model``), is rewritten to its real path under a root, or refused."""
+    from trainctl.kernel.errors import ConfigError
+    from trainctl.remote.policy import PATH_KEYS, Limits, Policy
+    from trainctl.remote.roots import Roots
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "model").mkdir(parents=True)
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    policy = Policy(Roots([root]), Limits())
+    assert ("hf.dpo", "ref_model", ("",)) in PATH_KEYS["hf"]
+    raw = {"backend": "hf", "model": {"name_or_path": str(root / "model")}, "hf": {"dpo": {"ref_model": str(root / "model")}}}
+    policy.check_config(raw)
+    assert raw["hf"]["dpo"]["ref_model"] == os.path.realpath(root / "model")
+    for planted in (str(outside), str(root / "link")):  # outside, or inside only by a symlink's name
+        raw = {"backend": "hf", "model": {"name_or_path": str(root / "model")}, "hf": {"dpo": {"ref_model": planted}}}
+        with pytest.raises(ConfigError, match="hf.dpo.ref_model"):
+            policy.check_config(raw)

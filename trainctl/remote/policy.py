@@ -40,7 +40,7 @@ class Limits:
 PATH_KEYS: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
     "gpt": (("data", "path", ("",)), ("model", "init_from", ("", "scratch"))),
     "hf": (("model", "name_or_path", ("",)), ("model", "tokenizer", ("",)), ("model", "chat_template", ("",)),
-           ("data", "train", ("",)), ("data", "val", ("",))),
+           ("data", "train", ("",)), ("data", "val", ("",)), ("hf.dpo", "ref_model", ("",))),
 }
 
 
@@ -62,11 +62,14 @@ class Policy:
                 raise ConfigError(f"the checkpoint's config asks for train.{key} = {value!r}, over the worker's "
                                   f"limit of {limit} (--max-{key.replace('_', '-')})")
         for section, key, plain in PATH_KEYS[backend]:
-            table = raw.get(section, {})
+            table = raw
+            for part in section.split("."):  # e.g. hf.dpo
+                table = table.get(part) if isinstance(table, dict) else None
+                table = table if isinstance(table, dict) else {}
             value = table.get(key)
             if value is None or value in plain or (key == "chat_template" and "{" in value):
                 continue  # a default, or template text rather than a file
-            table[key] = str(self.confine(f"{section}.{key}", value, directory=key in ("name_or_path", "tokenizer")))
+            table[key] = str(self.confine(f"{section}.{key}", value, directory=key in ("name_or_path", "tokenizer", "ref_model")))
 
     def confine(self, name: str, value: Any, *, directory: bool) -> Path:
         if not isinstance(value, str) or "\0" in value:

@@ -123,7 +123,9 @@ class DPOConfig:
     weights; ``adapters_off`` the base model with the LoRA adapter disabled (no second copy; needs
     ``[hf.lora]``); ``precomputed`` reference log-probs computed once from the starting weights before
     the first step and cached in the run directory (a resume reads them back); ``auto`` TRL's
-    choice (``adapters_off`` with LoRA, else ``copy``). ``model.max_length`` is TRL's ``max_length``
+    choice (``adapters_off`` with LoRA, else ``copy``). ``ref_model``, TRL's ``ref_model``: a separate
+    reference model (a local ``save_pretrained`` directory) for ``copy`` and ``precomputed``, instead
+    of the starting weights. ``model.max_length`` is TRL's ``max_length``
     (prompt + completion, cut at the end; pairs whose prompt alone fills it are dropped, as TRL does).
     """
 
@@ -131,8 +133,12 @@ class DPOConfig:
     loss_type: LossType = "sigmoid"
     label_smoothing: float = ranged(0.0, ge=0, lt=0.5)  # robust only: the flipped-label rate
     reference: Literal["auto", "copy", "adapters_off", "precomputed"] = "auto"
+    ref_model: str = ""  # a separate reference model's directory; empty: the starting weights
 
     def __post_init__(self) -> None:
+        if self.ref_model and self.reference == "adapters_off":
+            raise ValueError('ref_model names a separate reference, while reference = "adapters_off" uses the base model '
+                             'with the adapter off; drop ref_model or set reference = "copy" or "precomputed"')
         if self.label_smoothing and self.loss_type != "robust":
             raise ValueError(f"label_smoothing is used by loss_type = \"robust\" only (TRL ignores it for {self.loss_type!r}); "
                              "set loss_type = \"robust\" or label_smoothing = 0")

@@ -123,7 +123,8 @@ class PreferenceData:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         return self.trainer.compute_ref_log_probs(self.ref_model or self.model, inputs)
 
-    def precompute(self, out_dir: Path, *, device: torch.device, autocast: Any, batch_size: int, write: bool) -> str:
+    def precompute(self, out_dir: Path, *, device: torch.device, autocast: Any, batch_size: int, write: bool,
+                   source: str = "the starting weights") -> str:
         """Fill ``ref_logps`` from the run directory's cache, or compute and (``write``) cache them.
         Returns the plan's line. Call before any step: the model must hold the starting weights."""
         path = out_dir / REF_CACHE
@@ -149,7 +150,7 @@ class PreferenceData:
             self.model.train(was_training)
         if write:
             _write_cache(path, self.ref_logps, fingerprint)
-        return f"precomputed from the starting weights, cached in {path}"
+        return f"precomputed from {source}, cached in {path}"
 
     def _fingerprint(self) -> str:
         """The starting weights (TRL's own hash), the prepared token ids and the truncation length."""

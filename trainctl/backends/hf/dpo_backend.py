@@ -11,6 +11,7 @@ else (the optimizer step, DDP, checkpoints, generation) is the SFT backend's, in
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from trainctl.backends import parallel, scoring
@@ -25,9 +26,9 @@ from trainctl.kernel.backend import Evaluation, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError
 
 
-def resolve_reference(reference: str, lora: bool) -> str:
-    if reference == "auto":
-        return "adapters_off" if lora else "copy"
+def resolve_reference(reference: str, lora: bool, separate: bool = False) -> str:
+    if reference == "auto":  # TRL's choice; a separate reference model is always held as a copy
+        return "adapters_off" if lora and not separate else "copy"
     if reference == "adapters_off" and not lora:
         raise ConfigError('hf.dpo.reference = "adapters_off" needs a [hf.lora] adapter to switch off; add [hf.lora] or use "copy"')
     return reference
@@ -48,7 +49,7 @@ class DPOBackend(HFBackend):
             raise ConfigError('loss-term plugins need token logits, which objective = "dpo" never builds; remove them or use "sft"')
         self.micro = local_micro_batches(train.grad_accum, ctx.dist)
         epochs.check(data.epoch_end == "short_step", ctx.dist.world_size)
-        self.reference = resolve_reference(opts.reference, self.hf.lora is not None)
+        self.reference = resolve_reference(opts.reference, self.hf.lora is not None, bool(opts.ref_model))
 
         train_rows, val_rows = rows.read_data(data)
         if not train_rows.rows:
@@ -68,8 +69,13 @@ class DPOBackend(HFBackend):
         attn = loading.attention(self.cfg.attn_implementation, self.device)
         with sft.quiet():
             model, frozen = loading.model(self.cfg, hf_config, attn=attn, device=self.device)
-            # the frozen copy of the starting weights, loaded as TRL loads it (same dtype and attention)
-            ref = loading.model(self.cfg, hf_config, attn=attn, device=self.device)[0] if self.reference == "copy" else None
+            # the frozen reference, loaded as TRL loads it (same dtype and attention): the starting
+            # weights, or a separate model (hf.dpo.ref_model), which precomputed log-probs come from too
+            ref = None
+            if self.reference == "copy" or opts.ref_model:
+                ref_cfg = dataclasses.replace(self.cfg, name_or_path=opts.ref_model) if opts.ref_model else self.cfg
+                ref_hf_config = loading.model_config(ref_cfg) if opts.ref_model else hf_config
+                ref = loading.model(ref_cfg, ref_hf_config, attn=attn, device=self.device)[0]
         if ref is not None:
             ref.eval().requires_grad_(False)
         self.pairs = dpo.PreferenceData(
@@ -95,10 +101,12 @@ class DPOBackend(HFBackend):
         placed = parallel.for_run(self.model, device=self.device, world_size=ctx.dist.world_size)
         self.stepper = OptimizerStep(optimizer=self.optimizer, params=self.params, placement=self.placement,
                                      parallel=placed, train=train, dist=ctx.dist, seed=ctx.seed, loss_terms=None)
-        self.reference_line = self.reference
+        self.reference_line = self.reference + (f" ({opts.ref_model})" if opts.ref_model else "")
         if self.reference == "precomputed":  # before any step, and before a resume loads weights
             self.reference_line = self.pairs.precompute(ctx.out_dir, device=self.device, autocast=self.stepper.autocast,
-                                                        batch_size=train.batch_size, write=ctx.dist.rank == 0)
+                                                        batch_size=train.batch_size, write=ctx.dist.rank == 0,
+                                                        source=opts.ref_model or "the starting weights")
+            self.pairs.ref_model = self.pairs.trainer.ref_model = None  # a separate reference: cached now, freed
         self.steps_done = 0
         return self._dpo_plan(hf_config, attn, frozen, len(train_rows.rows), len(val_rows.rows) if val_rows else 0)
 
