@@ -75,7 +75,7 @@ CRAFTS = [
      "rng-rank0.pt: 'cpu' is not a generator state (a 1-D byte tensor)"),
     (lambda c: rewrite(c, "rng-rank0.pt", torch_bytes({"cpu": torch.zeros(7, dtype=torch.uint8)})),
      "rng-rank0.pt: 'cpu' holds 7 bytes, not the 5056 of a CPU generator state"),
-    (manifest_to_dev_zero, "manifest.json is not a regular file"),
+    (manifest_to_dev_zero, "manifest.json is a symbolic link; a checkpoint holds only regular files"),
     (manifest_listing_dev_zero, "zero"),  # "/dev/zero is missing", or refused by name
 ]
 

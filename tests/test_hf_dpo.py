@@ -285,3 +285,15 @@ def test_two_ranks_under_torchrun_equal_one_process(registry, hf, pairs, tmp_pat
     one, ddp = step_events(tmp_path / "one"), step_events(tmp_path / "ddp")
     for name in REWARDS:
         assert [e["metrics"][name] for e in ddp] == pytest.approx([e["metrics"][name] for e in one], rel=1e-4, abs=1e-4)
+
+    # the same under FSDP, with the frozen copy as reference and activation checkpointing: the
+    # policy sharded over the ranks (train.parallel reaches DPO as it reaches SFT)
+    copy = [s for s in steps if "reference" not in s]
+    assert session(registry, hf, tmp_path / "one-copy", pairs, 'plugins=["lr", "checkpoint", "jsonl"]', *copy).fit().status == "completed"
+    proc = subprocess.run([*TORCHRUN, "-m", "trainctl", "run", "--yes", "--backend", "hf", "--out", str(tmp_path / "fsdp"),
+                           *sets(*hf.sets(pairs, *copy), 'plugins=["lr", "checkpoint", "jsonl"]', "train.parallel='fsdp'",
+                                 "train.activation_checkpointing=true")],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "parallel: fsdp over 2 ranks" in proc.stdout
+    assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "one-copy"), HF_TOLERANCE)

@@ -19,7 +19,6 @@ from trainctl.kernel.backend import Distributed
 from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.run import Run
-from trainctl.kernel.schema import TrainConfig
 
 TOLERANCE = 0.35
 CPU = ["train.device='cpu'", "train.threads=1"]
@@ -166,8 +165,6 @@ def test_the_estimate_is_within_35_percent_under_ddp_with_2_ranks():
     _within(_bench().measure(["train.grad_accum=2"], ranks=2))
 
 
-@pytest.mark.skipif("parallel" not in {f.name for f in dataclasses.fields(TrainConfig)},
-                    reason="train.parallel arrives with branch fsdp; this runs once both are merged")
 @pytest.mark.parametrize("shape", [[], SMALL_GPT2], ids=["baby", "small-gpt2"])
 def test_the_estimate_is_within_35_percent_under_fsdp_with_2_ranks(shape):
     _within(_bench().measure([*shape, "train.parallel='fsdp'", "train.grad_accum=2"], ranks=2))

@@ -36,12 +36,12 @@ def tokenizer(hf):
     return AutoTokenizer.from_pretrained(hf.tokenizer)
 
 
-def check(tmp_path, tokenizer, lines: list, *, max_length: int = 128, max_prompt_length: int | None = None) -> list[str]:
+def check(tmp_path, tokenizer, lines: list, *, max_length: int = 128) -> list[str]:
     """Write ``lines`` (dicts as JSON, strings as they are) to a file and check it."""
     path = tmp_path / "pref.jsonl"
     path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
     return check_preference_rows(read(str(path), "data.train"), source="data.train", tokenizer=tokenizer,
-                                 max_length=max_length, max_prompt_length=max_prompt_length)
+                                 max_length=max_length)
 
 
 @pytest.mark.parametrize("form", sorted(GOOD))
@@ -91,8 +91,6 @@ def test_prompt_longer_than_the_limits_counted_with_the_template(tmp_path, token
     assert problem == (f"data.train line 1: the prompt is {templated} tokens, which fills model.max_length {templated} "
                        "and leaves no room for the answers; shorten the prompt or raise model.max_length")
     assert check(tmp_path, tokenizer, rows, max_length=templated + 1) == []
-    [problem] = check(tmp_path, tokenizer, rows, max_length=512, max_prompt_length=plain)
-    assert problem.startswith(f"data.train line 1: the prompt is {templated} tokens, longer than hf.dpo.max_prompt_length {plain};")
     strings = [{"prompt": long, "chosen": "Aye.", "rejected": "Nay."}]
     assert check(tmp_path, tokenizer, strings, max_length=plain + 1) == []
     assert "fills model.max_length" in check(tmp_path, tokenizer, strings, max_length=plain)[0]
@@ -109,7 +107,7 @@ def test_a_prompt_over_the_tokenizers_own_limit_is_one_line_only(tmp_path, hf):
             "from trainctl.backends.hf.rows import read\n"
             f"tok = AutoTokenizer.from_pretrained({str(hf.tokenizer)!r})\n"
             f"print(check_preference_rows(read({str(path)!r}, 'data.train'), source='data.train', tokenizer=tok, "
-            "max_length=128, max_prompt_length=None))\n"
+            "max_length=128))\n"
             "print(len(tok('To be, or not to be. ' * 200)['input_ids']) > 512)")  # the precondition: over 512
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
                           timeout=120)
@@ -210,7 +208,7 @@ def test_parquet_rows_are_numbered_by_row(tmp_path, tokenizer):
     rows = [GOOD["explicit strings"]] * 4 + [{"prompt": "p", "chosen": "same", "rejected": "same"}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pref.parquet")
     problems = check_preference_rows(read(str(tmp_path / "pref.parquet"), "data.val"), source="data.val",
-                                     tokenizer=tokenizer, max_length=128, max_prompt_length=None)
+                                     tokenizer=tokenizer, max_length=128)
     assert problems == ["data.val line 5: chosen and rejected are identical; a preference pair needs two different answers"]
 
 
@@ -220,7 +218,7 @@ def test_require_raises_one_line_naming_the_file_and_count(tmp_path, tokenizer):
     path.write_text("".join(json.dumps(same) + "\n" for _ in range(7)))
     with pytest.raises(ConfigError) as caught:
         require_valid_preferences(read(str(path), "data.train"), source="data.train", tokenizer=tokenizer,
-                                  max_length=128, max_prompt_length=None, show=2)
+                                  max_length=128, show=2)
     message = str(caught.value)
     assert "\n" not in message and message.startswith(f"data check failed: 7 problem(s) in {path}: data.train line 1:")
     assert "data.train line 2:" in message and "line 3" not in message and message.endswith("(and 5 more)")

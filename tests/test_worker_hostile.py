@@ -246,3 +246,24 @@ def test_every_path_a_checkpoint_config_names_is_confined_to_the_roots(tmp_path)
         raw = {"backend": "hf", "model": {"name_or_path": str(root / "model")}, "hf": {"dpo": {"ref_model": planted}}}
         with pytest.raises(ConfigError, match="hf.dpo.ref_model"):
             policy.check_config(raw)
+
+
+def test_a_lora_adapter_whose_base_model_lies_outside_the_roots_is_refused(tmp_path):
+    """transformers loads an adapter directory's ``base_model_name_or_path`` as written: a model
+    directory inside the roots must not pull a base model from outside them (or from the hub)."""
+    from trainctl.kernel.errors import ConfigError
+    from trainctl.remote.policy import Limits, Policy
+    from trainctl.remote.roots import Roots
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    for d in (root / "base", root / "adapter", outside):
+        d.mkdir(parents=True)
+    policy = Policy(Roots([root]), Limits())
+    for base, ok in ((root / "base", True), (outside, False), ("some-org/some-model", False)):
+        (root / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+        raw = {"backend": "hf", "model": {"name_or_path": str(root / "adapter")}}
+        if ok:
+            policy.check_config(raw)
+        else:
+            with pytest.raises(ConfigError, match="base model of model.name_or_path's adapter"):
+                policy.check_config(raw)

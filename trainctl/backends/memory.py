@@ -53,7 +53,7 @@ class Term:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Strategy:
-    """How the model is spread over the ranks (the ``[train]`` keys of branch fsdp)."""
+    """How the model is spread over the ranks (``train.parallel`` and its options)."""
 
     parallel: str = "ddp"  # ddp | fsdp
     world_size: int = 1
@@ -63,13 +63,10 @@ class Strategy:
 
     @classmethod
     def of(cls, train: Any, world_size: int) -> Strategy:
-        """From a ``StepConfig``; keys it does not have yet keep their defaults."""
-        return cls(
-            parallel=getattr(train, "parallel", "ddp"), world_size=world_size,
-            cpu_offload=getattr(train, "cpu_offload", False),
-            activation_checkpointing=getattr(train, "activation_checkpointing", False),
-            reshard_after_forward=getattr(train, "fsdp_reshard_after_forward", True),
-        )
+        """From a ``StepConfig`` (or ``TrainConfig``)."""
+        return cls(parallel=train.parallel, world_size=world_size, cpu_offload=train.cpu_offload,
+                   activation_checkpointing=train.activation_checkpointing,
+                   reshard_after_forward=train.fsdp_reshard_after_forward)
 
     @property
     def sharded(self) -> bool:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainctl.backends.finite_update import parts
 from trainctl.kernel import staging
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.safe_load import unpickling_reason
@@ -67,7 +68,7 @@ def save_sharded(directory: Path, model: nn.Module, optimizer: Any, extra: dict[
     """Every rank: model and optimizer shards (and ``extra``, plain values) in one ``dcp.save``."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optim_state = get_state_dict(model, _parts(optimizer))
+    model_state, optim_state = get_state_dict(model, parts(optimizer))
     write({"model": model_state, "optimizer": optim_state, **extra}, lambda state, pg: _dcp_save(directory, state, pg))
 
 
@@ -128,7 +129,7 @@ def load_sharded(directory: Path, model: nn.Module, optimizer: Any | None, extra
     if optimizer is None:
         state = {"model": get_model_state_dict(model), **extra}
     else:
-        model_state, optim_state = get_state_dict(model, _parts(optimizer))
+        model_state, optim_state = get_state_dict(model, parts(optimizer))
         state = {"model": model_state, "optimizer": optim_state, **extra}
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -146,7 +147,7 @@ def load_sharded(directory: Path, model: nn.Module, optimizer: Any | None, extra
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
-        set_state_dict(model, _parts(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(model, parts(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return {key: state[key] for key in extra}
 
 
@@ -165,7 +166,7 @@ def load_full_optimizer(model: nn.Module, optimizer: Any, saved: dict[str, Any])
     """A full ``optimizer.state_dict()`` into the optimizer of a sharded model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, _parts(optimizer), by_name(model, optimizer, saved),
+    set_optimizer_state_dict(model, parts(optimizer), by_name(model, optimizer, saved),
                              options=StateDictOptions(full_state_dict=True))
 
 
@@ -187,11 +188,11 @@ def by_name(model: nn.Module, optimizer: Any, saved: dict[str, Any]) -> dict[str
     """``optimizer.state_dict()`` (parameters numbered) keyed by parameter names instead, the
     form DCP's ``set_optimizer_state_dict`` takes; the saved groups match the live ones in order."""
     names = {id(p): n for n, p in model.named_parameters()}
-    parts = _parts(optimizer)
-    saved_parts = [saved[key] for key in ("adamw", "muon")] if len(parts) > 1 else [saved]
+    live_parts = parts(optimizer)
+    saved_parts = [saved[key] for key in ("adamw", "muon")] if len(live_parts) > 1 else [saved]
     state: dict[str, Any] = {}
     groups: list[dict[str, Any]] = []
-    for live, part in zip(parts, saved_parts):
+    for live, part in zip(live_parts, saved_parts):
         for live_group, group in zip(live.param_groups, part["param_groups"]):
             fqns = [names[id(p)] for p in live_group["params"]]
             state.update({fqn: part["state"][i] for i, fqn in zip(group["params"], fqns) if i in part["state"]})
@@ -276,11 +277,6 @@ def _distributed() -> bool:
 
     return td.is_available() and td.is_initialized()
 
-
-def _parts(optimizer: Any) -> list[torch.optim.Optimizer]:
-    from trainctl.backends.finite_update import parts
-
-    return parts(optimizer)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -20,6 +20,9 @@ from pathlib import Path
 import click
 
 from trainctl.kernel.errors import ConfigError
+from trainctl.remote.policy import Limits
+
+DEFAULTS = Limits()  # one place for the limits' defaults: the dataclass
 
 DEFAULT_PORT = 8477
 ACCEPT_BATCH = 32
@@ -43,32 +46,31 @@ def default_state_dir() -> Path:
               help="Only read checkpoints under this directory (repeatable; default: the current directory).")
 @click.option("--state", "state_dir", type=click.Path(path_type=Path), help="Job queue directory [default: ~/.local/state/trainctl/eval-worker].")
 @click.option("--device", help="Evaluate on this device instead of each run's train.device.")
-@click.option("--job-timeout", default=900.0, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--job-timeout", default=DEFAULTS.job_timeout_s, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Seconds one evaluation may take; then it is stopped and the job is an error.")
-@click.option("--max-attempts", default=3, show_default=True, type=click.IntRange(1),
+@click.option("--max-attempts", default=DEFAULTS.max_attempts, show_default=True, type=click.IntRange(1),
               help="Evaluations of a job whose process died (or whose worker died) before the job is an error.")
-@click.option("--max-eval-steps", default=1000, show_default=True, type=click.IntRange(1),
+@click.option("--max-eval-steps", default=DEFAULTS.max_eval_steps, show_default=True, type=click.IntRange(1),
               help="The most train.eval_steps a checkpoint's config may ask for.")
-@click.option("--max-batch-size", default=1024, show_default=True, type=click.IntRange(1),
+@click.option("--max-batch-size", default=DEFAULTS.max_batch_size, show_default=True, type=click.IntRange(1),
               help="The most train.batch_size a checkpoint's config may ask for.")
-@click.option("--max-checkpoint-gb", default=200.0, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--max-checkpoint-gb", default=DEFAULTS.max_checkpoint_gb, show_default=True, type=click.FloatRange(0, min_open=True),
               help="The most a checkpoint may hold: it is copied into the state dir to be evaluated.")
-@click.option("--max-queue", default=1000, show_default=True, type=click.IntRange(1),
+@click.option("--max-queue", default=DEFAULTS.max_queue, show_default=True, type=click.IntRange(1),
               help="Queued jobs; more submissions are answered 429.")
-@click.option("--keep-finished", default=1000, show_default=True, type=click.IntRange(1),
+@click.option("--keep-finished", default=DEFAULTS.keep_finished, show_default=True, type=click.IntRange(1),
               help="Finished jobs remembered (the oldest are forgotten first).")
-@click.option("--keep-days", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--keep-days", default=DEFAULTS.keep_days, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Finished jobs are forgotten after this many days.")
-@click.option("--request-timeout", default=10.0, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--request-timeout", default=DEFAULTS.request_timeout_s, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Seconds a client has to send a request's headers, and again its body.")
-@click.option("--max-connections", default=64, show_default=True, type=click.IntRange(1),
+@click.option("--max-connections", default=DEFAULTS.max_connections, show_default=True, type=click.IntRange(1),
               help="Open connections; the oldest one without a request is closed first.")
 def eval_worker(host: str, port: int, token: str, roots: tuple[Path, ...], state_dir: Path | None, device: str | None,
                 job_timeout: float, max_attempts: int, max_eval_steps: int, max_batch_size: int,
                 max_checkpoint_gb: float, max_queue: int,
                 keep_finished: int, keep_days: float, request_timeout: float, max_connections: int) -> None:
     """Serve remote evaluation: POST /jobs, GET /jobs/ID, GET /jobs?run=RUN, GET /health."""
-    from trainctl.remote.policy import Limits
     from trainctl.remote.roots import Roots
 
     if token and click.get_current_context().get_parameter_source("token").name == "COMMANDLINE":

@@ -28,7 +28,6 @@ from typing import Any
 from trainctl.control.files import read_json, write_json
 from trainctl.kernel.run_dir import CONTROL, LOCK, read_regular
 
-CONTROL_DIR = CONTROL
 COMMANDS = ("stop", "pause", "resume", "save", "eval")
 IDENT = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what `send` makes: time_ns-pid
 MAX_COMMAND_BYTES = 4096
@@ -46,7 +45,7 @@ class Received:
 
 
 def control_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CONTROL_DIR
+    return Path(run_dir) / CONTROL
 
 
 def live(run_dir: Path) -> dict[str, Any] | None:

@@ -101,6 +101,13 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
 
 
+def put_key(tables: dict[str, Any], table: str, key: str, value: Any) -> None:
+    """``tables[table...][key] = value``, with ``table`` dotted (``plugin.lr``), making tables on the way."""
+    for part in table.split("."):
+        tables = tables.setdefault(part, {})
+    tables[key] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``--set a.b.c=VALUE`` overrides; VALUE is parsed as TOML, else taken as a string."""
     for item in overrides:

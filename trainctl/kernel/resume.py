@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainctl.kernel.checkpoint_files import MANIFEST, verify
+from trainctl.kernel.checkpoint_files import verify
 from trainctl.kernel.errors import ConfigError, PluginError
 
 KERNEL_FILE = "kernel.json"
@@ -72,8 +72,7 @@ def kernel_record(*, state: dict[str, Any], run_name: str, backend: str, locked:
 def read(directory: Path) -> Saved:
     """A checkpoint that verifies, with its kernel files checked; :class:`BadCheckpoint` says
     what is wrong. Every rank reaches the same answer: it reads every rank's RNG file."""
-    # the manifest is checked before verify() reads it whole: a symlink to /dev/zero has no end
-    problem = _regular(directory / MANIFEST, MAX_JSON_BYTES) or verify(directory)
+    problem = verify(directory)  # regular files only, no links followed, the manifest's size bounded
     if problem:
         raise BadCheckpoint(problem)
     return read_contents(directory)
@@ -240,18 +239,6 @@ def _load_backend(backend: Any, path: Path) -> None:
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-def _regular(path: Path, limit: int) -> str | None:
-    """What stops ``path`` from being read whole, or None (also when it is missing)."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        return f"{path.name} is unreadable ({exc.strerror})"
-    if not stat.S_ISREG(info.st_mode):
-        return f"{path.name} is not a regular file"
-    return f"{path.name} is larger than {limit} bytes" if info.st_size > limit else None
 
 
 def _json(path: Path) -> Any:

@@ -111,8 +111,11 @@ def claim(out_dir: Path, *, main: bool = True, plugins: Sequence[str] = ()) -> R
 class RunDir:
     """The run directory of a live run: the lock (rank 0) and a cheap check that it still exists.
 
-    Registered with the run's plugin manager, so ``check`` runs at every control poll: a stat of
-    the directory and one of the lock (a few microseconds), against their inodes at the start."""
+    Registered with the run's plugin manager; at a control poll, at most once a second (a stat on
+    a network filesystem can take milliseconds), ``check`` stats the directory and the lock
+    against their inodes at the start."""
+
+    INTERVAL_S = 1.0
 
     def __init__(self, out_dir: Path, *, main: bool, plugins: list[str]) -> None:
         self.out_dir = out_dir
@@ -121,6 +124,7 @@ class RunDir:
         self.lock_path = out_dir / CONTROL / LOCK
         self.lock: int | None = None
         self.lock_inode: tuple[int, int] | None = None
+        self.checked = time.monotonic()
         if main:
             self.lock = _lock(self.lock_path, out_dir, plugins)
             held = os.fstat(self.lock)
@@ -132,14 +136,14 @@ class RunDir:
         """None while the directory and the lock are the ones this run started with, else why not."""
         try:
             here = os.stat(self.out_dir)
-        except FileNotFoundError:
+        except OSError:
             return f"the run directory {self.out_dir} was deleted or moved while the run was going"
         if (here.st_dev, here.st_ino) != self.inode:
             return f"the run directory {self.out_dir} was replaced by another while the run was going"
         if self.lock_inode is not None:
             try:
                 held = os.stat(self.lock_path)
-            except FileNotFoundError:
+            except OSError:
                 held = None
             if held is None or (held.st_dev, held.st_ino) != self.lock_inode:
                 return f"the run's lock {self.lock_path} was removed: another run could start there"
@@ -147,6 +151,10 @@ class RunDir:
 
     @hookimpl
     def trainctl_control(self, view: RunView) -> Control | None:
+        now = time.monotonic()
+        if now - self.checked < self.INTERVAL_S:
+            return None
+        self.checked = now
         problem = self.check()
         return Control(stop=True, failed=True, reason=problem) if problem else None
 

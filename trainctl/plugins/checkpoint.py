@@ -99,6 +99,7 @@ class Checkpointer:
         self.ledger = run.out_dir / LEDGER
         self.best: tuple[float, str] | None = None  # (val loss, name) of the best checkpoint written
         self.candidate: tuple[float, str] | None = None  # the best if the latest evaluation's checkpoint is written
+        self.ending = False  # the kernel is about to write the run's last checkpoint
         self.best_val: float | None = None  # the lowest val loss evaluated, for save_best
         self.improved_at = -1  # the step whose evaluation lowered best_val
         self.last_val: tuple[int, float] | None = None  # (step, val loss) of the latest evaluation
@@ -124,6 +125,9 @@ class Checkpointer:
 
     @hookimpl
     def trainctl_control(self, view: RunView) -> Control | None:
+        # the last save of a run is written synchronously, async_save or not: the loop waits for
+        # it anyway, and a failure of it then fails the run instead of a stderr line after run_end
+        self.ending = view.state == "ending"
         if self.config.save_best and view.state == "running" and self.improved_at == view.step:
             return Control(save=True, reason="best")
         return None
@@ -148,7 +152,7 @@ class Checkpointer:
         if kind == "write":
             tmp = Path(where)
             try:
-                if self.config.async_save:
+                if self.config.async_save and not self.ending:
                     self._start(tmp, final, step, reason, write, started)
                     return None
                 self._seal(tmp, final, step, reason, *self._fill(tmp, write), self.group)
@@ -255,7 +259,7 @@ class Checkpointer:
     def _commit(self, step: int, reason: str, final: Path, started: float, val: float | None,
                 best: tuple[float, str] | None, *, blocked: float | None = None) -> Path:
         self.saved.add(final.name)
-        if best is not None:
+        if best is not None and (self.best is None or best[0] <= self.best[0]):  # async: a better one may be in
             self.best = best
         if not self.run.is_main:
             return final

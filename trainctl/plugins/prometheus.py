@@ -33,9 +33,8 @@ characters outside ``[A-Za-z0-9_./-]`` replaced by ``_`` and cut at 100 characte
 ``max_metric_names`` distinct names are exported (a warning once, then the rest are dropped), so a
 backend that puts a step number in a name cannot grow the series without bound.
 
-The step-duration histogram observes every step without the kernel doing more work: a step
-event carries the mean time of the steps since the last logged step, so ``k * mean_k - (k - 1) *
-mean_{k-1}`` is exactly the k-th step's own time (evaluation, saving and pauses excluded).
+The step-duration histogram observes every step's own ``step_time`` (evaluation, saving and
+pauses excluded), carried by every step event.
 
 Under several processes only local rank 0 serves (one endpoint per node, ``rank`` labelled) unless
 ``per_rank_ports`` gives every local rank ``port + local_rank``. A busy port is a warning, never

@@ -38,7 +38,6 @@ class Config:
 class Samples:
     def __init__(self, config: Config, run: RunInfo) -> None:
         self.config, self.run = config, run
-        self.enabled = True  # every rank: see the module doc
         self.every = Every(config.every, at_end=False)  # the end is the "ending" decision: a stop ends early too
         self.sampled_step: int | None = None
 
@@ -60,13 +59,13 @@ class Samples:
     @hookimpl
     def trainctl_step_end(self, event: StepEnd) -> None:
         # the plugin keeps its own cadence: the kernel's intervals are for evaluation and saving
-        if self.enabled and self.every.due(event.step, event.max_steps):
+        if self.every.due(event.step, event.max_steps):
             self.sample(event.step)
 
     @hookimpl
     def trainctl_control(self, view: RunView) -> None:
         # "ending" is asked once, before the final evaluation: the last chance to emit an event
-        if view.state == "ending" and self.enabled and self.config.at_end and self.sampled_step != view.step:
+        if view.state == "ending" and self.config.at_end and self.sampled_step != view.step:
             self.sample(view.step)
 
 

@@ -23,6 +23,9 @@ from trainctl.remote.roots import Roots
 def serve(conn: Any, roots: list[str], limits: Limits, work_dir: str, device: str | None) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # a checkpoint's config must not make the worker download anything (a hub id, a LoRA
+    # adapter's base model): before anything of Hugging Face's is imported
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
     from trainctl.evaluation import Evaluator
     from trainctl.kernel.errors import ConfigError
 

@@ -6,6 +6,7 @@ was checked is what the backend opens) and the work it asks for must fit the lim
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,23 @@ class Policy:
             if value is None or value in plain or (key == "chat_template" and "{" in value):
                 continue  # a default, or template text rather than a file
             table[key] = str(self.confine(f"{section}.{key}", value, directory=key in ("name_or_path", "tokenizer", "ref_model")))
+            if key in ("name_or_path", "ref_model"):
+                self._adapter_base(f"{section}.{key}", Path(table[key]))
+
+    def _adapter_base(self, name: str, directory: Path) -> None:
+        """A LoRA adapter directory names its base model in ``adapter_config.json``, which
+        transformers then loads as written: that path must lie under a root too."""
+        config = directory / "adapter_config.json"
+        if not config.is_file():
+            return
+        try:
+            with open(config, "rb") as f:
+                base = json.loads(f.read(1 << 20)).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            raise ConfigError(f"the checkpoint's config has {name} = {str(directory)!r}, whose adapter_config.json "
+                              "is unreadable") from None
+        if base:
+            self.confine(f"the base model of {name}'s adapter", base, directory=True)
 
     def confine(self, name: str, value: Any, *, directory: bool) -> Path:
         if not isinstance(value, str) or "\0" in value:

@@ -11,10 +11,12 @@ trains what nanoGPT would have trained, not trainctl's defaults.
 from __future__ import annotations
 
 import ast
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainctl.kernel.config import put_key
 from trainctl.kernel.errors import ConfigError
 
 #: nanoGPT name -> (our table path, key). Tables are dotted: "plugin.lr".
@@ -105,11 +107,7 @@ def convert(values: dict[str, Any]) -> Conversion:
     merged = NANOGPT_DEFAULTS | given
     tables: dict[str, Any] = {"seed": given.get("seed", 1337), "backend": "gpt"}
 
-    def put(table: str, key: str, value: Any) -> None:
-        target = tables
-        for part in table.split("."):
-            target = target.setdefault(part, {})
-        target[key] = value
+    put = functools.partial(put_key, tables)
 
     for name, value in merged.items():
         if name in DIRECT:

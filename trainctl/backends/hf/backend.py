@@ -96,9 +96,7 @@ class HFBackend(StepBackend):
         attn = loading.attention(self.cfg.attn_implementation, self.device)
         with sft.quiet():
             model, frozen = loading.model(self.cfg, hf_config, attn=attn, device=self.device)
-        checkpointing = self.cfg.gradient_checkpointing or train.activation_checkpointing
-        if checkpointing and not self.cfg.gradient_checkpointing:  # per decoder layer, as model.gradient_checkpointing
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing = self._checkpointing(model)
         self.sft = sft.SFTData(
             model=model, tokenizer=self.tokenizer, train_rows=train_rows.rows,
             val_rows=val_rows.rows if val_rows else None, mask=self.mask, packing=data.packing,
@@ -121,6 +119,21 @@ class HFBackend(StepBackend):
         if problem:
             raise ConfigError(problem)
 
+        self._place(loss_terms=ctx.loss_terms)
+        self.steps_done = 0
+        return self._plan(hf_config, attn, frozen, fraction, len(train_rows.rows), len(val_rows.rows) if val_rows else 0)
+
+    def _checkpointing(self, model: Any) -> bool:
+        """Activation checkpointing per decoder layer (``model.gradient_checkpointing``, or
+        ``train.activation_checkpointing``); whether it is on."""
+        checkpointing = self.cfg.gradient_checkpointing or self.train.activation_checkpointing
+        if checkpointing and not self.cfg.gradient_checkpointing:  # per decoder layer, as model.gradient_checkpointing
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return checkpointing
+
+    def _place(self, *, loss_terms: Any) -> None:
+        """``self.model`` over the ranks (``train.parallel``), then its optimizer and the shared step."""
+        ctx, train = self.ctx, self.train
         # FSDP: one unit per decoder layer (the classes the model says must not be split), then the root
         no_split = set(getattr(self.base, "_no_split_modules", None) or ())
         blocks = [m for m in self.model.modules() if type(m).__name__ in no_split][::-1]  # bottom-up, as fully_shard needs
@@ -132,9 +145,7 @@ class HFBackend(StepBackend):
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # after sharding: FSDP's DTensors
         self.optimizer = from_config(self.model, ctx.optim, self.device.type)
         self.stepper = OptimizerStep(optimizer=self.optimizer, params=self.params, placement=self.placement,
-                                     parallel=placed, train=train, dist=ctx.dist, seed=ctx.seed, loss_terms=ctx.loss_terms)
-        self.steps_done = 0
-        return self._plan(hf_config, attn, frozen, fraction, len(train_rows.rows), len(val_rows.rows) if val_rows else 0)
+                                     parallel=placed, train=train, dist=ctx.dist, seed=ctx.seed, loss_terms=loss_terms)
 
     def _plan(self, hf_config: Any, attn: str, frozen: int, fraction: float, n_train: int, n_val: int) -> Plan:
         total = sum(p.numel() for p in self.model.parameters())

@@ -20,8 +20,7 @@ from trainctl.backends.hf import dpo, epochs, loading, rows, sft
 from trainctl.backends.hf.backend import EVAL_EPOCH, HFBackend
 from trainctl.backends.hf.dpo_loss import dpo_loss, reward_metrics
 from trainctl.backends.hf.preference_check import require_valid_preferences
-from trainctl.backends.optim import from_config
-from trainctl.backends.step import MicroLoss, OptimizerStep, local_micro_batches
+from trainctl.backends.step import MicroLoss, local_micro_batches
 from trainctl.kernel.backend import Evaluation, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError
 
@@ -61,8 +60,7 @@ class DPOBackend(HFBackend):
         self.tokenizer = loading.tokenizer(self.cfg)
         for key, found in (("data.train", train_rows), ("data.val", val_rows)):
             if found is not None:  # before the model loads: a bad pair is one line, exit 2
-                require_valid_preferences(found, source=key, tokenizer=self.tokenizer,
-                                          max_length=self.cfg.max_length, max_prompt_length=None)
+                require_valid_preferences(found, source=key, tokenizer=self.tokenizer, max_length=self.cfg.max_length)
         if val_rows is None:
             train_rows, val_rows = rows.split(train_rows, data.val_fraction, data.split_seed)
 
@@ -76,6 +74,7 @@ class DPOBackend(HFBackend):
                 ref_cfg = dataclasses.replace(self.cfg, name_or_path=opts.ref_model) if opts.ref_model else self.cfg
                 ref_hf_config = loading.model_config(ref_cfg) if opts.ref_model else hf_config
                 ref = loading.model(ref_cfg, ref_hf_config, attn=attn, device=self.device)[0]
+        checkpointing = self._checkpointing(model)
         if ref is not None:
             ref.eval().requires_grad_(False)
         self.pairs = dpo.PreferenceData(
@@ -92,15 +91,11 @@ class DPOBackend(HFBackend):
                                     short_step=data.epoch_end == "short_step", shuffle=data.shuffle)
         self.max_steps = self.layout.steps(data.epochs) if data.epochs else train.max_steps
         self.base = self.model.get_base_model() if self.hf.lora else self.model
-        if self.hf.lora and self.cfg.gradient_checkpointing:
-            self.model.enable_input_require_grads()
+        if self.hf.lora and checkpointing:
+            self.model.enable_input_require_grads()  # as TRL does: frozen embeddings, checkpointed blocks
         self._eval_batches: dict[str, list[dpo.PairBatch]] = {}
 
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = from_config(self.model, ctx.optim, self.device.type)
-        placed = parallel.for_run(self.model, device=self.device, world_size=ctx.dist.world_size)
-        self.stepper = OptimizerStep(optimizer=self.optimizer, params=self.params, placement=self.placement,
-                                     parallel=placed, train=train, dist=ctx.dist, seed=ctx.seed, loss_terms=None)
+        self._place(loss_terms=None)  # the policy over the ranks (ddp or fsdp), its optimizer, the shared step
         self.reference_line = self.reference + (f" ({opts.ref_model})" if opts.ref_model else "")
         if self.reference == "precomputed":  # before any step, and before a resume loads weights
             self.reference_line = self.pairs.precompute(ctx.out_dir, device=self.device, autocast=self.stepper.autocast,
@@ -126,6 +121,7 @@ class DPOBackend(HFBackend):
                                                                if n_train > kept else "") + f"; {n_val} val pairs",
             "run length": f"{self.max_steps} steps x {self.layout.rows_per_step} pairs = {self.layout.epochs(self.max_steps):.2f} epochs",
             "tokens/step": f"~{tokens:,.0f} processed (chosen + rejected, mean of the first {len(sampled)} steps)",
+            "parallel": parallel.describe(self.train, self.ctx.dist.world_size, self.dtype),
         }
         device, dtype = self.placement.names
         in_loop_ref = 2 if self.reference in ("copy", "adapters_off") else 0  # the reference's forward

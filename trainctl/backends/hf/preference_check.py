@@ -26,13 +26,11 @@ from trainctl.backends.hf.validate import ROLES, _follows
 from trainctl.kernel.errors import ConfigError
 
 ANSWERS = ("chosen", "rejected")
-PROMPT_KEY = "hf.dpo.max_prompt_length"  # the config key named when a prompt is over max_prompt_length
 
 
-def check_preference_rows(rows: Rows, *, source: str, tokenizer: Any, max_length: int,
-                          max_prompt_length: int | None) -> list[str]:
+def check_preference_rows(rows: Rows, *, source: str, tokenizer: Any, max_length: int) -> list[str]:
     """One line per problem in ``rows`` (``source``: the config key, e.g. ``data.train``); empty
-    when every row can train. ``max_prompt_length``: a tighter limit for the prompt alone."""
+    when every row can train."""
     found = [(line, f"{why}; every line must be one JSON object") for line, why in rows.bad]
     if not rows.rows and not rows.bad:
         return [f"{source}: {rows.source} has no rows; give at least one preference pair"]
@@ -41,21 +39,19 @@ def check_preference_rows(rows: Rows, *, source: str, tokenizer: Any, max_length
         return [f"{source} line {line}: {why}" for line, why in sorted(found)] + [
             f"{source}: the rows are conversations and the tokenizer has no chat template; set "
             "model.chat_template, or give prompt/chosen/rejected as strings"]
-    limit = min(max_prompt_length or max_length, max_length)
-    limit_key = PROMPT_KEY if max_prompt_length and max_prompt_length < max_length else "model.max_length"
     with _quiet_tokenizer():
         for line, row in zip(rows.lines, rows.rows):
-            problem = next(_row_problems(row, form, tokenizer, limit, limit_key, max_length), None)
+            problem = next(_row_problems(row, form, tokenizer, max_length), None)
             if problem:
                 found.append((line, problem))
     return [f"{source} line {line}: {why}" for line, why in sorted(found)]
 
 
 def require_valid_preferences(rows: Rows, *, source: str, tokenizer: Any, max_length: int,
-                              max_prompt_length: int | None, show: int = 5) -> None:
+                              show: int = 5) -> None:
     """Raise ConfigError (exit 2) naming the file, the count and the first ``show`` problems."""
     problems = check_preference_rows(rows, source=source, tokenizer=tokenizer, max_length=max_length,
-                                     max_prompt_length=max_prompt_length)
+)
     if problems:
         more = f" (and {len(problems) - show} more)" if len(problems) > show else ""
         raise ConfigError(f"data check failed: {len(problems)} problem(s) in {rows.source}: "
@@ -81,8 +77,7 @@ def _form(row: dict[str, Any]) -> str:
     return "messages" if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list) else "strings"
 
 
-def _row_problems(row: dict[str, Any], form: str | None, tokenizer: Any, limit: int, limit_key: str,
-                  max_length: int) -> Iterator[str]:
+def _row_problems(row: dict[str, Any], form: str | None, tokenizer: Any, max_length: int) -> Iterator[str]:
     """The first problem of a row is enough: later rules assume the earlier ones passed."""
     for key in ANSWERS:
         if row.get(key) is None:
@@ -102,16 +97,16 @@ def _row_problems(row: dict[str, Any], form: str | None, tokenizer: Any, limit: 
         yield f"the answers are {these} but the file's first row uses {first}; use one form per file"
         return
     if form == "messages":
-        yield from _conversation_problems(row, tokenizer, limit, limit_key, max_length)
+        yield from _conversation_problems(row, tokenizer, max_length)
     else:
-        yield from _string_problems(row, tokenizer, limit, limit_key, max_length)
+        yield from _string_problems(row, tokenizer, max_length)
 
 
 def _kind(value: Any) -> str:
     return "strings" if isinstance(value, str) else "messages" if isinstance(value, list) else "other"
 
 
-def _string_problems(row, tokenizer, limit: int, limit_key: str, max_length: int) -> Iterator[str]:
+def _string_problems(row, tokenizer, max_length: int) -> Iterator[str]:
     from trl.data_utils import extract_prompt
 
     for key in ANSWERS:
@@ -128,10 +123,10 @@ def _string_problems(row, tokenizer, limit: int, limit_key: str, max_length: int
             yield ("chosen and rejected share no leading text, so there is no implicit prompt; start both with "
                    "the same prompt, or give an explicit 'prompt'")
             return
-    yield from _prompt_length(len(tokenizer(prompt)["input_ids"]), limit, limit_key, max_length)
+    yield from _prompt_length(len(tokenizer(prompt)["input_ids"]), max_length)
 
 
-def _conversation_problems(row, tokenizer, limit: int, limit_key: str, max_length: int) -> Iterator[str]:
+def _conversation_problems(row, tokenizer, max_length: int) -> Iterator[str]:
     from trl.data_utils import extract_prompt
 
     for key in ("prompt", *ANSWERS):
@@ -167,8 +162,7 @@ def _conversation_problems(row, tokenizer, limit: int, limit_key: str, max_lengt
         yield "chosen and rejected are identical; a preference pair needs two different answers"
         return
     rendered = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    yield from _prompt_length(len(tokenizer(rendered, add_special_tokens=False)["input_ids"]), limit, limit_key,
-                              max_length)
+    yield from _prompt_length(len(tokenizer(rendered, add_special_tokens=False)["input_ids"]), max_length)
 
 
 def _messages_problem(messages: list[Any], key: str) -> str | None:
@@ -189,10 +183,7 @@ def _messages_problem(messages: list[Any], key: str) -> str | None:
     return None
 
 
-def _prompt_length(tokens: int, limit: int, limit_key: str, max_length: int) -> Iterator[str]:
+def _prompt_length(tokens: int, max_length: int) -> Iterator[str]:
     if tokens >= max_length:
         yield (f"the prompt is {tokens} tokens, which fills model.max_length {max_length} and leaves no room for "
                "the answers; shorten the prompt or raise model.max_length")
-    elif tokens > limit:
-        yield (f"the prompt is {tokens} tokens, longer than {limit_key} {limit}; shorten the prompt or raise "
-               f"{limit_key}")

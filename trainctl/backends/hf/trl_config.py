@@ -13,9 +13,11 @@ is listed, one line per key.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
+from trainctl.kernel.config import put_key
 from trainctl.kernel.errors import ConfigError
 
 #: TRL name -> (our table path, key): values that carry over as they are.
@@ -84,11 +86,7 @@ def convert(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     merged = {k: v for k, v in TRL_DEFAULTS.items() if lora or not k.startswith("lora_")} | given
     tables: dict[str, Any] = {"seed": merged["seed"], "backend": "hf"}
 
-    def put(table: str, key: str, value: Any) -> None:
-        target = tables
-        for part in table.split("."):
-            target = target.setdefault(part, {})
-        target[key] = value
+    put = functools.partial(put_key, tables)
 
     for name, value in merged.items():
         if name in DIRECT:
