@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests import fake_backend
+from tests.conftest import make_config, run_cli
 from tests.live import FAST, LiveRun, sets
 from tests.test_distributed import LONG, TORCHRUN
+from trainctl.hooks import BackendSpec, hookimpl
+from trainctl.kernel import staging
 from trainctl.kernel.checkpoint_files import checkpoints, verify
+from trainctl.kernel.registry import Registry
+from trainctl.kernel.run import Run
 
 # a model big enough that writing takes longer than copying (4 x 128: ~1 M parameters)
 BIGGER = [*FAST, "model.n_layer=4", "model.n_embd=128", "model.n_head=4", "train.max_steps=4",
@@ -83,3 +89,35 @@ def test_sigterm_waits_for_the_async_save(tmp_path, launcher):
         assert ("__1_0.distcp" in layout) == (launcher == "fsdp") and ("model.safetensors" in layout) == (launcher == "ddp")
     finally:
         live.close()
+
+
+class SlowSaveBackend(fake_backend.FakeBackend):
+    """Its checkpoint's deferred write takes half a second: still in flight when the run ends."""
+
+    def save(self, directory: Path) -> None:
+        deferred = staging.pending()
+        if deferred is None:
+            return super().save(directory)
+        deferred.append(lambda group: (time.sleep(0.5), super(SlowSaveBackend, self).save(directory)))
+
+
+class SlowSave:
+    @hookimpl
+    def trainctl_register_backends(self, register) -> None:
+        register(BackendSpec(name="slow_save", factory="tests.test_async_save:SlowSaveBackend",
+                             model_config=fake_backend.FakeModelConfig, data_config=fake_backend.FakeDataConfig,
+                             description="a fake backend whose async save is slow"))
+
+
+def test_the_async_save_the_last_save_waited_for_is_announced_before_it(tmp_path):
+    registry = Registry.discover(entry_points=False)
+    registry.add_module(SlowSave(), source="tests")
+    out = tmp_path / "out"
+    config = make_config(registry, out, 'plugins=["checkpoint", "jsonl"]', "train.max_steps=3", "train.save_interval=2",
+                         "plugin.checkpoint.async_save=true", backend="slow_save")
+    assert Run(config, registry, resume="never").fit().status == "completed"
+    log = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    ledger = [json.loads(line) for line in (out / "checkpoints.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["reason"]) for r in ledger] == [(2, "interval"), (3, "end")]
+    assert "blocked_seconds" in ledger[0] and "blocked_seconds" not in ledger[1]  # the last one: synchronous
+    assert [(e["step"], e["reason"]) for e in log if e["event"] == "save"] == [(2, "interval"), (3, "end")]

@@ -224,6 +224,7 @@ class Trainer:
         path = self.bus.write_checkpoint(state.step, reason, lambda d: self.write_state(d, state))
         if path is None:
             return
+        self.bus.deliver_pending()  # an asynchronous save this one waited for is announced first
         state.last_save_step = state.step
         self.bus.checkpoint_saved(CheckpointSaved(
             step=state.step, path=str(path), reason=reason, duration=time.perf_counter() - started,
