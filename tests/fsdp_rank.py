@@ -1,8 +1,8 @@
 """``torchrun ... tests/fsdp_rank.py OUT --set KEY=VALUE ...``: a real trainctl run (config, process
 group, backend) on each rank, probed from inside: how much of the parameters and optimizer state
 this rank holds (its local shards, measured), and whether a non-finite step leaves its shards of
-the parameters and optimizer state bit-identical, with the fused AdamW (``found_inf``) and with
-an unfused one (the snapshot/``torch.where`` path). Writes ``OUT/rank{N}.json``."""
+the parameters and optimizer state bit-identical, with the fused AdamW (``found_inf``), with
+an unfused one and with Muon (the snapshot/``torch.where`` path). Writes ``OUT/rank{N}.json``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from trainctl.backends.finite_update import FiniteUpdate, local
+from trainctl.backends.finite_update import FiniteUpdate, local, parts
+from trainctl.backends.optim import build_optimizer
 from trainctl.backends.step import MicroLoss
 from trainctl.kernel import config as cfg
 from trainctl.kernel.registry import Registry
@@ -22,7 +23,7 @@ from trainctl.kernel.run import Run
 def shards(stepper) -> list[torch.Tensor]:
     """This rank's part of every parameter and optimizer state tensor, copied."""
     out = [local(p.detach()).clone() for p in stepper.params]
-    for state in stepper.optimizer.state.values():
+    for state in (s for optimizer in parts(stepper.optimizer) for s in optimizer.state.values()):
         out += [local(v).clone() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
     return out
 
@@ -62,6 +63,11 @@ def main() -> None:
     stepper.optimizer, stepper.update = unfused, FiniteUpdate(unfused)
     backend.train_step(3)  # creates the unfused optimizer's state
     report["unfused_skip"] = nonfinite_step_changes_nothing(backend, 4)
+    muon = build_optimizer(backend.raw_model, name="muon", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8,
+                           device_type="cpu", muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.1)
+    stepper.optimizer, stepper.update = muon, FiniteUpdate(muon)
+    backend.train_step(5)  # creates Muon's (sharded) momentum
+    report["muon_skip"] = nonfinite_step_changes_nothing(backend, 6)
     (out / f"rank{run.group.rank}.json").write_text(json.dumps(report))
     run.close()
 

@@ -33,7 +33,6 @@ from torch import nn
 from trainctl.backends import sharded_checkpoint
 from trainctl.backends.device import Placement
 from trainctl.backends.finite_update import FiniteUpdate
-from trainctl.backends.optim import CombinedOptimizer
 from trainctl.backends.parallel import Placed
 from trainctl.backends.rng import load_rng, save_rng
 from trainctl.kernel.backend import BackendContext, Distributed, StepOutput
@@ -71,12 +70,6 @@ class OptimizerStep:
 
     def __init__(self, *, optimizer: Any, params: list[nn.Parameter], placement: Placement, parallel: Placed,
                  train: Any, dist: Distributed, seed: int, loss_terms: Callable | None = None) -> None:
-        if parallel.sharded and isinstance(optimizer, CombinedOptimizer):
-            raise ConfigError(
-                "optim.name = 'muon' does not run under train.parallel = 'fsdp': Muon's Newton-Schulz step needs each "
-                "whole matrix and torch.optim.Muon on FSDP2's row shards computes another update; use optim.name = "
-                "'adamw' with FSDP, or train.parallel = 'ddp' with Muon"
-            )
         self.optimizer, self.params, self.placement, self.parallel = optimizer, params, placement, parallel
         self.grad_accum, self.grad_clip, self.world = train.grad_accum, train.grad_clip, dist.world_size
         self.rank, self.seed, self.loss_terms = dist.rank, seed, loss_terms
