@@ -39,10 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
 COMMON = ["train.device='cpu'", "train.threads=1", "train.grad_accum=2", "train.eval_interval=0",
           "train.eval_steps=1", "plugin.lr.warmup_steps=2", 'plugins=["lr", "status", "jsonl"]']
+GPT2 = ["model.n_layer=12", "model.n_head=12", "model.n_embd=768", "model.vocab_size=50304", "model.dropout=0.0"]
 SHAPES = {
     "baby": [],
-    "gpt2": ["model.n_layer=12", "model.n_head=12", "model.n_embd=768", "model.vocab_size=50304",
-             "model.block_size=64", "train.batch_size=2", "model.dropout=0.0"],
+    # GPT-2 small at three micro-batch sizes (tokens per rank per micro-batch: 128, 1024, 2048)
+    "gpt2": [*GPT2, "model.block_size=64", "train.batch_size=2"],
+    "gpt2-1k": [*GPT2, "model.block_size=128", "train.batch_size=8"],
+    "gpt2-2k": [*GPT2, "model.block_size=128", "train.batch_size=16"],
 }
 
 
@@ -70,9 +73,9 @@ VARIANTS = {"ddp": ["train.parallel='ddp'"], "fsdp": ["train.parallel='fsdp'"],
             "fsdp-keep": ["train.parallel='fsdp'", "train.fsdp_reshard_after_forward=false"]}
 
 
-def one(work: Path, shape: str, variant: str, steps: int) -> dict:
+def one(work: Path, shape: str, variant: str, steps: int, extra: list[str]) -> dict:
     out = work / f"{shape}-{variant}"
-    overrides = [*COMMON, *SHAPES[shape], *VARIANTS[variant], f"train.max_steps={steps}", "train.log_interval=1"]
+    overrides = [*COMMON, *SHAPES[shape], *VARIANTS[variant], *extra, f"train.max_steps={steps}", "train.log_interval=1"]
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", PEAK_OF_CHILDREN, *TORCHRUN, "-m", "trainctl", "run", "--yes",
                            "--out", str(out), *sets(overrides)], cwd=ROOT, env=env(), capture_output=True, text=True)
@@ -88,8 +91,9 @@ def one(work: Path, shape: str, variant: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--shapes", default="baby,gpt2")
-    parser.add_argument("--variants", default="fsdp", help="compared with ddp: fsdp, fsdp-keep (no reshard after forward)")
+    parser.add_argument("--shapes", default="baby,gpt2,gpt2-1k,gpt2-2k")
+    parser.add_argument("--variants", default="fsdp,fsdp-keep", help="compared with ddp: fsdp, fsdp-keep (no reshard after forward)")
+    parser.add_argument("--set", action="append", default=[], help="a config override for every run (KEY=VALUE)")
     args = parser.parse_args()
     load = os.getloadavg()
     print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
@@ -97,10 +101,10 @@ def main() -> None:
     print(f"baseline peak RSS of a process with torch imported: {base:.0f} MiB")
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes.split(","):
-            ddp = one(Path(tmp), shape, "ddp", args.steps)
+            ddp = one(Path(tmp), shape, "ddp", args.steps, args.set)
             print(f"{shape}: DDP step {ddp['step_ms']:.0f} ms, peak RSS per rank {ddp['peak_mib']:.0f} MiB", flush=True)
             for variant in args.variants.split(","):
-                r = one(Path(tmp), shape, variant, args.steps)
+                r = one(Path(tmp), shape, variant, args.steps, args.set)
                 print(f"{shape}: {variant} step {r['step_ms']:.0f} ms ({r['step_ms'] / ddp['step_ms']:.2f}x DDP), peak RSS "
                       f"per rank {r['peak_mib']:.0f} MiB ({r['peak_mib'] / ddp['peak_mib']:.2f}x; above the baseline "
                       f"{(r['peak_mib'] - base) / max(ddp['peak_mib'] - base, 1):.2f}x)", flush=True)
