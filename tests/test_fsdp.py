@@ -214,3 +214,17 @@ def test_muon_under_fsdp_equals_one_process_bit_for_bit(tmp_path):
     assert len(one) == 10 and fsdp == one
     starts = [e for e in events(tmp_path / "fsdp") if e["event"] == "run_start"]
     assert starts[1]["resumed_from"].endswith("step-000005")
+
+
+def test_compiled_blocks_under_fsdp_train_as_one_eager_process(tmp_path):
+    """``train.compile`` with FSDP: each block compiled before it is sharded (FSDP's hooks stay
+    outside the graphs), 2 ranks, against one eager process. Inductor's CPU kernels fuse and
+    round differently from eager, so the bar is 1e-4, not equality."""
+    steps = ["train.max_steps=4", "train.grad_accum=2"]
+    single(tmp_path / "eager", *steps)
+    launch(TORCHRUN, tmp_path / "compiled", *steps, FSDP, "train.compile=true", timeout=600)
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    print("gpt compiled fsdp 2 ranks vs eager 1 process, largest step-loss difference:",
+          max(abs(eager[k] - compiled[k]) for k in eager))
+    assert len(eager) == 4
+    assert_close(compiled, eager, 1e-4)
