@@ -1,7 +1,8 @@
 """FSDP2 vs DDP on this machine, 2 ranks (gloo, CPU): step time and per-rank peak memory.
 
-Shapes: the baby GPT (the defaults) and GPT-2 small (12 x 768, 12 heads, vocab 50304) with a
-short block (64) so that a CPU step takes seconds. One micro-batch per rank per step.
+Shapes: the baby GPT (the defaults) and GPT-2 small (12 x 768, 12 heads, vocab 50304) at three
+micro-batch sizes (128, 1024 and 2048 tokens per rank), short blocks so that a CPU step takes
+seconds. One micro-batch per rank per step.
 The step time is the median ``step_time`` of the steps after the first two; the peak resident
 memory per rank is the largest ``ru_maxrss`` among torchrun's ranks (``RUSAGE_CHILDREN`` of a
 fresh process that waits for torchrun, so runs do not mix); it includes what every torch
@@ -13,14 +14,12 @@ of showing the live peak (measured: FSDP's GPT-2 small rank at 2.3 GiB resident 
 default, 1.3 GiB with the fixed threshold, for the same tensors).
 Goals (issue 11): on GPT-2 small, FSDP step time <= 1.2x DDP's, FSDP peak <= 0.7x DDP's.
 
-Measured here (2 shared cores, load ~3.5; one run): GPT-2 small DDP 2683 ms, FSDP 7075 ms
-(2.64x; 2.21x without reshard after forward), peak RSS per rank 2984 vs 1821 MiB (0.61x); baby
-112 vs 249 ms, 366 vs 364 MiB (the baby's state is small beside the process itself). The time
-goal is missed on CPU because of gloo, not FSDP's arithmetic: on 100 MB here gloo's all_reduce
-takes 104 ms, its reduce_scatter 276 ms and all_gather 235 ms (on nccl each is about half an
-all-reduce), and FSDP does two all-gathers and one reduce-scatter where DDP does one all-reduce.
+Measured here (quiet 2-core machine, 2026-12-01; docs/benchmarks.md): FSDP / DDP step time 2.03x
+at 128 tokens, 1.34x at 1024 (1.19x without reshard after forward), 0.97x at 2048; peak RSS per
+rank 0.61x, 0.71x, 0.78x. FSDP's extra cost is per step and proportional to the parameters
+(all-gathers, the reduce-scatter, FSDP2's buffer copies), so larger micro-batches pay it back.
 
-    python bench/fsdp_vs_ddp.py [--steps 8] [--shapes baby,gpt2]
+    python bench/fsdp_vs_ddp.py [--steps 8] [--shapes baby,gpt2,gpt2-1k,gpt2-2k] [--variants fsdp,fsdp-keep] [--set KEY=VALUE]
 """
 
 from __future__ import annotations

@@ -93,6 +93,9 @@ def test_fsdp_divides_sharded_state_by_the_ranks_and_offload_moves_it_to_the_hos
     assert one["optimizer state"].bytes == 2 * one["parameters"].bytes  # AdamW: two fp32 moments
     _, ddp = terms(world_size=2)
     assert ddp["gradients"].bytes == 2 * one["gradients"].bytes  # DDP's buckets
+    # gathered: two blocks and the root unit (wte, wpe, ln_f), and their unsharded gradients
+    block, root = s.block_params, 50304 * 768 + 128 * 768 + 768
+    assert fsdp["gathered blocks"].bytes == 4 * (2 * block + root) + 4 * (block + root)
     offloaded, off = terms(parallel="fsdp", world_size=2, cpu_offload=True)
     assert off["parameters"].host and off["optimizer state"].host and not off["activations"].host
     assert offloaded.on_device() < terms(parallel="fsdp", world_size=2)[0].on_device()

@@ -6,7 +6,9 @@ bytes, from its config; ``gpt/memory.py``, ``hf/memory.py``); :func:`estimate` t
 the optimizer and the parallel strategy into per-rank :class:`Term` s:
 
     parameters        fp32 master weights          DDP: all; FSDP: 1/world + the blocks gathered
-    gradients         fp32, trained params only    DDP: + its bucket copy; FSDP: 1/world + one block
+                                                   (two, and the root: embeddings, head, final norm)
+    gradients         fp32, trained params only    DDP: + its bucket copy; FSDP: 1/world + one
+                                                   block's and the root's unsharded
     optimizer state   AdamW 2 x fp32, Muon 1 x fp32 for hidden matrices (AdamW for the rest);
                       FSDP: 1/world
     activations       saved for backward at the micro-batch (B x T tokens) on every layer, or only
@@ -111,11 +113,16 @@ def estimate(shape: ModelShape, *, optimizer: str, strategy: Strategy, device: s
     device_params = device_grads = 0
     if strategy.sharded:
         # gathered while computing: two blocks (the current one and the prefetched next) when
-        # resharding after forward, else every block from forward to backward; one block's
-        # unsharded gradients wait for their reduce-scatter
-        gathered = 2 * shape.block_params if strategy.reshard_after_forward else shape.params - shape.params // world
+        # resharding after forward, else every block from forward to backward; the root unit
+        # (embeddings, head, final norm: GPT-2 small's largest) is kept gathered from forward to
+        # backward either way. One block's unsharded gradients wait for their reduce-scatter,
+        # and at the end of backward the root's (trained in a full fine-tune)
+        root = max(shape.params - shape.layers * shape.block_params, 0)
+        gathered = (2 * shape.block_params + root if strategy.reshard_after_forward
+                    else shape.params - shape.params // world)
         device_params = gathered * param_bytes
-        device_grads = shape.block_params * param_bytes if shape.trained else 0
+        full_training = shape.trained == shape.params
+        device_grads = (shape.block_params + (root if full_training else 0)) * param_bytes if shape.trained else 0
     elif world > 1:
         grads *= 2  # DDP's buckets are a second copy of every gradient
     sharding = 'shard over more ranks (train.parallel = "fsdp")' if not strategy.sharded else "shard over more ranks"

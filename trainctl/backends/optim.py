@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 
@@ -29,6 +28,8 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
+        from torch.distributed.tensor import DTensor  # as torch's optimizers do, at the first step
+
         if not any(isinstance(p, DTensor) for group in self.param_groups for p in group["params"]):
             return super().step(closure)
         if closure is not None:
@@ -41,6 +42,8 @@ class Muon(torch.optim.Muon):
 
     def _update(self, param: torch.Tensor, group: dict[str, Any]) -> None:
         """torch's ``_single_tensor_muon`` for one parameter, its Newton-Schulz on the whole matrix."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         grad, momentum = param.grad, group["momentum"]
         state = self.state[param]
         if "momentum_buffer" not in state:
