@@ -201,11 +201,13 @@ def overhead(args: argparse.Namespace) -> None:
         without_us = hook_cost_us(reg, Path(tmp) / "hooks-without", [])
     print(f"plugins: {' + '.join(plugins)}; {args.rounds * args.block} steps each, alternating every "
           f"{args.block} step(s); gpt {args.model}, 1 torch thread")
+    wall_base = 0.0  # the wall-clock step time without plugins, for the hook cost below
     for i, clock in enumerate(("wall", "cpu")):
         # the first turn of each run warms up; every later step counts (a turn's wait is not in it)
         a, b = ([t[i] for block in baton.times[name][1:] for t in block] for name in ("with", "without"))
         base = statistics.median(b)
-        wall_base = base if clock == "wall" else wall_base
+        if clock == "wall":
+            wall_base = base
         low, high = bootstrap_ratio(a, b)
         print(f"{clock:>4} time: no plugins {base * 1e3:.2f} ms/step, with plugins {statistics.median(a) * 1e3:.2f} "
               f"ms/step: {statistics.median(a) / base - 1:+.2%} (95% bootstrap interval {low:+.2%} .. {high:+.2%})")
