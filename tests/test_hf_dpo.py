@@ -295,5 +295,5 @@ def test_two_ranks_under_torchrun_equal_one_process(registry, hf, pairs, tmp_pat
                                  "train.activation_checkpointing=true")],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "parallel: fsdp over 2 ranks" in proc.stdout
+    assert "parallel: fsdp over 2 ranks" in proc.stdout and "reference: copy, sharded over the ranks" in proc.stdout
     assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "one-copy"), HF_TOLERANCE)

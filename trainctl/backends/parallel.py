@@ -68,7 +68,6 @@ class Replicated:
         """Scale the gradients so that their global norm ``norm`` is at most ``max_norm``."""
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
 
-
     def load_weights(self, module: nn.Module, weights: dict, *, strict: bool = True) -> Any:
         return module.load_state_dict(weights, strict=strict)
 
@@ -105,7 +104,7 @@ class Sharded:
         # master weights and optimizer state stay fp32 (torchtitan's default); no autocast
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
         offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if sharding.cpu_offload else OffloadPolicy()
-        options = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
+        self.options = options = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
         for block in blocks:
             if sharding.compile:
                 block.compile()  # per block, before sharding, as torchtitan does: FSDP's hooks stay outside the graph
@@ -114,6 +113,15 @@ class Sharded:
         # forward unless the user asked for the least memory
         fully_shard(model, reshard_after_forward=None if sharding.reshard_after_forward else False, **options)
         self.model = self.forward = model
+
+    def shard_frozen(self, model: nn.Module, blocks: Iterable[nn.Module]) -> None:
+        """A frozen model run beside the trained one (DPO's reference) sharded as it is: each rank
+        keeps 1/world of its weights, and each block is gathered for its forward only."""
+        from torch.distributed.fsdp import fully_shard
+
+        for block in blocks:
+            fully_shard(block, reshard_after_forward=True, **self.options)
+        fully_shard(model, reshard_after_forward=True, **self.options)
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
         """Gradients are reduce-scattered after every micro-batch and accumulate sharded: holding
@@ -132,7 +140,6 @@ class Sharded:
     def clip_(self, params: list[nn.Parameter], max_norm: float, norm: torch.Tensor) -> None:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
 
-
     def load_weights(self, module: nn.Module, weights: dict, *, strict: bool = True) -> Any:
         """Whole weights, read by every rank; each keeps its shard."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -149,7 +156,6 @@ class Sharded:
 
 
 Placed = Replicated | Sharded
-
 
 
 def for_run(model: nn.Module, *, device: torch.device, world_size: int, sharding: Sharding = Sharding(),

@@ -54,6 +54,13 @@ def resolve_mask(shape: str, mask: str) -> str:
     return mask
 
 
+def decoder_layers(model: Any, base: Any) -> list[Any]:
+    """FSDP's units of ``model``: its decoder layers (the classes ``base`` says must not be split),
+    bottom-up, as ``fully_shard`` needs them; the root follows."""
+    no_split = set(getattr(base, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in no_split][::-1]
+
+
 class HFBackend(StepBackend):
     def __new__(cls, ctx: BackendContext) -> HFBackend:
         """``[hf] objective = "dpo"`` builds the preference backend (``dpo_backend.py``) instead."""
@@ -134,9 +141,7 @@ class HFBackend(StepBackend):
     def _place(self, *, loss_terms: Any) -> None:
         """``self.model`` over the ranks (``train.parallel``), then its optimizer and the shared step."""
         ctx, train = self.ctx, self.train
-        # FSDP: one unit per decoder layer (the classes the model says must not be split), then the root
-        no_split = set(getattr(self.base, "_no_split_modules", None) or ())
-        blocks = [m for m in self.model.modules() if type(m).__name__ in no_split][::-1]  # bottom-up, as fully_shard needs
+        blocks = decoder_layers(self.model, self.base)
         if train.parallel == "fsdp" and not blocks:
             raise ConfigError(f"{type(self.base).__name__} declares no decoder layer class (_no_split_modules) to shard "
                               "one by one; use train.parallel = 'ddp'")

@@ -17,7 +17,7 @@ from typing import Any
 from trainctl.backends import parallel, scoring
 from trainctl.backends.device import set_threads
 from trainctl.backends.hf import dpo, epochs, loading, rows, sft
-from trainctl.backends.hf.backend import EVAL_EPOCH, HFBackend
+from trainctl.backends.hf.backend import EVAL_EPOCH, HFBackend, decoder_layers
 from trainctl.backends.hf.dpo_loss import dpo_loss, reward_metrics
 from trainctl.backends.hf.preference_check import require_valid_preferences
 from trainctl.backends.step import MicroLoss, local_micro_batches
@@ -97,6 +97,9 @@ class DPOBackend(HFBackend):
 
         self._place(loss_terms=None)  # the policy over the ranks (ddp or fsdp), its optimizer, the shared step
         self.reference_line = self.reference + (f" ({opts.ref_model})" if opts.ref_model else "")
+        if self.pairs.ref_model is not None and self.stepper.parallel.sharded:  # a frozen copy sharded as the policy is
+            self.stepper.parallel.shard_frozen(self.pairs.ref_model, decoder_layers(self.pairs.ref_model, self.pairs.ref_model))
+            self.reference_line += ", sharded over the ranks"
         if self.reference == "precomputed":  # before any step, and before a resume loads weights
             self.reference_line = self.pairs.precompute(ctx.out_dir, device=self.device, autocast=self.stepper.autocast,
                                                         batch_size=train.batch_size, write=ctx.dist.rank == 0,
