@@ -2,11 +2,11 @@
 # GPU benchmark of trainctl (issue 11), in one go, offline, in under 8 minutes on one H100/H200:
 #
 #   1. GPT-2 small (124M, block 1024), gpt backend, bf16 + torch.compile: tokens/s and MFU,
-#      a. train.parallel = "ddp" (one process: no wrapper; today's behaviour)
-#      b. train.parallel = "fsdp"                      (needs that key: branch fsdp)
+#      a. train.parallel = "ddp" (the default; one process: no wrapper)
+#      b. train.parallel = "fsdp" (FSDP2 over a group of one)
 #   2. hf backend, random Qwen3-0.6B-shaped model, sequence 4096, BFD packing: tokens/s, peak memory
 #   3. checkpoint save of GPT-2 small: loop blocked per save, sync vs
-#      [plugin.checkpoint] async_save = true           (the async half needs that key: branch ckpt)
+#      [plugin.checkpoint] async_save = true
 #
 # Usage (from anywhere; Python with torch, trainctl and trainctl[hf]'s dependencies installed:
 # see docs/benchmarks.md, "GPU", for installing them from wheels without a network):
@@ -19,10 +19,9 @@
 #   PYTHON=/opt/venv/bin/python bench/gpu.sh   # default: .venv/bin/python if there, else python3
 #
 # Each step prints one "gpu-bench: STEP: ..." result line and writes bench/results/gpu-STEP.json;
-# a failed step does not stop the others. A step whose config key this trainctl does not know yet
-# is "not available", not failed. Every step has a time limit inside a 450 s budget; a step left
-# without time is "skipped". Exit status: 0 when no step failed or was skipped, 1 otherwise, 2 on
-# bad usage, a missing package or no visible GPU.
+# a failed step does not stop the others. Every step has a time limit inside a 450 s budget; a
+# step left without time is "skipped". Exit status: 0 when every step is ok, 1 when one failed or
+# was skipped, 2 on bad usage, a missing package or no visible GPU.
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -108,7 +107,6 @@ step() {
     grep '^gpu-bench: ' "$WORK/$name.log"
     case $rc in
       0) status="ok" ;;
-      3) status="not available" ;;
       124|137) status="failed"; echo "gpu-bench: $name: FAILED: timed out after ${limit} s" ;;
       *) status="failed" ;;
     esac
@@ -133,7 +131,7 @@ step ckpt "$LIMIT_CKPT" bench/gpu_ckpt.py
 
 failed=0
 for status in "${STATUSES[@]}"; do
-  case $status in ok|"not available") ;; *) failed=1 ;; esac
+  [ "$status" = ok ] || failed=1
 done
 "$PY" - "$RESULTS" "$((SECONDS - START))" "${SMOKE:-0}" "${NAMES[@]}" <<'EOF'
 import json, sys

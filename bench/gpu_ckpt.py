@@ -10,9 +10,7 @@ what the save blocks and anything it leaves to slow the next step (an async save
 Every step is logged (one host sync each), so a step's time is its GPU work, not its launch.
 
 The asynchronous run spaces its saves by twice the synchronous save time, so that a save never
-waits for the previous one still in flight (that wait would be counted as blocked). A trainctl
-without ``plugin.checkpoint.async_save`` answers exit 2: the synchronous half is still measured
-and the asynchronous half is reported "not available".
+waits for the previous one still in flight (that wait would be counted as blocked).
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_common import (  # noqa: E402
-    FAILED, NOT_AVAILABLE, OK, ROOT, Cli, NotAvailable, device_name, read_events, run_end, say, tail, write_result,
+    FAILED, OK, ROOT, Cli, device_name, read_events, run_end, say, tail, write_result,
 )
 from bench.gpu_gpt import CONFIG, prepare_data  # noqa: E402
 
@@ -66,16 +64,15 @@ def blocking(events: list[dict], ledger: list[dict], interval: int) -> dict:
 
 
 def measure(work: Path, sizes: list[str], interval: int, mode: str, timeout: float) -> dict:
-    """One run with a save every ``interval`` steps; ``mode`` sync (the default) or async (needed)."""
+    """One run with a save every ``interval`` steps; ``mode`` sync or async."""
     out = work / f"ckpt-{mode}"
     data = prepare_data(work, timeout=timeout)
     overrides = [*sizes, f"data.path={json.dumps(str(data))}", "train.grad_accum=1", "train.log_interval=1",
                  f"train.save_interval={interval}", f"train.max_steps={SAVES * interval + 2}", "train.eval_interval=0",
                  "train.eval_steps=1", "plugin.checkpoint.keep_last=1", "plugin.lr.warmup_steps=2", 'plugins=["defaults"]']
-    key = f"plugin.checkpoint.async_save={'true' if mode == 'async' else 'false'}"
+    overrides.append(f"plugin.checkpoint.async_save={'true' if mode == 'async' else 'false'}")
     cli = Cli(["run", str(CONFIG), "--out", str(out), "--resume", "never", "--yes",
-               *[a for item in overrides for a in ("--set", item)]],
-              needs=[key] if mode == "async" else [], defaults=[key] if mode == "sync" else [])
+               *[a for item in overrides for a in ("--set", item)]])
     proc = cli.run(timeout=timeout)
     events = read_events(out)
     end = run_end(events)
@@ -86,7 +83,7 @@ def measure(work: Path, sizes: list[str], interval: int, mode: str, timeout: flo
     size = sum(p.stat().st_size for p in newest.iterdir() if p.is_file())
     ledger = [json.loads(line) for line in (out / "checkpoints.jsonl").read_text().splitlines() if line.strip()]
     return {"save_interval": interval, "checkpoint_mb": round(size / 1e6, 1), **blocking(events, ledger, interval),
-            "command": cli.command(), "dropped_default_keys": cli.dropped}
+            "command": cli.command()}
 
 
 def main() -> int:
@@ -107,32 +104,24 @@ def main() -> int:
         sync = result["sync"]
         spacing = 2 * sync["blocked_s_median"] / max(sync["step_time_s"], 1e-6)
         interval = min(max(SYNC_INTERVAL, math.ceil(spacing) + 1), MAX_ASYNC_INTERVAL)
-        try:
-            result["async"] = measure(work, sizes, interval, "async", max(deadline - time.monotonic(), 1.0))
-            result["async"]["spacing_capped"] = interval == MAX_ASYNC_INTERVAL  # then a save may wait for the last
-            ratio = result["async"]["blocked_s_median"] / sync["blocked_s_median"]
-            result |= {"status": "ok", "async_over_sync": ratio, "goal": "async blocked <= 20% of sync"}
-        except NotAvailable as exc:
-            result |= {"status": "partial", "reason": f"{exc}: needs branch ckpt"}
-    except NotAvailable as exc:  # the sync half names no key it needs; kept for safety
-        result |= {"status": "not available", "reason": str(exc)}
+        result["async"] = measure(work, sizes, interval, "async", max(deadline - time.monotonic(), 1.0))
+        result["async"]["spacing_capped"] = interval == MAX_ASYNC_INTERVAL  # then a save may wait for the last
+        ratio = result["async"]["blocked_s_median"] / sync["blocked_s_median"]
+        result |= {"status": "ok", "async_over_sync": ratio, "goal": "async blocked <= 20% of sync"}
     except Exception as exc:  # the step fails, the script does not: gpu.sh goes on
         result |= {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
     write_result(args.results, name, result)
     say(name, line(result))
-    return {"ok": OK, "partial": NOT_AVAILABLE, "not available": NOT_AVAILABLE}.get(result["status"], FAILED)
+    return OK if result["status"] == "ok" else FAILED
 
 
 def line(r: dict) -> str:
-    if r["status"] in ("failed", "not available"):
-        return f"{r['status'].upper()}: {r['reason']}"
-    s = r["sync"]
-    text = (f"sync save blocks the loop {s['blocked_s_median']:.3f} s per save ({s['checkpoint_mb']:,} MB, "
-            f"{s['saves_measured']} saves, step {s['step_time_s'] * 1000:.1f} ms)")
-    if r["async"] is None:
-        return f"{text}; async: NOT AVAILABLE ({r['reason']})"
-    a = r["async"]
-    return f"{text}; async {a['blocked_s_median']:.3f} s per save = {r['async_over_sync']:.0%} of sync (goal <= 20%)"
+    if r["status"] != "ok":
+        return f"FAILED: {r['reason']}"
+    s, a = r["sync"], r["async"]
+    return (f"sync save blocks the loop {s['blocked_s_median']:.3f} s per save ({s['checkpoint_mb']:,} MB, "
+            f"{s['saves_measured']} saves, step {s['step_time_s'] * 1000:.1f} ms); "
+            f"async {a['blocked_s_median']:.3f} s per save = {r['async_over_sync']:.0%} of sync (goal <= 20%)")
 
 
 if __name__ == "__main__":

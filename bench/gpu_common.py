@@ -1,9 +1,7 @@
-"""What the steps of ``bench/gpu.sh`` share: the GPU's bf16 peak, the real CLI in a subprocess
-(with "this trainctl does not know that key" told apart from a failure), ``events.jsonl``
-readers, and one JSON result file per step.
+"""What the steps of ``bench/gpu.sh`` share: the GPU's bf16 peak, the real CLI in a subprocess,
+``events.jsonl`` readers, and one JSON result file per step.
 
-Exit codes of every ``bench/gpu_*.py``: 0 measured, 3 not available (a config key this trainctl
-does not know yet: the branch that adds it is not merged), 1 failed. ``gpu.sh`` reads them.
+Exit codes of every ``bench/gpu_*.py``: 0 measured, 1 failed. ``gpu.sh`` reads them.
 """
 
 from __future__ import annotations
@@ -16,12 +14,12 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-OK, FAILED, NOT_AVAILABLE = 0, 1, 3
+OK, FAILED = 0, 1
 
 # Dense bf16 tensor-core peak (TFLOPS, no sparsity) from NVIDIA's data sheets, matched in order
 # against torch.cuda.get_device_name(): the first substring found wins.
@@ -59,54 +57,21 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-class NotAvailable(Exception):
-    """A config key the installed trainctl does not know: the step cannot run here."""
-
-
 @dataclass(slots=True)
 class Cli:
-    """``python -m trainctl ...`` in a subprocess.
-
-    ``needs``: overrides whose keys must exist (else :class:`NotAvailable`). ``defaults``:
-    overrides that only spell out today's default value; where this trainctl does not know the
-    key yet, the run goes on without it (the default is what was asked for anyway)."""
+    """``python -m trainctl ARGS`` in a subprocess."""
 
     args: list[str]
-    needs: list[str] = field(default_factory=list)
-    defaults: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)  # defaults this trainctl did not know
 
     def run(self, timeout: float | None = None) -> subprocess.CompletedProcess:
-        while True:
-            sets = [a for item in (*self.needs, *self.defaults) for a in ("--set", item)]
-            cmd = [sys.executable, "-m", "trainctl", *self.args, *sets]
-            try:
-                proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                raise TimeoutError(f"trainctl {self.args[0]} did not finish within {timeout:.0f} s") from None
-            if proc.returncode != 2:
-                return proc
-            unknown = [item for item in (*self.needs, *self.defaults) if unknown_key(proc.stderr, key_of(item))]
-            needed = [item for item in unknown if item in self.needs]
-            if needed:
-                raise NotAvailable(f"{key_of(needed[0])} is unknown to this trainctl")
-            if not unknown:
-                return proc
-            self.defaults = [item for item in self.defaults if item not in unknown]
-            self.dropped += unknown
+        cmd = [sys.executable, "-m", "trainctl", *self.args]
+        try:
+            return subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"trainctl {self.args[0]} did not finish within {timeout:.0f} s") from None
 
     def command(self) -> str:
-        sets = [a for item in (*self.needs, *self.defaults) for a in ("--set", item)]
-        return shlex.join(["python", "-m", "trainctl", *self.args, *sets])
-
-
-def key_of(override: str) -> str:
-    return override.partition("=")[0].strip()
-
-
-def unknown_key(stderr: str, key: str) -> bool:
-    """The CLI's one-line refusal of ``key`` (exit 2): ``unknown key 'train.parallel'``."""
-    return f"unknown key '{key}'" in stderr
+        return shlex.join(["python", "-m", "trainctl", *self.args])
 
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:

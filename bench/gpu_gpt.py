@@ -3,9 +3,8 @@
 
     python bench/gpu_gpt.py --parallel ddp|fsdp [--smoke] [--results DIR] [--work DIR]
 
-``--parallel fsdp`` sets ``train.parallel = "fsdp"``: a trainctl without that key answers exit 2
-and the step reports "not available". ``ddp`` is today's behaviour (one process: no wrapper at
-all), so ``train.parallel = "ddp"`` is dropped where the key is unknown.
+``--parallel`` sets ``train.parallel``: ``fsdp`` wraps the model in FSDP2 over a group of one;
+``ddp`` in one process is no wrapper at all.
 
 Data: tiny-shakespeare, byte-level (``trainctl prepare --tokenizer byte``: the GPT-2 BPE file
 needs the network), with the vocabulary padded to GPT-2's 50304. The step's cost is set by the
@@ -23,8 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_common import (  # noqa: E402
-    FAILED, NOT_AVAILABLE, OK, ROOT, Cli, NotAvailable, device_name, peak_tflops, rates, read_events,
-    run_end, say, tail, write_result,
+    FAILED, OK, ROOT, Cli, device_name, peak_tflops, rates, read_events, run_end, say, tail, write_result,
 )
 
 CONFIG = ROOT / "configs" / "gpt2_small.toml"  # GPT-2 small's shape: 12 x 768, 12 heads, block 1024
@@ -77,10 +75,8 @@ def main() -> int:
     peak = peak_tflops(gpu)
     sizes, skip = SMOKE if args.smoke else GPU
     batch = args.batch if args.batch is not None else (4 if args.smoke else 16)
-    strategy = f"train.parallel={args.parallel}"
-    cli = Cli(["run", str(CONFIG), "--out", str(work / name), "--resume", "never", "--yes"],
-              needs=[strategy] if args.parallel == "fsdp" else [],
-              defaults=[strategy] if args.parallel == "ddp" else [])
+    cli = Cli(["run", str(CONFIG), "--out", str(work / name), "--resume", "never", "--yes",
+               "--set", f"train.parallel={args.parallel}"])
     result = {"parallel": args.parallel, "device": gpu, "smoke": args.smoke, "peak_tflops": peak, "batch_size": batch,
               "data": "tiny-shakespeare, byte-level" + ("" if args.smoke else "; vocabulary padded to GPT-2's 50304")}
     try:
@@ -96,19 +92,17 @@ def main() -> int:
         start = next(e for e in events if e["event"] == "run_start")
         result |= {"status": "ok", "params": start["params"], "tokens_per_step": start["tokens_per_step"],
                    **rates(events, skip)}
-    except NotAvailable as exc:
-        result |= {"status": "not available", "reason": f"{exc}: needs branch fsdp"}
     except Exception as exc:  # the step fails, the script does not: gpu.sh goes on to the next step
         result |= {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
-    result |= {"command": cli.command(), "dropped_default_keys": cli.dropped}
+    result["command"] = cli.command()
     write_result(args.results, name, result)
     say(name, line(result))
-    return {"ok": OK, "not available": NOT_AVAILABLE}.get(result["status"], FAILED)
+    return OK if result["status"] == "ok" else FAILED
 
 
 def line(r: dict) -> str:
     if r["status"] != "ok":
-        return f"{r['status'].upper()}: {r['reason']}"
+        return f"FAILED: {r['reason']}"
     mfu = (f"MFU {r['mfu']:.1%} of {r['peak_tflops']:g} TFLOPS bf16" if r["mfu"] is not None
            else "MFU: peak unknown for this device")
     return (f"{r['tokens_per_s']:,.0f} tokens/s, {mfu}, {r['step_time_s'] * 1000:.1f} ms/step "

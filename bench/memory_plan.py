@@ -110,7 +110,7 @@ def main() -> None:
     c.add_argument("--backend", default="gpt")
     c.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--parallel", default="", help="train.parallel (ddp | fsdp, once branch fsdp is merged)")
+    parser.add_argument("--parallel", default="", help="train.parallel (ddp | fsdp)")
     args = parser.parse_args()
     if args.command == "child":
         child(args.out, args.backend, args.overrides)

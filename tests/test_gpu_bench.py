@@ -1,7 +1,5 @@
 """bench/gpu.sh runs for real on the CPU (``--cpu-smoke``): every step, through the real CLI,
-with tiny sizes. Steps that need a config key another branch adds (``train.parallel``,
-``plugin.checkpoint.async_save``) must report "not available" exactly when this trainctl does not
-know the key, and measure when it does."""
+with tiny sizes."""
 
 from __future__ import annotations
 
@@ -15,18 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import ROOT, cli_env
 
 GPU_SH = ROOT / "bench" / "gpu.sh"
 STEPS = ["gpt-ddp", "gpt-fsdp", "hf-qwen3", "ckpt"]
-
-
-def knows(override: str) -> bool:
-    """Whether this trainctl accepts the key (exit 0) or refuses it as unknown (exit 2)."""
-    proc = run_cli("config", "show", "--set", override)
-    key = override.partition("=")[0]
-    assert proc.returncode == 0 or f"unknown key '{key}'" in proc.stderr, proc.stderr
-    return proc.returncode == 0
 
 
 def gpu_sh(*args: str, env: dict[str, str] | None = None, timeout: float = 280) -> subprocess.CompletedProcess:
@@ -69,18 +59,13 @@ def test_gpt_ddp_tokens_per_second_and_mfu(smoke):
     flops = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=64, bias=False)).flops_per_token()
     expected = statistics.median(flops * i["tokens_per_s"] / 0.5e12 for i in r["intervals"])
     assert r["peak_tflops"] == 0.5 and r["mfu"] == pytest.approx(expected, rel=1e-3)
-    # train.parallel = "ddp" is today's default: dropped where the key is unknown, passed where known
-    assert r["dropped_default_keys"] == ([] if knows("train.parallel=ddp") else ["train.parallel=ddp"])
+    assert "train.parallel=ddp" in r["command"]
 
 
-def test_gpt_fsdp_measures_exactly_when_train_parallel_exists(smoke):
+def test_gpt_fsdp_tokens_per_second(smoke):
     r = smoke[1]["gpt-fsdp"]
-    if knows("train.parallel=fsdp"):
-        assert r["status"] == "ok" and r["tokens_per_s"] > 0, r
-        assert "train.parallel=fsdp" in r["command"]
-    else:
-        assert r["status"] == "not available", r
-        assert "train.parallel" in r["reason"] and "branch fsdp" in r["reason"]
+    assert r["status"] == "ok" and r["tokens_per_s"] > 0, r
+    assert "train.parallel=fsdp" in r["command"]
 
 
 def test_hf_qwen3_shaped_run_reports_memory(smoke):
@@ -98,13 +83,11 @@ def test_checkpoint_blocking_sync_and_async(smoke):
     assert sync["saves_measured"] == 3 and sync["checkpoint_mb"] > 0
     # the time the loop lost agrees with the save the kernel timed (a sync save blocks all of it)
     assert sync["blocked_s_median"] >= 0.7 * statistics.median(sync["save_event_duration_s"])
-    if knows("plugin.checkpoint.async_save=true"):
-        assert r["status"] == "ok", r
-        # noise can put a near-free async save a hair below zero: the count and a finite ratio are the contract
-        assert r["async"]["saves_measured"] == 3 and math.isfinite(r["async_over_sync"])
-    else:
-        assert r["status"] == "partial" and r["async"] is None, r
-        assert "plugin.checkpoint.async_save" in r["reason"] and "branch ckpt" in r["reason"]
+    assert r["status"] == "ok", r
+    # noise can put a near-free async save a hair below zero: the count and a finite ratio are the contract
+    assert r["async"]["saves_measured"] == 3 and math.isfinite(r["async_over_sync"])
+    assert "plugin.checkpoint.async_save=false" in sync["command"]
+    assert "plugin.checkpoint.async_save=true" in r["async"]["command"]
 
 
 def test_a_failed_step_does_not_stop_the_next(tmp_path):
@@ -169,17 +152,3 @@ def test_the_gpu_model_is_qwen3_06b_shaped():
     non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     assert (total, non_embedding) == (596_049_920, 440_467_456)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-
-
-def test_unknown_keys_needed_or_defaulted():
-    """The bench's reading of the CLI's exit 2, with a key no trainctl will ever have: a key a
-    step needs makes it not available; one that only spells out a default is dropped; any other
-    refusal stays a failure (exit 2 returned)."""
-    from bench.gpu_common import Cli, NotAvailable
-
-    with pytest.raises(NotAvailable, match="train.no_such_key"):
-        Cli(["config", "show"], needs=["train.no_such_key=1"]).run(timeout=60)
-    cli = Cli(["config", "show"], defaults=["train.no_such_key=1", "train.max_steps=7"])
-    assert cli.run(timeout=60).returncode == 0 and cli.dropped == ["train.no_such_key=1"]
-    bad = Cli(["config", "show"], defaults=["train.max_steps=0"])
-    assert bad.run(timeout=60).returncode == 2 and bad.dropped == []
