@@ -199,3 +199,24 @@ def test_the_hf_estimate_is_within_35_percent_of_the_measured_peak(hf, tmp_path)
 def test_a_cuda_device_on_a_machine_without_one_is_one_line():
     line = _refused_quickly(*sets("train.device='cuda'", "train.threads=1"))
     assert 'has 0 CUDA device(s) usable by torch; set train.device = "cpu" or "auto"' in line
+
+
+def test_dpo_counts_a_pairs_two_rows_and_its_reference_copy(hf, tmp_path):
+    """DPO runs a pair's chosen and rejected rows in one forward and, with reference "copy", holds
+    a frozen copy of the starting weights beside the policy; "precomputed" holds none while
+    training. Measured: within ±35 % of the peak, as SFT."""
+    from tests import hf_assets
+    from tests.test_hf_dpo import pair_rows
+
+    bench = _bench()
+    pairs = hf_assets.write_jsonl(tmp_path / "pairs.jsonl", pair_rows())
+    dpo = [f"model.name_or_path='{hf.llama}'", f"data.train='{pairs}'", "hf.objective='dpo'", "model.max_length=128",
+           "train.batch_size=4", "train.eval_steps=1"]
+    copy, = bench.measure([*dpo, "hf.dpo.reference='copy'"], backend="hf")
+    _within([copy])
+    assert copy["terms"]["frozen model"] == copy["terms"]["parameters"]  # the whole model again, fp32
+    precomputed, = bench.measure([*dpo, "hf.dpo.reference='precomputed'"], backend="hf")
+    assert "frozen model" not in precomputed["terms"]
+    sft, = bench.measure([*dpo[:2], "model.max_length=128", "train.batch_size=4", "train.eval_steps=1",
+                          f"data.train='{hf.messages}'"], backend="hf")
+    assert precomputed["terms"]["activations"] == 2 * sft["terms"]["activations"]  # both rows of each pair

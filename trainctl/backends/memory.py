@@ -14,6 +14,7 @@ the optimizer and the parallel strategy into per-rank :class:`Term` s:
     activations       saved for backward at the micro-batch (B x T tokens) on every layer, or only
                       each block's input with activation checkpointing, plus one layer's working set
     logits            the loss's (B, T, V) fp32 tensors and their gradient
+    frozen model      a second model run without gradients (DPO's reference copy); FSDP: 1/world
 
 ``cpu_offload`` moves parameters, gradients and optimizer state to host memory (a CUDA device
 then keeps only the blocks being computed). On a CPU device host and device are the same RAM.
@@ -95,6 +96,9 @@ class ModelShape:
     checkpointing_key: str  # the key that turns activation checkpointing on
     model_fix: str = "a smaller model"
     pipeline: int = 0  # host bytes of the backend's data pipeline and libraries beyond torch's
+    frozen: int = 0  # parameters of a frozen model run beside the trained one (DPO's reference copy)
+    what_frozen: str = ""  # how the error line names it
+    fix_frozen: str = ""  # what removes it, in config keys
 
 
 def estimate(shape: ModelShape, *, optimizer: str, strategy: Strategy, device: str,
@@ -138,6 +142,9 @@ def estimate(shape: ModelShape, *, optimizer: str, strategy: Strategy, device: s
         gather_fix = shape.model_fix if strategy.reshard_after_forward else "train.fsdp_reshard_after_forward = true"
         terms.append(Term(name="gathered blocks", bytes=device_params + device_grads,
                           what="blocks gathered by FSDP", fix=gather_fix))
+    if shape.frozen:  # sharded as the trained model is under FSDP
+        terms.append(Term(name="frozen model", bytes=shape.frozen * param_bytes // share, what=shape.what_frozen,
+                          fix=shape.fix_frozen, host=offload))
     terms += [
         Term(name="activations", bytes=activations(shape, strategy.activation_checkpointing),
              what=f"activations at {shape.what_activations}", fix=_activation_fix(shape, strategy)),

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.schema import locked, ranged
 
 Shape = Literal["auto", "text", "messages", "prompt_completion"]
@@ -142,6 +143,16 @@ class DPOConfig:
         if self.label_smoothing and self.loss_type != "robust":
             raise ValueError(f"label_smoothing is used by loss_type = \"robust\" only (TRL ignores it for {self.loss_type!r}); "
                              "set loss_type = \"robust\" or label_smoothing = 0")
+
+
+def resolve_reference(reference: str, lora: bool, separate: bool = False) -> str:
+    """What ``hf.dpo.reference`` means for this run: ``auto`` is TRL's choice (a separate reference
+    model, ``separate``, is always held as a copy)."""
+    if reference == "auto":
+        return "adapters_off" if lora and not separate else "copy"
+    if reference == "adapters_off" and not lora:
+        raise ConfigError('hf.dpo.reference = "adapters_off" needs a [hf.lora] adapter to switch off; add [hf.lora] or use "copy"')
+    return reference
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

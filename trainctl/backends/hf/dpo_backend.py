@@ -18,19 +18,12 @@ from trainctl.backends import parallel, scoring
 from trainctl.backends.device import set_threads
 from trainctl.backends.hf import dpo, epochs, loading, rows, sft
 from trainctl.backends.hf.backend import EVAL_EPOCH, HFBackend, decoder_layers
+from trainctl.backends.hf.config import resolve_reference
 from trainctl.backends.hf.dpo_loss import dpo_loss, reward_metrics
 from trainctl.backends.hf.preference_check import require_valid_preferences
 from trainctl.backends.step import MicroLoss, local_micro_batches
 from trainctl.kernel.backend import Evaluation, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError
-
-
-def resolve_reference(reference: str, lora: bool, separate: bool = False) -> str:
-    if reference == "auto":  # TRL's choice; a separate reference model is always held as a copy
-        return "adapters_off" if lora and not separate else "copy"
-    if reference == "adapters_off" and not lora:
-        raise ConfigError('hf.dpo.reference = "adapters_off" needs a [hf.lora] adapter to switch off; add [hf.lora] or use "copy"')
-    return reference
 
 
 class DPOBackend(HFBackend):

@@ -6,15 +6,18 @@ The shape is a Llama-style decoder (what nearly every current causal LM is): att
 GPT-2/NeoX families), RMSNorms, untied or tied embeddings. A vision tower (image-text-to-text
 checkpoints) is left out: it is frozen and runs on no training token. Rows are counted at
 ``model.max_length`` tokens: exact with packing, an upper bound without it (a batch is padded
-to its longest row only).
+to its longest row only). DPO (``[hf] objective = "dpo"``) runs a pair's chosen and rejected rows
+in one forward (twice the rows of the micro-batch) and, with the reference held as a copy, a
+frozen second model (``frozen``: the starting weights, or ``hf.dpo.ref_model``'s).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from trainctl.backends import memory
-from trainctl.backends.hf.config import HFConfig
+from trainctl.backends.hf.config import HFConfig, resolve_reference
 from trainctl.backends.memory import MemoryEstimate, ModelShape
 from trainctl.kernel.backend import BackendContext
 
@@ -40,16 +43,23 @@ def estimate(ctx: BackendContext) -> MemoryEstimate:
     device, dtype = placement.names
     attn = loading.attention(cfg.attn_implementation, placement.device)
     lora = hf.lora
-    s = shape(text, tokens=ctx.train.batch_size * cfg.max_length, batch=ctx.train.batch_size, seq=cfg.max_length,
+    dpo = hf.objective == "dpo"
+    rows = ctx.train.batch_size * (2 if dpo else 1)  # DPO: a pair's chosen and rejected rows in one forward
+    s = shape(text, tokens=rows * cfg.max_length, batch=rows, seq=cfg.max_length,
               dtype=dtype, lora_r=lora.r if lora else 0, lora_targets=lora.target_modules if lora else (),
               attention=attn, packing=ctx.data.packing)
+    if dpo and resolve_reference(hf.dpo.reference, lora is not None, bool(hf.dpo.ref_model)) == "copy":
+        ref = shape(loading.model_config(replace(cfg, name_or_path=hf.dpo.ref_model)).get_text_config(), tokens=1, batch=1,
+                    seq=1, dtype=dtype) if hf.dpo.ref_model else s
+        s = replace(s, frozen=ref.params - (s.trained if lora and not hf.dpo.ref_model else 0),
+                    what_frozen=f"DPO's reference model ({ref.params:,} parameters)",
+                    fix_frozen='hf.dpo.reference = "precomputed" (its log-probs computed once, before training), '
+                               '[hf.lora] with reference "adapters_off", or shard over more ranks')
     return memory.estimate(s, optimizer=ctx.optim.name, strategy=_strategy(ctx, cfg.gradient_checkpointing),
                            device=device, param_bytes=2 if cfg.dtype in ("bfloat16", "float16") else 4)
 
 
 def _strategy(ctx: BackendContext, gradient_checkpointing: bool) -> memory.Strategy:
-    from dataclasses import replace
-
     strategy = memory.Strategy.of(ctx.train, ctx.dist.world_size)
     return replace(strategy, activation_checkpointing=strategy.activation_checkpointing or gradient_checkpointing)
 
