@@ -24,6 +24,16 @@ def test_defaults_expand_in_place_and_config_show_prints_the_list():
     ]
 
 
+def test_config_show_prints_secrets_empty_and_says_which():
+    proc = run_cli("config", "show", *sets('plugins=["defaults", "notify", "remote_eval"]',
+                                            "plugin.notify.url='https://hooks.example/T0KEN-abc'",
+                                            "plugin.remote_eval.token='s3cret-value'"), check=True)
+    assert "T0KEN-abc" not in proc.stdout + proc.stderr and "s3cret-value" not in proc.stdout + proc.stderr
+    assert "# secrets shown empty: plugin.notify.url, plugin.remote_eval.token" in proc.stdout
+    shown = tomllib.loads(proc.stdout)["plugin"]
+    assert shown["notify"]["url"] == "" and shown["remote_eval"]["token"] == ""
+
+
 def test_a_list_without_safety_warns_an_unused_table_is_ignored_and_dry_run_writes_nothing(tmp_path):
     out = tmp_path / "new" / "run"
     proc = run_cli("run", SHAKESPEARE_CHAR, "--dry-run", "--out", str(out),

@@ -112,6 +112,24 @@ def test_a_group_writable_checkpoint_folder_counts_only_where_the_group_can_reac
         Run(make_config(registry, out, 'plugins=["checkpoint"]', "train.max_steps=4"), registry)
 
 
+def test_a_configured_checkpoint_folder_is_checked_inside_and_outside_the_run_directory(registry, tmp_path):
+    """``plugin.checkpoint.dir`` is read back on resume wherever it is: another user's folder, or
+    one that others who can reach it may write in, is refused like the default one."""
+    out, shared = tmp_path / "out", tmp_path / "shared"
+    (out / "ckpt").mkdir(parents=True)
+    os.chown(out / "ckpt", NOBODY, NOBODY)
+    with pytest.raises(ConfigError, match=f"^checkpoint directory {out / 'ckpt'} belongs to uid {NOBODY}, not you"):
+        Run(make_config(registry, out, 'plugins=["checkpoint"]', "plugin.checkpoint.dir='ckpt'", "train.max_steps=2"), registry)
+    shared.mkdir()
+    shared.chmod(0o775)  # outside the private run directory, the group's write bit counts
+    elsewhere = ['plugins=["checkpoint"]', f"plugin.checkpoint.dir='{shared}'", "train.max_steps=2"]
+    with pytest.raises(ConfigError, match=f"^checkpoint directory {shared} is writable by group or others"):
+        Run(make_config(registry, tmp_path / "out2", *elsewhere), registry)
+    shared.chmod(0o755)
+    assert Run(make_config(registry, tmp_path / "out2", *elsewhere), registry).fit().status == "completed"
+    assert (shared / "step-000002").is_dir()
+
+
 def test_a_symlinked_control_folder_is_refused_by_the_run_and_by_ctl(registry, tmp_path):
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     out.mkdir(mode=0o700)

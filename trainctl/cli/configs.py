@@ -27,12 +27,16 @@ def show(config: str | None, backend: str | None, overrides: tuple[str, ...]) ->
     """Print CONFIG fully resolved (every default filled in) as TOML."""
     from trainctl.kernel import config as cfg
     from trainctl.kernel.registry import Registry
+    from trainctl.kernel.secrets import redacted, secret_keys
 
     resolved = cfg.load(config, Registry.discover(), overrides=list(overrides), backend=backend)
     for line in resolved.warnings:
         click.echo(f"trainctl: warning: {line}", err=True)
     click.echo(f'# plugins: call order; in a config "{cfg.DEFAULTS}" stands for {", ".join(cfg.DEFAULT_PLUGINS)}')
-    click.echo(cfg.dump_toml(resolved.to_dict()), nl=False)
+    hidden = [f"plugin.{name}.{key}" for name, c in resolved.plugin.items() for key in secret_keys(c) if getattr(c, key)]
+    if hidden:  # as in the config.toml saved with every checkpoint: a terminal or a log is no place for them
+        click.echo(f"# secrets shown empty: {', '.join(hidden)}")
+    click.echo(cfg.dump_toml(redacted(resolved.to_dict(), resolved.plugin)), nl=False)
 
 
 @config.command("import-nanogpt")

@@ -35,7 +35,6 @@ from trainctl.kernel.errors import ConfigError
 
 CONTROL = "control"
 LOCK = "lock"
-CHECKPOINTS = "checkpoints"  # the checkpoint plugin's default folder: a planted one is resumed
 PRIVATE = 0o600
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -53,10 +52,7 @@ def prepare(out_dir: Path, *, main: bool = True) -> None:
         out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # parents get the usual mode
     except OSError as exc:
         raise ConfigError(f"out dir {out_dir} is not writable ({exc.strerror}); choose another with --out DIR") from None
-    here = _check_owned(out_dir, "run directory", follow=True)
-    # inside it, group or others writing matters only if they can reach in (with umask 002 the
-    # checkpoint plugin's folder is group-writable, harmless inside a 0700 run directory)
-    reach = (stat.S_IWGRP if here.st_mode & stat.S_IXGRP else 0) | (stat.S_IWOTH if here.st_mode & stat.S_IXOTH else 0)
+    _check_owned(out_dir, "run directory", follow=True)
     control = out_dir / CONTROL
     if main:
         try:
@@ -66,15 +62,31 @@ def prepare(out_dir: Path, *, main: bool = True) -> None:
         except OSError as exc:
             raise ConfigError(f"out dir {out_dir} is not writable ({exc.strerror}); choose another with --out DIR") from None
     if os.path.lexists(control):
-        _check_owned(control, "control directory", follow=False, writers=reach)
-    if (out_dir / CHECKPOINTS).exists():
-        _check_owned(out_dir / CHECKPOINTS, "checkpoint directory", follow=True, writers=reach)
+        _check_owned(control, "control directory", follow=False, writers=_reach(out_dir))
     try:  # e.g. a directory of ours on a read-only mount
         probe = out_dir / f".write-test-{os.getpid()}-{secrets.token_hex(4)}"
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, PRIVATE))
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"out dir {out_dir} is not writable ({exc.strerror}); choose another with --out DIR") from None
+
+
+def check_read_back(path: Path, what: str, out_dir: Path) -> None:
+    """A directory the run reads back from (the checkpoint plugin's, wherever it is configured):
+    if it exists, the user's own and not writable by anyone who can reach it, else a one-line
+    ConfigError. Inside the run directory only those who may enter it reach it; elsewhere anyone."""
+    if not os.path.lexists(path):
+        return
+    inside = Path(os.path.realpath(path)).is_relative_to(os.path.realpath(out_dir))
+    _check_owned(path, what, follow=True, writers=_reach(out_dir) if inside else stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _reach(out_dir: Path) -> int:
+    """Who may write inside ``out_dir`` and matter: group or others writing in a folder there
+    counts only if they can enter the run directory (with umask 002 the checkpoint plugin's
+    folder is group-writable, harmless inside a 0700 run directory)."""
+    mode = os.stat(out_dir).st_mode
+    return (stat.S_IWGRP if mode & stat.S_IXGRP else 0) | (stat.S_IWOTH if mode & stat.S_IXOTH else 0)
 
 
 def _check_owned(path: Path, what: str, *, follow: bool, writers: int = stat.S_IWGRP | stat.S_IWOTH) -> os.stat_result:

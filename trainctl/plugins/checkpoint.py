@@ -68,7 +68,7 @@ from trainctl.kernel.checkpoint_files import MANIFEST, PREFIX, TMP_PREFIX, check
 from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.resume import BadCheckpoint, read
-from trainctl.kernel.run_dir import open_append
+from trainctl.kernel.run_dir import check_read_back, open_append
 from trainctl.plugins.background_save import Background
 
 LEDGER = "checkpoints.jsonl"
@@ -96,6 +96,7 @@ class Checkpointer:
         self.run = run
         self.group: Group = run.group or Group(Distributed())  # a group of one where none is given
         self.root = run.out_dir / config.dir
+        check_read_back(self.root, "checkpoint directory", run.out_dir)  # a planted checkpoint would be resumed
         self.ledger = run.out_dir / LEDGER
         self.best: tuple[float, str] | None = None  # (val loss, name) of the best checkpoint written
         self.candidate: tuple[float, str] | None = None  # the best if the latest evaluation's checkpoint is written
