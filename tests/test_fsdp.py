@@ -228,3 +228,16 @@ def test_compiled_blocks_under_fsdp_train_as_one_eager_process(tmp_path):
           max(abs(eager[k] - compiled[k]) for k in eager))
     assert len(eager) == 4
     assert_close(compiled, eager, 1e-4)
+
+
+def test_the_plans_parallel_line_says_what_runs_where():
+    import torch
+
+    from trainctl.backends.parallel import describe
+    from trainctl.kernel.schema import TrainConfig
+
+    plain, fsdp = TrainConfig(), TrainConfig(parallel="fsdp", cpu_offload=True, activation_checkpointing=True)
+    assert describe(plain, 1, torch.float32) == "one process"
+    assert describe(plain, 2, torch.float32) == "ddp over 2 ranks"
+    assert describe(fsdp, 2, torch.bfloat16) == (
+        "fsdp over 2 ranks (reshard after forward, bf16 weights / fp32 reduce, CPU offload, activation checkpointing)")

@@ -172,11 +172,12 @@ def for_run(model: nn.Module, *, device: torch.device, world_size: int, sharding
 
 
 def describe(train: Any, world_size: int, dtype: torch.dtype) -> str:
-    """The plan's ``parallel`` line: ``fsdp over 2 ranks (reshard after forward, bf16 weights / fp32 reduce)``."""
+    """The plan's ``parallel`` line: ``one process``, ``ddp over 2 ranks`` or ``fsdp over 2 ranks
+    (reshard after forward, bf16 weights / fp32 reduce)``."""
     ranks = f"{world_size} rank{'s' if world_size > 1 else ''}"
     checkpointing = ["activation checkpointing"] if train.activation_checkpointing else []
     if train.parallel == "ddp":
-        return f"ddp over {ranks}" + "".join(f" ({e})" for e in checkpointing)
+        return (f"ddp over {ranks}" if world_size > 1 else "one process") + "".join(f" ({e})" for e in checkpointing)
     extras = ["reshard after forward" if train.fsdp_reshard_after_forward else "no reshard after forward"]
     if dtype == torch.bfloat16:
         extras.append("bf16 weights / fp32 reduce")
