@@ -272,7 +272,8 @@ def test_two_ranks_under_torchrun_equal_one_process(registry, hf, pairs, tmp_pat
     from tests.live import sets
     from tests.test_distributed import HF_TOLERANCE, TORCHRUN, assert_close, env, losses
 
-    # the precomputed reference: every rank computes it, rank 0 writes the run directory's cache
+    # the precomputed reference: each rank computes every other batch, the ranks exchange them,
+    # rank 0 writes the run directory's cache: the same bytes as one process's
     steps = ("train.max_steps=3", "plugin.lr.warmup_steps=1", "train.eval_interval=0", "hf.objective='dpo'",
              "hf.dpo.reference='precomputed'")
     assert session(registry, hf, tmp_path / "one", pairs, 'plugins=["lr", "checkpoint", "jsonl"]', *steps).fit().status == "completed"
@@ -280,7 +281,9 @@ def test_two_ranks_under_torchrun_equal_one_process(registry, hf, pairs, tmp_pat
     proc = subprocess.run([*TORCHRUN, "-m", "trainctl", "run", "--yes", "--backend", "hf", "--out", str(tmp_path / "ddp"),
                            *sets(*base)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (tmp_path / "ddp" / "dpo_ref_logps.safetensors").is_file() and "cached in" in proc.stdout
+    cache = "dpo_ref_logps.safetensors"
+    assert "precomputed from the starting weights on 2 ranks, cached in" in proc.stdout
+    assert (tmp_path / "ddp" / cache).read_bytes() == (tmp_path / "one" / cache).read_bytes()
     assert_close(losses(tmp_path / "ddp"), losses(tmp_path / "one"), HF_TOLERANCE)
     one, ddp = step_events(tmp_path / "one"), step_events(tmp_path / "ddp")
     for name in REWARDS:
@@ -297,3 +300,10 @@ def test_two_ranks_under_torchrun_equal_one_process(registry, hf, pairs, tmp_pat
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "parallel: fsdp over 2 ranks" in proc.stdout and "reference: copy, sharded over the ranks" in proc.stdout
     assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "one-copy"), HF_TOLERANCE)
+    # precomputed from the sharded policy: every forward a collective, so a rank with fewer
+    # batches repeats one (the val split here is one batch); the cache is one process's, bit for bit
+    proc = subprocess.run([*TORCHRUN, "-m", "trainctl", "run", "--yes", "--backend", "hf", "--out",
+                           str(tmp_path / "fsdp-pre"), *sets(*base, "train.parallel='fsdp'", "train.max_steps=1")],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "fsdp-pre" / cache).read_bytes() == (tmp_path / "one" / cache).read_bytes()

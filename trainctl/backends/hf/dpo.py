@@ -123,10 +123,15 @@ class PreferenceData:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         return self.trainer.compute_ref_log_probs(self.ref_model or self.model, inputs)
 
-    def precompute(self, out_dir: Path, *, device: torch.device, autocast: Any, batch_size: int, write: bool,
-                   source: str = "the starting weights") -> str:
-        """Fill ``ref_logps`` from the run directory's cache, or compute and (``write``) cache them.
-        Returns the plan's line. Call before any step: the model must hold the starting weights."""
+    def precompute(self, out_dir: Path, *, device: torch.device, autocast: Any, batch_size: int, rank: int = 0,
+                   world: int = 1, lockstep: bool = False, source: str = "the starting weights") -> str:
+        """Fill ``ref_logps`` from the run directory's cache, or compute and (rank 0) cache them.
+        Returns the plan's line. Call before any step: the model must hold the starting weights.
+
+        With ``world`` ranks each computes every world-th batch (the batches are TRL's, so each
+        row's value is what one process computes) and the ranks exchange them. ``lockstep``
+        (a sharded model: every forward is a collective) has every rank run the same number of
+        forwards, a rank short of batches repeating its first one and dropping the result."""
         path = out_dir / REF_CACHE
         fingerprint = self._fingerprint()
         splits = {"train": self.train, **({"val": self.val} if self.val is not None else {})}
@@ -139,18 +144,25 @@ class PreferenceData:
         try:
             with torch.no_grad():
                 for split, ds in splits.items():
-                    parts = []
-                    for first in range(0, len(ds), batch_size):
-                        batch = self.collate(self.rows(split, list(range(first, min(first + batch_size, len(ds))))))
+                    batches = [list(range(first, min(first + batch_size, len(ds)))) for first in range(0, len(ds), batch_size)]
+                    mine = list(range(rank, len(batches), world))
+                    rounds = -(-len(batches) // world) if lockstep else len(mine)
+                    parts: dict[int, torch.Tensor] = {}
+                    for turn in range(rounds):
+                        index = mine[turn] if turn < len(mine) else 0
+                        batch = self.collate(self.rows(split, batches[index]))
                         with autocast:
                             chosen, rejected = self.reference_logps(sft.to_device(batch, device))
-                        parts.append(torch.stack([chosen, rejected], dim=1).float().cpu())
-                    self.ref_logps[split] = torch.cat(parts)
+                        if turn < len(mine):
+                            parts[index] = torch.stack([chosen, rejected], dim=1).float().cpu()
+                    if world > 1:
+                        parts = _exchange(parts, world)
+                    self.ref_logps[split] = torch.cat([parts[i] for i in range(len(batches))])
         finally:
             self.model.train(was_training)
-        if write:
+        if rank == 0:
             _write_cache(path, self.ref_logps, fingerprint)
-        return f"precomputed from {source}, cached in {path}"
+        return f"precomputed from {source}" + (f" on {world} ranks" if world > 1 else "") + f", cached in {path}"
 
     def _fingerprint(self) -> str:
         """The starting weights (TRL's own hash), the prepared token ids and the truncation length."""
@@ -164,6 +176,15 @@ class PreferenceData:
                 digest.update(np.asarray(column.offsets).tobytes())
                 digest.update(np.asarray(column.flatten()).tobytes())
         return digest.hexdigest()
+
+
+def _exchange(parts: dict[int, torch.Tensor], world: int) -> dict[int, torch.Tensor]:
+    """Every rank's batches of reference log-probs, on every rank (torch's ``all_gather_object``)."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, parts)
+    return {index: tensor for rank_parts in gathered for index, tensor in rank_parts.items()}
 
 
 def _read_cache(path: Path, fingerprint: str) -> dict[str, torch.Tensor] | None:

@@ -95,7 +95,8 @@ class DPOBackend(HFBackend):
             self.reference_line += ", sharded over the ranks"
         if self.reference == "precomputed":  # before any step, and before a resume loads weights
             self.reference_line = self.pairs.precompute(ctx.out_dir, device=self.device, autocast=self.stepper.autocast,
-                                                        batch_size=train.batch_size, write=ctx.dist.rank == 0,
+                                                        batch_size=train.batch_size, rank=ctx.dist.rank,
+                                                        world=ctx.dist.world_size, lockstep=self.stepper.parallel.sharded,
                                                         source=opts.ref_model or "the starting weights")
             self.pairs.ref_model = self.pairs.trainer.ref_model = None  # a separate reference: cached now, freed
         self.steps_done = 0
