@@ -77,6 +77,7 @@ def child(out: Path, backend: str, overrides: list[str]) -> None:
         "rank": rank, "measured": grown, "estimate": memory.total,
         "terms": {t.name: t.bytes for t in memory.terms},
     }))
+    session.close()  # the ranks leave the process group together: one exiting under a peer's feet aborts it
 
 
 def measure(overrides: list[str], *, backend: str = "gpt", ranks: int = 1, timeout: float = 600) -> list[dict]:
