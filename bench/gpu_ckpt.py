@@ -15,7 +15,6 @@ waits for the previous one still in flight (that wait would be counted as blocke
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -27,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_common import (  # noqa: E402
-    FAILED, OK, ROOT, Cli, device_name, read_events, run_end, say, tail, write_result,
+    Cli, arguments, device_name, read_events, report, run_end, tail,
 )
 from bench.gpu_gpt import CONFIG, prepare_data  # noqa: E402
 
@@ -87,10 +86,7 @@ def measure(work: Path, sizes: list[str], interval: int, mode: str, timeout: flo
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (the tests)")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
-    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    ap = arguments(__doc__)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds for both runs together")
     args = ap.parse_args()
     name = "ckpt"
@@ -110,9 +106,7 @@ def main() -> int:
         result |= {"status": "ok", "async_over_sync": ratio, "goal": "async blocked <= 20% of sync"}
     except Exception as exc:  # the step fails, the script does not: gpu.sh goes on
         result |= {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
-    write_result(args.results, name, result)
-    say(name, line(result))
-    return OK if result["status"] == "ok" else FAILED
+    return report(args.results, name, result, line)
 
 
 def line(r: dict) -> str:

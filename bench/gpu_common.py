@@ -6,6 +6,7 @@ Exit codes of every ``bench/gpu_*.py``: 0 measured, 1 failed. ``gpu.sh`` reads t
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -14,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,3 +123,19 @@ def write_result(results: Path, name: str, payload: dict[str, Any]) -> Path:
 def say(name: str, text: str) -> None:
     """The step's one result line, the one gpu.sh's reader looks for."""
     print(f"gpu-bench: {name}: {text}", flush=True)
+
+
+def report(results: Path, name: str, result: dict[str, Any], line: Callable[[dict[str, Any]], str]) -> int:
+    """The step's end, the same for every step: its JSON file, its line, its exit code."""
+    write_result(results, name, result)
+    say(name, line(result))
+    return OK if result["status"] == "ok" else FAILED
+
+
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The options every step takes; a step adds its own."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (the tests)")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    return ap

@@ -13,7 +13,6 @@ model's shape (embedding and head included), not by which tokenizer made the ids
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_common import (  # noqa: E402
-    FAILED, OK, ROOT, Cli, device_name, peak_tflops, rates, read_events, run_end, say, tail, write_result,
+    ROOT, Cli, arguments, device_name, peak_tflops, rates, read_events, report, run_end, tail,
 )
 
 CONFIG = ROOT / "configs" / "gpt2_small.toml"  # GPT-2 small's shape: 12 x 768, 12 heads, block 1024
@@ -60,11 +59,8 @@ def data_overrides(data: Path, batch: int) -> list[str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arguments(__doc__)
     ap.add_argument("--parallel", choices=["ddp", "fsdp"], required=True)
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (the tests)")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
-    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--batch", type=int, default=None, help="sequences per step (default: 16 on a GPU, 4 in --smoke)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds for the training run")
     args = ap.parse_args()
@@ -95,9 +91,7 @@ def main() -> int:
     except Exception as exc:  # the step fails, the script does not: gpu.sh goes on to the next step
         result |= {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
     result["command"] = cli.command()
-    write_result(args.results, name, result)
-    say(name, line(result))
-    return OK if result["status"] == "ok" else FAILED
+    return report(args.results, name, result, line)
 
 
 def line(r: dict) -> str:

@@ -13,7 +13,6 @@ peak: events carry no memory.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import resource
@@ -26,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_common import (  # noqa: E402
-    FAILED, OK, ROOT, cli_env, device_name, peak_tflops, rates, read_events, run_end, say, write_result,
+    arguments, cli_env, device_name, peak_tflops, rates, read_events, report, run_end,
 )
 
 # Qwen3-0.6B's config.json (hub: Qwen/Qwen3-0.6B), less the tokenizer-bound ids
@@ -128,10 +127,7 @@ def run_cli(args: list[str]) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (the tests)")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
-    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    ap = arguments(__doc__)
     ap.add_argument("--batch", type=int, default=None, help="packed rows per micro-batch (default: 4 on a GPU, 2 in --smoke)")
     ap.add_argument("--timeout", type=float, default=0, help="seconds for the whole step (0: no limit)")
     args = ap.parse_args()
@@ -185,9 +181,7 @@ def main() -> int:
     except Exception as exc:  # the step fails, the script does not: gpu.sh goes on
         result |= {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
     result["command"] = " ".join(["python -m trainctl", *argv])
-    write_result(args.results, name, result)
-    say(name, line(result))
-    return OK if result["status"] == "ok" else FAILED
+    return report(args.results, name, result, line)
 
 
 def _timed_out(signum: int, frame: object) -> None:

@@ -201,7 +201,7 @@ def by_name(model: nn.Module, optimizer: Any, saved: dict[str, Any]) -> dict[str
 
 
 # --- reading a checkpoint that may come from anyone ------------------------------------------
-# DCP reads ``.metadata`` with pickle.load and plain values with torch.load(weights_only=False):
+# DCP reads ``.metadata`` with pickle.load and plain values with an unrestricted torch.load:
 # either would run whatever a crafted checkpoint holds. These read the same data but accept only
 # the classes DCP's metadata is made of, and plain values (weights_only=True).
 
