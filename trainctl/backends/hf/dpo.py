@@ -11,14 +11,24 @@ before the first step, written to the run directory (``dpo_ref_logps.safetensors
 fingerprint of the starting weights (TRL's ``hash_module``), the prepared token ids and
 ``max_length``. A resumed run, or a new one from the same weights and data, reads them back;
 TRL's own precompute writes a ``datasets`` cache file that a new process does not look for.
+
+Anyone who can write the run directory can write that file, and the fingerprint is no secret. So
+a file with the run's fingerprint is used only when its tensors can be these pairs' log-probs:
+float32, one (chosen, rejected) row per prepared pair of each split, all finite, and the first
+batch of each split equal to a fresh forward (which catches rows shifted or values offset). Any
+other file is one warning line naming it and the problem, then computed again and replaced, as a
+file of other weights or data always was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +41,11 @@ from trainctl.kernel.errors import ConfigError
 
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")  # what TRL's DataCollatorForPreference reads
 REF_CACHE = "dpo_ref_logps.safetensors"
+Forward = Callable[[str, list[int]], torch.Tensor]  # (split, row indices) -> (n, 2) reference log-probs
+
+
+class BadCache(Exception):
+    """A cache file with the run's fingerprint that cannot hold these pairs' reference log-probs."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -135,34 +150,50 @@ class PreferenceData:
         path = out_dir / REF_CACHE
         fingerprint = self._fingerprint()
         splits = {"train": self.train, **({"val": self.val} if self.val is not None else {})}
-        cached = _read_cache(path, fingerprint)
-        if cached is not None and set(cached) == set(splits):
-            self.ref_logps = cached
-            return f"precomputed, read from {path} (not recomputed)"
+
+        def forward(split: str, indices: list[int]) -> torch.Tensor:  # (n, 2) chosen, rejected
+            batch = self.collate(self.rows(split, indices))
+            with autocast:
+                chosen, rejected = self.reference_logps(sft.to_device(batch, device))
+            return torch.stack([chosen, rejected], dim=1).float().cpu()
+
+        with self._frozen():
+            try:
+                cached = _read_cache(path, fingerprint, {split: len(ds) for split, ds in splits.items()})
+                if cached is not None:
+                    _check_first_batch(cached, forward, batch_size)
+                    self.ref_logps = cached
+                    return f"precomputed, read from {path} (not recomputed)"
+            except BadCache as bad:
+                if rank == 0:  # every rank read the same file to the same verdict: one line
+                    print(f"trainctl: warning: {path}: {bad}; not used: computed again from {source}, "
+                          "and the file replaced", file=sys.stderr)
+            for split, ds in splits.items():
+                batches = [list(range(first, min(first + batch_size, len(ds)))) for first in range(0, len(ds), batch_size)]
+                mine = list(range(rank, len(batches), world))
+                rounds = -(-len(batches) // world) if lockstep else len(mine)
+                parts: dict[int, torch.Tensor] = {}
+                for turn in range(rounds):
+                    values = forward(split, batches[mine[turn] if turn < len(mine) else 0])
+                    if turn < len(mine):
+                        parts[mine[turn]] = values
+                if world > 1:
+                    parts = _exchange(parts, world)
+                self.ref_logps[split] = torch.cat([parts[i] for i in range(len(batches))])
+        if rank == 0:
+            _write_cache(path, self.ref_logps, fingerprint)
+        return f"precomputed from {source}" + (f" on {world} ranks" if world > 1 else "") + f", cached in {path}"
+
+    @contextlib.contextmanager
+    def _frozen(self) -> Iterator[None]:
+        """The reference's forwards: eval mode, no gradient, the model's mode restored after."""
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                for split, ds in splits.items():
-                    batches = [list(range(first, min(first + batch_size, len(ds)))) for first in range(0, len(ds), batch_size)]
-                    mine = list(range(rank, len(batches), world))
-                    rounds = -(-len(batches) // world) if lockstep else len(mine)
-                    parts: dict[int, torch.Tensor] = {}
-                    for turn in range(rounds):
-                        index = mine[turn] if turn < len(mine) else 0
-                        batch = self.collate(self.rows(split, batches[index]))
-                        with autocast:
-                            chosen, rejected = self.reference_logps(sft.to_device(batch, device))
-                        if turn < len(mine):
-                            parts[index] = torch.stack([chosen, rejected], dim=1).float().cpu()
-                    if world > 1:
-                        parts = _exchange(parts, world)
-                    self.ref_logps[split] = torch.cat([parts[i] for i in range(len(batches))])
+                yield
         finally:
             self.model.train(was_training)
-        if rank == 0:
-            _write_cache(path, self.ref_logps, fingerprint)
-        return f"precomputed from {source}" + (f" on {world} ranks" if world > 1 else "") + f", cached in {path}"
 
     def _fingerprint(self) -> str:
         """The starting weights (TRL's own hash), the prepared token ids and the truncation length."""
@@ -187,18 +218,55 @@ def _exchange(parts: dict[int, torch.Tensor], world: int) -> dict[int, torch.Ten
     return {index: tensor for rank_parts in gathered for index, tensor in rank_parts.items()}
 
 
-def _read_cache(path: Path, fingerprint: str) -> dict[str, torch.Tensor] | None:
-    from safetensors import safe_open
+def _read_cache(path: Path, fingerprint: str, rows: dict[str, int]) -> dict[str, torch.Tensor] | None:
+    """Each split's (N, 2) log-probs from ``path``, ``rows`` giving N per split; None when there is
+    no file or it is of other weights or data (then computed again and replaced, silently: that
+    is what a cache is for). Raises ``BadCache`` for a file with this fingerprint that cannot be
+    these pairs' log-probs; dtype and shape are read from the header, before any value is loaded."""
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("fingerprint") != fingerprint:
-                return None  # other weights or data: computed again, and the file replaced
-            return {name: f.get_tensor(name) for name in f.keys()}
-    except (OSError, ValueError, RuntimeError):  # truncated or not safetensors: compute again
-        return None
+                return None
+            if set(f.keys()) != set(rows):
+                raise BadCache(f"it covers {sorted(f.keys())}, this run's splits are {sorted(rows)}")
+            for split, n in rows.items():
+                _check_header(split, f.get_slice(split), n)
+            tensors = {split: f.get_tensor(split) for split in rows}
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # truncated, or not safetensors
+        raise BadCache(f"not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    for split, values in tensors.items():
+        if not bool(torch.isfinite(values).all()):  # one NaN reference skips every step it reaches
+            raise BadCache(f"{split}: {int((~torch.isfinite(values)).sum())} value(s) not finite (NaN or inf)")
+    return tensors
+
+
+def _check_header(split: str, view: Any, n: int) -> None:
+    dtype, shape = view.get_dtype(), tuple(view.get_shape())
+    if dtype != "F32":  # what _write_cache writes; any other dtype is not the values it wrote
+        raise BadCache(f"{split}: dtype {dtype}, not F32 (float32)")
+    if len(shape) == 2 and shape[1] == 2 and shape[0] != n:  # a batch would index past the end, or misalign
+        raise BadCache(f"{split}: {shape[0]} rows for its {n} pairs")
+    if shape != (n, 2):
+        raise BadCache(f"{split}: shape {shape}, not ({n}, 2) (chosen, rejected for each pair)")
+
+
+def _check_first_batch(cached: dict[str, torch.Tensor], forward: Forward, batch_size: int) -> None:
+    """The first batch of each split against a fresh forward (one per split, every rank alike, so
+    sharded ranks stay in lockstep): rows shifted or values offset look right in every other way.
+    A file doctored past its first batch passes; finding that would mean computing it all again.
+    The tolerance admits a file written on another device or batch size (padding changes the
+    kernels' rounding); a false alarm only costs computing the file again."""
+    for split, values in cached.items():
+        first = list(range(min(batch_size, len(values))))
+        fresh = forward(split, first)
+        if not torch.allclose(fresh, values[first], rtol=1e-3, atol=1e-3):
+            worst = float((fresh - values[first]).abs().max())
+            raise BadCache(f"{split}: its first {len(first)} rows are not these pairs' reference log-probs "
+                           f"(off by up to {worst:.3g}): shifted, or of other pairs")
 
 
 def _write_cache(path: Path, tensors: dict[str, torch.Tensor], fingerprint: str) -> None:
