@@ -271,6 +271,86 @@ def test_endpoint_serves_only_metrics_and_outlives_a_silent_client(tmp_path):
         urllib.request.urlopen(url, timeout=2)
 
 
+def dribble(address: tuple, stop: threading.Event, cut: list[float]) -> None:
+    """A slow-loris client: a request head that never ends, one byte every 0.5 s, until the server
+    closes the connection; ``cut`` gets the seconds from connecting to that."""
+    head = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
+    with socket.create_connection(address) as s:
+        started = time.monotonic()
+        s.settimeout(0.5)  # the pace: wait this long for the server's close after each byte
+        for byte in head:
+            if stop.is_set():
+                return
+            try:
+                s.sendall(bytes([byte]))
+                if s.recv(1) == b"":
+                    break  # closed by the server
+            except TimeoutError:
+                continue  # still open
+            except OSError:
+                break  # reset by the server
+        cut.append(time.monotonic() - started)
+
+
+def timed_scrape(url: str) -> float:
+    """Seconds a scrape of ``url`` took (it must answer within 3 s at all)."""
+    started = time.monotonic()
+    with urllib.request.urlopen(url, timeout=3) as response:
+        assert value(parse(response.read().decode()), "trainctl_step") == 0
+    return time.monotonic() - started
+
+
+def serving(tmp_path: Path, **config) -> tuple[PrometheusExporter, str]:
+    plugin, emitted = exporter(tmp_path, **config)
+    plugin.trainctl_run_start(RunStart(run_name="t", backend="fake", out_dir=str(tmp_path), start_step=0,
+                                       max_steps=4, params=1, tokens_per_step=8, time=time.time()))
+    return plugin, emitted[0].data["address"]
+
+
+def test_slow_clients_are_cut_off_at_the_deadline_and_never_delay_a_scrape(tmp_path):
+    """Slow-loris: 4 clients dribbling a request one byte every 0.5 s. The deadline is for the
+    whole request, not per recv (with a 1 s timeout per recv one such client held the endpoint
+    for hours and every scrape timed out); the clients are served side by side, so scrapes are
+    answered while they are connected."""
+    plugin, url = serving(tmp_path, request_timeout=1.5)
+    stop, cut = threading.Event(), []
+    clients = [threading.Thread(target=dribble, args=(plugin.server.address, stop, cut), daemon=True)
+               for _ in range(4)]
+    try:
+        for client in clients:
+            client.start()
+        time.sleep(0.6)  # every client connected and dribbling
+        assert max(timed_scrape(url) for _ in range(3)) < 1.0
+        for client in clients:
+            client.join(timeout=5)
+        assert len(cut) == 4 and all(1.4 < t < 2.6 for t in cut), cut  # 1.5 s after connecting, not later
+        assert timed_scrape(url) < 1.0
+    finally:
+        stop.set()
+        plugin.trainctl_run_end(RunEnd(status="completed", step=0, tokens=0, duration=0.0, time=time.time()))
+
+
+def test_connections_past_the_cap_close_the_oldest(tmp_path):
+    """A flood of connections that start a request and stall, under a long deadline: past
+    max_connections the oldest are closed, so descriptors stay bounded and a scrape is still
+    answered at once."""
+    plugin, url = serving(tmp_path, request_timeout=60, max_connections=4)
+    silent = [socket.create_connection(plugin.server.address) for _ in range(10)]
+    for s in silent:
+        s.sendall(b"G")
+    time.sleep(0.2)  # all accepted
+    try:
+        assert timed_scrape(url) < 1.0
+        for s in silent:
+            s.settimeout(2)
+        closed = [s.recv(1) == b"" for s in silent[:6]]  # 10 + the scrape over a cap of 4: the first 6 (or 7)
+        assert all(closed)
+    finally:
+        for s in silent:
+            s.close()
+        plugin.trainctl_run_end(RunEnd(status="completed", step=0, tokens=0, duration=0.0, time=time.time()))
+
+
 # --- the endpoint while the real kernel runs (in a thread, scraped from the test thread) -------
 
 

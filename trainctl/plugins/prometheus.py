@@ -38,15 +38,16 @@ pauses excluded), carried by every step event.
 
 Under several processes only local rank 0 serves (one endpoint per node, ``rank`` labelled) unless
 ``per_rank_ports`` gives every local rank ``port + local_rank``. A busy port is a warning, never
-a failure: training goes on without the endpoint.
+a failure: training goes on without the endpoint. The endpoint (:mod:`.metrics_server`) serves
+every connection from one thread without blocking: a client has ``request_timeout`` seconds in
+total to send its request and read the answer, and at most ``max_connections`` are open, so a
+slow or hostile client never keeps a scrape waiting.
 """
 
 from __future__ import annotations
 
 import re
-import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,8 @@ class Config:
     job: str = "trainctl"  # the Pushgateway job
     step_buckets: list[float] = field(default_factory=lambda: list(STEP_BUCKETS))
     max_metric_names: int = 64  # distinct step/eval metric names exported; more are dropped with a warning
+    request_timeout: float = 5.0  # seconds from connecting for a client to send its request and read the answer, in total
+    max_connections: int = 32  # open at once; past that the oldest still sending its request is closed
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -85,6 +88,10 @@ class Config:
             raise ValueError("step_buckets must be a non-empty increasing list of seconds")
         if self.max_metric_names < 0:
             raise ValueError("max_metric_names must be 0 (export none) or more")
+        if not self.request_timeout > 0:
+            raise ValueError("request_timeout must be more than 0 seconds")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be 1 or more")
 
 
 class Metrics:
@@ -126,62 +133,6 @@ class Metrics:
                                  "split", "source", "name")
 
 
-class MetricsServer:
-    """``GET /metrics`` on its own daemon thread, one connection at a time.
-
-    Why not prometheus_client's WSGI server: every blocking call gives up the GIL, and getting it
-    back while the training thread runs Python can take up to the interpreter's 5 ms switch
-    interval. The WSGI stack (a thread per request, buffered reads, several writes) pays that
-    about ten times per scrape; this loop pays it three times (accept, recv, sendall), which
-    measured a 3-4x lower median scrape latency under training (docs/benchmarks.md).
-    """
-
-    def __init__(self, address: str, port: int, registry: Any) -> None:
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        self.sock = socket.create_server((address, port), family=family)  # OSError if the port is taken
-        self.registry = registry
-        self.address = self.sock.getsockname()[:2]
-        self.thread = threading.Thread(target=self._serve, name="trainctl-metrics", daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:  # closed: the run is over
-                return
-            with conn:
-                try:
-                    conn.settimeout(1.0)  # a silent client may hold the endpoint this long, no more
-                    request = b""
-                    while b"\r\n\r\n" not in request and len(request) < 65536:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        request += chunk
-                    method, _, rest = request.partition(b" ")
-                    path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
-                    if method in (b"GET", b"HEAD") and path in (b"/metrics", b"/"):
-                        status, kind, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
-                    else:
-                        status, kind, body = "404 Not Found", "text/plain", b"trainctl serves /metrics\n"
-                    head = (f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
-                            "Connection: close\r\n\r\n").encode()
-                    conn.sendall(head if method == b"HEAD" else head + body)
-                except OSError:  # the client went away or was too slow: serve the next one
-                    pass
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
-        except OSError:
-            pass
-        self.sock.close()
-        self.thread.join(timeout=5)
-
-
 class PrometheusExporter:
     def __init__(self, config: Config, run: RunInfo) -> None:
         self.config, self.run = config, run
@@ -198,7 +149,7 @@ class PrometheusExporter:
         m.skipped.labels(**labels)
         m.info.labels(**labels, version=__version__, world_size=str(run.world_size)).set(1)
         self.tokens_seen = 0
-        self.server: MetricsServer | None = None
+        self.server: Any = None  # a MetricsServer while serving
         self.state = ""
         self.address: str | None = None
         self.names: dict[str, str] = {}  # an exported metric's name -> its label value
@@ -213,11 +164,15 @@ class PrometheusExporter:
         return c.port + self.run.local_rank if c.per_rank_ports and c.port else c.port
 
     def serve(self, step: int) -> None:
+        from trainctl.plugins.metrics_server import MetricsServer
+
+        c = self.config
         try:
-            self.server = MetricsServer(self.config.address, self.port(), self.registry)
+            self.server = MetricsServer(c.address, self.port(), self.registry, timeout=c.request_timeout,
+                                        max_connections=c.max_connections)
         except OSError as exc:
             problem = (
-                f"prometheus: cannot serve metrics on {self.config.address}:{self.port()} ({exc.strerror or exc}); "
+                f"prometheus: cannot serve metrics on {c.address}:{self.port()} ({exc.strerror or exc}); "
                 "training goes on without them. Set plugin.prometheus.port (0 picks a free one)"
             )
             print(f"trainctl: warning: {problem}", file=sys.stderr)
