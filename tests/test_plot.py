@@ -56,3 +56,47 @@ def test_plot_errors_are_one_line(tmp_path):
     proc = run_cli("plot", str(tmp_path / "empty"), "-o", str(tmp_path / "x.png"))
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "has no events.jsonl" in proc.stderr and not (tmp_path / "x.png").exists()
+
+
+# JSON that is no trainctl event: what a hand-edited or foreign events.jsonl may hold
+NOT_EVENTS = [
+    "[1, 2]", '"text"', "true", "3",
+    '{"event": "step", "step": [1], "loss": 2.0, "lr": 1e-3}',
+    '{"event": "step", "step": "5", "loss": 2.0, "lr": 1e-3}',
+    '{"event": "step", "step": true, "loss": 2.0, "lr": 1e-3}',
+    '{"event": "step", "step": {"a": 1}, "loss": 2.0, "lr": 1e-3}',
+    '{"event": "step", "step": 7, "loss": "low", "lr": 1e-3}',
+    '{"event": "step", "step": 8, "loss": 2.0, "lr": [1]}',
+    '{"event": "step", "step": 9, "loss": 1e999, "lr": 1e-3}',
+    '{"event": "eval", "step": 3.5, "split": "val", "loss": 2.0}',
+    '{"event": "eval", "step": 100000000000000000000000, "split": "val", "loss": 2.0}',
+    "[" * 100_000 + "]" * 100_000,  # deep enough for a RecursionError in json.loads
+]
+
+
+def test_lines_that_are_json_but_not_events_are_skipped_with_one_warning(tmp_path):
+    """Before, each of the first ten lines alone was an 'internal error' (exit 1): AttributeError
+    ('list' object has no attribute 'get'), TypeError (a list as a dict key, str < int while
+    sorting), ValueError (a list as lr, in numpy), RecursionError (the deep one)."""
+    write_run(tmp_path / "a", {10: 3.0, 20: 2.5, 30: 2.2}, {20: 2.6})
+    events = tmp_path / "a" / "events.jsonl"
+    good = events.read_text().splitlines()
+    events.write_text("\n".join([good[0], *NOT_EVENTS, *good[1:]]) + "\n")
+    png = tmp_path / "a.png"
+    proc = run_cli("plot", str(tmp_path / "a"), "-o", str(png), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"trainctl: warning: {events}: skipped {len(NOT_EVENTS)} lines that are JSON but no trainctl event "
+        "(first: line 2); plotted without them"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert read_curves(tmp_path / "a").loss == {10: 3.0, 20: 2.5, 30: 2.2}
+
+
+def test_a_file_of_only_non_events_is_refused_in_one_line(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "events.jsonl").write_text("\n".join(NOT_EVENTS) + "\n")
+    proc = run_cli("plot", str(tmp_path / "a"), "-o", str(tmp_path / "a.png"), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert f"has no logged steps (skipped {len(NOT_EVENTS)} lines that are JSON but no trainctl event" in proc.stderr
+    assert not (tmp_path / "a.png").exists()

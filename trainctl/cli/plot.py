@@ -7,6 +7,7 @@ A resumed run logs the steps after its checkpoint again: the last record of a st
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,31 +28,69 @@ class Curves:
     loss: dict[int, float] = field(default_factory=dict)
     lr: dict[int, float] = field(default_factory=dict)
     val: dict[int, float] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)  # numbers of the lines that are not events
+
+
+MAX_STEP = 2**63  # a step past int64 is no step trainctl wrote (and would overflow the plot's floats)
 
 
 def read_curves(run_dir: Path) -> Curves:
+    """The curves of ``run_dir/events.jsonl``. JSON lines that are not trainctl events (not an
+    object, or a step or evaluation whose step or loss has the wrong type: a file edited or
+    written by something else) are skipped and counted in ``skipped``, so a damaged log still
+    plots; a line that is not JSON at all means this is no events file (ConfigError), except a
+    torn last line."""
     path = run_dir / "events.jsonl"
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no events.jsonl; is it a run directory (trainctl run --out DIR)?")
     curves = Curves(name=run_dir.name or str(run_dir))
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
+        except RecursionError:  # JSON nested thousands deep: no event
+            record = None
         except ValueError:
             if number == len(lines):  # a run killed mid-write leaves a partial last line
                 continue
             raise ConfigError(f"{path}:{number} is not JSON; is this a trainctl events file?") from None
-        kind, step = record.get("event"), record.get("step")
-        if kind == "step" and isinstance(record.get("loss"), (int, float)):
-            curves.loss[step] = record["loss"]
+        if not isinstance(record, dict):
+            curves.skipped.append(number)
+            continue
+        kind, step, loss = record.get("event"), record.get("step"), record.get("loss")
+        if kind not in ("step", "eval"):
+            continue
+        # loss null: a non-finite loss, written as null by the jsonl plugin; not plotted
+        if not (type(step) is int and 0 <= step < MAX_STEP) or not (loss is None or _number(loss)) \
+                or (kind == "step" and loss is not None and not _number(record.get("lr"))):
+            curves.skipped.append(number)
+            continue
+        if loss is None:
+            continue
+        if kind == "step":
+            curves.loss[step] = loss
             curves.lr[step] = record["lr"]
-        elif kind == "eval" and record.get("split") == "val" and record.get("source", "local") == "local" \
-                and isinstance(record.get("loss"), (int, float)):
-            curves.val[step] = record["loss"]
+        elif record.get("split") == "val" and record.get("source", "local") == "local":
+            curves.val[step] = loss
     if not curves.loss and not curves.val:
-        raise ConfigError(f"{path} has no logged steps yet; plot it once training has logged")
+        note = f" ({skipped_note(curves)})" if curves.skipped else ""
+        raise ConfigError(f"{path} has no logged steps{note}; plot it once training has logged")
     return curves
+
+
+def _number(value: object) -> bool:
+    """A finite number (not a bool) that converts to a float: JSON's 1e999 is inf, 10**400 overflows."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def skipped_note(curves: Curves) -> str:
+    n = len(curves.skipped)
+    return f"skipped {n} line{'s' if n > 1 else ''} that {'are' if n > 1 else 'is'} JSON but no trainctl event (first: line {curves.skipped[0]})"
 
 
 def draw(runs: list[Curves], output: Path, title: str | None = None) -> None:
@@ -98,6 +137,9 @@ def plot(run_dirs: tuple[Path, ...], output: Path, title: str | None) -> None:
     except ImportError:
         raise ConfigError("trainctl plot needs matplotlib: pip install 'trainctl[plot]'") from None
     runs = [read_curves(d) for d in run_dirs]
+    for run, d in zip(runs, run_dirs):
+        if run.skipped:  # one line per run: the plot is drawn without them
+            click.echo(f"trainctl: warning: {d / 'events.jsonl'}: {skipped_note(run)}; plotted without them", err=True)
     names = [r.name for r in runs]
     for run, d in zip(runs, run_dirs):
         if names.count(run.name) > 1:  # same basename in different places: say where
