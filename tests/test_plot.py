@@ -75,9 +75,10 @@ NOT_EVENTS = [
 
 
 def test_lines_that_are_json_but_not_events_are_skipped_with_one_warning(tmp_path):
-    """Before, each of the first ten lines alone was an 'internal error' (exit 1): AttributeError
-    ('list' object has no attribute 'get'), TypeError (a list as a dict key, str < int while
-    sorting), ValueError (a list as lr, in numpy), RecursionError (the deep one)."""
+    """Before, nine of these lines alone were each an 'internal error' (exit 1): AttributeError
+    (the four that are not objects), TypeError (a list or dict as a step: a dict key; a string:
+    str < int while sorting), ValueError (a list as lr, in numpy), RecursionError (the deep one);
+    the others were plotted as if they were steps (a bool step) or silently dropped."""
     write_run(tmp_path / "a", {10: 3.0, 20: 2.5, 30: 2.2}, {20: 2.6})
     events = tmp_path / "a" / "events.jsonl"
     good = events.read_text().splitlines()
