@@ -136,7 +136,9 @@ class Evaluator:
                policy: Any = None) -> Iterator[tuple[dict, Any, Any, Path]]:
         """(manifest, config, backend, verified copy): the checkpoint verified into a private copy
         and loaded into its backend, in this one process (a sharded checkpoint is read whole)."""
-        from trainctl.kernel.checkpoint_files import NotVerified, holds_weights, is_sharded, open_checkpoint, snapshot
+        from trainctl.kernel.checkpoint_files import (
+            NotVerified, holds_weights, is_sharded, named_as, open_checkpoint, snapshot,
+        )
 
         copy = self.work_dir / "checkpoint"
         shutil.rmtree(copy, ignore_errors=True)
@@ -154,14 +156,15 @@ class Evaluator:
         try:
             if step is not None and manifest["step"] != step:
                 raise ConfigError(f"checkpoint {checkpoint} is step {manifest['step']}, the job says step {step}")
-            config, backend = self._backend(copy, policy)
-            files = manifest["files"]
-            expected = (EXPECTED_SHARDED if is_sharded(files) else EXPECTED).get(config.backend, ())
-            missing = [n for n in expected if n not in files]
-            if missing or not holds_weights(files):
-                what = ", ".join(missing) or "any .safetensors weights"
-                raise ConfigError(f"checkpoint {checkpoint} does not verify: the manifest does not list {what}")
-            backend.load(copy)
+            with named_as(copy, checkpoint):
+                config, backend = self._backend(copy, policy)
+                files = manifest["files"]
+                expected = (EXPECTED_SHARDED if is_sharded(files) else EXPECTED).get(config.backend, ())
+                missing = [n for n in expected if n not in files]
+                if missing or not holds_weights(files):
+                    what = ", ".join(missing) or "any .safetensors weights"
+                    raise ConfigError(f"checkpoint {checkpoint} does not verify: the manifest does not list {what}")
+                backend.load(copy)
             yield manifest, config, backend, copy
         finally:
             shutil.rmtree(copy, ignore_errors=True)

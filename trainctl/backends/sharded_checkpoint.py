@@ -31,12 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainctl.backends import dcp_metadata
 from trainctl.backends.finite_update import parts
 from trainctl.kernel import staging
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.safe_load import unpickling_reason
 
-METADATA = ".metadata"  # DCP's global plan: which rank's file holds which piece
+METADATA = dcp_metadata.METADATA  # DCP's global plan: which rank's file holds which piece
 SHARD_SUFFIX = ".distcp"
 
 
@@ -73,9 +74,13 @@ def save_sharded(directory: Path, model: nn.Module, optimizer: Any, extra: dict[
 
 
 def _dcp_save(directory: Path, state: dict[str, Any], pg: Any) -> None:
+    import torch.distributed as td
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(directory), single_file_per_rank=True), process_group=pg)
+    metadata = dcp.save(state, storage_writer=dcp.FileSystemWriter(str(directory), single_file_per_rank=True),
+                        process_group=pg)
+    if not _distributed() or td.get_rank(pg) == 0:  # the coordinator, which wrote .metadata
+        dcp_metadata.rewrite(directory, metadata)  # at the protocol a weights-only unpickler reads
 
 
 def save_torch(obj: Any, path: Path) -> None:
@@ -202,32 +207,9 @@ def by_name(model: nn.Module, optimizer: Any, saved: dict[str, Any]) -> dict[str
 
 # --- reading a checkpoint that may come from anyone ------------------------------------------
 # DCP reads ``.metadata`` with pickle.load and plain values with an unrestricted torch.load:
-# either would run whatever a crafted checkpoint holds. These read the same data but accept only
-# the classes DCP's metadata is made of, and plain values (weights_only=True).
-
-_METADATA_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": None,  # its dataclasses and enums, any of them
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},  # and dtypes, memory formats, layouts (checked by type below)
-    "collections": {"OrderedDict"},
-    "copyreg": {"_reconstructor"},
-    "builtins": {"object"},
-    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = module in _METADATA_GLOBALS and (_METADATA_GLOBALS[module] is None or name in _METADATA_GLOBALS[module])
-        found = super().find_class(module, name) if allowed or module == "torch" else None
-        if module == "torch" and isinstance(found, (torch.dtype, torch.memory_format, torch.layout)):
-            return found
-        if not allowed or found is None:
-            raise ConfigError(f"refused to read {METADATA}: it names {module}.{name}, which DCP metadata never holds "
-                              "(the file may have been tampered with)")
-        return found
-
+# either would run whatever a crafted checkpoint holds. These read the same data through torch's
+# weights-only unpickler: the metadata's classes named exactly, then every field checked
+# (``dcp_metadata``); plain values as tensors and plain values only.
 
 def _reader(directory: Path) -> Any:
     import torch.distributed.checkpoint as dcp
@@ -235,12 +217,8 @@ def _reader(directory: Path) -> Any:
 
     class Reader(dcp.FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            try:
-                with open(Path(self.path) / METADATA, "rb") as f:
-                    metadata = _MetadataUnpickler(f).load()
-            except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as exc:
-                raise ConfigError(f"unreadable {METADATA} ({type(exc).__name__})") from None
-            if getattr(metadata, "storage_meta", None) is None:
+            metadata = dcp_metadata.read(Path(self.path))
+            if metadata.storage_meta is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata

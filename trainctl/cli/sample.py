@@ -30,22 +30,45 @@ def sample(run_dir: Path, prompt: str, num_samples: int, max_new_tokens: int, te
     gpt checkpoints continue --prompt as it is; hf checkpoints put it through the tokenizer's
     chat template as a user message when the tokenizer has one.
     """
-    from trainctl.kernel.checkpoint_files import MANIFEST, checkpoints, verify
+    import tempfile
 
-    candidates = [run_dir] if (run_dir / MANIFEST).exists() else list(reversed(checkpoints(run_dir / "checkpoints")))
-    chosen = next((c for c in candidates if verify(c) is None), None)
-    if chosen is None:
-        raise ConfigError(f"no complete checkpoint in {run_dir}; train first (trainctl run --out {run_dir})")
-    if _backend_of(chosen) == "hf":
-        texts, chat = _hf(chosen, prompt, num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_k=top_k or None, seed=seed, device=device)
-    else:
-        texts, chat = _gpt(chosen, prompt, num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_k=top_k or None, seed=seed, device=device), False
+    from trainctl.kernel.checkpoint_files import named_as
+
+    with tempfile.TemporaryDirectory(prefix="trainctl-sample-") as scratch:
+        copy = Path(scratch) / "checkpoint"
+        original = _verified_copy(run_dir, copy)  # what is loaded is what was verified
+        with named_as(copy, original):
+            if _backend_of(copy) == "hf":
+                texts, chat = _hf(copy, prompt, num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_k=top_k or None, seed=seed, device=device)
+            else:
+                texts, chat = _gpt(copy, prompt, num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_k=top_k or None, seed=seed, device=device), False
     for i, text in enumerate(texts):
         click.echo(text if chat else prompt + text)  # a chat reply answers the prompt; text continues it
         if i < num_samples - 1:
             click.echo("---------------")
+
+
+def _verified_copy(run_dir: Path, dest: Path) -> Path:
+    """RUN_DIR (a checkpoint) or its newest complete checkpoint, copied into ``dest`` from the
+    very bytes that were verified (as ``eval`` and the eval worker load them)."""
+    import os
+
+    from trainctl.kernel.checkpoint_files import MANIFEST, NotVerified, checkpoints, open_checkpoint, snapshot
+
+    candidates = [run_dir] if (run_dir / MANIFEST).exists() else list(reversed(checkpoints(run_dir / "checkpoints")))
+    for candidate in candidates:
+        try:
+            fd = open_checkpoint(candidate)
+            try:
+                snapshot(fd, dest)
+            finally:
+                os.close(fd)
+            return candidate
+        except NotVerified:
+            continue
+    raise ConfigError(f"no complete checkpoint in {run_dir}; train first (trainctl run --out {run_dir})")
 
 
 def _backend_of(directory: Path) -> str:

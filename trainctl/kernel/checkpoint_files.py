@@ -24,8 +24,9 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
@@ -203,6 +204,18 @@ def snapshot(dir_fd: int, dest: Path, *, required: tuple[str, ...] = REQUIRED, m
         raise
     (dest / MANIFEST).write_text(json.dumps(manifest))
     return manifest
+
+
+@contextmanager
+def named_as(copy: Path, original: Path) -> Iterator[None]:
+    """A ConfigError raised while a snapshot is loaded names the checkpoint the user gave, not
+    the private copy."""
+    from trainctl.kernel.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace(str(copy), str(original))) from None
 
 
 def _read(fd: int, size: int) -> bytes:

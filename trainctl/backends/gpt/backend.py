@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model
 
 from trainctl.backends import parallel, scoring, sharded_checkpoint
 from trainctl.backends.device import set_threads
@@ -27,6 +26,7 @@ from trainctl.backends.optim import from_config
 from trainctl.backends.step import MicroLoss, OptimizerStep, StepBackend, local_micro_batches
 from trainctl.kernel.backend import Evaluation, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError
+from trainctl.kernel.safe_load import load_safetensors, load_safetensors_into
 
 # Evaluation batches are fixed (the same at every evaluation, so losses compare); their key uses
 # a "step" that training never reaches.
@@ -146,9 +146,9 @@ class GPTBackend(StepBackend):
     def load(self, directory: Path) -> None:
         if not sharded_checkpoint.is_sharded_checkpoint(directory):  # sharded: the stepper reads the weights too
             if sharded_checkpoint.is_sharded(self.raw_model):
-                sharded_checkpoint.load_full_weights(self.raw_model, load_file(str(directory / WEIGHTS)))
+                sharded_checkpoint.load_full_weights(self.raw_model, load_safetensors(directory / WEIGHTS))
             else:
-                load_model(self.raw_model, str(directory / WEIGHTS), device=str(self.device))
+                load_safetensors_into(self.raw_model, directory / WEIGHTS, self.device)
         self.stepper.load(directory, self.raw_model)
 
     # --- inference ------------------------------------------------------------------------------

@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model
 
 from trainctl.backends import sharded_checkpoint
 from trainctl.backends.gpt.data import Tokenizer
 from trainctl.backends.gpt.model import GPT, GPTConfig
 from trainctl.kernel.errors import ConfigError
+from trainctl.kernel.safe_load import load_safetensors_into
 
 # Files of a gpt checkpoint that inference needs (the backend writes them).
 WEIGHTS = "model.safetensors"
@@ -30,7 +30,7 @@ def load_for_inference(directory: Path, device: str = "cpu") -> tuple[GPT, Token
     if sharded_checkpoint.is_sharded_checkpoint(directory):  # FSDP's shards, read whole in this one process
         sharded_checkpoint.load_sharded(directory, model, None, {})
     else:
-        load_model(model, str(directory / WEIGHTS), device=device)
+        load_safetensors_into(model, directory / WEIGHTS, device)
     return model.to(device).eval(), Tokenizer(meta)
 
 

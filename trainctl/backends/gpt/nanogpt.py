@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from trainctl.kernel.safe_load import load_safetensors
 
 from trainctl.backends.gpt.model import GPT, GPTConfig
 from trainctl.kernel.errors import ConfigError
@@ -108,7 +108,7 @@ def _trainctl_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         from trainctl.backends.gpt.inference import load_for_inference
 
         return dict(load_for_inference(path)[0].state_dict())
-    state = load_file(str(path / WEIGHTS))
+    state = load_safetensors(path / WEIGHTS)
     for a, b in (TIED, TIED[::-1]):
         if a not in state and b in state:
             state[a] = state[b]

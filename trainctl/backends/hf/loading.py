@@ -14,6 +14,7 @@ import torch
 
 from trainctl.backends.hf.config import LoraConfig, ModelConfig
 from trainctl.kernel.errors import ConfigError
+from trainctl.kernel.safe_load import UNREADABLE_WEIGHTS, weights_refused
 
 
 def _looks_like_path(name: str) -> bool:
@@ -97,6 +98,8 @@ def model(cfg: ModelConfig, config: Any, *, attn: str, device: torch.device) -> 
         m = auto.from_pretrained(cfg.name_or_path, revision=cfg.revision or None, dtype=dtype, attn_implementation=attn)
     except (ImportError, ValueError) as exc:  # e.g. flash_attention_2 asked for but not installed
         raise ConfigError(f"cannot load {cfg.name_or_path!r} with attn_implementation={attn!r}: {str(exc).splitlines()[0]}") from None
+    except UNREADABLE_WEIGHTS as exc:  # weights that safetensors refuses (a header that lies, a truncated file)
+        raise weights_refused(Path(cfg.name_or_path), exc) from None
     frozen = freeze_vision(m) if vision and cfg.freeze_vision else 0
     if cfg.gradient_checkpointing:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -17,6 +17,7 @@ import torch
 
 from trainctl.backends.hf import inference
 from trainctl.kernel.errors import ConfigError
+from trainctl.kernel.safe_load import UNREADABLE_WEIGHTS
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -56,7 +57,7 @@ def load(directory: Path, device: str = "cpu") -> Loaded:
 
                 model = PeftModel.from_pretrained(model, str(directory))
             tokenizer = AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError, ImportError) as exc:
+    except (*UNREADABLE_WEIGHTS, ValueError, ImportError) as exc:
         raise ConfigError(f"cannot load the hf checkpoint {directory} (base {base}): {str(exc).strip().splitlines()[0]}") from None
     dev = torch.device(device)
     return Loaded(model=model.to(dev).eval(), tokenizer=tokenizer, device=dev,

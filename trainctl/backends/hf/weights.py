@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from trainctl.backends import sharded_checkpoint
 from trainctl.kernel.errors import ConfigError
+from trainctl.kernel.safe_load import load_safetensors
 
 TRAINER_STATE = "trainer_state.json"
 ADAPTER = "adapter_model.safetensors"
@@ -80,7 +80,7 @@ def _load_adapter(model: Any, directory: Path, parallel: Any) -> None:
     file = directory / ADAPTER
     if not file.is_file():
         raise ConfigError(f"checkpoint {directory} has no LoRA adapter ({ADAPTER}); it was saved without [hf.lora]")
-    adapter = load_file(str(file))
+    adapter = load_safetensors(file)
     if parallel.sharded:  # the adapter's names as the model has them, loaded into the shards (strict=False: the base stays)
         _load_sharded_adapter(model, adapter, parallel, directory)
         return
@@ -114,7 +114,7 @@ def _load_full(model: Any, directory: Path) -> None:
     for name in files:
         if not (directory / name).is_file():
             raise ConfigError(f"checkpoint {directory} has no {name}; it was saved with [hf.lora] or is not an hf checkpoint")
-        state.update(load_file(str(directory / name)))
+        state.update(load_safetensors(directory / name))
     if sharded_checkpoint.is_sharded(model):
         sharded_checkpoint.load_full_weights(model, state)
         return
