@@ -43,7 +43,8 @@ def show(config: str | None, backend: str | None, overrides: tuple[str, ...]) ->
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the TOML here instead of stdout.")
 def import_nanogpt(source: Path, output: Path | None) -> None:
-    """Convert a nanoGPT config file (plain `key = value` lines; parsed, never executed) to TOML.
+    """Convert a nanoGPT config file (plain `key = value` lines, at most 256 KiB; parsed, never
+    executed) to TOML.
 
     Settings the file does not give take nanoGPT's train.py defaults. What could not be
     converted is listed on stderr.
@@ -58,8 +59,8 @@ def import_nanogpt(source: Path, output: Path | None) -> None:
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the TOML here instead of stdout.")
 def import_trl(source: Path, output: Path | None) -> None:
-    """Convert a `trl sft --config` YAML file (read with yaml.safe_load, never executed) to TOML
-    for the hf backend.
+    """Convert a `trl sft --config` YAML file (at most 256 KiB, read with yaml.safe_load, never
+    executed) to TOML for the hf backend.
 
     Settings the file does not give take TRL's defaults, so the run trains what `trl sft` would:
     the same epochs, learning rate at every step and loss. What could not be converted is listed

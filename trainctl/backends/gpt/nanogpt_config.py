@@ -2,9 +2,9 @@
 trainctl TOML config. Torch-free.
 
 A nanoGPT config is Python that nanoGPT ``exec``s over ``train.py``'s globals. We never execute
-it: the file is parsed with ``ast`` and only top-level ``name = literal`` assignments are read,
-each value through ``ast.literal_eval``. Anything else (imports, calls, arithmetic) is reported
-and left out. Keys the file does not set take nanoGPT's ``train.py`` defaults, so the result
+it: the file (at most 256 KiB) is parsed with ``ast`` and only top-level ``name = literal``
+assignments are read, each value through ``ast.literal_eval``. Anything else (imports, calls,
+arithmetic) is reported and left out. Keys the file does not set take nanoGPT's ``train.py`` defaults, so the result
 trains what nanoGPT would have trained, not trainctl's defaults.
 """
 
@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from trainctl.kernel.config import put_key
+from trainctl.kernel.config_import import check_values, read_source
 from trainctl.kernel.errors import ConfigError
+
+WHAT = "nanoGPT config"
 
 #: nanoGPT name -> (our table path, key). Tables are dotted: "plugin.lr".
 DIRECT: dict[str, tuple[str, str]] = {
@@ -75,28 +78,34 @@ class Conversion:
 
 
 def read_assignments(path: Path) -> tuple[dict[str, Any], list[str]]:
-    """Top-level ``name = literal`` assignments of a Python file, never executed."""
-    try:
-        source = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
+    """Top-level ``name = literal`` assignments of a Python file, never executed. The file is
+    read with a bound and every parser failure (deep nesting included) is a one-line ConfigError
+    (:mod:`trainctl.kernel.config_import`)."""
+    source = read_source(path, WHAT)
     try:
         tree = ast.parse(source, filename=str(path))
-    except SyntaxError as exc:
+    except SyntaxError as exc:  # also "too many nested parentheses" and ints past 4300 digits
         raise ConfigError(f"{path}:{exc.lineno}: not valid Python ({exc.msg})") from None
+    except (RecursionError, MemoryError):  # the parser's own limits: 1+1+... or ----1 thousands deep
+        raise ConfigError(f"{path}: nested too deep to parse; a {WHAT} is plain `name = value` lines") from None
+    except ValueError as exc:  # a NUL byte in the source
+        raise ConfigError(f"{path}: not valid Python ({exc})") from None
+    lines = source.splitlines()
     values: dict[str, Any] = {}
     notes: list[str] = []
     for node in tree.body:
+        shown = lines[node.lineno - 1].strip()[:60] if node.lineno <= len(lines) else ""  # not ast.unparse: it recurses
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
             continue  # a docstring
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            notes.append(f"line {node.lineno}: skipped a statement that is not `name = value`: {ast.unparse(node)[:60]}")
+            notes.append(f"line {node.lineno}: skipped a statement that is not `name = value`: {shown}")
             continue
         name = node.targets[0].id
         try:
             values[name] = ast.literal_eval(node.value)
-        except ValueError:
-            notes.append(f"line {node.lineno}: skipped {name}: its value is not a literal ({ast.unparse(node.value)[:60]})")
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):  # TypeError: {[1]: 2}
+            notes.append(f"line {node.lineno}: skipped {name}: its value is not a literal ({shown})")
+    check_values(values, path, WHAT)
     return values, notes
 
 

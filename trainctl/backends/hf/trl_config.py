@@ -2,23 +2,28 @@
 Torch-free.
 
 The file is read with ``yaml.safe_load`` (plain mappings, lists and scalars: no tags, nothing
-constructed or executed). Its keys are ``SFTConfig``'s (with ``TrainingArguments``'), the ``trl
-sft`` script's (``dataset_name``, ``dataset_train_split`` ...) and ``ModelConfig``'s
-(``model_name_or_path``, ``use_peft``, ``lora_r`` ...). Keys the file does not set take TRL's
-defaults where trainctl's differ, so the result trains what ``trl sft`` would have trained: the
-same learning rate at every step (transformers' schedule by name), the same epochs with TRL's
-short last step per epoch, no rows held out unless TRL would evaluate. What cannot be converted
-is listed, one line per key.
+constructed or executed), at most 256 KiB of it, and what it holds is checked for depth and
+alias expansion before anything converts it (:mod:`trainctl.kernel.config_import`). Its keys
+are ``SFTConfig``'s (with ``TrainingArguments``'), the ``trl sft`` script's (``dataset_name``,
+``dataset_train_split`` ...) and ``ModelConfig``'s (``model_name_or_path``, ``use_peft``,
+``lora_r`` ...). Keys the file does not set take TRL's defaults where trainctl's differ, so the
+result trains what ``trl sft`` would have trained: the same learning rate at every step
+(transformers' schedule by name), the same epochs with TRL's short last step per epoch, no rows
+held out unless TRL would evaluate. What cannot be converted is listed, one line per key.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
 from trainctl.kernel.config import put_key
+from trainctl.kernel.config_import import check_values, read_source
 from trainctl.kernel.errors import ConfigError
+
+WHAT = "trl config"
 
 #: TRL name -> (our table path, key): values that carry over as they are.
 DIRECT: dict[str, tuple[str, str]] = {
@@ -155,9 +160,17 @@ def convert(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
 
 
 def _number(name: str, value: Any) -> int | float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """``value`` if it is a finite number (``.inf`` would reach int() and overflow)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise ConfigError(f"{name}: expected a number, got {value!r}; fix the trl config")
     return value
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float: no step count or epoch count either
+        return False
 
 
 def _cadence(merged: dict[str, Any], put: Any, notes: list[str]) -> None:
@@ -177,10 +190,13 @@ def _cadence(merged: dict[str, Any], put: Any, notes: list[str]) -> None:
     elif evaluating:
         notes.append(f"eval_strategy: {merged['eval_strategy']!r} not converted (trainctl evaluates every "
                      "train.eval_interval steps and at the end)")
-    if merged.get("save_strategy", "steps") == "steps" and isinstance(merged.get("save_steps", 500), int):
-        put("train", "save_interval", merged.get("save_steps", 500))
+    strategy, every = merged.get("save_strategy", "steps"), merged.get("save_steps", 500)
+    if strategy == "steps" and isinstance(every, int) and not isinstance(every, bool):
+        put("train", "save_interval", every)
+    elif strategy == "steps":  # TRL's ratio of the run (0.5), which has no step count to copy
+        notes.append(f"save_steps: {every!r} not converted (a ratio; set train.save_interval)")
     else:
-        notes.append(f"save_strategy: {merged['save_strategy']!r} not converted (trainctl saves every "
+        notes.append(f"save_strategy: {strategy!r} not converted (trainctl saves every "
                      "train.save_interval steps and at the end)")
 
 
@@ -190,22 +206,26 @@ def _ordered(tables: dict[str, Any]) -> dict[str, Any]:
 
 
 def import_file(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """Read (bounded: :mod:`trainctl.kernel.config_import`), parse with ``yaml.safe_load``, convert.
+    Whatever the file holds, a problem is a one-line ConfigError."""
     try:
         import yaml
     except ImportError:
         raise ConfigError("config import-trl reads YAML: pip install 'trainctl[hf]' (PyYAML)") from None
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
+    text = read_source(path, WHAT)
     try:
         values = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    except (RecursionError, MemoryError):  # [[[[... nested thousands deep
+        raise ConfigError(f"{path}: YAML nested too deep to read; a {WHAT} holds plain settings: fix the file") from None
+    except Exception as exc:  # a constructor's own error, e.g. ValueError for an int of 5000 digits
+        raise ConfigError(f"{path}: not a readable {WHAT} ({type(exc).__name__}: {str(exc)[:200]})") from None
     if values is None:
         values = {}
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
         raise ConfigError(f"{path}: a trl config is a mapping of setting names to values, got {type(values).__name__}")
+    check_values(values, path, WHAT)  # before repr() or the TOML writer expand an alias bomb or a cycle
     return convert(values)
