@@ -29,7 +29,7 @@ from trainctl.kernel.errors import ConfigError
 
 MAX_SOURCE_BYTES = 256 << 10  # 256 KiB: pure-Python YAML takes ~2 s for that much
 MAX_DEPTH = 32  # a TRL config nests two levels (lr_scheduler_kwargs); nanoGPT's, none
-MAX_ITEMS = 100_000  # values and characters of strings, counted as a TOML dump would repeat them
+MAX_ITEMS = 1_000_000  # values and string characters as a TOML dump would repeat them: 4x what a file under the cap holds
 
 
 def read_source(path: Path, what: str) -> str:
