@@ -1,6 +1,6 @@
 """The files of a checkpoint directory, shared by the checkpoint plugin, resume, ``trainctl
 sample``/``eval`` and the eval worker: names, the sha256 manifest, verification, and the
-atomic seal (fsync every file, manifest last, rename into place).
+atomic seal (every file private, fsynced, the manifest last, rename into place).
 
 A directory is a checkpoint only once its manifest is in place and every file it lists matches
 its sha256: a kill at any instant leaves complete checkpoints under ``step-*`` names and, at
@@ -39,6 +39,7 @@ REQUIRED = ("config.toml", "kernel.json")
 #: plain names, listed and hashed like every other file.
 SHARDED_METADATA = ".metadata"
 SHARD_SUFFIX = ".distcp"
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600  # a checkpoint is its owner's alone (make_private)
 MAX_MANIFEST_BYTES = 1 << 20
 _CHUNK = 1 << 20
 _HEX = frozenset("0123456789abcdef")
@@ -238,18 +239,39 @@ def checkpoints(root: Path) -> list[Path]:
 
 
 def seal(tmp: Path, final: Path, step: int, reason: str) -> None:
-    """Hash and fsync every file, write the manifest last, rename into place."""
+    """Make every file private, hash and fsync it, write the manifest last, rename into place."""
+    make_private(tmp)
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     for file in files:
         fsync_path(tmp / file)
     manifest = {"step": step, "reason": reason, "files": files, "time": time.time()}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    fd = os.open(tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_FILE)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(fd, PRIVATE_FILE)  # exactly 0600, whatever the umask
+        f.write(json.dumps(manifest, indent=1))
     fsync_path(tmp / MANIFEST)
     fsync_path(tmp)
     if final.exists():  # from an abandoned branch (--resume never or an older PATH), or corrupt
         discard(final)
     os.rename(tmp, final)
     fsync_path(final.parent)
+
+
+def make_private(directory: Path) -> None:
+    """``directory`` and every directory under it 0700, every file 0600, whatever the umask and
+    whoever wrote them: torch.save, DCP's shards and ``.metadata``, safetensors and
+    save_pretrained create their files 0666 & ~umask (0644 under the usual 022), readable by
+    every local user wherever ``plugin.checkpoint.dir`` puts the checkpoint. Called before the
+    seal's rename, once every rank has written; links are not followed."""
+    os.chmod(directory, PRIVATE_DIR)
+    for parent, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            path = os.path.join(parent, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISDIR(mode):
+                os.chmod(path, PRIVATE_DIR)
+            elif stat.S_ISREG(mode):
+                os.chmod(path, PRIVATE_FILE)
 
 
 def discard(path: Path) -> None:

@@ -17,6 +17,9 @@ last, then the directory renamed into place: a directory without a verified mani
 checkpoint. Old checkpoints are removed only after the new one is in place, and removal renames
 them out of the way first, so a kill at any instant leaves only complete checkpoints under
 ``step-*`` names (and perhaps a ``.tmp-*`` directory, removed when the next run starts).
+Checkpoints are private wherever ``dir`` puts them, whatever the umask: the folder (when this
+run makes it) and the temporary directory are made 0700, and the seal makes every file in it
+0600 before the rename, whoever wrote it (torch, DCP, safetensors).
 
 Policies: every ``train.save_interval`` steps (the kernel's cadence), after an evaluation that
 improved the best validation loss (``save_best``), at the end, and on demand (signals, ``trainctl
@@ -64,7 +67,8 @@ from trainctl.hooks import PluginSpec, RunInfo, hookimpl, notices
 from trainctl.hooks.events import CheckpointSaved, Control, EvalEnd, Notice, RunEnd, RunStart, RunView
 from trainctl.kernel.backend import Distributed
 from trainctl.kernel import staging
-from trainctl.kernel.checkpoint_files import MANIFEST, PREFIX, TMP_PREFIX, checkpoints, discard, seal, sha256_file, step_of
+from trainctl.kernel.checkpoint_files import (MANIFEST, PREFIX, PRIVATE_DIR, TMP_PREFIX, checkpoints, discard, seal,
+                                              sha256_file, step_of)
 from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.resume import BadCheckpoint, read
@@ -172,12 +176,28 @@ class Checkpointer:
             return ("keep", "")
         tmp = self.root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self._make_root()
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+            tmp.mkdir(mode=PRIVATE_DIR)
+            os.chmod(tmp, PRIVATE_DIR)  # exactly: nobody else may enter while the files are written
+        except ConfigError as exc:
+            return ("error", str(exc))
         except OSError as exc:
             return ("error", _why(exc))
         return ("write", str(tmp))
+
+    def _make_root(self) -> None:
+        """The checkpoint folder: made 0700 (whatever the umask) when this run creates it, as the
+        run directory is; one that exists keeps its mode, and must still pass the check made at
+        start (it may have appeared since, made by someone else, if it lies outside the run
+        directory). Its parents, if made here, get the usual mode, as the run directory's do."""
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(mode=PRIVATE_DIR)
+        except FileExistsError:
+            check_read_back(self.root, "checkpoint directory", self.run.out_dir)
+            return
+        os.chmod(self.root, PRIVATE_DIR)
 
     def _fill(self, tmp: Path, write: Callable[[Path], None]) -> tuple[str, BaseException | None]:
         """This rank's files (or, staging, their copies in memory): ("", None) or what failed."""
