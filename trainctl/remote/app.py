@@ -80,7 +80,7 @@ class WorkerAPI:
     async def list_jobs(self, request: Request) -> JSONResponse:
         self._authorize(request)
         run, limit = request.query_params.get("run"), request.query_params.get("limit", "100")
-        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:  # isdigit alone takes "²"
             raise HTTPException(400, "limit must be an integer from 1 to 1000")
         return JSONResponse({"jobs": [j.to_dict() for j in self.store.list(run, int(limit))]})
 
@@ -135,6 +135,9 @@ def parse_submission(data: Any) -> dict[str, Any]:
     if missing:
         raise bad(f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     run, checkpoint, step = data["run"], data["checkpoint"], data["step"]
+    lone = _lone_surrogate(data)
+    if lone:  # stored, it would make every listing that holds the job unrenderable
+        raise bad(f"{lone} holds a lone UTF-16 surrogate, which is not text; send valid Unicode")
     if not isinstance(run, str) or not 0 < len(run) <= 200 or not run.isprintable():
         raise bad("run must be a non-empty string of at most 200 printable characters")
     if not isinstance(checkpoint, str) or not checkpoint.startswith("/") or len(checkpoint) > 4096 \
@@ -161,6 +164,26 @@ def parse_submission(data: Any) -> dict[str, Any]:
         raise bad("evaluate asks for nothing: set val_loss true or give samples")
     return {"run": run, "checkpoint": checkpoint, "step": step,
             "evaluate": {"val_loss": val_loss, **({"samples": samples} if samples else {})}}
+
+
+def _lone_surrogate(value: Any, where: str = "the body") -> str | None:
+    """The first field (``evaluate.samples.prompts[0]``) whose text cannot be UTF-8, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(key, where) or _lone_surrogate(item, key if where == "the body" else f"{where}.{key}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{where}[{i}]")
+            if found:
+                return found
+    return None
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

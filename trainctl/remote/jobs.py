@@ -1,8 +1,13 @@
 """The eval worker's job queue: one JSON file per job in ``STATE/jobs/``, written before the
 HTTP answer (write-ahead: temporary file, fsync, rename), so an accepted job survives a crash.
 
-A job's id is a hash of (run, checkpoint real path, step): submitting the same checkpoint of the
-same run again returns the existing job instead of evaluating it twice. On start, jobs that were
+A job's id is random (an id derived from the submission could be claimed first by anyone who
+guesses it). Submitting exactly the same request again (run, checkpoint real path, step and
+``evaluate``) returns the existing job instead of evaluating it twice; any other request is a job
+of its own. A result's numbers that are not finite (NaN weights give a NaN loss) are stored as
+null, and a job file that is not strict JSON (UTF-8, finite numbers) is ignored with a log line,
+so one job can never make the listings unanswerable. The directory and its files are private
+(0700, 0600), whatever the umask. On start, jobs that were
 running when the worker died go back to the queue, ahead of newer ones, unless they have been
 started ``max_attempts`` times already: a job that kills its worker is not retried forever.
 
@@ -13,9 +18,11 @@ and finished jobs beyond ``keep_finished`` or older than ``keep_s`` are forgotte
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import math
 import os
+import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,8 +53,30 @@ class Job:
         return dataclasses.asdict(self)
 
 
-def job_id(run: str, path: str, step: int) -> str:
-    return hashlib.sha256(f"{run}\0{path}\0{step}".encode()).hexdigest()[:16]
+def job_id() -> str:
+    """Random: an id derived from the submission would let anyone who can guess it claim it first."""
+    return secrets.token_hex(8)
+
+
+def renderable(job: Job) -> bool:
+    """The job can be answered as strict JSON: UTF-8 text, finite numbers (a file from before
+    these were checked, or written by someone else, may hold neither)."""
+    try:
+        json.dumps(job.to_dict(), allow_nan=False, ensure_ascii=False).encode("utf-8")  # as Starlette renders it
+    except (ValueError, UnicodeEncodeError):
+        return False
+    return True
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every number that is not finite (NaN weights give a NaN loss) as None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
 
 
 class QueueFull(Exception):
@@ -60,7 +89,9 @@ class JobStore:
     def __init__(self, state_dir: Path, *, max_attempts: int = 3, max_queue: int = 1000,
                  keep_finished: int = 1000, keep_s: float = 30 * 86400) -> None:
         self.dir = state_dir / "jobs"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for private in (state_dir, self.dir):  # results and samples are for token holders, whatever the umask
+            os.chmod(private, 0o700)
         self.max_attempts, self.max_queue = max_attempts, max_queue
         self.keep_finished, self.keep_s = keep_finished, keep_s
         self._jobs: dict[str, Job] = {}
@@ -70,8 +101,11 @@ class JobStore:
         for file in sorted(self.dir.glob("*.json")):
             try:
                 job = Job(**json.loads(file.read_text()))
-            except (OSError, ValueError, TypeError):
+            except (OSError, ValueError, TypeError, RecursionError):
                 continue  # a file not written by us; temporary files are *.tmp
+            if not renderable(job):  # it would make every listing that holds it answer 500
+                print(f"eval-worker: ignoring {file.name}: not valid UTF-8 JSON with finite numbers", file=sys.stderr)
+                continue
             if job.status == "running" and job.attempts >= max_attempts:
                 job.status, job.finished = "error", time.time()
                 job.error = (f"the worker stopped during each of the {job.attempts} evaluations of this job "
@@ -88,11 +122,12 @@ class JobStore:
 
     def submit(self, *, run: str, checkpoint: str, path: str, step: int, evaluate: dict[str, Any]) -> tuple[Job, bool]:
         """The job for this checkpoint of this run and whether it is new (False: it existed)."""
-        jid = job_id(run, path, step)
         with self._lock:
-            existing = self._jobs.get(jid)
+            same = (run, path, step, evaluate)  # the same request: any other differs, and is a job of its own
+            existing = next((j for j in self._jobs.values() if (j.run, j.path, j.step, j.evaluate) == same), None)
             if existing is not None:
                 return existing, False
+            jid = job_id()
             if sum(j.status == "queued" for j in self._jobs.values()) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting); submit again later")
             self._seq += 1
@@ -138,7 +173,7 @@ class JobStore:
         with self._lock:
             job = self._jobs[jid]
             job.status = "error" if error is not None else "done"
-            job.result, job.error, job.finished = result, error, time.time()
+            job.result, job.error, job.finished = finite(result), error, time.time()
             self._write(job)
             self._prune()
 
@@ -161,7 +196,7 @@ class JobStore:
     def _write(self, job: Job) -> None:
         final = self.dir / f"{job.id}.json"
         tmp = self.dir / f"{job.id}.json.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
             json.dump(job.to_dict(), f)
             f.flush()
             os.fsync(f.fileno())
