@@ -173,6 +173,26 @@ def test_every_n_steps_and_the_last_checkpoint(tmp_path):
     assert [s["step"] for s in state["open"]] == [20, 40, 50] and state["run_id"].startswith("r-")
 
 
+def test_the_run_id_is_unguessable_and_kept_across_a_resume(tmp_path):
+    """It was the run name and a hash of the run directory: anyone could work it out and file the
+    run's jobs first."""
+    import hashlib
+    import os
+
+    from trainctl.hooks.plugin import RunInfo
+    from trainctl.plugins.remote_eval import Config, RemoteEval
+
+    info = RunInfo(run_name="r", backend="gpt", out_dir=tmp_path, max_steps=50)
+    first, second = RemoteEval(Config(), info), RemoteEval(Config(), info)
+    guessable = "r-" + hashlib.sha256(os.path.realpath(tmp_path).encode()).hexdigest()[:8]
+    assert first.run_id != guessable and first.run_id != second.run_id and len(first.run_id) == len("r-") + 16
+    second.trainctl_load_state_dict({"remote_eval": first.trainctl_state_dict()["remote_eval"]})
+    assert second.run_id == first.run_id  # resumed: the same run to the worker
+    pinned = RemoteEval(Config(run_id="mine"), info)
+    pinned.trainctl_load_state_dict({"remote_eval": {"run_id": first.run_id, "open": []}})
+    assert pinned.run_id == "mine"
+
+
 class Recorder(http.server.BaseHTTPRequestHandler):
     """Answers 302 to ``target`` when it has one; records the headers of what it receives."""
 

@@ -14,8 +14,8 @@ part of the checkpointed plugin state.
 
 from __future__ import annotations
 
-import hashlib
 import os
+import secrets
 import sys
 import threading
 import time
@@ -42,7 +42,7 @@ class Config:
     poll_s: float = 2.0  # between result polls
     backoff_max_s: float = 30.0  # retry delay cap while the worker is unreachable
     wait_at_end_s: float = 5.0  # at the end of the run, wait this long for open results
-    run_id: str = ""  # default: the run name and a hash of the run directory
+    run_id: str = ""  # default: the run name and 16 random hex digits, kept across resumes
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -63,8 +63,8 @@ class RemoteEval:
         self.outbox = Outbox(self.dir)
         self.client = WorkerClient(config.url, token=config.token or os.environ.get(config.token_env, ""),
                                    timeout=config.timeout_s)
-        digest = hashlib.sha256(os.path.realpath(run.out_dir).encode()).hexdigest()[:8]
-        self.run_id = config.run_id or f"{run.run_name}-{digest}"
+        # random: a run id another submitter can work out (a hash of the run directory was) lets them file its jobs first
+        self.run_id = config.run_id or f"{run.run_name}-{secrets.token_hex(8)}"
         self.what: dict[str, Any] = {"val_loss": config.val_loss}
         if config.prompts:
             self.what["samples"] = {"prompts": list(config.prompts), "max_new_tokens": config.max_new_tokens}
@@ -85,6 +85,9 @@ class RemoteEval:
 
     @hookimpl
     def trainctl_load_state_dict(self, states: dict[str, Any]) -> None:
+        saved = states.get("remote_eval", {}).get("run_id")
+        if not self.config.run_id and isinstance(saved, str) and saved:
+            self.run_id = saved  # a resumed run is the same run to the worker
         for item in states.get("remote_eval", {}).get("open", []):
             if self.enabled:  # the outbox directory may be gone (run dir copied): restore it
                 self.outbox.add(Submission(**{**item, "status": "pending", "job": None}))
