@@ -150,7 +150,8 @@ def load(path: str) -> TokenData:
 
 class _PlainUnpickler(pickle.Unpickler):
     """Dicts, lists, strings and numbers only: any class or function in the pickle is refused
-    before it can run."""
+    before it can run. No global is ever resolved, so there is no allow-list to get around;
+    nanoGPT writes meta.pkl at protocol 4, which torch's weights-only unpickler cannot read."""
 
     def find_class(self, module: str, name: str) -> Any:
         raise ConfigError(f"refused: the pickle names {module}.{name}; only plain values are read")
@@ -166,7 +167,7 @@ def nanogpt_meta(path: Path) -> dict[str, Any]:
         chars = "".join(itos[i] for i in range(int(raw["vocab_size"])))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, MemoryError, OverflowError) as exc:
         raise ConfigError(f"{path} is not a nanoGPT character meta.pkl ({type(exc).__name__}: {exc})") from None
     return {"tokenizer": "char", "vocab_size": len(chars), "chars": chars, "dtype": "uint16", "source": str(path.parent)}
 
