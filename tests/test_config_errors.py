@@ -47,8 +47,8 @@ def test_out_of_range(capsys, tmp_path):
 
 
 def test_bad_choice(capsys, tmp_path):
-    line = fails(capsys, *dry(tmp_path, "--set", "optim.name='sgd'"))
-    assert "optim.name must be one of 'adamw', 'muon'" in line
+    line = fails(capsys, *dry(tmp_path, "--set", "optim.name='lion'"))
+    assert "optim.name must be one of 'adamw', 'muon', 'sgd', 'adafactor', 'adamw_8bit'" in line
 
 
 def test_toml_syntax_error_names_the_line(capsys, tmp_path):

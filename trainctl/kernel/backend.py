@@ -36,7 +36,7 @@ class StepConfig:
     max_steps: int
     batch_size: int  # sequences per micro-batch, per rank
     grad_accum: int  # micro-batches per optimizer step, summed over all ranks
-    eval_steps: int  # batches per split in an evaluation
+    eval_steps: int  # batches per split in an evaluation; 0 = the whole split
     grad_clip: float  # max gradient norm; 0 = off
     device: str  # auto | cpu | cuda | cuda:N | mps
     dtype: str  # auto | float32 | bfloat16 | float16
@@ -46,6 +46,8 @@ class StepConfig:
     fsdp_reshard_after_forward: bool = True
     cpu_offload: bool = False  # fsdp only
     activation_checkpointing: bool = False  # per transformer block
+    eval_batch_size: int = 0  # rows per evaluation batch; 0 = batch_size
+    eval_loss: str = "tokens"  # tokens | batches (transformers' Trainer's mean of batch means)
 
     @classmethod
     def of(cls, train: Any) -> StepConfig:

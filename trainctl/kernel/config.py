@@ -34,6 +34,7 @@ from trainctl.kernel.schema import (
     OptimConfig,
     TrainConfig,
     as_table,
+    as_table_value,
     build,
     checked,
     did_you_mean,
@@ -83,6 +84,14 @@ class RunConfig:
             f"{section}.{key}": getattr(getattr(self, section), key)
             for section in ("model", "data")
             for key in locked_keys(type(getattr(self, section)))
+        }
+
+    def locked_defaults(self) -> dict[str, Any]:
+        """The defaults of the locked keys: what a checkpoint written before a key existed trained with."""
+        return {
+            f"{section}.{f.name}": as_table_value(f.default)
+            for section in ("model", "data")
+            for f in dataclasses.fields(type(getattr(self, section))) if f.metadata.get("locked")
         }
 
 

@@ -189,9 +189,10 @@ def rng_problem(data: bytes) -> str | None:
 # --- resuming -----------------------------------------------------------------------------------
 
 def resume(*, path: Path, backend: Any, locked: dict[str, Any], force: bool,
-           restore_state: Callable[[dict[str, Any]], None], load_plugins: Callable[[dict[str, Any]], None]) -> None:
+           restore_state: Callable[[dict[str, Any]], None], load_plugins: Callable[[dict[str, Any]], None],
+           defaults: dict[str, Any] | None = None) -> None:
     """Restore a run from the checkpoint at ``path``: refuse changed locked keys (unless
-    ``force``), then the backend's files, the loop's state, the host RNGs, the plugins' states.
+    ``force``; a key the checkpoint does not record counts as its value in ``defaults``), then the backend's files, the loop's state, the host RNGs, the plugins' states.
     Every refusal is a one-line ConfigError that names the checkpoint and the way out."""
     import numpy as np
 
@@ -200,7 +201,10 @@ def resume(*, path: Path, backend: Any, locked: dict[str, Any], force: bool,
     except BadCheckpoint as exc:
         raise ConfigError(f"cannot resume from {path}: {exc}; pick another checkpoint or --resume never") from None
     was = saved.kernel["locked"]
-    changed = [f"{key}: {was.get(key)!r} -> {value!r}" for key, value in locked.items() if _plain(was.get(key)) != _plain(value)]
+    defaults = defaults or {}
+    # a key newer than the checkpoint trained with its default
+    was = {key: was.get(key, defaults.get(key)) for key in locked}
+    changed = [f"{key}: {was[key]!r} -> {value!r}" for key, value in locked.items() if _plain(was[key]) != _plain(value)]
     if changed and not force:
         raise ConfigError(
             f"cannot resume from {path}: locked keys differ ({'; '.join(changed)}); "

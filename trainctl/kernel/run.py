@@ -175,6 +175,7 @@ class Run:
         if path is None:
             return None
         resuming.resume(path=path, backend=self.backend, locked=self.config.locked(), force=force,
+                        defaults=self.config.locked_defaults(),
                         restore_state=self.state.restore, load_plugins=self.bus.load_state_dict)
         return str(path)
 

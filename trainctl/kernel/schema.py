@@ -60,7 +60,11 @@ class TrainConfig:
     grad_accum: int = ranged(1, ge=1)  # micro-batches per optimizer step, summed over all ranks
     log_interval: int = ranged(10, ge=1)  # steps between measured (host-synced) losses
     eval_interval: int = ranged(250, ge=0)  # steps between evaluations; 0 = only at the end
-    eval_steps: int = ranged(20, ge=1)  # batches per split in an evaluation
+    eval_steps: int = ranged(20, ge=0)  # batches per split in an evaluation; 0 = the whole split (hf)
+    eval_batch_size: int = ranged(0, ge=0)  # rows per evaluation batch; 0 = batch_size
+    # the reported eval loss: "tokens" the mean over every scored token; "batches" transformers'
+    # Trainer's (so TRL's): each batch's token mean, averaged over the batches weighted by their rows
+    eval_loss: Literal["tokens", "batches"] = "tokens"
     eval_at_start: bool = False
     save_interval: int = ranged(0, ge=0)  # steps between checkpoints; 0 = only at the end
     grad_clip: float = ranged(1.0, ge=0)  # max gradient norm; 0 = off
@@ -96,7 +100,11 @@ class TrainConfig:
 class OptimConfig:
     """``[optim]``: the optimizer. ``muon`` uses Muon for 2-D hidden weights, AdamW elsewhere."""
 
-    name: Literal["adamw", "muon"] = "adamw"
+    # adafactor: transformers' (as TRL's optim = "adafactor"); adamw_8bit: bitsandbytes (CUDA)
+    name: Literal["adamw", "muon", "sgd", "adafactor", "adamw_8bit"] = "adamw"
+    # adamw's kernel: auto = fused on CPU and CUDA; "fused", "foreach" or "for_loop" as torch names them
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    momentum: float = ranged(0.0, ge=0, lt=1)  # sgd only
     lr: float = ranged(1e-3, gt=0)  # peak learning rate; the lr plugin schedules it
     weight_decay: float = ranged(0.1, ge=0)
     beta1: float = ranged(0.9, ge=0, lt=1)
@@ -149,6 +157,11 @@ def locked_keys(cls: type) -> list[str]:
 def as_table(obj: Any) -> dict[str, Any]:
     """The TOML table of a config dataclass (lists for tuples, sub-tables for nested ones)."""
     return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+
+
+def as_table_value(value: Any) -> Any:
+    """One value as :func:`as_table` writes it (lists for tuples)."""
+    return _plain(value)
 
 
 def did_you_mean(word: str, choices: Any) -> str:

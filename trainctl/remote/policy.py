@@ -59,7 +59,7 @@ class Policy:
         train = raw.get("train", {})
         for key, limit in (("eval_steps", self.limits.max_eval_steps), ("batch_size", self.limits.max_batch_size)):
             value = train.get(key, 0)
-            if not isinstance(value, int) or value > limit:
+            if not isinstance(value, int) or value > limit or (key == "eval_steps" and value == 0):  # 0: a whole split
                 raise ConfigError(f"the checkpoint's config asks for train.{key} = {value!r}, over the worker's "
                                   f"limit of {limit} (--max-{key.replace('_', '-')})")
         for section, key, plain in PATH_KEYS[backend]:

@@ -41,6 +41,9 @@ class GPTBackend(StepBackend):
         ctx, train = self.ctx, self.train
         self.cfg = ctx.model
         set_threads(train.threads)
+        if train.eval_steps == 0:  # a token stream has no "whole split" of batches
+            raise ConfigError("train.eval_steps = 0 (the whole split) is for the hf backend; the gpt backend samples "
+                              "batches: set train.eval_steps to 1 or more")
         self.data = gpt_data.load(ctx.data.path)
         self.tokenizer = gpt_data.Tokenizer(self.data.meta)
         block = self.cfg.block_size

@@ -18,7 +18,7 @@ from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.schema import locked, ranged
 
 Shape = Literal["auto", "text", "messages", "prompt_completion"]
-Mask = Literal["auto", "none", "assistant_only", "completion_only"]
+Mask = Literal["auto", "trl", "none", "assistant_only", "completion_only"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -65,10 +65,15 @@ class DataConfig:
     shape: Shape = locked("auto")  # auto: from the columns (messages | prompt+completion | text)
     text_field: str = locked("text")  # the column of plain-text rows
     eos_token: str = locked("")  # appended to text rows and completions; "" = the tokenizer's eos
-    # auto: assistant_only for messages, completion_only for prompt/completion, none for text
+    # auto: assistant_only for messages, completion_only for prompt/completion, none for text;
+    # trl: SFTConfig's defaults, none for messages and text, completion_only for prompt/completion
     mask: Mask = locked("auto")
     packing: Literal["bfd", "wrapped"] | bool = locked(False)  # bfd: padding-free, documents kept apart
     shuffle: bool = locked(True)  # a fresh seeded order every epoch; false: file order
+    # how a shuffled epoch is ordered: "trainctl" a NumPy permutation of (seed, epoch); "trl" the
+    # Trainer's (accelerate's SeedableRandomSampler: torch.randperm seeded with order_seed + epoch)
+    order: Literal["trainctl", "trl"] = locked("trainctl")
+    order_seed: int = locked(-1)  # the order's seed (TRL's data_seed); -1 = the run's seed
     # > 0: the run is this many passes over the prepared training rows (TRL's num_train_epochs):
     # the backend derives the steps from them and the global batch, replacing train.max_steps
     epochs: float = 0.0
@@ -135,6 +140,9 @@ class DPOConfig:
     label_smoothing: float = ranged(0.0, ge=0, lt=0.5)  # robust only: the flipped-label rate
     reference: Literal["auto", "copy", "adapters_off", "precomputed"] = "auto"
     ref_model: str = ""  # a separate reference model's directory; empty: the starting weights
+    # a pair whose prompt alone fills model.max_length: "error" stops before the model loads;
+    # "drop" leaves it out, as TRL does, and the plan counts what was dropped
+    too_long: Literal["error", "drop"] = "error"
 
     def __post_init__(self) -> None:
         if self.ref_model and self.reference == "adapters_off":
@@ -164,3 +172,6 @@ class HFConfig:
     lora: LoraConfig | None = None
     objective: Literal["sft", "dpo"] = "sft"
     dpo: DPOConfig = DPOConfig()
+    # NEFTune (TRL's neftune_noise_alpha): uniform noise of alpha / sqrt(length x hidden) added to
+    # the input embeddings while training (transformers' hook); 0 = off
+    neftune_noise_alpha: float = ranged(0.0, ge=0)
