@@ -60,6 +60,10 @@ class DataConfig:
     split: str = locked("train")  # the split of a hub dataset id in train
     val_split: str = locked("test")  # the split of a hub dataset id in val
     subset: str = locked("")  # a hub dataset's configuration (load_dataset's name); "" = its default
+    # with a datasets builder name in train / val ("json", "parquet", "csv", "text"): its files
+    # (paths or globs), as load_dataset(builder, data_files=...)
+    data_files: tuple[str, ...] = locked(())
+    val_files: tuple[str, ...] = locked(())
     val_fraction: float = locked(0.05)  # when val = ""; 0 = no validation split
     split_seed: int = locked(0)
     shape: Shape = locked("auto")  # auto: from the columns (messages | prompt+completion | text)
