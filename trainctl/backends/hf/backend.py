@@ -45,8 +45,13 @@ EVAL_EPOCH = 2**32 - 1  # the seeded order evaluation samples training rows from
 
 
 def resolve_mask(shape: str, mask: str) -> str:
+    """The mask ``data.mask`` means for rows of ``shape``: ``auto`` trainctl's choice, ``trl``
+    ``SFTConfig``'s defaults (``assistant_only_loss=False``, ``completion_only_loss=None``: every
+    token of a conversation, the completion of a prompt/completion row)."""
     if mask == "auto":
         return {"messages": "assistant_only", "prompt_completion": "completion_only"}.get(shape, "none")
+    if mask == "trl":
+        return "completion_only" if shape == "prompt_completion" else "none"
     if mask == "assistant_only" and shape == "text":
         raise ConfigError("data.mask = assistant_only needs conversations (messages or prompt/completion lists); this data is plain text")
     if mask == "completion_only" and shape != "prompt_completion":
