@@ -102,8 +102,9 @@ class OptimConfig:
 
     # adafactor: transformers' (as TRL's optim = "adafactor"); adamw_8bit: bitsandbytes (CUDA)
     name: Literal["adamw", "muon", "sgd", "adafactor", "adamw_8bit"] = "adamw"
-    # adamw's kernel: auto = fused on CPU and CUDA; "fused", "foreach" or "for_loop" as torch names them
-    implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    # adamw's kernel: auto = fused on CPU and CUDA; "fused", "foreach" or "for_loop" as torch names them;
+    # "default" torch's own choice (fused=None, foreach=None: TrainingArguments' optim = "adamw_torch")
+    implementation: Literal["auto", "fused", "foreach", "for_loop", "default"] = "auto"
     momentum: float = ranged(0.0, ge=0, lt=1)  # sgd only
     lr: float = ranged(1e-3, gt=0)  # peak learning rate; the lr plugin schedules it
     weight_decay: float = ranged(0.1, ge=0)
