@@ -109,16 +109,17 @@ class PreferenceData:
         self.model = self.trainer.model  # a PeftModel when LoRA is on
         self.ref_model = self.trainer.ref_model  # None: adapters off, or precomputed
         self.collate = self.trainer.data_collator
-        self.train = self._columns(self.trainer.train_dataset, "train")
-        self.val = self._columns(self.trainer.eval_dataset, "val") if self.trainer.eval_dataset is not None else None
+        self.train = self._columns(self.trainer.train_dataset, "train", max_length)
+        self.val = self._columns(self.trainer.eval_dataset, "val", max_length) if self.trainer.eval_dataset is not None else None
         self.seed = seed
         self._orders: dict[tuple[str, int], np.ndarray] = {}
         self.ref_logps: dict[str, torch.Tensor] = {}  # split -> (N, 2) chosen, rejected; precomputed only
 
     @staticmethod
-    def _columns(ds: Any, split: str) -> Any:
-        if len(ds) == 0:
-            raise ConfigError(f"no {split} pairs are left after TRL's preparation (every prompt fills model.max_length)")
+    def _columns(ds: Any, split: str, max_length: int) -> Any:
+        if len(ds) == 0:  # hf.dpo.too_long = "drop" left every pair out ("error" stops at the first one)
+            raise ConfigError(f"no {split} pairs are left: every prompt alone fills model.max_length {max_length}, so "
+                              'hf.dpo.too_long = "drop" left them all out; raise model.max_length or shorten the prompts')
         return ds.select_columns(list(COLUMNS))
 
     def batch(self, split: str, indices: list[int]) -> PairBatch:
