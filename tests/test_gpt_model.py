@@ -6,6 +6,7 @@ import torch
 
 from trainctl.backends.gpt.model import GPT, GPTConfig
 from trainctl.backends.optim import CombinedOptimizer, build_optimizer
+from trainctl.kernel.errors import ConfigError
 
 LR = 1e-3
 MUON_LR = 0.02
@@ -176,8 +177,8 @@ def test_lr_scale_drives_every_group(name: str) -> None:
 
 
 def test_unknown_optimizer_name() -> None:
-    with pytest.raises(ValueError, match="unknown optimizer"):
-        optimizer(tiny_model(), "sgd")
+    with pytest.raises(ConfigError, match="optim.name must be one of 'adamw', 'muon', 'sgd'"):
+        optimizer(tiny_model(), "lion")
 
 
 @pytest.mark.parametrize("name", ["adamw", "muon"])

@@ -1,4 +1,7 @@
-"""Optimizer construction for every backend: AdamW, or Muon with an AdamW sidecar.
+"""Optimizer construction for every backend: AdamW (torch's fused, foreach or per-tensor kernel),
+Muon with an AdamW sidecar, SGD, transformers' Adafactor, or bitsandbytes' 8-bit AdamW (CUDA).
+SGD and Adafactor are built as TRL's ``optim = "sgd"`` / ``"adafactor"`` build them
+(transformers' ``trainer_optimizer``), so a run moved from TRL steps the same way.
 
 Every param group carries "lr_scale", its learning rate relative to the main
 `lr`. The trainer schedules one learning rate and applies it to all groups with
@@ -10,6 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+from trainctl.kernel.errors import ConfigError
+
+NAMES = ("adamw", "muon", "sgd", "adafactor", "adamw_8bit")
+#: the kernel choice torch's AdamW and SGD take (``fused=`` / ``foreach=``); auto: trainctl's default
+KERNELS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False, "fused": False}}
 
 
 class Muon(torch.optim.Muon):
@@ -113,6 +122,21 @@ def _hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     return list(hidden.values())
 
 
+def _groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    # Like nanoGPT (and the Trainer's decay names on Llama-like models): weight decay on
+    # matrices and embeddings, none on biases and norm gains.
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
+    ]
+
+
+def _kernel(implementation: str, device_type: str, auto: dict[str, Any]) -> dict[str, Any]:
+    if implementation == "fused" and device_type not in ("cuda", "cpu", "mps", "xpu"):
+        raise ConfigError(f"optim.implementation = fused has no kernel on {device_type}; use 'foreach' or 'for_loop'")
+    return KERNELS.get(implementation, auto)
+
+
 def _adamw(
     params: list[nn.Parameter],
     *,
@@ -121,18 +145,65 @@ def _adamw(
     betas: tuple[float, float],
     eps: float,
     device_type: str,
+    implementation: str = "auto",
 ) -> torch.optim.AdamW:
-    # Like nanoGPT: weight decay on matrices and embeddings, none on biases and norm gains.
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
-    ]
     # The fused kernel does the whole update in one pass over each tensor. On CUDA
     # that is the known fastest; on CPU, for the baby GPT (4x128, batch 12x64, 2
     # cores), it measured ~1.0 ms per step+zero_grad against ~2.4 ms for
     # foreach=True and ~2.6 ms for the default per-tensor loop.
-    fused = True if device_type in ("cuda", "cpu") else None
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+    auto = {"fused": True} if device_type in ("cuda", "cpu") else {}
+    kernel = _kernel(implementation, device_type, auto)
+    return torch.optim.AdamW(_groups(params, weight_decay), lr=lr, betas=betas, eps=eps, **kernel)
+
+
+def _sgd(params: list[nn.Parameter], *, lr: float, weight_decay: float, momentum: float, device_type: str,
+         implementation: str) -> torch.optim.SGD:
+    """TRL's ``optim = "sgd"``: ``torch.optim.SGD(groups, lr)``, weight decay per group, momentum
+    (TRL: ``optim_args="momentum=..."``); auto: torch's own kernel choice, as the Trainer's."""
+    kernel = _kernel(implementation, device_type, {})
+    return torch.optim.SGD(_groups(params, weight_decay), lr=lr, momentum=momentum, **kernel)
+
+
+def _adafactor(params: list[nn.Parameter], *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """TRL's ``optim = "adafactor"`` (transformers' ``_get_adafactor``): transformers' Adafactor
+    at the scheduled learning rate (``scale_parameter=False, relative_step=False``), its other
+    settings its defaults, weight decay per group."""
+    try:
+        from transformers.optimization import Adafactor
+    except ImportError:
+        raise ConfigError("optim.name = adafactor is transformers' Adafactor: pip install transformers (or 'trainctl[hf]')") from None
+    return Adafactor(_groups(params, weight_decay), lr=lr, scale_parameter=False, relative_step=False)
+
+
+def _adamw_8bit(model: nn.Module, params: list[nn.Parameter], *, lr: float, weight_decay: float,
+                betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
+    """TRL's ``optim = "adamw_8bit"``: bitsandbytes' AdamW with 8-bit state, embeddings kept at
+    32 bits as the Trainer registers them (8-bit state is unstable for token lookups)."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError("optim.name = adamw_8bit needs bitsandbytes: pip install bitsandbytes (or use optim.name = adamw)") from None
+    manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            manager.register_module_override(module, "weight", {"optim_bits": 32})
+    return bitsandbytes.optim.AdamW(_groups(params, weight_decay), lr=lr, betas=betas, eps=eps, optim_bits=8)
+
+
+def check(*, name: str, implementation: str, device_type: str) -> None:
+    """A one-line ConfigError for an optimizer that cannot run here; cheap, so a backend may call
+    it before the model loads."""
+    if name not in NAMES:
+        raise ConfigError(f"optim.name must be one of {', '.join(map(repr, NAMES))}, got {name!r}")
+    if name == "adamw_8bit" and device_type != "cuda":
+        raise ConfigError("optim.name = adamw_8bit needs CUDA and bitsandbytes; use adamw on CPU")
+    if implementation != "auto" and name in ("adafactor", "adamw_8bit"):
+        raise ConfigError(f"optim.implementation picks the kernel of adamw, muon's AdamW and sgd; {name} has one: "
+                          "set it to 'auto'")
+    if implementation not in ("auto", *KERNELS):
+        raise ConfigError(f"optim.implementation must be one of 'auto', {', '.join(map(repr, KERNELS))}, got {implementation!r}")
+    if implementation == "fused":
+        _kernel(implementation, device_type, {})
 
 
 def build_optimizer(
@@ -147,24 +218,34 @@ def build_optimizer(
     muon_lr: float,
     muon_momentum: float,
     muon_weight_decay: float,
-) -> torch.optim.AdamW | CombinedOptimizer:
-    """Build the optimizer `name` ("adamw" or "muon") for model's trainable parameters.
+    implementation: str = "auto",
+    momentum: float = 0.0,
+) -> torch.optim.Optimizer | CombinedOptimizer:
+    """Build the optimizer `name` (one of ``NAMES``) for model's trainable parameters.
 
-    "adamw": one AdamW over everything (lr, weight_decay, betas, eps).
-    "muon": Muon over the hidden Linear weights (muon_lr, muon_momentum,
-    muon_weight_decay), AdamW as above over the rest: embeddings, the tied lm_head,
-    biases and norms. The muon_* arguments are unused for "adamw".
+    "adamw": one AdamW over everything (lr, weight_decay, betas, eps; ``implementation``: its
+    kernel). "muon": Muon over the hidden Linear weights (muon_lr, muon_momentum,
+    muon_weight_decay), AdamW as above over the rest: embeddings, the tied lm_head, biases and
+    norms. "sgd": SGD (lr, weight_decay, momentum, ``implementation``). "adafactor" (lr,
+    weight_decay) and "adamw_8bit" (lr, weight_decay, betas, eps) as TRL builds them. Arguments
+    an optimizer does not name are unused.
     """
     if lr <= 0:
-        raise ValueError(f"lr must be positive to scale the other groups by, got {lr}")
-    if name not in ("adamw", "muon"):
-        raise ValueError(f"unknown optimizer {name!r}, expected 'adamw' or 'muon'")
+        raise ConfigError(f"optim.lr must be positive to scale the other groups by, got {lr}")
+    check(name=name, implementation=implementation, device_type=device_type)
     params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return _sgd(params, lr=lr, weight_decay=weight_decay, momentum=momentum, device_type=device_type,
+                    implementation=implementation)
+    if name == "adafactor":
+        return _adafactor(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw_8bit":
+        return _adamw_8bit(model, params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     hidden = _hidden_matrices(model) if name == "muon" else []
     hidden_ids = {id(p) for p in hidden}
     adamw = _adamw(
         [p for p in params if id(p) not in hidden_ids],
-        lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, device_type=device_type,
+        lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, device_type=device_type, implementation=implementation,
     )
     if name == "adamw":
         return adamw
@@ -177,11 +258,12 @@ def build_optimizer(
     return CombinedOptimizer(adamw=adamw, muon=muon)
 
 
-def from_config(model: nn.Module, optim: Any, device_type: str) -> torch.optim.AdamW | CombinedOptimizer:
+def from_config(model: nn.Module, optim: Any, device_type: str) -> torch.optim.Optimizer | CombinedOptimizer:
     """The optimizer an ``[optim]`` table (``OptimConfig``) describes. ``weight_decay`` applies to
     Muon's hidden matrices too (decoupled, as AdamW's): one knob for every matrix."""
     return build_optimizer(
         model, name=optim.name, lr=optim.lr, weight_decay=optim.weight_decay,
         betas=(optim.beta1, optim.beta2), eps=optim.eps, device_type=device_type,
         muon_lr=optim.muon_lr, muon_momentum=optim.muon_momentum, muon_weight_decay=optim.weight_decay,
+        implementation=optim.implementation, momentum=optim.momentum,
     )
