@@ -264,14 +264,13 @@ def test_import_trl_config_trains_what_trl_trains(hf, tmp_path):
         "num_train_epochs": 2, "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": 3,
         "max_length": MAX_LENGTH, "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
         "warmup_steps": 0.2, "logging_steps": 1, "use_cpu": True, "save_strategy": "no", "optim": "adamw_torch_fused",
-        "train_sampling_strategy": "sequential", "report_to": "none", "neftune_noise_alpha": 5,
+        "train_sampling_strategy": "sequential", "report_to": "none",
     }
     source = tmp_path / "sft.yaml"
     source.write_text(yaml.safe_dump(settings))
     target = tmp_path / "sft.toml"
     proc = run_cli("config", "import-trl", str(source), "-o", str(target))
     assert proc.returncode == 0, proc.stderr
-    assert "neftune_noise_alpha: not converted (no trainctl equivalent)" in proc.stderr
     assert "report_to: not converted" in proc.stderr
     out = tmp_path / "ours"
     run = run_cli("run", str(target), "--yes", "--out", str(out), "--set", f"model.tokenizer={hf.plain_tokenizer}",
@@ -280,7 +279,7 @@ def test_import_trl_config_trains_what_trl_trains(hf, tmp_path):
     # 30 rows in micro-batches of 4 (8, the last of 2) grouped 3 a step: 3 steps an epoch, 6 for 2
     assert "run length: 6 steps (data.epochs = 2) x 12 rows = 2.00 epochs of 30 rows; each epoch ends with a shorter step" in run.stdout
     ours = events(out)
-    trl_args = {k: v for k, v in settings.items() if k not in ("model_name_or_path", "dataset_name", "neftune_noise_alpha", "report_to")}
+    trl_args = {k: v for k, v in settings.items() if k not in ("model_name_or_path", "dataset_name", "report_to")}
     theirs, lrs = trl_losses(hf, data, tmp_path / "trl", max_steps=-1, **trl_args)
     assert len(ours) == len(theirs) == 6
     assert [e["lr"] for e in ours] == pytest.approx(lrs, rel=1e-9, abs=1e-15)
@@ -300,11 +299,11 @@ def test_import_trl_refuses_what_is_not_a_config(tmp_path):
 def test_trl_defaults_are_trls():
     import dataclasses
 
-    from trl import ModelConfig, SFTConfig
+    from trl import ModelConfig, ScriptArguments, SFTConfig
 
     from trainctl.backends.hf.trl_config import TRL_DEFAULTS
 
-    fields = {f.name: f.default for cls in (SFTConfig, ModelConfig) for f in dataclasses.fields(cls)}
+    fields = {f.name: f.default for cls in (SFTConfig, ModelConfig, ScriptArguments) for f in dataclasses.fields(cls)}
     for name, value in TRL_DEFAULTS.items():
         assert fields[name] in (value, None if name == "output_dir" else value), name  # output_dir: None = trainer_output
 

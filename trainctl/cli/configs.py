@@ -58,17 +58,19 @@ def import_nanogpt(source: Path, output: Path | None) -> None:
 @config.command("import-trl")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the TOML here instead of stdout.")
-def import_trl(source: Path, output: Path | None) -> None:
-    """Convert a `trl sft --config` YAML file (at most 256 KiB, read with yaml.safe_load, never
-    executed) to TOML for the hf backend.
+@click.option("--trainer", type=click.Choice(["auto", "sft", "dpo"]), default="auto", show_default=True,
+              help="The TRL script the file is for; auto: dpo when it sets a key only DPOConfig has (beta, ...).")
+def import_trl(source: Path, output: Path | None, trainer: str) -> None:
+    """Convert a `trl sft --config` or `trl dpo --config` YAML file (at most 256 KiB, read with
+    yaml.safe_load, never executed) to TOML for the hf backend.
 
     Settings the file does not give take TRL's defaults, so the run trains what `trl sft` would:
-    the same epochs, learning rate at every step and loss. What could not be converted is listed
-    on stderr.
+    the same tokens, rows in the same order, epochs, learning rate at every step, loss and eval
+    loss. What could not be converted is listed on stderr.
     """
     from trainctl.backends.hf.trl_config import import_file
 
-    tables, notes = import_file(source)
+    tables, notes = import_file(source, trainer)
     _write_converted(source, "trl config", "import-trl", tables, notes, output)
 
 

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainctl.kernel import accelerate_env
+from trainctl.kernel import accelerate_env, foreign_names
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.registry import Registry
 from trainctl.kernel.schema import (
@@ -95,6 +96,9 @@ class RunConfig:
         }
 
 
+YAML_KEY = re.compile(r"(?:\s*#[^\n]*\n)*\s*[A-Za-z_][\w.-]*:(?:\s|$)")  # a first setting `name: value`
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Parse a TOML file; a missing file or a syntax error is one ConfigError line."""
     path = Path(path)
@@ -107,6 +111,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
+        if path.suffix.lower() in (".yaml", ".yml") or YAML_KEY.match(text):  # a `trl sft --config` file, most likely
+            raise ConfigError(f"{path} is YAML, and trainctl configs are TOML: convert a TRL config with "
+                              f"`trainctl config import-trl {path} -o config.toml`") from None
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
 
 
@@ -142,7 +149,7 @@ def resolve(raw: dict[str, Any], registry: Registry, *, source: str = "") -> Run
     """Validate every table of ``raw`` and fill in defaults."""
     for key in raw:
         if key not in TOP_LEVEL and key not in registry.backend_sections():
-            raise ConfigError(f"unknown top-level key '{key}'{did_you_mean(key, TOP_LEVEL)}")
+            raise ConfigError(f"unknown top-level key '{key}'{foreign_names.hint(key, key) or did_you_mean(key, TOP_LEVEL)}")
     seed = checked(raw.get("seed", 1337), int, "seed", bounds={"ge": 0, "lt": 2**32})  # numpy's seed range
     backend_name = checked(raw.get("backend", "gpt"), str, "backend")
     backend = registry.backend(backend_name)

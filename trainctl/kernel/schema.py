@@ -30,6 +30,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from trainctl.kernel import foreign_names
 from trainctl.kernel.errors import ConfigError
 
 LOCKED = {"locked": True}
@@ -121,7 +122,7 @@ def build(cls: type, table: Any, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in table:
         if key not in fields:
-            raise ConfigError(f"unknown key '{where}.{key}'{did_you_mean(key, fields)}")
+            raise ConfigError(f"unknown key '{where}.{key}'{foreign_names.hint(key, f'{where}.{key}') or did_you_mean(key, fields)}")
     hints = typing.get_type_hints(cls)
     values = {
         key: checked(value, hints[key], f"{where}.{key}", **_rules(fields[key]))

@@ -1,5 +1,5 @@
-"""Converting a ``trl sft --config`` YAML file to a trainctl TOML config for the hf backend.
-Torch-free.
+"""Converting a ``trl sft --config`` or ``trl dpo --config`` YAML file to a trainctl TOML config
+for the hf backend. Torch-free.
 
 The file is read with ``yaml.safe_load`` (plain mappings, lists and scalars: no tags, nothing
 constructed or executed), at most 256 KiB of it, and what it holds is checked for depth and
@@ -7,9 +7,12 @@ alias expansion before anything converts it (:mod:`trainctl.kernel.config_import
 are ``SFTConfig``'s (with ``TrainingArguments``'), the ``trl sft`` script's (``dataset_name``,
 ``dataset_train_split`` ...) and ``ModelConfig``'s (``model_name_or_path``, ``use_peft``,
 ``lora_r`` ...). Keys the file does not set take TRL's defaults where trainctl's differ, so the
-result trains what ``trl sft`` would have trained: the same learning rate at every step
-(transformers' schedule by name), the same epochs with TRL's short last step per epoch, no rows
-held out unless TRL would evaluate. What cannot be converted is listed, one line per key.
+result trains what ``trl sft`` (or ``trl dpo``) would have trained: the same tokens trained on
+(``data.mask = "trl"``: SFTConfig's masking for the data's shape), the same rows in the same order
+(the Trainer's seeded sampler, ``data.order = "trl"``), the same learning rate at every step
+(transformers' schedule by name), the same epochs with TRL's short last step per epoch, the
+script's evaluation split (``dataset_test_split``) and the Trainer's eval loss (the mean of batch
+means over the whole split). What cannot be converted is listed, one line per key.
 """
 
 from __future__ import annotations
@@ -50,8 +53,11 @@ DIRECT: dict[str, tuple[str, str]] = {
     "adam_beta2": ("optim", "beta2"),
     "adam_epsilon": ("optim", "eps"),
     "lr_scheduler_kwargs": ("plugin.lr", "hf_kwargs"),
-    "warmup_ratio": ("plugin.lr", "warmup_ratio"),
     "save_total_limit": ("plugin.checkpoint", "keep_last"),
+    "load_best_model_at_end": ("plugin.checkpoint", "save_best"),
+    "per_device_eval_batch_size": ("train", "eval_batch_size"),
+    "data_seed": ("data", "order_seed"),
+    "neftune_noise_alpha": ("hf", "neftune_noise_alpha"),
     "lora_r": ("hf.lora", "r"),
     "lora_alpha": ("hf.lora", "alpha"),
     "lora_dropout": ("hf.lora", "dropout"),
@@ -60,7 +66,8 @@ DIRECT: dict[str, tuple[str, str]] = {
 SPECIAL = ("seed", "max_steps", "num_train_epochs", "lr_scheduler_type", "warmup_steps", "packing", "packing_strategy",
            "assistant_only_loss", "completion_only_loss", "bf16", "fp16", "dtype", "torch_dtype", "use_cpu", "optim",
            "logging_steps", "eval_strategy", "eval_steps", "save_strategy", "save_steps", "dataset_test_split",
-           "use_peft", "lora_target_modules", "train_sampling_strategy")
+           "use_peft", "lora_target_modules", "train_sampling_strategy", "warmup_ratio", "datasets",
+           "beta", "loss_type", "label_smoothing", "precompute_ref_log_probs", "disable_dropout")
 #: Settings that need nothing here (trainctl does it its own way); reported only if set.
 IGNORED = {
     "report_to": "enable the wandb / jsonl / prometheus plugins instead",
@@ -70,25 +77,55 @@ IGNORED = {
     "trust_remote_code": "trainctl never runs remote code",
     "dataloader_num_workers": "batches are collated in the training process",
     "shuffle_dataset": "data.shuffle shuffles every epoch",
-    "per_device_eval_batch_size": "evaluation batches are train.batch_size rows",
+    "resume_from_checkpoint": "trainctl run resumes the newest checkpoint of its out dir by itself (--resume auto); "
+                              "--resume PATH names another",
+    "metric_for_best_model": "save_best keeps the checkpoint of the lowest val loss",
+    "dataset_streaming": "trainctl reads the whole split",
 }
 #: TRL's defaults (SFTConfig / ModelConfig) where trainctl's differ; tests check them against TRL.
 TRL_DEFAULTS: dict[str, Any] = {
     "learning_rate": 2e-5, "num_train_epochs": 3.0, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
     "adam_beta2": 0.999, "weight_decay": 0.0, "max_length": 1024, "lr_scheduler_type": "linear", "warmup_steps": 0,
     "logging_steps": 10, "output_dir": "trainer_output", "seed": 42, "gradient_checkpointing": True, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
+    "per_device_eval_batch_size": 8, "dataset_train_split": "train", "dataset_test_split": "test",
 }
+#: Where ``DPOConfig``'s defaults differ from ``SFTConfig``'s (``trl dpo``); tests check them against TRL.
+TRL_DPO_DEFAULTS: dict[str, Any] = {"learning_rate": 1e-6, "beta": 0.1, "loss_type": "sigmoid", "disable_dropout": True}
+#: Keys only ``DPOConfig`` has: a file holding one is a ``trl dpo`` config.
+DPO_KEYS = ("beta", "label_smoothing", "precompute_ref_log_probs", "disable_dropout", "ref_model_init_kwargs",
+            "rpo_alpha", "reference_free", "sync_ref_model", "use_weighting", "f_divergence_type")
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust")
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "float32": "float32",
           "fp32": "float32", "auto": "auto"}
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
+#: TrainingArguments' optim -> (optim.name, optim.implementation)
+OPTIMIZERS: dict[str, tuple[str, str]] = {
+    "adamw_torch_fused": ("adamw", "fused"), "adamw_torch": ("adamw", "default"), "adamw_hf": ("adamw", "default"),
+    "sgd": ("sgd", "default"), "adafactor": ("adafactor", "default"),
+    "adamw_bnb_8bit": ("adamw_8bit", "default"), "adamw_8bit": ("adamw_8bit", "default"),
+}
 
 
-def convert(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """TRL names and values -> (trainctl tables, notes on what was not converted)."""
+def trainer_of(values: dict[str, Any]) -> str:
+    """``dpo`` when the file sets a key only ``DPOConfig`` has (or a DPO loss type), else ``sft``."""
+    losses = values.get("loss_type")
+    losses = losses if isinstance(losses, list) else [losses]
+    return "dpo" if any(k in values for k in DPO_KEYS) or any(x in DPO_LOSSES for x in losses) else "sft"
+
+
+def convert(values: dict[str, Any], trainer: str = "auto") -> tuple[dict[str, Any], list[str]]:
+    """TRL names and values -> (trainctl tables, notes on what was not converted). ``trainer``:
+    ``sft``, ``dpo`` or ``auto`` (:func:`trainer_of`)."""
     notes: list[str] = []
     given = dict(values)
+    dpo = (trainer_of(given) if trainer == "auto" else trainer) == "dpo"
+    if trainer == "auto" and not dpo:
+        notes.append("converted as a `trl sft` config (it sets no key only DPOConfig has); for `trl dpo` pass --trainer dpo")
+    if given.get("load_best_model_at_end"):
+        notes.append("load_best_model_at_end: converted as plugin.checkpoint.save_best (the best checkpoint is kept; "
+                     "the run ends with the last step's weights)")
     lora = bool(given.get("use_peft"))
-    merged = {k: v for k, v in TRL_DEFAULTS.items() if lora or not k.startswith("lora_")} | given
+    defaults = TRL_DEFAULTS | (TRL_DPO_DEFAULTS if dpo else {})
+    merged = {k: v for k, v in defaults.items() if lora or not k.startswith("lora_")} | given
     tables: dict[str, Any] = {"seed": merged["seed"], "backend": "hf"}
 
     put = functools.partial(put_key, tables)
@@ -104,7 +141,36 @@ def convert(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         elif name not in SPECIAL:
             notes.append(f"{name}: not converted (no trainctl equivalent)")
 
-    # length: max_steps > 0 wins over epochs, as in TrainingArguments
+    _length(merged, given, put, notes)
+    # packing and the loss mask: SFTConfig's defaults train every token of a conversation and the
+    # completion of a prompt/completion row (data.mask = "trl" resolves them by the data's shape)
+    if merged.get("packing"):
+        put("data", "packing", merged.get("packing_strategy") or "bfd")
+    else:
+        put("data", "packing", False)
+    if merged.get("assistant_only_loss"):
+        put("data", "mask", "assistant_only")
+    elif merged.get("completion_only_loss") is False:
+        put("data", "mask", "none")
+    else:
+        put("data", "mask", "trl")
+    _precision(merged, given, put, notes)
+    _data(merged, put, notes)
+    _optimizer(given, put, notes)
+    # cadence: steps only; TRL's ratios (< 1) and epoch strategies have no step count to copy
+    _cadence(merged, put, notes)
+    if lora:
+        targets = merged.get("lora_target_modules")
+        put("hf.lora", "target_modules", list(targets) if isinstance(targets, list) else [targets or "all-linear"])
+        if not targets:
+            notes.append("lora_target_modules: not set; peft's per-model default became all-linear (set hf.lora.target_modules)")
+    if dpo:
+        _dpo(merged, lora, put, notes)
+    return _ordered(tables), notes
+
+
+def _length(merged: dict[str, Any], given: dict[str, Any], put: Any, notes: list[str]) -> None:
+    """The run's length (max_steps > 0 wins over epochs, as in TrainingArguments) and its schedule."""
     if _number("max_steps", merged.get("max_steps", -1)) > 0:
         put("train", "max_steps", int(merged["max_steps"]))
         put("data", "epochs", 0.0)
@@ -115,21 +181,18 @@ def convert(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     put("plugin.lr", "family", "transformers")
     put("plugin.lr", "schedule", merged["lr_scheduler_type"])
     warmup = _number("warmup_steps", merged["warmup_steps"])
+    if "warmup_ratio" in given and not given.get("warmup_steps"):
+        warmup = _number("warmup_ratio", given["warmup_ratio"])
+        notes.append(f"warmup_ratio: transformers 5 removed it and `trl sft` refuses it; converted as "
+                     f"plugin.lr.warmup_ratio = {warmup:g} (in a TRL file write warmup_steps: {warmup:g})")
     if isinstance(warmup, float) and 0 < warmup < 1:
         put("plugin.lr", "warmup_ratio", warmup)
         put("plugin.lr", "warmup_steps", 0)
     else:
         put("plugin.lr", "warmup_steps", int(warmup))
-    # packing and the loss mask
-    if merged.get("packing"):
-        put("data", "packing", merged.get("packing_strategy") or "bfd")
-    else:
-        put("data", "packing", False)
-    if merged.get("assistant_only_loss"):
-        put("data", "mask", "assistant_only")
-    elif merged.get("completion_only_loss") is False:
-        put("data", "mask", "none")
-    # precision and device
+
+
+def _precision(merged: dict[str, Any], given: dict[str, Any], put: Any, notes: list[str]) -> None:
     if merged.get("bf16"):
         put("train", "dtype", "bfloat16")
     elif merged.get("fp16"):
@@ -140,23 +203,68 @@ def convert(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
                 put("model", "dtype", DTYPES[str(given[key])])
             else:
                 notes.append(f"{key}: {given[key]!r} not converted (use auto, float32, bfloat16 or float16)")
-    sampling = merged.get("train_sampling_strategy", "random")
-    if sampling in ("random", "sequential"):
-        put("data", "shuffle", sampling == "random")  # a seeded order every epoch (not Trainer's), or file order
-    else:
-        notes.append(f"train_sampling_strategy: {sampling!r} not converted (data.shuffle: a seeded order or file order)")
     if merged.get("use_cpu"):
         put("train", "device", "cpu")
-    if "optim" in given and given["optim"] not in OPTIMIZERS:
-        notes.append(f"optim: {given['optim']!r} not converted (trainctl runs torch AdamW, or optim.name = muon)")
-    # cadence: steps only; TRL's ratios (< 1) and epoch strategies have no step count to copy
-    _cadence(merged, put, notes)
-    if lora:
-        targets = merged.get("lora_target_modules")
-        put("hf.lora", "target_modules", list(targets) if isinstance(targets, list) else [targets or "all-linear"])
-        if not targets:
-            notes.append("lora_target_modules: not set; peft's per-model default became all-linear (set hf.lora.target_modules)")
-    return _ordered(tables), notes
+
+
+def _data(merged: dict[str, Any], put: Any, notes: list[str]) -> None:
+    """The order of the rows: the Trainer's seeded sampler, or file order; a one-entry
+    ``datasets:`` mixture as data.train."""
+    sampling = merged.get("train_sampling_strategy", "random")
+    if sampling in ("random", "sequential"):
+        put("data", "shuffle", sampling == "random")
+        put("data", "order", "trl")  # accelerate's SeedableRandomSampler: randperm seeded with data_seed + epoch
+    else:
+        notes.append(f"train_sampling_strategy: {sampling!r} not converted (data.shuffle: the Trainer's random order or file order)")
+    mixture = merged.get("datasets")
+    if mixture is None:
+        return
+    entries = mixture if isinstance(mixture, list) else [mixture]
+    if len(entries) != 1 or not isinstance(entries[0], dict) or not isinstance(entries[0].get("path"), str):
+        notes.append("datasets: a mixture of several datasets is not converted (trainctl trains on one; set data.train)")
+        return
+    entry = entries[0]
+    put("data", "train", entry["path"])
+    if isinstance(entry.get("name"), str):
+        put("data", "subset", entry["name"])
+    if isinstance(entry.get("split"), str):
+        put("data", "split", entry["split"])
+    files = entry.get("data_files")
+    if isinstance(files, (str, list)):
+        put("data", "data_files", [files] if isinstance(files, str) else [str(f) for f in files])
+    for key in sorted(set(entry) - {"path", "name", "split", "data_files"}):
+        notes.append(f"datasets[0].{key}: not converted (no trainctl equivalent)")
+
+
+def _optimizer(given: dict[str, Any], put: Any, notes: list[str]) -> None:
+    optim = given.get("optim", "adamw_torch_fused")  # TrainingArguments' default with torch >= 2.8
+    if optim in OPTIMIZERS:
+        name, implementation = OPTIMIZERS[optim]
+        put("optim", "name", name)
+        if name == "adamw":
+            put("optim", "implementation", implementation)
+    else:
+        notes.append(f"optim: {optim!r} not converted (trainctl runs {', '.join(sorted(OPTIMIZERS))})")
+
+
+def _dpo(merged: dict[str, Any], lora: bool, put: Any, notes: list[str]) -> None:
+    """``trl dpo``'s settings: the objective, its loss, the reference, and TRL's handling of rows."""
+    put("hf", "objective", "dpo")
+    put("hf.dpo", "beta", merged["beta"])
+    losses = merged["loss_type"] if isinstance(merged["loss_type"], list) else [merged["loss_type"]]
+    if len(losses) == 1 and losses[0] in DPO_LOSSES:
+        put("hf.dpo", "loss_type", losses[0])
+    else:
+        notes.append(f"loss_type: {merged['loss_type']!r} not converted (trainctl computes one of {', '.join(DPO_LOSSES)})")
+    if merged.get("label_smoothing"):
+        put("hf.dpo", "label_smoothing", merged["label_smoothing"])
+    if merged.get("precompute_ref_log_probs"):
+        put("hf.dpo", "reference", "precomputed")
+    put("hf.dpo", "too_long", "drop")  # DPOTrainer drops pairs whose prompt fills max_length
+    if merged.get("disable_dropout") and lora:
+        put("hf.lora", "dropout", 0.0)  # DPOTrainer sets every dropout to 0, the adapter's too
+    elif not merged.get("disable_dropout"):
+        notes.append("disable_dropout: false not converted (trainctl's DPO keeps the model's dropout as configured)")
 
 
 def _number(name: str, value: Any) -> int | float:
@@ -179,17 +287,7 @@ def _cadence(merged: dict[str, Any], put: Any, notes: list[str]) -> None:
         put("train", "log_interval", logging)
     else:
         notes.append(f"logging_steps: {logging!r} not converted (a ratio; set train.log_interval)")
-    evaluating = merged.get("eval_strategy", "no") != "no"
-    if evaluating and merged.get("dataset_test_split") and merged.get("dataset_name"):
-        put("data", "val", merged["dataset_name"])
-        put("data", "val_split", merged["dataset_test_split"])
-    else:
-        put("data", "val_fraction", 0.0)  # TRL holds no rows out
-    if merged.get("eval_strategy") == "steps" and isinstance(merged.get("eval_steps"), int):
-        put("train", "eval_interval", merged["eval_steps"])
-    elif evaluating:
-        notes.append(f"eval_strategy: {merged['eval_strategy']!r} not converted (trainctl evaluates every "
-                     "train.eval_interval steps and at the end)")
+    _evaluation(merged, put, notes)
     strategy, every = merged.get("save_strategy", "steps"), merged.get("save_steps", 500)
     if strategy == "steps" and isinstance(every, int) and not isinstance(every, bool):
         put("train", "save_interval", every)
@@ -200,12 +298,50 @@ def _cadence(merged: dict[str, Any], put: Any, notes: list[str]) -> None:
                      "train.save_interval steps and at the end)")
 
 
+def _evaluation(merged: dict[str, Any], put: Any, notes: list[str]) -> None:
+    """What ``trl sft`` evaluates: ``dataset[dataset_test_split]`` of the same dataset when
+    ``eval_strategy`` is not ``no`` (every row of it, in order, in batches of
+    ``per_device_eval_batch_size``, the loss the mean of the batches' means), else nothing."""
+    strategy = merged.get("eval_strategy", "no")
+    train = merged.get("dataset_name")
+    mixture = merged.get("datasets")
+    if strategy == "no" or not (train or mixture):
+        put("data", "val_fraction", 0.0)  # TRL holds no rows out
+        return
+    if mixture is not None:
+        put("data", "val_fraction", 0.0)
+        notes.append("eval_strategy: not converted for a `datasets:` mixture (TRL splits it by test_split_size); set data.val")
+        return
+    split = merged["dataset_test_split"]
+    if str(train).lower().endswith(FILE_SUFFIXES):  # load_dataset of one file has a train split only
+        put("data", "val_fraction", 0.0)
+        notes.append(f"dataset_test_split: {train} is one file, whose only split is 'train' (`trl sft` fails on "
+                     f"dataset[{split!r}]); nothing is evaluated: set data.val to a validation file")
+        return
+    put("data", "val", train)
+    put("data", "val_split", split)
+    put("train", "eval_loss", "batches")  # Trainer's eval_loss: the mean of each batch's token mean
+    put("train", "eval_steps", 0)  # Trainer evaluates the whole split
+    if strategy == "steps":
+        every = merged.get("eval_steps") or merged["logging_steps"]  # TrainingArguments' fallback
+        if isinstance(every, int) and not isinstance(every, bool) and every >= 1:
+            put("train", "eval_interval", every)
+        else:
+            notes.append(f"eval_steps: {every!r} not converted (a ratio; set train.eval_interval)")
+    else:
+        notes.append(f"eval_strategy: {strategy!r} not converted (trainctl evaluates every "
+                     "train.eval_interval steps and at the end)")
+
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
+
+
 def _ordered(tables: dict[str, Any]) -> dict[str, Any]:
     order = ["seed", "backend", "train", "optim", "model", "data", "hf", "plugin"]
     return {k: tables[k] for k in order if k in tables}
 
 
-def import_file(path: Path) -> tuple[dict[str, Any], list[str]]:
+def import_file(path: Path, trainer: str = "auto") -> tuple[dict[str, Any], list[str]]:
     """Read (bounded: :mod:`trainctl.kernel.config_import`), parse with ``yaml.safe_load``, convert.
     Whatever the file holds, a problem is a one-line ConfigError."""
     try:
@@ -228,4 +364,4 @@ def import_file(path: Path) -> tuple[dict[str, Any], list[str]]:
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
         raise ConfigError(f"{path}: a trl config is a mapping of setting names to values, got {type(values).__name__}")
     check_values(values, path, WHAT)  # before repr() or the TOML writer expand an alias bomb or a cycle
-    return convert(values)
+    return convert(values, trainer)
