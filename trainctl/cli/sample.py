@@ -23,12 +23,17 @@ def register(cli: click.Group) -> None:
 @click.option("--top-k", default=200, show_default=True, type=click.IntRange(0), help="0 = no top-k.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--greedy", is_flag=True,
+              help="The most likely token each time (no sampling: --temperature, --top-k and --seed are unused).")
+@click.option("--no-chat-template", "plain", is_flag=True,
+              help="hf: continue --prompt as plain text even if the tokenizer has a chat template "
+                   "(a model trained on plain text).")
 def sample(run_dir: Path, prompt: str, num_samples: int, max_new_tokens: int, temperature: float,
-           top_k: int, seed: int, device: str) -> None:
+           top_k: int, seed: int, device: str, greedy: bool, plain: bool) -> None:
     """Generate text from RUN_DIR's newest complete checkpoint (or from a checkpoint directory).
 
     gpt checkpoints continue --prompt as it is; hf checkpoints put it through the tokenizer's
-    chat template as a user message when the tokenizer has one.
+    chat template as a user message when the tokenizer has one (unless --no-chat-template).
     """
     import tempfile
 
@@ -39,11 +44,12 @@ def sample(run_dir: Path, prompt: str, num_samples: int, max_new_tokens: int, te
         original = _verified_copy(run_dir, copy)  # what is loaded is what was verified
         with named_as(copy, original):
             if _backend_of(copy) == "hf":
-                texts, chat = _hf(copy, prompt, num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_k=top_k or None, seed=seed, device=device)
-            else:
+                texts, chat = _hf(copy, prompt, num_samples, max_new_tokens=max_new_tokens,
+                                  temperature=0.0 if greedy else temperature,  # 0: do_sample=False
+                                  top_k=top_k or None, seed=seed, device=device, chat_template=not plain)
+            else:  # sampling from the single most likely token is argmax: greedy
                 texts, chat = _gpt(copy, prompt, num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_k=top_k or None, seed=seed, device=device), False
+                                   top_k=1 if greedy else top_k or None, seed=seed, device=device), False
     for i, text in enumerate(texts):
         click.echo(text if chat else prompt + text)  # a chat reply answers the prompt; text continues it
         if i < num_samples - 1:
@@ -92,7 +98,8 @@ def _gpt(directory: Path, prompt: str, n: int, *, seed: int, device: str, **kw) 
     return [generate(model, tokenizer, prompt, seed=seed + i, device=device, **kw) for i in range(n)]
 
 
-def _hf(directory: Path, prompt: str, n: int, *, seed: int, device: str, **kw) -> tuple[list[str], bool]:
+def _hf(directory: Path, prompt: str, n: int, *, seed: int, device: str, chat_template: bool,
+        **kw) -> tuple[list[str], bool]:
     try:
         from trainctl.backends.hf import sample as hf_sample
     except ImportError as exc:
@@ -105,6 +112,6 @@ def _hf(directory: Path, prompt: str, n: int, *, seed: int, device: str, **kw) -
 
         with tempfile.TemporaryDirectory(prefix="trainctl-sample-") as scratch:
             consolidate(directory, Path(scratch) / "checkpoint", device)
-            return _hf(Path(scratch) / "checkpoint", prompt, n, seed=seed, device=device, **kw)
-    loaded = hf_sample.load(directory, device)
+            return _hf(Path(scratch) / "checkpoint", prompt, n, seed=seed, device=device, chat_template=chat_template, **kw)
+    loaded = hf_sample.load(directory, device, chat_template=chat_template)
     return [hf_sample.sample(loaded, prompt, seed=seed + i, **kw) for i in range(n)], loaded.shape == "messages"

@@ -1,6 +1,7 @@
 """Loading an ``hf`` checkpoint for inference alone (``trainctl sample``): the directory is a
 ``save_pretrained`` model (or a LoRA adapter over the base model its ``adapter_config.json``
-names) with its tokenizer and chat template, so no run config is needed.
+names) with its tokenizer and chat template, so no run config is needed, and no training data is
+read.
 
 The directory is checked before anything loads: safetensors weights only (``use_safetensors``:
 a pickled ``pytorch_model.bin`` is never read) and no remote code.
@@ -32,7 +33,9 @@ class Loaded:
     shape: str  # "messages": prompts go through the chat template as a user turn; "text": as they are
 
 
-def load(directory: Path, device: str = "cpu") -> Loaded:
+def load(directory: Path, device: str = "cpu", *, chat_template: bool = True) -> Loaded:
+    """The checkpoint ``directory`` for generation on ``device``. ``chat_template=False``: prompts
+    are plain strings even when the tokenizer has a template (a model trained on plain text)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     from trainctl.backends.hf.loading import is_vision_language
@@ -61,8 +64,9 @@ def load(directory: Path, device: str = "cpu") -> Loaded:
         raise ConfigError(f"cannot load the hf checkpoint {directory} (base {base}): {str(exc).strip().splitlines()[0]}") from None
     dev = torch.device(device)
     return Loaded(model=model.to(dev).eval(), tokenizer=tokenizer, device=dev,
-                  shape="messages" if tokenizer.chat_template else "text")
+                  shape="messages" if chat_template and tokenizer.chat_template else "text")
 
 
 def sample(loaded: Loaded, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int | None, seed: int) -> str:
+    """Text after ``prompt``; ``temperature`` 0 decodes greedily (``do_sample=False``)."""
     return inference.generate(loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
