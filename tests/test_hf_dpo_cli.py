@@ -36,7 +36,8 @@ CASES = {
     "identical": ({"prompt": [USER], "chosen": answer("Blue."), "rejected": answer("Blue.")},
                   "chosen and rejected are identical"),
     "prompt too long": ({"prompt": [LONG], "chosen": answer("Aye."), "rejected": answer("Nay.")},
-                        "leaves no room for the answers; shorten the prompt or raise model.max_length"),
+                        "leaves no room for the answers; shorten the prompt, raise model.max_length, or set "
+                        'hf.dpo.too_long = "drop"'),
     "mixed types": ({"prompt": "Sky?", "chosen": answer("Blue."), "rejected": "Green."}, "wrong types:"),
     "mixed forms": ({"prompt": "Sky?", "chosen": "Blue.", "rejected": "Green."},
                     "the answers are strings but the file's first row uses message lists"),

@@ -4,22 +4,33 @@ loop, TRL's ``DPOTrainer`` as a library (see ``dpo.py``), its loss replicated in
 Each micro-batch is one forward of its chosen and rejected rows together (TRL's collator stacks
 them), and its share of the step loss is ``mean over its pairs / micro-batches of the step``,
 as ``Trainer`` scales a loss that is not token-normalised for gradient accumulation; so the losses
-equal ``DPOTrainer.train()``'s bit for bit on the same batches. The reward metrics come back as
-device tensors (shares of the step's mean), read by the kernel on logged steps only. Everything
-else (the optimizer step, DDP, checkpoints, generation) is the SFT backend's, inherited.
+equal ``DPOTrainer.train()``'s bit for bit on the same batches. TRL's metrics, under its names
+(``rewards/*``, ``logps/*``, ``logits/*``, ``entropy``, ``mean_token_accuracy``: each a mean over
+the step's micro-batches, as TRL averages them over a logging step; ``num_tokens``: the attention
+mask's tokens trained so far, on a resume too) come back as device tensors, read by the kernel on
+logged steps only. Everything else (the optimizer step, DDP, checkpoints, generation) is the SFT
+backend's, inherited.
+
+``hf.dpo.too_long``: a pair whose prompt alone fills ``model.max_length`` is a one-line error
+(``error``), or left out by TRL's preparation (``drop``, counted in the plan); TRL cuts the
+others at ``max_length`` (prompt + completion, the end cut off).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from trainctl.backends import parallel, scoring
 from trainctl.backends.device import set_threads
 from trainctl.backends.hf import dpo, epochs, loading, rows, sft
 from trainctl.backends.hf.backend import EVAL_EPOCH, HFBackend, decoder_layers
 from trainctl.backends.hf.config import resolve_reference
-from trainctl.backends.hf.dpo_loss import dpo_loss, reward_metrics
+from trainctl.backends.hf.dpo_loss import dpo_loss, policy_metrics, reward_metrics
 from trainctl.backends.hf.preference_check import require_valid_preferences
 from trainctl.backends.step import MicroLoss, local_micro_batches
 from trainctl.kernel.backend import Evaluation, Plan, StepOutput
@@ -53,7 +64,8 @@ class DPOBackend(HFBackend):
         self.tokenizer = loading.tokenizer(self.cfg)
         for key, found in (("data.train", train_rows), ("data.val", val_rows)):
             if found is not None:  # before the model loads: a bad pair is one line, exit 2
-                require_valid_preferences(found, source=key, tokenizer=self.tokenizer, max_length=self.cfg.max_length)
+                require_valid_preferences(found, source=key, tokenizer=self.tokenizer, max_length=self.cfg.max_length,
+                                          too_long=opts.too_long)
         if val_rows is None:
             train_rows, val_rows = rows.split(train_rows, data.val_fraction, data.split_seed)
 
@@ -100,6 +112,8 @@ class DPOBackend(HFBackend):
                                                         source=opts.ref_model or "the starting weights")
             self.pairs.ref_model = self.pairs.trainer.ref_model = None  # a separate reference: cached now, freed
         self.steps_done = 0
+        self.row_tokens = self._row_tokens()
+        self.num_tokens = torch.zeros((), dtype=torch.long, device=self.device)  # TRL's num_tokens, on the device
         return self._dpo_plan(hf_config, attn, frozen, len(train_rows.rows), len(val_rows.rows) if val_rows else 0)
 
     def _dpo_plan(self, hf_config: Any, attn: str, frozen: int, n_train: int, n_val: int) -> Plan:
@@ -108,18 +122,22 @@ class DPOBackend(HFBackend):
         sampled = [self._step_batches(s) for s in range(min(8, self.max_steps))]  # host only: collation
         tokens = sum(b.tokens for batches in sampled for b in batches) / len(sampled)
         kept, opts = len(self.pairs.train), self.hf.dpo
+        kept_val = len(self.pairs.val) if self.pairs.val is not None else 0
         details = {
             "model": f"{type(self.base).__name__} ({hf_config.model_type}), attention {attn}",
             "trainable": f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
             + (f", LoRA r={self.hf.lora.r}" if self.hf.lora else "") + (f", vision frozen ({frozen:,})" if frozen else ""),
             "objective": f"DPO ({opts.loss_type}, beta {opts.beta:g}) on {self.shape}-prompt pairs",
             "reference": self.reference_line,
-            "data": f"{n_train} train pairs, {kept} kept" + (f", {n_train - kept} dropped by TRL (prompt fills max_length)"
-                                                               if n_train > kept else "") + f"; {n_val} val pairs",
+            "data": f"{n_train} train pairs, {kept} kept; {n_val} val pairs" + (f", {kept_val} kept" if n_val > kept_val else ""),
             "run length": f"{self.max_steps} steps x {self.layout.rows_per_step} pairs = {self.layout.epochs(self.max_steps):.2f} epochs",
             "tokens/step": f"~{tokens:,.0f} processed (chosen + rejected, mean of the first {len(sampled)} steps)",
             "parallel": parallel.describe(self.train, self.ctx.dist.world_size, self.dtype),
         }
+        dropped = n_train - kept + n_val - kept_val
+        if dropped:  # only under too_long = "drop": "error" stopped at the data check
+            details["dropped"] = (f"{dropped} pairs dropped ({n_train - kept} train, {n_val - kept_val} val): the prompt alone "
+                                  f"fills model.max_length {self.cfg.max_length} (hf.dpo.too_long = drop)")
         device, dtype = self.placement.names
         in_loop_ref = 2 if self.reference in ("copy", "adapters_off") else 0  # the reference's forward
         return Plan(
@@ -138,6 +156,10 @@ class DPOBackend(HFBackend):
         """The concatenated forward (chosen rows, then rejected) and its DPO loss, as
         ``DPOTrainer._compute_loss`` runs them: summed completion log-probs of the policy, then
         of the reference."""
+        return self._pair_forward(model, inputs)[:3]
+
+    def _pair_forward(self, model: Any, inputs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+        """``_pair_loss`` and the policy's fused-head outputs (for TRL's token metrics)."""
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
@@ -148,27 +170,50 @@ class DPOBackend(HFBackend):
         opts = self.hf.dpo
         loss = dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, completion_mask, beta=opts.beta,
                         loss_type=opts.loss_type, label_smoothing=opts.label_smoothing)
-        return loss, chosen_logps, rejected_logps
+        return loss, chosen_logps, rejected_logps, out
 
     def _loss(self, model: Any, batch: tuple[dpo.PairBatch, int, int], with_logits: bool) -> MicroLoss:
         """One micro-batch's share: its mean pair loss over the step's micro-batches (all ranks),
-        and the reward metrics as shares of this rank's mean over its micro-batches."""
+        and TRL's metrics as shares of this rank's mean over its micro-batches."""
         b, n_micro, n_local = batch
-        loss, chosen_logps, rejected_logps = self._pair_loss(model, sft.to_device(b.inputs, self.device))
-        metrics = {k: v / n_local for k, v in reward_metrics(loss, chosen_logps, rejected_logps).items()}
-        return MicroLoss(share=loss.per_pair.mean() / n_micro, metrics=metrics)
+        inputs = sft.to_device(b.inputs, self.device)
+        loss, chosen_logps, rejected_logps, out = self._pair_forward(model, inputs)
+        found = reward_metrics(loss, chosen_logps, rejected_logps) | policy_metrics(out, inputs["completion_mask"])
+        return MicroLoss(share=loss.per_pair.mean() / n_micro, metrics={k: v / n_local for k, v in found.items()})
 
     def train_step(self, step: int) -> StepOutput:
         batches = self._step_batches(step)
         micro = self.micro[: len(batches)]  # a short epoch-end step has fewer (one process only)
         out = self.stepper.run([(batches[m], len(batches), len(micro)) for m in micro], self._loss,
                                tokens=sum(b.trained for b in batches), processed_tokens=sum(b.tokens for b in batches))
+        self.num_tokens.add_(self._step_tokens(step))  # a host int into a device tensor: no sync
+        out.metrics["num_tokens"] = self.num_tokens.clone()  # this step's total, whatever later steps add
         self.steps_done = step + 1
         return out
 
+    def _row_tokens(self) -> np.ndarray:
+        """(N,) tokens of each training pair that the attention mask keeps (chosen + rejected,
+        each cut at max_length as TRL's collator cuts them): what TRL's ``num_tokens`` counts."""
+        table = self.pairs.train.with_format("arrow")[:]
+        prompt, chosen, rejected = (np.diff(np.asarray(table[name].combine_chunks().offsets)) for name in dpo.COLUMNS)
+        limit = self.cfg.max_length
+        return np.minimum(prompt + chosen, limit) + np.minimum(prompt + rejected, limit)
+
+    def _step_tokens(self, step: int) -> int:
+        """The attention-mask tokens of every micro-batch of ``step``, all ranks' (host only)."""
+        return int(sum(self.row_tokens[indices].sum() for indices in self.layout.step(self.pairs, step)))
+
+    def load(self, directory: Path) -> None:
+        """The checkpoint, and ``num_tokens`` counted again over the steps before it (host only),
+        so a resumed run logs what the uninterrupted one does (TRL's restarts from 0)."""
+        super().load(directory)
+        self.num_tokens.fill_(sum(self._step_tokens(s) for s in range(self.steps_done)))
+
     def evaluate(self, step: int) -> dict[str, Evaluation]:
-        """Per split over ``train.eval_steps`` fixed batches: the mean DPO loss over the pairs and
-        the reward accuracy (pairs whose chosen reward beats the rejected one); ``tokens`` counts pairs."""
+        """Per split over ``train.eval_steps`` fixed batches of ``train.eval_batch_size`` pairs (0:
+        every pair of the split): the mean DPO loss over the pairs and the reward accuracy (pairs
+        whose chosen reward beats the rejected one); ``tokens`` counts pairs. The pair mean is what
+        ``Trainer``'s evaluation reports for DPO too: it weighs each batch's mean loss by its rows."""
         def score(b: dpo.PairBatch) -> scoring.BatchScore:
             loss, _, _ = self._pair_loss(self.model, sft.to_device(b.inputs, self.device))
             won = (loss.chosen_rewards > loss.rejected_rewards).sum()
@@ -182,9 +227,9 @@ class DPOBackend(HFBackend):
 
     def _fixed_pairs(self, split: str) -> list[dpo.PairBatch]:
         n_rows = len(self.pairs.train if split == "train" else self.pairs.val)
-        count = min(self.train.eval_steps * self.train.batch_size, n_rows)
+        size = self.train.eval_batch_size or self.train.batch_size
+        count = min(self.train.eval_steps * size, n_rows) if self.train.eval_steps else n_rows
         chosen = [int(i) for i in self.pairs.order(split, EVAL_EPOCH, split == "train")[:count]]
-        size = self.train.batch_size
         return [self.pairs.batch(split, chosen[i : i + size]) for i in range(0, count, size)]
 
     def measure(self, steps: int = 2) -> float:

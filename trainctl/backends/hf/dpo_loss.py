@@ -1,15 +1,16 @@
 """The DPO loss and its reward metrics, from the summed completion log-probs of a pair batch.
 
 TRL computes these inline in ``DPOTrainer._compute_loss`` (trl 1.16, ``trl/trainer/dpo_trainer.py``),
-between the forward and nine ``.item()`` reads per micro-batch, so there is no function to call:
+between the forward and a dozen ``.item()`` reads per micro-batch, so there is no function to call:
 the formulas below are that method's for ``f_divergence_type = "reverse_kl"`` (standard DPO), one
-loss type, no WPO weighting and no ``ld_alpha``, in the same operations and order, so the values
-are bit-identical to what ``DPOTrainer.train()`` logs. Everything stays on the device.
+loss type, no WPO weighting and no ``ld_alpha``, in the same operations and order, so the losses
+are bit-identical to what ``DPOTrainer.train()`` logs, and the metrics equal to float32 rounding
+(TRL divides two host reads in float64). Everything stays on the device.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,4 +58,25 @@ def reward_metrics(loss: PairLoss, chosen_logps: torch.Tensor, rejected_logps: t
         "rewards/margins": (chosen - rejected).mean(),
         "logps/chosen": chosen_logps.detach().mean(),
         "logps/rejected": rejected_logps.detach().mean(),
+    }
+
+
+def policy_metrics(outputs: Any, completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's token metrics of the policy's forward (its fused LM head's ``entropy``,
+    ``mean_logits``: the mean over the vocabulary, and ``is_top1``), 0-d device tensors:
+    ``entropy`` over every completion token, ``logits/chosen`` and ``logits/rejected`` the mean
+    logit over each side's completion tokens, ``mean_token_accuracy`` the chosen completions'
+    top-1 accuracy. ``completion_mask`` is the collated (2B, T) mask, chosen rows first."""
+    mask = completion_mask[..., 1:]  # (2B, T-1): the positions the shifted log-probs score
+    seq_len = mask.size(1)
+    entropy = (outputs.entropy[:, -seq_len:].detach() * mask).sum() / mask.sum().clamp(min=1)
+    chosen_mean_logits, rejected_mean_logits = outputs.mean_logits[:, -seq_len:].chunk(2, dim=0)  # (B, T-1) each
+    chosen_mask, rejected_mask = mask.chunk(2, dim=0)
+    chosen_is_top1, _ = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)
+    chosen_tokens = chosen_mask.sum().clamp(min=1)  # no completion token: 0 / 1, TRL's 0.0
+    return {
+        "entropy": entropy,
+        "logits/chosen": chosen_mean_logits[chosen_mask.bool()].sum() / chosen_tokens,
+        "logits/rejected": rejected_mean_logits[rejected_mask.bool()].sum() / rejected_mask.sum().clamp(min=1),
+        "mean_token_accuracy": (chosen_is_top1 & chosen_mask.bool()).sum() / chosen_tokens,
     }

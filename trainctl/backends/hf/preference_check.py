@@ -12,7 +12,8 @@ the file's first row), conversations that break the role order, implicit prompts
 leading turn, and prompts too long to leave room for an answer. Prompts are counted as TRL's
 DPOTrainer tokenizes them: the chat template with the generation prompt for conversations, the
 plain tokenizer for strings. TRL silently drops a row whose prompt fills ``max_length``; here it
-is an error, so a data set never shrinks without a word.
+is an error (``hf.dpo.too_long = "error"``), so a data set never shrinks without a word, unless
+``too_long = "drop"`` asks for TRL's behaviour: then TRL drops them and the plan counts them.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from trainctl.kernel.errors import ConfigError
 ANSWERS = ("chosen", "rejected")
 
 
-def check_preference_rows(rows: Rows, *, source: str, tokenizer: Any, max_length: int) -> list[str]:
+def check_preference_rows(rows: Rows, *, source: str, tokenizer: Any, max_length: int,
+                          too_long: str = "error") -> list[str]:
     """One line per problem in ``rows`` (``source``: the config key, e.g. ``data.train``); empty
-    when every row can train."""
+    when every row can train. ``too_long = "drop"``: a prompt that fills ``max_length`` is no
+    problem (TRL's preparation drops the pair)."""
     found = [(line, f"{why}; every line must be one JSON object") for line, why in rows.bad]
     if not rows.rows and not rows.bad:
         return [f"{source}: {rows.source} has no rows; give at least one preference pair"]
@@ -41,17 +44,16 @@ def check_preference_rows(rows: Rows, *, source: str, tokenizer: Any, max_length
             "model.chat_template, or give prompt/chosen/rejected as strings"]
     with _quiet_tokenizer():
         for line, row in zip(rows.lines, rows.rows):
-            problem = next(_row_problems(row, form, tokenizer, max_length), None)
+            problem = next(_row_problems(row, form, tokenizer, max_length if too_long == "error" else None), None)
             if problem:
                 found.append((line, problem))
     return [f"{source} line {line}: {why}" for line, why in sorted(found)]
 
 
 def require_valid_preferences(rows: Rows, *, source: str, tokenizer: Any, max_length: int,
-                              show: int = 5) -> None:
+                              too_long: str = "error", show: int = 5) -> None:
     """Raise ConfigError (exit 2) naming the file, the count and the first ``show`` problems."""
-    problems = check_preference_rows(rows, source=source, tokenizer=tokenizer, max_length=max_length,
-)
+    problems = check_preference_rows(rows, source=source, tokenizer=tokenizer, max_length=max_length, too_long=too_long)
     if problems:
         more = f" (and {len(problems) - show} more)" if len(problems) > show else ""
         raise ConfigError(f"data check failed: {len(problems)} problem(s) in {rows.source}: "
@@ -77,8 +79,9 @@ def _form(row: dict[str, Any]) -> str:
     return "messages" if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list) else "strings"
 
 
-def _row_problems(row: dict[str, Any], form: str | None, tokenizer: Any, max_length: int) -> Iterator[str]:
-    """The first problem of a row is enough: later rules assume the earlier ones passed."""
+def _row_problems(row: dict[str, Any], form: str | None, tokenizer: Any, max_length: int | None) -> Iterator[str]:
+    """The first problem of a row is enough: later rules assume the earlier ones passed.
+    ``max_length`` None: the prompt's length is not checked."""
     for key in ANSWERS:
         if row.get(key) is None:
             yield f"'{key}' is missing; a preference row needs both 'chosen' and 'rejected'"
@@ -106,7 +109,7 @@ def _kind(value: Any) -> str:
     return "strings" if isinstance(value, str) else "messages" if isinstance(value, list) else "other"
 
 
-def _string_problems(row, tokenizer, max_length: int) -> Iterator[str]:
+def _string_problems(row, tokenizer, max_length: int | None) -> Iterator[str]:
     from trl.data_utils import extract_prompt
 
     for key in ANSWERS:
@@ -123,10 +126,11 @@ def _string_problems(row, tokenizer, max_length: int) -> Iterator[str]:
             yield ("chosen and rejected share no leading text, so there is no implicit prompt; start both with "
                    "the same prompt, or give an explicit 'prompt'")
             return
-    yield from _prompt_length(len(tokenizer(prompt)["input_ids"]), max_length)
+    if max_length is not None:
+        yield from _prompt_length(len(tokenizer(prompt)["input_ids"]), max_length)
 
 
-def _conversation_problems(row, tokenizer, max_length: int) -> Iterator[str]:
+def _conversation_problems(row, tokenizer, max_length: int | None) -> Iterator[str]:
     from trl.data_utils import extract_prompt
 
     for key in ("prompt", *ANSWERS):
@@ -161,8 +165,9 @@ def _conversation_problems(row, tokenizer, max_length: int) -> Iterator[str]:
     if chosen == rejected:
         yield "chosen and rejected are identical; a preference pair needs two different answers"
         return
-    rendered = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    yield from _prompt_length(len(tokenizer(rendered, add_special_tokens=False)["input_ids"]), max_length)
+    if max_length is not None:
+        rendered = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        yield from _prompt_length(len(tokenizer(rendered, add_special_tokens=False)["input_ids"]), max_length)
 
 
 def _messages_problem(messages: list[Any], key: str) -> str | None:
@@ -186,4 +191,5 @@ def _messages_problem(messages: list[Any], key: str) -> str | None:
 def _prompt_length(tokens: int, max_length: int) -> Iterator[str]:
     if tokens >= max_length:
         yield (f"the prompt is {tokens} tokens, which fills model.max_length {max_length} and leaves no room for "
-               "the answers; shorten the prompt or raise model.max_length")
+               'the answers; shorten the prompt, raise model.max_length, or set hf.dpo.too_long = "drop" to leave '
+               "such pairs out as TRL does")
