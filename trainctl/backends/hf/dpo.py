@@ -74,15 +74,17 @@ class PreferenceData:
     """The prepared train/val pairs, TRL's collator, the model TRL patched (or wrapped in peft)
     and the reference (``reference``: copy | adapters_off | precomputed)."""
 
-    # the seeded epoch order and Arrow row reads are SFTData's, unchanged (they read only
-    # self.train, self.val, self.seed and self._orders)
+    # the seeded epoch orders and Arrow row reads are SFTData's, unchanged (they read only
+    # self.train, self.val, self.seed, self.shuffler, self.order_seed and self._orders):
+    # DPOTrainer samples its pairs with Trainer's RandomSampler, so data.order = "trl" is its order
     order = sft.SFTData.order
     indices = sft.SFTData.indices
     rows = sft.SFTData.rows
 
     def __init__(self, *, model: Any, ref_model: Any, tokenizer: Any, train_rows: list[dict], val_rows: list[dict] | None,
                  max_length: int, batch_size: int, seed: int, use_cpu: bool, peft_config: Any, reference: str,
-                 beta: float, loss_type: str, label_smoothing: float) -> None:
+                 beta: float, loss_type: str, label_smoothing: float, order: str = "trainctl",
+                 order_seed: int = -1) -> None:
         from datasets import Dataset
         from trl import DPOConfig
 
@@ -112,6 +114,7 @@ class PreferenceData:
         self.train = self._columns(self.trainer.train_dataset, "train", max_length)
         self.val = self._columns(self.trainer.eval_dataset, "val", max_length) if self.trainer.eval_dataset is not None else None
         self.seed = seed
+        self.shuffler, self.order_seed = sft.shuffler(order, order_seed, seed)
         self._orders: dict[tuple[str, int], np.ndarray] = {}
         self.ref_logps: dict[str, torch.Tensor] = {}  # split -> (N, 2) chosen, rejected; precomputed only
 

@@ -11,7 +11,8 @@ Two ways to cross an epoch's end (``data.epoch_end``):
   epoch takes what is left (fewer or smaller micro-batches). A run of E epochs then has
   ``ceil(E x ceil(ceil(rows / batch_size) / grad_accum))`` steps, as ``Trainer`` counts them.
 
-Both are pure functions of (seed, step), so a resumed run sees the same batches.
+Both are pure functions of (seed, step), so a resumed run sees the same batches; each epoch's
+order is ``data.order``'s (``SFTData.order``).
 """
 
 from __future__ import annotations

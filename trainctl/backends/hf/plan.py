@@ -48,9 +48,19 @@ def data_details(backend: Any, *, n_train: int, n_val: int, packing: str) -> dic
     return {
         "data": f"{backend.shape}: {prepared}; {val}; max_length {backend.cfg.max_length}",
         "run length": (f"{backend.max_steps} steps ({source}) x {layout.rows_per_step} rows = {covered:.2f} epochs "
-                       f"of {kept} rows; {end}"),
+                       f"of {kept} rows; {end}; {order_line(sft, layout.shuffle)}"),
         "trained tokens": f"{per_epoch:,} per epoch, ~{round(per_epoch * covered):,} in the run",
     }
+
+
+def order_line(rows: Any, shuffle: bool) -> str:
+    """Which order the epochs go in (``rows``: ``SFTData`` or ``PreferenceData``)."""
+    if not shuffle:
+        return "rows in file order (data.shuffle = false), as TRL's train_sampling_strategy = \"sequential\""
+    if rows.shuffler == "trl":
+        return (f"shuffled as TRL's Trainer shuffles (data.order = \"trl\": accelerate's seeded sampler, "
+                f"seed {rows.order_seed} + epoch)")
+    return "shuffled by trainctl's seeded order (data.order = \"trainctl\"; \"trl\" is TRL's Trainer's)"
 
 
 def optimizer_line(optim: Any) -> str:

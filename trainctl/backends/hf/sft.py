@@ -4,7 +4,11 @@ fused LM head (the loss). Its training loop is never run: the kernel's loop driv
 
 Which rows make a step is a pure function of (seed, step, micro-batch): a seeded permutation per
 epoch, so a resumed run, or any number of ranks, sees exactly the same batches with no data
-position to save.
+position to save. ``data.order`` picks the permutation: ``trainctl``'s NumPy one of (seed, epoch),
+or ``trl``, transformers' ``Trainer``'s (so TRL's): ``Accelerator.prepare`` swaps the
+``RandomSampler`` it asks for for accelerate's ``SeedableRandomSampler``, reseeded with
+``seed + epoch`` at every epoch. That sampler itself draws the permutation here, over the prepared
+rows, as ``Trainer`` draws it over ``trainer.train_dataset``.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ class SFTData:
 
     def __init__(self, *, model: Any, tokenizer: Any, train_rows: list[dict], val_rows: list[dict] | None,
                  mask: str, packing: str | bool, text_field: str, eos_token: str, max_length: int,
-                 batch_size: int, seed: int, use_cpu: bool, peft_config: Any = None) -> None:
+                 batch_size: int, seed: int, use_cpu: bool, peft_config: Any = None, order: str = "trainctl",
+                 order_seed: int = -1) -> None:
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
@@ -96,6 +101,7 @@ class SFTData:
         eval_ds = self.trainer.eval_dataset
         self.val = self._columns(eval_ds, "val") if eval_ds is not None else None
         self.seed = seed
+        self.shuffler, self.order_seed = shuffler(order, order_seed, seed)
         self._orders: dict[tuple[str, int], np.ndarray] = {}
 
     @staticmethod
@@ -107,14 +113,21 @@ class SFTData:
     # --- which rows, in which order --------------------------------------------------------
 
     def order(self, split: str, epoch: int, shuffle: bool) -> np.ndarray:
-        """The row order of one pass over ``split``: seeded by (seed, epoch), or the file's."""
+        """The row order of one pass over ``split``: the file's without ``shuffle`` (how evaluation
+        reads the validation rows, as ``Trainer``'s sequential sampler does); else trainctl's
+        permutation of (seed, epoch), or for training rows under ``data.order = "trl"``
+        ``Trainer``'s of (order seed, epoch), which also draws evaluation's fixed training sample."""
         key = (split, epoch)
         if key not in self._orders:
             n = len(self.train if split == "train" else self.val)
             if len(self._orders) > 4:
                 self._orders.clear()
-            rng = np.random.default_rng((self.seed, epoch, 0 if split == "train" else 1))
-            self._orders[key] = rng.permutation(n) if shuffle else np.arange(n)
+            if not shuffle:
+                self._orders[key] = np.arange(n)
+            elif split == "train" and self.shuffler == "trl":
+                self._orders[key] = trainer_order(n, self.order_seed, epoch)
+            else:
+                self._orders[key] = trainctl_order(n, self.seed, epoch, split)
         return self._orders[key]
 
     def indices(self, split: str, first: int, count: int, shuffle: bool) -> list[int]:
@@ -135,6 +148,31 @@ class SFTData:
         inputs = self.collate(rows)
         labels = inputs["labels"]
         return Batch(inputs=inputs, trained=int((labels[..., 1:] != -100).sum()), tokens=labels.numel())
+
+
+def shuffler(order: str, order_seed: int, seed: int) -> tuple[str, int]:
+    """``data.order`` and the seed it draws with (``order_seed`` -1: the run's, as ``Trainer``
+    falls back from ``data_seed`` to ``seed``)."""
+    if order not in ("trainctl", "trl"):
+        raise ConfigError(f'data.order must be "trainctl" or "trl", got {order!r}')
+    return order, seed if order_seed == -1 else order_seed
+
+
+def trainctl_order(n: int, seed: int, epoch: int, split: str) -> np.ndarray:
+    """trainctl's permutation of ``n`` rows: a NumPy generator of (seed, epoch, split). Checkpoints
+    of ``data.order = "trainctl"`` runs resume on it: it must never change."""
+    return np.random.default_rng((seed, epoch, 0 if split == "train" else 1)).permutation(n)
+
+
+def trainer_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """``Trainer``'s permutation of ``n`` rows in ``epoch``: accelerate's ``SeedableRandomSampler``
+    (``torch.randperm`` with a generator seeded ``seed + epoch``), built as ``prepare`` builds it
+    (no generator: it makes one on torch's default device, as in ``Trainer``) and iterated once."""
+    from accelerate.data_loader import SeedableRandomSampler
+
+    sampler = SeedableRandomSampler(range(n), data_seed=seed)
+    sampler.set_epoch(epoch)
+    return np.fromiter(sampler, dtype=np.int64, count=n)
 
 
 def mask_check(rows: list[dict[str, Any]], mask: str) -> tuple[float, str]:
