@@ -88,6 +88,7 @@ class DPOBackend(HFBackend):
             batch_size=train.batch_size, seed=ctx.seed, use_cpu=self.device.type == "cpu",
             peft_config=loading.lora(self.hf.lora) if self.hf.lora else None, reference=self.reference,
             beta=opts.beta, loss_type=opts.loss_type, label_smoothing=opts.label_smoothing,
+            order=data.order, order_seed=data.order_seed,
         )
         if self.pairs.ref_model is not None:
             self.pairs.ref_model.to(self.device)  # accelerate placed it on its own idea of the device
