@@ -39,7 +39,7 @@ def test_metrics_samples_layer_stats_and_loggers_on_hf(registry, hf, tmp_path):
     assert value(samples, "trainctl_layer_grad_norm", layer="layer.0") > 0
     assert value(samples, "trainctl_run_state", state="completed") == 1
     # the backend's own metrics, by name, with no hf-specific code in the plugin
-    assert 0 < value(samples, "trainctl_step_metric", name="token_accuracy") <= 1
+    assert 0 < value(samples, "trainctl_step_metric", name="mean_token_accuracy") <= 1
     assert value(samples, "trainctl_step_metric", name="entropy") > 0
     assert 0 <= value(samples, "trainctl_eval_metric", split="val", source="local", name="accuracy") <= 1
 

@@ -37,9 +37,9 @@ TYPES = {
     "trainctl_last_success_timestamp_seconds": "gauge", "trainctl_step_metric": "gauge", "trainctl_eval_metric": "gauge",
 }
 # name: bounded by plugin.prometheus.max_metric_names (test_metric_names_are_capped_with_one_warning)
-BOUNDED_LABELS = {"run", "backend", "rank", "split", "source", "state", "layer", "version", "world_size", "le", "name"}
+BOUNDED_LABELS = {"run", "backend", "rank", "split", "source", "mean", "state", "layer", "version", "world_size", "le", "name"}
 # what a DPO backend reports on logged steps (TRL's names), and names that need sanitising
-STEP_METRICS = {"rewards/accuracies": 0.75, "rewards/margins": 0.2, "logps/chosen": -30.5, "token_accuracy": 0.4,
+STEP_METRICS = {"rewards/accuracies": 0.75, "rewards/margins": 0.2, "logps/chosen": -30.5, "mean_token_accuracy": 0.4,
                 "odd name{x=\"1\"}\n": 1.0}
 
 
@@ -131,7 +131,7 @@ def test_metric_names_types_and_labels(tmp_path):
     # the generic export: every step and eval metric by name, values of the last logged step (4)
     steps = {labels["name"]: v for labels, v in samples["trainctl_step_metric"]}
     assert steps == {"rewards/accuracies": 3.0, "rewards/margins": 0.8, "logps/chosen": -122.0,
-                     "token_accuracy": 1.6, "odd_name_x__1___": 4.0}
+                     "mean_token_accuracy": 1.6, "odd_name_x__1___": 4.0}
     evals = {(labels["split"], labels["source"], labels["name"]): v for labels, v in samples["trainctl_eval_metric"]}
     assert evals == {("val", "local", "perplexity"): pytest.approx(math.exp(1.5)), ("val", "local", "accuracy"): 0.5,
                      ("val", "local", "rewards/accuracies"): 0.625}

@@ -1,7 +1,16 @@
-"""Evaluation for every backend: token-mean loss and top-1 token accuracy over fixed batches,
-with one host read per split. The backend says how to score one batch; this module keeps the
-model in eval mode, without gradients, under the training autocast, and restores training mode.
-Nothing here draws random numbers or touches the optimizer."""
+"""Evaluation for every backend: loss and top-1 token accuracy over fixed batches, with one host
+read per split. The backend says how to score one batch; this module keeps the model in eval
+mode, without gradients, under the training autocast, and restores training mode. Nothing here
+draws random numbers or touches the optimizer.
+
+Two means (``train.eval_loss``), both accumulated on the device:
+
+- ``tokens``: the loss and accuracy over every scored token of the split.
+- ``batches``: what a TRL user reads. ``Trainer.evaluation_loop`` repeats each batch's loss (for
+  ``SFTTrainer`` its token mean) once per row of the batch and takes the mean, so ``eval_loss``
+  weighs each batch's mean by its rows; TRL's ``eval_mean_token_accuracy`` is the plain mean of
+  the batches' accuracies. They equal the token mean only when every batch scores as many tokens.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +21,8 @@ import torch
 
 from trainctl.kernel.backend import Evaluation
 
+MEANS = ("tokens", "batches")
+
 
 class BatchScore(NamedTuple):
     """Sums over one batch's scored tokens (device tensors)."""
@@ -19,24 +30,38 @@ class BatchScore(NamedTuple):
     loss_sum: torch.Tensor  # summed cross-entropy
     correct: torch.Tensor  # tokens whose argmax is the target
     count: torch.Tensor | int  # tokens scored
+    rows: int = 1  # the batch's weight in the "batches" loss: its rows, as the Trainer counts them
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, splits: dict[str, Iterable[Any]], score: Callable[[Any], BatchScore],
-             autocast: Any, device: torch.device, *, cross_entropy: bool = True) -> dict[str, Evaluation]:
+             autocast: Any, device: torch.device, *, cross_entropy: bool = True, mean: str = "tokens") -> dict[str, Evaluation]:
+    if mean not in MEANS:
+        raise ValueError(f"mean must be one of {MEANS}, got {mean!r}")
+    # float64 keeps token counts past 2**24 exact over a whole split; MPS has no float64
+    dtype = torch.float32 if device.type == "mps" else torch.float64
     was_training = model.training
     model.eval()
     results = {}
     try:
         for split, batches in splits.items():
-            sums = torch.zeros(3, device=device, dtype=torch.float32)
+            # loss, correct, tokens; then per batch: rows * mean loss, rows, accuracy, batches
+            sums = torch.zeros(7, device=device, dtype=dtype)
             for batch in batches:
                 with autocast:
                     s = score(batch)
-                sums += torch.stack([s.loss_sum.float(), s.correct.float(), torch.as_tensor(s.count, device=device).float()])
-            loss_sum, correct, count = sums.tolist()  # host sync: evaluation only, once per split
-            n = max(count, 1.0)
-            results[split] = Evaluation(loss=loss_sum / n, accuracy=correct / n, tokens=int(count), cross_entropy=cross_entropy)
+                loss_sum, correct = s.loss_sum.to(dtype), s.correct.to(dtype)
+                count = torch.as_tensor(s.count, device=device).to(dtype)
+                per_token = count.clamp(min=1)  # a batch with nothing scored means 0, as SFTTrainer clamps it
+                sums += torch.stack([loss_sum, correct, count, s.rows * loss_sum / per_token,
+                                     count.new_tensor(s.rows), correct / per_token, count.new_tensor(1)])
+            loss_sum, correct, count, weighted, rows, accuracies, n_batches = sums.tolist()  # host sync: once per split
+            if mean == "batches":
+                loss, accuracy = weighted / max(rows, 1.0), accuracies / max(n_batches, 1.0)
+            else:
+                loss, accuracy = loss_sum / max(count, 1.0), correct / max(count, 1.0)
+            results[split] = Evaluation(loss=loss, accuracy=accuracy, tokens=int(count), cross_entropy=cross_entropy,
+                                        loss_mean=mean)
     finally:
         model.train(was_training)
     return results

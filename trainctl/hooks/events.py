@@ -63,11 +63,15 @@ class StepEnd:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EvalEnd:
-    """One split was evaluated. ``source`` is ``local`` (in the loop) or ``remote`` (a worker)."""
+    """One split was evaluated. ``source`` is ``local`` (in the loop) or ``remote`` (a worker).
+    ``loss_mean`` says which number ``loss`` is (``train.eval_loss``): ``tokens`` the mean over
+    every scored token, ``batches`` transformers' ``Trainer.evaluate()`` ``eval_loss`` (each
+    batch's mean, weighted by its rows)."""
 
     step: int
     split: str
     loss: float
+    loss_mean: str = "tokens"  # tokens | batches
     source: str = "local"
     duration: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)

@@ -121,13 +121,17 @@ class StepOutput:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Evaluation:
-    """One split's evaluation: the loss (a token-mean cross-entropy unless ``cross_entropy`` is
-    false, e.g. a DPO loss) and an accuracy (top-1 tokens; for DPO, the reward accuracy)."""
+    """One split's evaluation: the loss (a cross-entropy unless ``cross_entropy`` is false, e.g.
+    a DPO loss) and an accuracy (top-1 tokens; for DPO, the reward accuracy), averaged as
+    ``loss_mean`` says (``train.eval_loss``)."""
 
     loss: float
     accuracy: float | None = None  # fraction of scored items (tokens, pairs) the model gets right
     tokens: int = 0  # items scored
-    cross_entropy: bool = True  # the loss is a token-mean cross-entropy, so exp(loss) is a perplexity
+    cross_entropy: bool = True  # the loss is a cross-entropy, so exp(loss) is a perplexity
+    #: "tokens": means over every scored item; "batches": transformers' Trainer's eval_loss (each
+    #: batch's mean, weighted by its rows) and TRL's eval accuracy (the mean of batch means)
+    loss_mean: str = "tokens"
 
     @property
     def perplexity(self) -> float | None:
@@ -178,8 +182,9 @@ class Backend(Protocol):
         loss per micro-batch: a backend built on it owns only its model, data and loss."""
 
     def evaluate(self, step: int) -> dict[str, Evaluation]:
-        """Token-mean loss and token accuracy per split (``train``, ``val``) over
-        ``train.eval_steps`` fixed batches, with loss terms off. Leaves training state alone:
+        """Loss and token accuracy per split (``train``, ``val``) over ``train.eval_steps`` fixed
+        batches of ``train.eval_batch_size`` rows, averaged as ``train.eval_loss`` says (and
+        ``Evaluation.loss_mean`` tells), with loss terms off. Leaves training state alone:
         parameters, optimizer, RNG, and the model back in training mode."""
 
     def save(self, directory: Path) -> None:

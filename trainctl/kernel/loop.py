@@ -212,8 +212,8 @@ class Trainer:
         for split, result in results.items():
             metrics = {name: value for name, value in (("perplexity", result.perplexity), ("accuracy", result.accuracy))
                        if value is not None}
-            self.bus.eval_end(EvalEnd(step=state.step, split=split, loss=result.loss, duration=duration,
-                                      metrics=metrics, time=time.time()))
+            self.bus.eval_end(EvalEnd(step=state.step, split=split, loss=result.loss, loss_mean=result.loss_mean,
+                                      duration=duration, metrics=metrics, time=time.time()))
 
     def _save(self, reason: str) -> None:
         state = self.state

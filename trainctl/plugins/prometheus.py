@@ -8,7 +8,7 @@ step or a path)::
     trainctl_max_steps                         gauge
     trainctl_tokens_total                      counter    tokens trained by the run, all ranks (since step 0)
     trainctl_train_loss                        gauge      measured on logged steps
-    trainctl_eval_loss{split,source}           gauge      source: local | remote
+    trainctl_eval_loss{split,source,mean}      gauge      source: local | remote; mean: tokens | batches
     trainctl_learning_rate                     gauge
     trainctl_grad_norm                         gauge      logged steps, before clipping
     trainctl_tokens_per_second                 gauge      logged steps
@@ -111,7 +111,9 @@ class Metrics:
         self.max_steps = gauge("max_steps", "Steps the run is configured to train.")
         self.tokens = Counter("trainctl_tokens", "Tokens trained by the run, all ranks.", LABELS, registry=r)
         self.train_loss = gauge("train_loss", "Training loss of the last logged step.")
-        self.eval_loss = gauge("eval_loss", "Evaluation loss by split and source (local or remote).", "split", "source")
+        self.eval_loss = gauge("eval_loss", "Evaluation loss by split and source (local or remote); mean says which "
+                               "number it is (tokens: over every token, batches: Trainer's eval_loss).",
+                               "split", "source", "mean")
         self.lr = gauge("learning_rate", "Learning rate of the last step.")
         self.grad_norm = gauge("grad_norm", "Gradient norm before clipping, last logged step.")
         self.tokens_per_s = gauge("tokens_per_second", "Training throughput over the last logging interval.")
@@ -234,7 +236,7 @@ class PrometheusExporter:
     def trainctl_eval_end(self, event: EvalEnd) -> None:
         if self.state == "evaluating":
             self.set_state("running")
-        self.metrics.eval_loss.labels(**self.labels, split=event.split, source=event.source).set(event.loss)
+        self.metrics.eval_loss.labels(**self.labels, split=event.split, source=event.source, mean=event.loss_mean).set(event.loss)
         for name, value in event.metrics.items():
             if (label := self.label(name)) is not None:
                 self.metrics.eval_metric.labels(**self.labels, split=event.split, source=event.source,

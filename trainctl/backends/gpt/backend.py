@@ -123,14 +123,15 @@ class GPTBackend(StepBackend):
         return self.stepper.run(batches, self._loss, tokens=self.train.batch_size * self.train.grad_accum * self.cfg.block_size)
 
     def evaluate(self, step: int) -> dict[str, Evaluation]:
-        """Fixed batches (the same at every evaluation); every rank scores the same ones."""
+        """Fixed batches (the same at every evaluation); every rank scores the same ones. Every
+        batch scores B * T targets, so ``train.eval_loss = "batches"`` gives the token mean too."""
         def score(batch: tuple[torch.Tensor, torch.Tensor]) -> scoring.BatchScore:
             logits, loss = self.eval_model(*batch)  # (B, T, V), mean over every target (none ignored)
             y = batch[1]
-            return scoring.BatchScore(loss.float() * y.numel(), (logits.argmax(-1) == y).sum(), y.numel())
+            return scoring.BatchScore(loss.float() * y.numel(), (logits.argmax(-1) == y).sum(), y.numel(), y.size(0))
 
         splits = {split: self._eval_batches(split, arr) for split, arr in (("train", self.data.train), ("val", self.data.val))}
-        return scoring.evaluate(self.raw_model, splits, score, self.stepper.autocast, self.device)
+        return scoring.evaluate(self.raw_model, splits, score, self.stepper.autocast, self.device, mean=self.train.eval_loss)
 
     def _eval_batches(self, split: str, tokens: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return (self._batch(tokens, self.ctx.seed, EVAL_KEYS[split], k) for k in range(self.train.eval_steps))

@@ -14,7 +14,10 @@ is exactly ``SFTTrainer.compute_loss``'s: ``-sum(log_probs) / num_items_in_batch
 fused head, with ``num_items_in_batch`` the trained-token count of the whole step (so gradient
 accumulation is token-exact). Per-step losses match ``trainer.train()`` (bench/hf_vs_trl.py).
 ``compute_loss`` itself is not called because it reads three metrics to the host on every
-micro-batch; entropy and token accuracy come back as device tensors, read on logged steps only.
+micro-batch; its ``entropy``, ``mean_token_accuracy`` and ``num_tokens`` come back under TRL's
+names as device tensors, read on logged steps only. Evaluation scores each batch as
+``compute_loss`` does in eval mode (the fused head's token mean over the batch) and reports the
+token mean or, with ``train.eval_loss = "batches"``, ``Trainer.evaluate()``'s ``eval_loss``.
 Everything else in a step (accumulation under DDP, autocast, clipping, the on-device skip of
 non-finite updates) is the shared ``trainctl.backends.step``'s, as for every backend.
 
@@ -24,8 +27,11 @@ count of a step is read from the collated labels on the host before they move to
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 import transformers  # noqa: F401  (imported here so a missing extra is the kernel's one-line hint)
 import trl  # noqa: F401
@@ -33,6 +39,7 @@ import trl  # noqa: F401
 from trainctl.backends import parallel, scoring
 from trainctl.backends.device import set_threads
 from trainctl.backends.hf import epochs, inference, loading, plan, rows, sft, weights
+from trainctl.backends.hf.num_tokens import InputTokens
 from trainctl.backends.hf.config import DataConfig, HFConfig, ModelConfig
 from trainctl.backends.hf.validate import check_rows
 from trainctl.backends.optim import from_config
@@ -123,7 +130,8 @@ class HFBackend(StepBackend):
         self.base = self.model.get_base_model() if self.hf.lora else self.model
         if self.hf.lora and checkpointing:
             self.model.enable_input_require_grads()  # as TRL does: frozen embeddings, checkpointed blocks
-        self._eval_batches: dict[str, list[sft.Batch]] = {}
+        self._eval_rows: dict[str, list[list[int]]] = {}
+        self._input_tokens = InputTokens(self.sft.train)
         self.aux_coef = self.sft.trainer.router_aux_loss_coef if self.sft.trainer.aux_loss_enabled else 0.0
 
         first = self.sft.rows("train", self.layout.step(self.sft, 0)[0])
@@ -171,6 +179,7 @@ class HFBackend(StepBackend):
             + (f", LoRA r={self.hf.lora.r}" if self.hf.lora else "") + (f", vision frozen ({frozen:,})" if frozen else ""),
             **plan.data_details(self, n_train=n_train, n_val=n_val, packing=packing),
             "loss mask": f"{self.mask}: {100 * fraction:.1f}% of the first batch's tokens trained",
+            "eval loss": eval_loss_line(self.train.eval_loss),
             "tokens/step": f"~{tokens:,.0f} processed, ~{trained:,.0f} trained (mean of the first {len(sampled)} steps)",
             "optimizer": plan.optimizer_line(self.ctx.optim),
             "parallel": parallel.describe(self.train, self.ctx.dist.world_size, self.dtype),
@@ -196,16 +205,18 @@ class HFBackend(StepBackend):
     def _loss(self, model: Any, batch: tuple[sft.Batch, int, int], with_logits: bool) -> MicroLoss:
         """One micro-batch's share of the step loss: TRL's SFT loss, ``sum CE / n_items`` with
         ``n_items`` the trained tokens of the whole step (all ranks), so accumulation is
-        token-exact and bit-identical to ``SFTTrainer``; entropy and token accuracy as shares."""
-        b, n_items, n_local = batch  # trained tokens: this micro-batch, the step, this rank's part
+        token-exact and bit-identical to ``SFTTrainer``; ``entropy`` and ``mean_token_accuracy``
+        as TRL logs them, each micro-batch's token mean averaged over the micro-batches."""
+        b, n_items, n_micro = batch  # this micro-batch, the step's trained tokens, this rank's micro-batches
         inputs = sft.to_device(b.inputs, self.device)
         if not with_logits:
             out = model(**inputs, use_cache=False, fused_lm_head=True)  # logits never materialised
             share = -out.log_probs.sum() / n_items
             if self.aux_coef:  # MoE load balancing, as compute_loss averages it over the accumulation
                 share = share + self.aux_coef * out.aux_loss / self.train.grad_accum
-            return MicroLoss(share=share, metrics={"entropy": out.entropy.detach().sum() / n_local,
-                                                    "token_accuracy": out.is_top1.sum() / n_local})
+            per_micro = max(b.trained, 1) * n_micro  # compute_loss: 0 for a micro-batch that trains nothing
+            return MicroLoss(share=share, metrics={"entropy": out.entropy.detach().sum() / per_micro,
+                                                    "mean_token_accuracy": out.is_top1.sum() / per_micro})
         # a plugin adds loss terms on the logits: the model's own loss over this micro-batch's
         # trained tokens is its mean CE (the value the spec promises loss terms); the share
         # weighs it by the micro-batch's part of the step's trained tokens
@@ -218,31 +229,38 @@ class HFBackend(StepBackend):
         batches = self._step_batches(step)
         micro = self.micro[: len(batches)]  # a short epoch-end step has fewer (one process only)
         n_items = max(sum(b.trained for b in batches), 1)  # host ints: no sync
-        n_local = max(sum(batches[m].trained for m in micro), 1)
-        out = self.stepper.run([(batches[m], n_items, n_local) for m in micro], self._loss,
+        out = self.stepper.run([(batches[m], n_items, len(micro)) for m in micro], self._loss,
                                tokens=sum(b.trained for b in batches), processed_tokens=sum(b.tokens for b in batches))
+        # TRL's num_tokens: a host count into a device tensor (a fill, no sync) read with the rest
+        out.metrics["num_tokens"] = torch.full((), self._input_tokens.through(self, step), device=self.device)
         self.steps_done = step + 1
         return out
 
     def evaluate(self, step: int) -> dict[str, Evaluation]:
-        """Token-mean loss and token accuracy per split over ``train.eval_steps`` fixed batches
-        (the same rows at every evaluation: the validation rows in file order, a fixed sample of
-        the training rows)."""
-        def score(b: sft.Batch) -> scoring.BatchScore:
+        """Loss and token accuracy per split over ``train.eval_steps`` fixed batches of
+        ``train.eval_batch_size`` rows (0 steps: every row), the same rows at every evaluation:
+        the validation rows in file order (``Trainer``'s sequential eval sampler), a fixed sample
+        of the training rows. A batch's loss is ``SFTTrainer.compute_loss``'s in eval mode (the
+        fused head's CE over the batch's trained tokens; the MoE aux loss it adds is left out);
+        ``train.eval_loss`` says how batches combine (``scoring``)."""
+        def score(item: tuple[int, sft.Batch]) -> scoring.BatchScore:
+            rows, b = item
             out = self.model(**sft.to_device(b.inputs, self.device), use_cache=False, fused_lm_head=True)
-            return scoring.BatchScore(-out.log_probs.float().sum(), out.is_top1.sum(), b.trained)
+            return scoring.BatchScore(-out.log_probs.float().sum(), out.is_top1.sum(), b.trained, rows)
 
-        splits = {}
-        for split in ("train", "val") if self.sft.val is not None else ("train",):
-            splits[split] = self._eval_batches.get(split) or self._eval_batches.setdefault(split, self._fixed_batches(split))
-        return scoring.evaluate(self.model, splits, score, self.stepper.autocast, self.device)
+        splits = {split: self._fixed_batches(split) for split in (("train", "val") if self.sft.val is not None else ("train",))}
+        return scoring.evaluate(self.model, splits, score, self.stepper.autocast, self.device, mean=self.train.eval_loss)
 
-    def _fixed_batches(self, split: str) -> list[sft.Batch]:
-        n_rows = len(self.sft.train if split == "train" else self.sft.val)
-        count = min(self.train.eval_steps * self.train.batch_size, n_rows)
-        chosen = [int(i) for i in self.sft.order(split, EVAL_EPOCH, split == "train")[:count]]
-        size = self.train.batch_size
-        return [self.sft.batch(self.sft.rows(split, chosen[i : i + size])) for i in range(0, count, size)]
+    def _fixed_batches(self, split: str) -> Iterator[tuple[int, sft.Batch]]:
+        """(rows, collated batch) of ``split``'s evaluation, collated as they are scored: the rows
+        are chosen once, and a whole split is never held collated at once."""
+        if split not in self._eval_rows:
+            n_rows = len(self.sft.train if split == "train" else self.sft.val)
+            size = self.train.eval_batch_size or self.train.batch_size
+            count = min(self.train.eval_steps * size, n_rows) if self.train.eval_steps else n_rows
+            chosen = [int(i) for i in self.sft.order(split, EVAL_EPOCH, split == "train")[:count]]
+            self._eval_rows[split] = [chosen[i : i + size] for i in range(0, count, size)]
+        return ((len(rows), self.sft.batch(self.sft.rows(split, rows))) for rows in self._eval_rows[split])
 
     # --- state, inference, measurement ----------------------------------------------------------
 
@@ -264,11 +282,19 @@ class HFBackend(StepBackend):
         """Seconds per optimizer step from forward/backward of the first micro-batch (after one
         untimed warm-up), times the micro-batches of a step; weights, optimizer and RNG untouched."""
         batch = self._step_batches(0)[self.micro[0]]
-        n = max(batch.trained, 1)
-        return self.stepper.measure((batch, n, n), self._loss, steps=steps, micro_batches=len(self.micro))
+        return self.stepper.measure((batch, max(batch.trained, 1), 1), self._loss, steps=steps, micro_batches=len(self.micro))
 
     def close(self) -> None:
         super().close()
         workdir = getattr(getattr(self, "sft", None), "workdir", None)
         if workdir is not None:
             workdir.cleanup()
+
+
+def eval_loss_line(mean: str) -> str:
+    """The plan's line for ``train.eval_loss``: which number the eval loss is."""
+    if mean == "batches":
+        return ("batches: each eval batch's token mean, weighted by its rows, as Trainer.evaluate()'s eval_loss "
+                "(train.eval_loss = 'tokens' for the mean over every token)")
+    return "tokens: the mean over every scored token (train.eval_loss = 'batches' for Trainer.evaluate()'s eval_loss)"
+
