@@ -57,10 +57,9 @@ def test_noise_only_in_training_forwards(registry, hf, tmp_path):
     backend = run.backend
     before_eval = backend.evaluate(0)
     before_text = backend.generate("Who speaks?", max_new_tokens=8, seed=3)
-    handle = neftune.activate(backend.model, ALPHA)
-    assert neftune.activate(backend.model, ALPHA) is None  # a second call adds no second hook
+    assert neftune.activate(backend.model, ALPHA) is None  # setup attached it: a second call adds no second hook
     embeddings = backend.model.get_input_embeddings()
-    assert handle is not None and len(embeddings._forward_hooks) == 1 and embeddings.neftune_noise_alpha == ALPHA
+    assert len(embeddings._forward_hooks) == 1 and embeddings.neftune_noise_alpha == ALPHA
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     backend.model.eval()
     clean = embeddings(ids)

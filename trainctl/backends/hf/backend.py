@@ -38,7 +38,7 @@ import trl  # noqa: F401
 
 from trainctl.backends import parallel, scoring
 from trainctl.backends.device import set_threads
-from trainctl.backends.hf import epochs, inference, loading, plan, rows, sft, weights
+from trainctl.backends.hf import epochs, inference, loading, neftune, plan, rows, sft, weights
 from trainctl.backends.hf.num_tokens import InputTokens
 from trainctl.backends.hf.config import DataConfig, HFConfig, ModelConfig
 from trainctl.backends.hf.validate import check_rows
@@ -121,9 +121,10 @@ class HFBackend(StepBackend):
             val_rows=val_rows.rows if val_rows else None, mask=self.mask, packing=data.packing,
             text_field=data.text_field, eos_token=data.eos_token, max_length=self.cfg.max_length,
             batch_size=train.batch_size, seed=ctx.seed, use_cpu=self.device.type == "cpu",
-            peft_config=loading.lora(self.hf.lora) if self.hf.lora else None,
+            peft_config=loading.lora(self.hf.lora) if self.hf.lora else None, order=data.order, order_seed=data.order_seed,
         )
         self.model = self.sft.model
+        neftune.activate(self.model, self.hf.neftune_noise_alpha)  # where Trainer.train() does: after peft, before sharding
         self.layout = epochs.Layout(n_rows=len(self.sft.train), batch_size=train.batch_size, grad_accum=train.grad_accum,
                                     short_step=data.epoch_end == "short_step", shuffle=data.shuffle)
         self.max_steps = self.layout.steps(data.epochs) if data.epochs else train.max_steps

@@ -27,7 +27,7 @@ import torch
 
 from trainctl.backends import parallel, scoring
 from trainctl.backends.device import set_threads
-from trainctl.backends.hf import dpo, epochs, loading, rows, sft
+from trainctl.backends.hf import dpo, epochs, loading, neftune, rows, sft
 from trainctl.backends.hf.backend import EVAL_EPOCH, HFBackend, decoder_layers
 from trainctl.backends.hf.config import resolve_reference
 from trainctl.backends.hf.dpo_loss import dpo_loss, policy_metrics, reward_metrics
@@ -93,6 +93,7 @@ class DPOBackend(HFBackend):
         if self.pairs.ref_model is not None:
             self.pairs.ref_model.to(self.device)  # accelerate placed it on its own idea of the device
         self.model = self.pairs.model
+        neftune.activate(self.model, self.hf.neftune_noise_alpha)  # DPOConfig inherits it from TrainingArguments
         self.layout = epochs.Layout(n_rows=len(self.pairs.train), batch_size=train.batch_size, grad_accum=train.grad_accum,
                                     short_step=data.epoch_end == "short_step", shuffle=data.shuffle)
         self.max_steps = self.layout.steps(data.epochs) if data.epochs else train.max_steps
