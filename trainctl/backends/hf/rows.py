@@ -1,18 +1,22 @@
-"""Reading fine-tuning rows: JSONL/JSON, Parquet, a ``datasets.save_to_disk`` directory or a
-Hugging Face hub dataset id (``datasets.load_dataset``, from the cache when offline), the shape of
-the rows, and the fixed validation split. Torch-free; ``datasets``/``pyarrow`` are
-imported only for the formats that need them.
+"""Reading fine-tuning rows: JSONL/JSON, Parquet, a ``datasets.save_to_disk`` directory, a folder
+of data files, a datasets builder with its files or a Hugging Face hub dataset id
+(``datasets.load_dataset``, from the cache when offline), the shape of the rows, and the fixed
+validation split. Torch-free; ``datasets``/``pyarrow`` are imported only for the formats that
+need them.
 
 Rows stay plain Python dicts until validation has passed, so a bad row is reported by its line
-in the file instead of failing inside Arrow's schema inference.
+in the file (its 1-based row index for what datasets reads) instead of failing inside Arrow's
+schema inference.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -37,8 +41,11 @@ class Rows:
 
 def read_data(data: Any) -> tuple[Rows, Rows | None]:
     """The rows of ``data.train`` and, when given, ``data.val`` (``data``: the hf DataConfig)."""
-    train = read(data.train, "data.train", split=data.split, subset=data.subset)
-    val = read(data.val, "data.val", split=data.val_split, subset=data.subset) if data.val else None
+    if data.val_files and not data.val:
+        raise ConfigError('data.val_files is set but data.val is not, so they would be ignored; '
+                          'set data.val = "json" (the builder of those files) or drop data.val_files')
+    train = read(data.train, "data.train", split=data.split, subset=data.subset, files=data.data_files)
+    val = read(data.val, "data.val", split=data.val_split, subset=data.subset, files=data.val_files) if data.val else None
     return train, val
 
 
@@ -50,11 +57,23 @@ def _is_dataset_id(path: str) -> bool:
 
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
+#: datasets' packaged builders of row files, named in data.train / data.val with data.data_files /
+#: data.val_files; load_dataset resolves these names before any path, and so does ``read``
+BUILDERS = ("json", "parquet", "csv", "text", "arrow")
+#: per key read: the key of its split, that key's default, and the key of its builder's files
+_KEYS = {"data.train": ("data.split", "train", "data.data_files"), "data.val": ("data.val_split", "test", "data.val_files")}
 
 
-def read(path: str, what: str, *, split: str = "train", subset: str = "") -> Rows:
-    """All rows of ``path``; ``what`` names the config key for error messages. A path that does
-    not exist but reads as a hub dataset id is loaded with ``datasets.load_dataset``."""
+def read(path: str, what: str, *, split: str = "train", subset: str = "", files: tuple[str, ...] = ()) -> Rows:
+    """All rows of ``path`` (of its ``split`` where it holds several); ``what`` names the config
+    key for error messages. A builder name reads ``files``; a path that does not exist but reads
+    as a hub dataset id is loaded with ``datasets.load_dataset``."""
+    files_key = _KEYS.get(what, _KEYS["data.train"])[2]
+    if path in BUILDERS:
+        return _read_builder(path, what, split=split, subset=subset, files=files)
+    if files:
+        raise ConfigError(f"{files_key} is set but {what} = {path!r} is not a datasets builder, so they would be ignored; "
+                          f"set {what} to one of {', '.join(BUILDERS)} or drop {files_key}")
     p = Path(path).expanduser()
     if not path:
         raise ConfigError(f"{what} is not set; give a .jsonl, .parquet or saved-datasets path, e.g. --set {what}=data/train.jsonl")
@@ -63,7 +82,7 @@ def read(path: str, what: str, *, split: str = "train", subset: str = "") -> Row
             return _read_hub(path, what, split=split, subset=subset)
         raise ConfigError(f"{what} {p} does not exist; check the path (or give a hub dataset id, e.g. trl-lib/Capybara)")
     if p.is_dir():
-        return _read_saved(p)
+        return _read_saved(p, what, split) if _is_saved(p) else _read_folder(p, what, split=split, subset=subset)
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".json"):
         return _read_json(p)
@@ -109,49 +128,119 @@ def _objects(p: Path, objects: list[tuple[int, Any]], bad: list[tuple[int, str]]
     return Rows(source=str(p), rows=rows, lines=lines, bad=bad)
 
 
-def _read_saved(p: Path) -> Rows:
+@contextmanager
+def _quiet_datasets() -> Iterator[Any]:
+    """datasets with its progress bars and logs off ("using the latest cached version", "Failed to
+    load JSON from file"): the plan says where rows came from, and a failure is one ConfigError."""
     import datasets
 
+    verbosity = datasets.logging.get_verbosity()
+    bars = datasets.is_progress_bar_enabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    datasets.disable_progress_bars()
     try:
-        loaded = datasets.load_from_disk(str(p))
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(f"{p} is a directory but not a saved dataset ({exc}); give a datasets.save_to_disk directory or a file") from None
+        yield datasets
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _is_saved(p: Path) -> bool:
+    """A ``save_to_disk`` directory, as ``datasets.load_from_disk`` recognises one."""
+    import datasets
+
+    saved_dataset = (p / datasets.config.DATASET_INFO_FILENAME).is_file() and (p / datasets.config.DATASET_STATE_JSON_FILENAME).is_file()
+    return saved_dataset or (p / datasets.config.DATASETDICT_JSON_FILENAME).is_file()
+
+
+def _read_saved(p: Path, what: str, split: str) -> Rows:
+    """A ``save_to_disk`` directory: one split of a DatasetDict, or the whole of a Dataset (which
+    has no splits to choose from)."""
+    with _quiet_datasets() as datasets:
+        loaded = _local(what, str(p), datasets.load_from_disk, str(p))
     if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise ConfigError(f"{p} holds splits {sorted(loaded)} but no 'train'; point at one split's directory")
-        loaded = loaded["train"]
-    rows = loaded.to_list()
-    return Rows(source=str(p), rows=rows, lines=list(range(1, len(rows) + 1)))
+        return _rows(_pick(loaded, split, what, str(p)), f"{p}[{split}]")
+    return _rows(loaded, str(p))
+
+
+def _read_folder(p: Path, what: str, *, split: str, subset: str) -> Rows:
+    """A folder of data files, read as ``load_dataset(folder)`` (and so ``trl sft``) reads it: the
+    builder from the files' format, the splits from their names (train.jsonl + test.jsonl)."""
+    with _quiet_datasets() as datasets:
+        loaded = _local(what, str(p), datasets.load_dataset, str(p), subset or None)
+    return _rows(_pick(loaded, split, what, str(p)), f"{p}[{split}]")
+
+
+def _read_builder(builder: str, what: str, *, split: str, subset: str, files: tuple[str, ...]) -> Rows:
+    """``load_dataset(builder, data_files=[...])``: the files make one split, which load_dataset
+    names "train". Each pattern must match a file: datasets drops a glob that matches nothing
+    while another matches, and fails with a bare StopIteration when none does."""
+    split_key, split_default, files_key = _KEYS.get(what, _KEYS["data.train"])
+    if not files:
+        raise ConfigError(f'{what} = "{builder}" is a datasets builder: set {files_key} = ["..."] (its files: paths or globs)')
+    if split not in ("train", split_default):
+        raise ConfigError(f'{split_key} = "{split}" names a split, but {files_key} make one split ("train"); drop {split_key}')
+    patterns = [os.path.expanduser(f) for f in files]
+    label = f"{builder}[{', '.join(patterns)}]"
+    with _quiet_datasets() as datasets:
+        from datasets.data_files import resolve_pattern  # load_dataset's own resolution, from the working directory
+
+        for pattern in patterns:
+            try:
+                resolve_pattern(pattern, base_path=os.getcwd())
+            except FileNotFoundError:
+                raise ConfigError(f"{files_key} {pattern!r} matches no file (relative to {os.getcwd()}); check the path or glob") from None
+        loaded = _local(what, label, datasets.load_dataset, builder, subset or None, data_files=patterns)
+    return _rows(loaded["train"], label)
+
+
+def _local(what: str, label: str, load: Any, *args: Any, **kwargs: Any) -> Any:
+    """``load(*args, **kwargs)`` of local data, its failures (a missing or malformed file, files of
+    mixed formats, Arrow's parse errors) as one line."""
+    import datasets
+    import pyarrow
+
+    try:
+        return load(*args, **kwargs)
+    except (OSError, ValueError, datasets.exceptions.DatasetsError, pyarrow.ArrowException) as exc:
+        cause = exc.__cause__ if isinstance(exc, datasets.exceptions.DatasetGenerationError) and exc.__cause__ else exc
+        raise ConfigError(f"{what} {label}: datasets cannot read it ({type(cause).__name__}: {_first_line(cause)}); "
+                          f"fix the file, or give .jsonl, .json, .parquet or .csv files of one format") from None
+
+
+def _pick(loaded: Any, split: str, what: str, label: str) -> Any:
+    """One split of a DatasetDict, indexed by name as TRL's scripts index theirs."""
+    if split not in loaded:
+        split_key = _KEYS.get(what, _KEYS["data.train"])[0]
+        raise ConfigError(f"{what} {label} has no split {split!r}; its splits are {', '.join(loaded)}: set {split_key} to one of them")
+    return loaded[split]
+
+
+def _rows(dataset: Any, source: str) -> Rows:
+    rows = dataset.to_list()
+    return Rows(source=source, rows=rows, lines=list(range(1, len(rows) + 1)))
 
 
 def _read_hub(name: str, what: str, *, split: str, subset: str) -> Rows:
     """One split of a hub dataset: downloaded once into the datasets cache, or read from it
     offline. Only data files are read: datasets no longer runs loading scripts."""
-    import datasets
     from huggingface_hub import constants
 
-    verbosity = datasets.logging.get_verbosity()
-    bars = datasets.is_progress_bar_enabled()
-    datasets.logging.set_verbosity_error()  # "using the latest cached version": the plan says where rows came from
-    datasets.disable_progress_bars()
-    try:
-        loaded = datasets.load_dataset(name, subset or None, split=split)
-    except (ConnectionError, FileNotFoundError) as exc:
-        if constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
-            raise ConfigError(
-                f"{what} {name!r} is not a local path and not in the datasets cache (offline: HF_HUB_OFFLINE is set); "
-                f"load it once online, or give a .jsonl/.parquet file"
-            ) from None
-        raise ConfigError(f"{what} {name!r}: no such local path, and the hub has no such dataset ({_first_line(exc)}); check the id") from None
-    except ValueError as exc:  # an unknown split or subset
-        raise ConfigError(f"{what} {name!r}: {_first_line(exc)}; set data.split / data.val_split / data.subset") from None
-    finally:
-        datasets.logging.set_verbosity(verbosity)
-        if bars:
-            datasets.enable_progress_bars()
-    rows = loaded.to_list()
+    with _quiet_datasets() as datasets:
+        try:
+            loaded = datasets.load_dataset(name, subset or None, split=split)
+        except (ConnectionError, FileNotFoundError) as exc:
+            if constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
+                raise ConfigError(
+                    f"{what} {name!r} is not a local path and not in the datasets cache (offline: HF_HUB_OFFLINE is set); "
+                    f"load it once online, or give a .jsonl/.parquet file"
+                ) from None
+            raise ConfigError(f"{what} {name!r}: no such local path, and the hub has no such dataset ({_first_line(exc)}); check the id") from None
+        except ValueError as exc:  # an unknown split or subset
+            raise ConfigError(f"{what} {name!r}: {_first_line(exc)}; set data.split / data.val_split / data.subset") from None
     label = f"{name}[{subset + ':' if subset else ''}{split}]"
-    return Rows(source=label, rows=rows, lines=list(range(1, len(rows) + 1)))
+    return _rows(loaded, label)
 
 
 def _first_line(exc: Exception) -> str:
