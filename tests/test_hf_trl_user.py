@@ -264,7 +264,7 @@ def test_import_trl_config_trains_what_trl_trains(hf, tmp_path):
         "num_train_epochs": 2, "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": 3,
         "max_length": MAX_LENGTH, "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
         "warmup_steps": 0.2, "logging_steps": 1, "use_cpu": True, "save_strategy": "no", "optim": "adamw_torch_fused",
-        "train_sampling_strategy": "sequential", "report_to": "none",
+        "train_sampling_strategy": "sequential", "report_to": "none", "bf16": False,
     }
     source = tmp_path / "sft.yaml"
     source.write_text(yaml.safe_dump(settings))

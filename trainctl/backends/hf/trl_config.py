@@ -88,6 +88,7 @@ TRL_DEFAULTS: dict[str, Any] = {
     "adam_beta2": 0.999, "weight_decay": 0.0, "max_length": 1024, "lr_scheduler_type": "linear", "warmup_steps": 0,
     "logging_steps": 10, "output_dir": "trainer_output", "seed": 42, "gradient_checkpointing": True, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
     "per_device_eval_batch_size": 8, "dataset_train_split": "train", "dataset_test_split": "test",
+    "bf16": True,  # SFTConfig / DPOConfig: bf16 (autocast, on a CPU too) unless fp16 is set
 }
 #: Where ``DPOConfig``'s defaults differ from ``SFTConfig``'s (``trl dpo``); tests check them against TRL.
 TRL_DPO_DEFAULTS: dict[str, Any] = {"learning_rate": 1e-6, "beta": 0.1, "loss_type": "sigmoid", "disable_dropout": True}
@@ -142,18 +143,8 @@ def convert(values: dict[str, Any], trainer: str = "auto") -> tuple[dict[str, An
             notes.append(f"{name}: not converted (no trainctl equivalent)")
 
     _length(merged, given, put, notes)
-    # packing and the loss mask: SFTConfig's defaults train every token of a conversation and the
-    # completion of a prompt/completion row (data.mask = "trl" resolves them by the data's shape)
-    if merged.get("packing"):
-        put("data", "packing", merged.get("packing_strategy") or "bfd")
-    else:
-        put("data", "packing", False)
-    if merged.get("assistant_only_loss"):
-        put("data", "mask", "assistant_only")
-    elif merged.get("completion_only_loss") is False:
-        put("data", "mask", "none")
-    else:
-        put("data", "mask", "trl")
+    if not dpo:  # DPO scores the completions of its pairs, unpacked: nothing to choose
+        _tokens(merged, put)
     _precision(merged, given, put, notes)
     _data(merged, put, notes)
     _optimizer(given, put, notes)
@@ -192,11 +183,25 @@ def _length(merged: dict[str, Any], given: dict[str, Any], put: Any, notes: list
         put("plugin.lr", "warmup_steps", int(warmup))
 
 
+def _tokens(merged: dict[str, Any], put: Any) -> None:
+    """Packing and the loss mask: SFTConfig's defaults train every token of a conversation and the
+    completion of a prompt/completion row (``data.mask = "trl"`` resolves them by the data's shape)."""
+    put("data", "packing", (merged.get("packing_strategy") or "bfd") if merged.get("packing") else False)
+    if merged.get("assistant_only_loss"):
+        put("data", "mask", "assistant_only")
+    elif merged.get("completion_only_loss") is False:
+        put("data", "mask", "none")
+    else:
+        put("data", "mask", "trl")
+
+
 def _precision(merged: dict[str, Any], given: dict[str, Any], put: Any, notes: list[str]) -> None:
-    if merged.get("bf16"):
-        put("train", "dtype", "bfloat16")
-    elif merged.get("fp16"):
+    if merged.get("fp16"):
         put("train", "dtype", "float16")
+    elif merged.get("bf16") or merged.get("bf16") is None:  # None: TRL's default, bf16 unless fp16
+        put("train", "dtype", "bfloat16")
+    else:
+        put("train", "dtype", "float32")
     for key in ("dtype", "torch_dtype"):
         if key in given:
             if str(given[key]) in DTYPES:
