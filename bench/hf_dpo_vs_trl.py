@@ -6,11 +6,13 @@ largest per-step difference of the loss, the reward accuracy, the reward margin 
 rate. Built on bench/hf_vs_trl.py (its LR plugin, timing and help check).
 
     PYTHONPATH=. python bench/hf_dpo_vs_trl.py [--steps 40] [--rounds 3] [--reference copy|precomputed]
-        [--loss-type sigmoid|ipo]
+        [--loss-type sigmoid|ipo] [--order sequential|random]
 
 Both sides: fused AdamW, clip at 1.0, no weight decay, HF's cosine-with-warmup schedule, pairs
-in file order (``data.shuffle = false`` / ``train_sampling_strategy = "sequential"``), fewer pairs
-per run than the file holds (one epoch), no held-out split, float32 on the CPU.
+in file order (``data.shuffle = false`` / ``train_sampling_strategy = "sequential"``) or, with
+``--order random``, in the Trainer's seeded shuffle (``data.order = "trl"`` / TRL's default
+``"random"``), fewer pairs per run than the file holds (one epoch), no held-out split, float32 on
+the CPU.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class Run:
         self.metrics: dict[str, list[float]] = {name: [] for name in COMPARED}
 
 
-def run_hf(model_dir: Path, data: Path, out: Path, steps: int, reference: str, loss_type: str) -> Run:
+def run_hf(model_dir: Path, data: Path, out: Path, steps: int, reference: str, loss_type: str, order: str) -> Run:
     from trainctl.kernel import config as cfg
     from trainctl.kernel.registry import Registry
     from trainctl.kernel.run import Run as Session
@@ -71,7 +73,7 @@ def run_hf(model_dir: Path, data: Path, out: Path, steps: int, reference: str, l
     registry.add_module(sys.modules[__name__], source="bench-dpo")
     overrides = [
         'plugins=["bench", "bench_dpo"]', f"seed={SEED}", f"model.name_or_path='{model_dir}'", f"data.train='{data}'",
-        f"model.max_length={MAX_LENGTH}", "data.shuffle=false", "data.val_fraction=0.0",
+        f"model.max_length={MAX_LENGTH}", *hf_vs_trl.order_overrides(order), "data.val_fraction=0.0",
         'hf.objective="dpo"', f"hf.dpo.beta={BETA}", f'hf.dpo.loss_type="{loss_type}"', f'hf.dpo.reference="{reference}"',
         f"train.max_steps={steps}", f"train.batch_size={BATCH}", f"train.grad_accum={ACCUM}", "train.log_interval=1",
         "train.eval_interval=0", "train.device='cpu'", "train.threads=1", "train.grad_clip=1.0",
@@ -108,7 +110,7 @@ def trainctl_register_plugins(register):
                         description="bench: DPO metrics per step"))
 
 
-def run_trl(model_dir: Path, data: Path, out: Path, steps: int, reference: str, loss_type: str) -> Run:
+def run_trl(model_dir: Path, data: Path, out: Path, steps: int, reference: str, loss_type: str, order: str) -> Run:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -136,7 +138,7 @@ def run_trl(model_dir: Path, data: Path, out: Path, steps: int, reference: str, 
         beta=BETA, loss_type=[loss_type], label_smoothing=0.0, precompute_ref_log_probs=reference == "precomputed",
         learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=WARMUP, weight_decay=0.0,
         adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch_fused",
-        train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", eval_strategy="no",
+        train_sampling_strategy=order, logging_steps=1, save_strategy="no", eval_strategy="no",
         report_to=[], disable_tqdm=True, log_level="error", dataloader_num_workers=0,
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
@@ -159,6 +161,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reference", choices=("copy", "precomputed"), default="copy")
     parser.add_argument("--loss-type", choices=("sigmoid", "ipo"), default="sigmoid")
+    parser.add_argument("--order", choices=hf_vs_trl.ORDERS, default="sequential")
     opts = parser.parse_args()
     import datasets
     import torch
@@ -172,7 +175,7 @@ def main() -> None:
         root = Path(tmp)
         hf_assets.build_tokenizer(root / "tok")
         hf_assets.build_model(root / "llama", root / "tok")
-        # more pairs than a run takes: both sides stay in the first epoch, where both read the file in order
+        # more pairs than a run takes: both sides stay in the first epoch
         pairs = opts.steps * BATCH * ACCUM + 8
         data = hf_assets.write_jsonl(root / "pairs.jsonl", preference_rows(pairs))
         speeds: dict[str, list[float]] = {"hf": [], "trl": []}
@@ -181,7 +184,8 @@ def main() -> None:
         for r in range(opts.rounds):
             for name in ("hf", "trl") if r % 2 == 0 else ("trl", "hf"):
                 fn = run_hf if name == "hf" else run_trl
-                record = fn(root / "llama", data, root / f"{name}-{r}", opts.steps, opts.reference, opts.loss_type)
+                record = fn(root / "llama", data, root / f"{name}-{r}", opts.steps, opts.reference, opts.loss_type,
+                            opts.order)
                 median, wall = steps_per_s(record.times)
                 speeds[name].append(median)
                 walls[name].append(wall)
@@ -192,7 +196,8 @@ def main() -> None:
         hf_speed, trl_speed = statistics.median(speeds["hf"]), statistics.median(speeds["trl"])
         ratio = hf_speed / trl_speed
         hf_wall, trl_wall = statistics.median(walls["hf"]), statistics.median(walls["trl"])
-        print(f"\nDPO ({opts.loss_type}, reference {opts.reference}), {opts.steps} steps, batch {BATCH} x {ACCUM} pairs")
+        print(f"\nDPO ({opts.loss_type}, reference {opts.reference}), {opts.steps} steps, batch {BATCH} x {ACCUM} pairs, "
+              f"{opts.order} order")
         print(f"steps/s (median over {opts.rounds} rounds of 1/median step time): hf {hf_speed:.2f}, "
               f"trl {trl_speed:.2f}, ratio {ratio:.3f} (goal >= {GOAL}: {'met' if ratio >= GOAL else 'NOT met'})")
         print(f"steps/s (wall clock, median over rounds): hf {hf_wall:.2f}, trl {trl_wall:.2f}, ratio {hf_wall / trl_wall:.3f}")

@@ -3,11 +3,13 @@ and learning-rate schedule, run alternately in one process. Reports steps/s of e
 step-end times, so setup is left out), their ratio, the largest per-step loss and
 learning-rate difference, and checks that ``trainctl --help`` imports no torch.
 
-    PYTHONPATH=. python bench/hf_vs_trl.py [--steps 40] [--rounds 3]
+    PYTHONPATH=. python bench/hf_vs_trl.py [--steps 40] [--rounds 3] [--order sequential|random]
 
 The kernel gets HF's cosine-with-warmup schedule from a small LR plugin defined here, so both
 sides apply the same learning rate at every step; both use fused AdamW, clip at 1.0, no weight
-decay, the sequential row order and TRL's BFD packing with assistant-only loss.
+decay, TRL's BFD packing with assistant-only loss, and one row order: ``sequential`` (file order,
+``data.shuffle = false``) or ``random`` (TRL's default ``train_sampling_strategy``: the Trainer's
+seeded shuffle, which trainctl reproduces with ``data.order = "trl"``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ class BenchPlugin:
 
 
 BENCH: dict[str, BenchPlugin] = {}
+ORDERS = ("sequential", "random")  # TRL's train_sampling_strategy values the benches compare
+
+
+def order_overrides(order: str) -> list[str]:
+    """trainctl's settings for TRL's ``train_sampling_strategy = order``."""
+    return ["data.shuffle=false"] if order == "sequential" else ["data.shuffle=true", "data.order='trl'"]
 
 
 @hookimpl
@@ -76,7 +84,7 @@ def trainctl_register_plugins(register):
     register(PluginSpec(name="bench", factory=BenchPlugin, config=NoConfig, description="bench LR and timer"))
 
 
-def run_hf(model_dir: Path, data: Path, out: Path, steps: int) -> tuple[list[float], list[float], list[float]]:
+def run_hf(model_dir: Path, data: Path, out: Path, steps: int, order: str) -> tuple[list[float], list[float], list[float]]:
     from trainctl.kernel import config as cfg
     from trainctl.kernel.registry import Registry
     from trainctl.kernel.run import Run
@@ -85,7 +93,7 @@ def run_hf(model_dir: Path, data: Path, out: Path, steps: int) -> tuple[list[flo
     registry.add_module(sys.modules[__name__], source="bench")
     overrides = [
         'plugins=["bench"]', f"seed={SEED}", f"model.name_or_path='{model_dir}'", f"data.train='{data}'",
-        f"model.max_length={MAX_LENGTH}", "data.packing='bfd'", "data.shuffle=false", "data.val_fraction=0.0",
+        f"model.max_length={MAX_LENGTH}", "data.packing='bfd'", *order_overrides(order), "data.val_fraction=0.0",
         f"train.max_steps={steps}", f"train.batch_size={BATCH}", f"train.grad_accum={ACCUM}", "train.log_interval=1",
         "train.eval_interval=0", "train.device='cpu'", "train.threads=1", "train.grad_clip=1.0",
         f"optim.lr={LR}", "optim.weight_decay=0.0", "optim.beta2=0.99", "optim.eps=1e-8",
@@ -96,7 +104,7 @@ def run_hf(model_dir: Path, data: Path, out: Path, steps: int) -> tuple[list[flo
     return plugin.times, plugin.losses, plugin.lrs
 
 
-def run_trl(model_dir: Path, data: Path, out: Path, steps: int) -> tuple[list[float], list[float], list[float]]:
+def run_trl(model_dir: Path, data: Path, out: Path, steps: int, order: str) -> tuple[list[float], list[float], list[float]]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -125,7 +133,7 @@ def run_trl(model_dir: Path, data: Path, out: Path, steps: int) -> tuple[list[fl
         max_length=MAX_LENGTH, packing=True, packing_strategy="bfd", assistant_only_loss=True,
         learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=WARMUP, weight_decay=0.0,
         adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch_fused",
-        train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", eval_strategy="no",
+        train_sampling_strategy=order, logging_steps=1, save_strategy="no", eval_strategy="no",
         report_to=[], disable_tqdm=True, log_level="error", dataloader_num_workers=0,
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
@@ -159,6 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--order", choices=ORDERS, default="sequential")
     opts = parser.parse_args()
     import datasets
     import torch
@@ -182,7 +191,7 @@ def main() -> None:
             order = ("hf", "trl") if r % 2 == 0 else ("trl", "hf")
             for name in order:
                 fn = run_hf if name == "hf" else run_trl
-                times, losses, lrs = fn(root / "llama", data, root / f"{name}-{r}", opts.steps)
+                times, losses, lrs = fn(root / "llama", data, root / f"{name}-{r}", opts.steps, opts.order)
                 median, wall = steps_per_s(times)
                 speeds[name].append(median)
                 walls[name].append(wall)
@@ -196,7 +205,8 @@ def main() -> None:
         hf_speed, trl_speed = statistics.median(speeds["hf"]), statistics.median(speeds["trl"])
         heavy, help_s = help_imports()
         hf_wall, trl_wall = statistics.median(walls["hf"]), statistics.median(walls["trl"])
-        print(f"\nsteps/s (median over {opts.rounds} rounds of 1/median step time): hf {hf_speed:.2f}, "
+        print(f"\n{opts.order} row order, {opts.steps} steps")
+        print(f"steps/s (median over {opts.rounds} rounds of 1/median step time): hf {hf_speed:.2f}, "
               f"trl {trl_speed:.2f}, ratio {hf_speed / trl_speed:.3f}")
         print(f"steps/s (wall clock, median over rounds): hf {hf_wall:.2f}, trl {trl_wall:.2f}, ratio {hf_wall / trl_wall:.3f}")
         print(f"per-step loss: max |diff| {loss_diff:.2e} over {opts.steps} steps, {identical} bit-identical; "

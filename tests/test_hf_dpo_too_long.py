@@ -105,3 +105,22 @@ def test_eval_batches_are_eval_batch_size_and_eval_steps_0_is_the_whole_split(re
                          processing_class=AutoTokenizer.from_pretrained(hf.llama))
     theirs = trainer.evaluate()
     assert ours["val"].loss == pytest.approx(theirs["eval_loss"], rel=1e-6)
+
+
+def test_num_tokens_counts_on_across_a_resume(registry, hf, tmp_path):
+    """TRL's num_tokens is the attention-mask tokens trained so far; a resumed run counts the
+    steps before its checkpoint too, so it logs what the uninterrupted run logs."""
+    data = hf_assets.write_jsonl(tmp_path / "pairs.jsonl", pair_rows(24))
+    steps = ('plugins=["checkpoint", "jsonl"]', "hf.objective='dpo'", "data.val_fraction=0.0", "train.eval_interval=0")
+    whole = session(registry, hf, tmp_path / "whole", data, *steps, "train.max_steps=4")
+    assert whole.fit().status == "completed"
+    whole.close()
+    first = session(registry, hf, tmp_path / "run", data, *steps, "train.max_steps=2")
+    assert first.fit().status == "completed"
+    first.close()
+    again = session(registry, hf, tmp_path / "run", data, *steps, "train.max_steps=4", resume="auto")
+    assert again.resumed_from.endswith("step-000002") and again.fit().status == "completed"
+    again.close()
+    counted = {e["step"]: e["metrics"]["num_tokens"] for e in step_events(tmp_path / "run")}
+    assert [counted[s] for s in (1, 2, 3, 4)] == [e["metrics"]["num_tokens"] for e in step_events(tmp_path / "whole")]
+    assert counted[1] < counted[2] < counted[3] < counted[4]
