@@ -304,6 +304,8 @@ def test_trl_defaults_are_trls():
     from trainctl.backends.hf.trl_config import TRL_DEFAULTS
 
     fields = {f.name: f.default for cls in (SFTConfig, ModelConfig, ScriptArguments) for f in dataclasses.fields(cls)}
+    assert fields["bf16"] is None and not fields["fp16"]  # None: TRL's __post_init__ makes it "not fp16", so True
+    fields["bf16"] = True
     for name, value in TRL_DEFAULTS.items():
         assert fields[name] in (value, None if name == "output_dir" else value), name  # output_dir: None = trainer_output
 

@@ -89,7 +89,8 @@ def test_prompt_longer_than_the_limits_counted_with_the_template(tmp_path, token
     # the template's tokens alone push it over: a limit between the plain and the templated count
     [problem] = check(tmp_path, tokenizer, rows, max_length=templated)
     assert problem == (f"data.train line 1: the prompt is {templated} tokens, which fills model.max_length {templated} "
-                       "and leaves no room for the answers; shorten the prompt or raise model.max_length")
+                       "and leaves no room for the answers; shorten the prompt, raise model.max_length, or set "
+                       'hf.dpo.too_long = "drop" to leave such pairs out as TRL does')
     assert check(tmp_path, tokenizer, rows, max_length=templated + 1) == []
     strings = [{"prompt": long, "chosen": "Aye.", "rejected": "Nay."}]
     assert check(tmp_path, tokenizer, strings, max_length=plain + 1) == []

@@ -267,3 +267,23 @@ def test_a_lora_adapter_whose_base_model_lies_outside_the_roots_is_refused(tmp_p
         else:
             with pytest.raises(ConfigError, match="base model of model.name_or_path's adapter"):
                 policy.check_config(raw)
+
+
+def test_data_file_patterns_and_oversized_eval_batches_in_a_checkpoint_config_are_refused(tmp_path):
+    """``data.data_files`` are globs datasets resolves itself, so no path can be confined: a
+    checkpoint whose config names them (``/etc/*``, say) is refused, as is an eval batch over the
+    limit. An absent ``train.eval_steps`` is the schema's 20, not a whole split."""
+    from trainctl.kernel.errors import ConfigError
+    from trainctl.remote.policy import Limits, Policy
+    from trainctl.remote.roots import Roots
+
+    (tmp_path / "model").mkdir()
+    policy = Policy(Roots([tmp_path]), Limits(max_batch_size=64))
+    model = {"name_or_path": str(tmp_path / "model")}
+    policy.check_config({"backend": "hf", "model": dict(model), "train": {"eval_batch_size": 64}})
+    for key in ("data_files", "val_files"):
+        raw = {"backend": "hf", "model": dict(model), "data": {"train": "json", key: ["/etc/*"]}}
+        with pytest.raises(ConfigError, match=f"data.{key}, which the eval worker does not read"):
+            policy.check_config(raw)
+    with pytest.raises(ConfigError, match=r"train.eval_batch_size = 65, over the worker's limit of 64 \(--max-batch-size\)"):
+        policy.check_config({"backend": "hf", "model": dict(model), "train": {"eval_batch_size": 65}})

@@ -6,6 +6,7 @@ was checked is what the backend opens) and the work it asks for must fit the lim
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trainctl.kernel.errors import ConfigError
+from trainctl.kernel.schema import TrainConfig
 from trainctl.remote.roots import Roots
 
 
@@ -37,6 +39,9 @@ class Limits:
             raise ConfigError(f"eval-worker: {bad[0].replace('_', '-')} must be positive")
 
 
+#: What an absent ``[train]`` key means: the schema's default.
+TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
 #: The config keys that name files or directories, per backend, with the values that do not.
 PATH_KEYS: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
     "gpt": (("data", "path", ("",)), ("model", "init_from", ("", "scratch"))),
@@ -57,11 +62,19 @@ class Policy:
             raise ConfigError(f"backend {backend!r}: the eval worker knows which config keys name files only for "
                               f"{', '.join(PATH_KEYS)}, so it evaluates only those")
         train = raw.get("train", {})
-        for key, limit in (("eval_steps", self.limits.max_eval_steps), ("batch_size", self.limits.max_batch_size)):
-            value = train.get(key, 0)
+        for key, limit, flag in (("eval_steps", self.limits.max_eval_steps, "eval-steps"),
+                                 ("batch_size", self.limits.max_batch_size, "batch-size"),
+                                 ("eval_batch_size", self.limits.max_batch_size, "batch-size")):
+            value = train.get(key, TRAIN_DEFAULTS[key])
             if not isinstance(value, int) or value > limit or (key == "eval_steps" and value == 0):  # 0: a whole split
                 raise ConfigError(f"the checkpoint's config asks for train.{key} = {value!r}, over the worker's "
-                                  f"limit of {limit} (--max-{key.replace('_', '-')})")
+                                  f"limit of {limit} (--max-{flag})")
+        data = raw.get("data", {})
+        for key in ("data_files", "val_files"):
+            if isinstance(data, dict) and data.get(key):  # globs, resolved by datasets: no one path to confine
+                raise ConfigError(f"the checkpoint's config names data.{key}, which the eval worker does not read "
+                                  "(a pattern of files cannot be confined to its roots); name the data by its path "
+                                  "in data.train / data.val, or evaluate the checkpoint locally (trainctl eval)")
         for section, key, plain in PATH_KEYS[backend]:
             table = raw
             for part in section.split("."):  # e.g. hf.dpo
