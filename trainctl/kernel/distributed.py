@@ -58,12 +58,29 @@ class Group:
             self.device = f"cuda:{self.local_rank}"
         if td.is_initialized():  # someone (accelerate's PartialState) got there first: use it
             return
+        timeout = datetime.timedelta(seconds=self.timeout_s)
         td.init_process_group(
             backend="nccl" if cuda else "gloo",
-            timeout=datetime.timedelta(seconds=self.timeout_s),
+            timeout=timeout,
             **({"device_id": torch.device(self.device)} if cuda else {}),
+            **self._elastic_store(timeout),
         )
         self.started = True
+
+    def _elastic_store(self, timeout: datetime.timedelta) -> dict[str, Any]:
+        """Under torchrun the agent's store outlives a restart of the group, and with it the
+        previous attempt's addresses: gloo's ranks would connect to the dead rank's old port
+        ("Connection refused"). Each attempt gets its own prefix, as torchelastic meant it to."""
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            return {}
+        import torch.distributed as td
+
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+        store = td.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world_size,
+                            is_master=not agent and self.rank == 0, timeout=timeout)
+        return {"store": td.PrefixStore(f"trainctl/attempt_{attempt}", store), "rank": self.rank,
+                "world_size": self.world_size}
 
     @property
     def distributed(self) -> bool:
