@@ -53,7 +53,7 @@ def toy_gpt2():
     """tiktoken with gpt2's own pre-tokenizing pattern and a small vocabulary: the real gpt2 files
     are a download, and where a text may be cut depends only on the pattern (tiktoken encodes each
     of its pieces apart). Whitespace runs are tokens, so a cut inside a run changes the ids."""
-    tiktoken = pytest.importorskip("tiktoken")
+    import tiktoken
     from tiktoken_ext.openai_public import r50k_pat_str
 
     merges = [b"\n\n", b"\n\n\n", b"  ", b"   ", b"    ", b" \n", b"\t\n", b"\r\n", b"th", b"he", b"the",
@@ -102,21 +102,6 @@ def test_every_cut_bpe_cut_finds_encodes_alike(gpt2_pattern):
     assert data.bpe_cut("a\n\nb") == 0 and data.bpe_cut("a \nb") == 0 and data.bpe_cut("a\n b") == 0
     assert data.bpe_cut("ab\n") == 0 and data.bpe_cut("1 2") == 0 and data.bpe_cut("é è") == 0
     assert data.bpe_cut("a\nb") == 2 and data.bpe_cut("ab cd") == 2
-
-
-def test_real_gpt2_when_its_files_are_here(tmp_path):
-    """The real gpt2 vocabulary too, where tiktoken has its files (a download: skipped offline)."""
-    pytest.importorskip("tiktoken")
-    try:
-        data._tiktoken()
-    except ConfigError as exc:
-        pytest.skip(str(exc))
-    src = tmp_path / "t.txt"
-    src.write_text(VARIED * 3 + data.embedded_text()[:100_000], encoding="utf-8")
-    expected = one_shot(src, "gpt2")
-    for chunk_chars in (7, 1000):
-        data.prepare(src, tmp_path / f"out{chunk_chars}", "gpt2", chunk_chars=chunk_chars)
-        assert written(tmp_path / f"out{chunk_chars}") == expected
 
 
 def test_bad_input_is_one_config_error_and_keeps_the_old_files(tmp_path):
