@@ -40,6 +40,7 @@ Several processes: the launcher starts trainctl once per rank (these forms work 
 def run(config: str | None, backend: str | None, out_dir: str | None, overrides: tuple[str, ...],
         resume: str, force: bool, yes: bool, dry_run: bool) -> int:
     """Train a model (without CONFIG: a char-level GPT on the embedded tiny-shakespeare)."""
+    from trainctl.control import requeue
     from trainctl.kernel import config as cfg
     from trainctl.kernel.registry import Registry
 
@@ -66,7 +67,9 @@ def run(config: str | None, backend: str | None, out_dir: str | None, overrides:
     if result.status == "failed":
         click.echo(f"trainctl: run failed at step {result.step}: {result.reason}", err=True)
         return 1
-    return 130 if result.reason == "interrupted" else 0
+    if result.reason == "interrupted":
+        return 130
+    return requeue.EXIT_REQUEUE if requeue.requeued(result.reason) else 0
 
 
 def _dry_run(resolved, registry, *, resume: str, force: bool) -> int:

@@ -8,6 +8,12 @@ handler that was there before):
 - a second SIGINT: abort at once (``KeyboardInterrupt``). A checkpoint being written is removed
   (the checkpoint plugin writes into a temporary directory), so none is ever left half-written.
 - SIGUSR1: save a checkpoint now (reason ``signal``) and go on.
+- ``requeue_signal`` (off by default; ``"SIGUSR1"`` in ``configs/slurm/``, for SLURM's
+  ``--signal=USR1@90`` warning): finish the current step, save a checkpoint and end ``stopped``
+  with the reason ``requeued``; at run end rank 0 runs ``scontrol requeue $SLURM_JOB_ID`` (when
+  set) and every rank exits 75 (:mod:`trainctl.control.requeue`). A save in progress completes
+  first, an asynchronous one included. Under SLURM, SIGTERM is ignored from then on: the requeue
+  sends it to every task, and the run is already ending.
 
 Commands (``trainctl ctl RUN_DIR stop|pause|resume|save|eval``, see
 :mod:`trainctl.control.channel`): read once per step (and every poll while paused), answered at
@@ -24,6 +30,8 @@ a symlink, too large, not JSON) is answered ``rejected``; neither stops the othe
 
 from __future__ import annotations
 
+import difflib
+import os
 import signal
 import sys
 import threading
@@ -31,18 +39,29 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from trainctl.control import channel
+from trainctl.control import channel, requeue
 from trainctl.hooks import PluginSpec, RunInfo, hookimpl, notices
 from trainctl.hooks.events import CheckpointSaved, Control, EvalEnd, Notice, RunEnd, RunStart, RunView
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT")
 SAVE_SIGNALS = ("SIGUSR1",)
+REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
     signals: bool = True  # handle SIGTERM, SIGINT and SIGUSR1
     commands: bool = True  # accept `trainctl ctl` commands through OUT/control/
+    requeue_signal: str = ""  # this signal saves, stops and requeues the SLURM job ("" = none)
+
+    def __post_init__(self) -> None:
+        if self.requeue_signal and self.requeue_signal not in REQUEUE_SIGNALS:
+            close = difflib.get_close_matches(self.requeue_signal.upper(), REQUEUE_SIGNALS, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"requeue_signal must be one of {', '.join(map(repr, REQUEUE_SIGNALS))} or \"\" "
+                             f"(none), not {self.requeue_signal!r}{hint}")
+        if self.requeue_signal and not self.signals:
+            raise ValueError("requeue_signal needs signals = true")
 
 
 class Controller:
@@ -50,6 +69,7 @@ class Controller:
         self.config, self.run = config, run
         self.directory = channel.control_dir(run.out_dir)
         self.stop_signal: str | None = None  # set by a signal handler
+        self.requeue = False  # set by the handler of config.requeue_signal
         self.save_signals = self.save_signals_seen = 0  # a counter: a signal is never lost to a reset
         self.stop_request = False
         self.paused = False
@@ -71,14 +91,19 @@ class Controller:
         if threading.current_thread() is not threading.main_thread():
             self._notice(event.start_step, "signals not handled: the run is not on the main thread")
             return
-        for name in STOP_SIGNALS + SAVE_SIGNALS:
+        requeue_signal = (self.config.requeue_signal,) if self.config.requeue_signal else ()
+        for name in dict.fromkeys(STOP_SIGNALS + SAVE_SIGNALS + requeue_signal):
             if hasattr(signal, name):
                 signum = getattr(signal, name)
                 self.previous[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if name in SAVE_SIGNALS:
+        if name == self.config.requeue_signal:
+            self.requeue = True
+            self.stop_signal = self.stop_signal or name
+            self._notice(self.step, f"{name}: finishing this step, saving and exiting to be requeued", signal=name)
+        elif name in SAVE_SIGNALS:
             self.save_signals += 1
             self._notice(self.step, f"{name}: saving a checkpoint after this step", signal=name)
         elif name == "SIGINT" and self.stop_signal is not None:
@@ -119,7 +144,7 @@ class Controller:
             save=save_signal or self.save_request,
             evaluate=self.eval_request,
             pause=self.paused,
-            reason="signal" if self.stop_signal or save_signal else "request",
+            reason=requeue.REQUEUED if self.requeue else "signal" if self.stop_signal or save_signal else "request",
         )
         self.save_request = self.eval_request = False
         return control if (control.stop or control.save or control.evaluate or control.pause) else None
@@ -214,6 +239,8 @@ class Controller:
     @hookimpl
     def trainctl_run_end(self, event: RunEnd) -> None:
         self._restore()
+        if event.status == "stopped" and requeue.requeued(event.reason):
+            self._requeue(event.step)
         if not self.commands:
             return
         self._finish_evals()
@@ -224,9 +251,22 @@ class Controller:
             })
         self.waiting.clear()
 
+    def _requeue(self, step: int) -> None:
+        """The run stopped for a requeue (on any rank: the reason is agreed) with its checkpoint
+        committed. Rank 0 asks SLURM; every rank then exits requeue.EXIT_REQUEUE (the CLI)."""
+        if os.environ.get("SLURM_JOB_ID"):  # SLURM's requeue ends every task with SIGTERM: finish instead
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (SIGKILL follows after KillWait)
+        if not self.run.is_main:
+            return
+        done, said = requeue.requeue_job(os.environ)
+        if not done:
+            print(f"trainctl: {said}", file=sys.stderr, flush=True)
+        self._notice(step, said, signal=self.config.requeue_signal)
+
     def _notice(self, step: int, message: str, **data: Any) -> None:
         self.run.emit(Notice(step=step, kind=notices.CONTROL, message=message, data=data, time=time.time()))
 
 
 SPEC = PluginSpec(name="controller", factory=Controller, config=Config,
-                  description="Signals (SIGTERM/SIGINT: save and stop; SIGUSR1: save) and `trainctl ctl` stop/pause/resume/save/eval.")
+                  description="Signals (SIGTERM/SIGINT: save and stop; SIGUSR1: save; requeue_signal: save, stop, "
+                              "scontrol requeue) and `trainctl ctl` stop/pause/resume/save/eval.")
