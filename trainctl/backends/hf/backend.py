@@ -27,6 +27,7 @@ count of a step is read from the collated labels on the host before they move to
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ import trl  # noqa: F401
 
 from trainctl.backends import parallel, scoring
 from trainctl.backends.device import set_threads
-from trainctl.backends.hf import epochs, inference, loading, neftune, plan, rows, sft, weights
+from trainctl.backends.hf import epochs, inference, loading, neftune, plan, rows, sft, stream, weights
 from trainctl.backends.hf.num_tokens import InputTokens
 from trainctl.backends.hf.config import DataConfig, HFConfig, ModelConfig
 from trainctl.backends.hf.validate import check_rows
@@ -99,7 +100,15 @@ class HFBackend(StepBackend):
         self.micro = local_micro_batches(train.grad_accum, ctx.dist)
 
         epochs.check(data.epoch_end == "short_step", ctx.dist.world_size)
-        train_rows, val_rows = rows.read_data(data)
+        if data.streaming:  # the head of the stream stands for its rows until the model loads
+            stream.check(data, train)
+            self.source = stream.source(data)
+            head = stream.head(self.source, stream.CHECK_ROWS)
+            train_rows = rows.Rows(source=f"{self.source.label} (the stream's first rows)", rows=head,
+                                   lines=list(range(1, len(head) + 1)))
+            val_rows = rows.read(data.val, "data.val", split=data.val_split, subset=data.subset, files=data.val_files) if data.val else None
+        else:
+            train_rows, val_rows = rows.read_data(data)
         self.shape = rows.detect_shape(train_rows, data.shape, data.text_field)
         self.mask = resolve_mask(self.shape, data.mask)
         hf_config = loading.model_config(self.cfg)  # before anything heavy: a missing model is one line
@@ -109,7 +118,7 @@ class HFBackend(StepBackend):
                 [r for r in (train_rows, val_rows) if r is not None], tokenizer=self.tokenizer, shape=self.shape,
                 mask=self.mask, config=data, max_length=self.cfg.max_length, report=ctx.dist.rank == 0,
             )
-        if val_rows is None:
+        if val_rows is None and not data.streaming:
             train_rows, val_rows = rows.split(train_rows, data.val_fraction, data.split_seed)
 
         attn = loading.attention(self.cfg.attn_implementation, self.device)
@@ -117,7 +126,8 @@ class HFBackend(StepBackend):
             model, frozen = loading.model(self.cfg, hf_config, attn=attn, device=self.device)
         checkpointing = self._checkpointing(model)
         self.sft = sft.SFTData(
-            model=model, tokenizer=self.tokenizer, train_rows=train_rows.rows,
+            model=model, tokenizer=self.tokenizer,
+            train_rows=self.source.raw(0, False, 0) if data.streaming else train_rows.rows,
             val_rows=val_rows.rows if val_rows else None, mask=self.mask, packing=data.packing,
             text_field=data.text_field, eos_token=data.eos_token, max_length=self.cfg.max_length,
             batch_size=train.batch_size, seed=ctx.seed, use_cpu=self.device.type == "cpu",
@@ -125,6 +135,7 @@ class HFBackend(StepBackend):
         )
         self.model = self.sft.model
         neftune.activate(self.model, self.hf.neftune_noise_alpha)  # where Trainer.train() does: after peft, before sharding
+        self.stream = self._stream() if data.streaming else None
         self.layout = epochs.Layout(n_rows=len(self.sft.train), batch_size=train.batch_size, grad_accum=train.grad_accum,
                                     short_step=data.epoch_end == "short_step", shuffle=data.shuffle)
         self.max_steps = self.layout.steps(data.epochs) if data.epochs else train.max_steps
@@ -132,17 +143,28 @@ class HFBackend(StepBackend):
         if self.hf.lora and checkpointing:
             self.model.enable_input_require_grads()  # as TRL does: frozen embeddings, checkpointed blocks
         self._eval_rows: dict[str, list[list[int]]] = {}
-        self._input_tokens = InputTokens(self.sft.train)
+        self._input_tokens = None if self.stream else InputTokens(self.sft.train)
         self.aux_coef = self.sft.trainer.router_aux_loss_coef if self.sft.trainer.aux_loss_enabled else 0.0
 
-        first = self.sft.rows("train", self.layout.step(self.sft, 0)[0])
-        fraction, problem = sft.mask_check(first, self.mask)
+        step0 = self.stream.step(0) if self.stream else [self.sft.rows("train", r) for r in self.layout.step(self.sft, 0)]
+        self._first = self.sft.batch(step0[self.micro[0]])  # measure()'s micro-batch
+        fraction, problem = sft.mask_check(step0[0], self.mask)
         if problem:
             raise ConfigError(problem)
 
         self._place(loss_terms=ctx.loss_terms)
         self.steps_done = 0
         return self._plan(hf_config, attn, frozen, fraction, len(train_rows.rows), len(val_rows.rows) if val_rows else 0)
+
+    def _stream(self) -> stream.TrainStream:
+        """The training stream, and the first rows of it as the training rows evaluation scores
+        (``train.eval_steps`` batches: a stream has no end to sample from)."""
+        train = self.train
+        make = functools.partial(stream.TrainStream, src=self.source, prepare=self.sft.prepare, columns=sft.COLUMNS,
+                                 shuffle=self.data_cfg.shuffle, seed=self.ctx.seed)
+        held = make(batch_size=train.eval_batch_size or train.batch_size, grad_accum=1)
+        self.sft.hold([row for step in range(train.eval_steps) for batch in held.step(step) for row in batch])
+        return make(batch_size=train.batch_size, grad_accum=train.grad_accum)
 
     def _checkpointing(self, model: Any) -> bool:
         """Activation checkpointing per decoder layer (``model.gradient_checkpointing``, or
@@ -178,7 +200,7 @@ class HFBackend(StepBackend):
             "model": f"{type(self.base).__name__} ({hf_config.model_type}), attention {attn}",
             "trainable": f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
             + (f", LoRA r={self.hf.lora.r}" if self.hf.lora else "") + (f", vision frozen ({frozen:,})" if frozen else ""),
-            **plan.data_details(self, n_train=n_train, n_val=n_val, packing=packing),
+            **(plan.stream_details(self, n_val=n_val) if self.stream else plan.data_details(self, n_train=n_train, n_val=n_val, packing=packing)),
             "loss mask": f"{self.mask}: {100 * fraction:.1f}% of the first batch's tokens trained",
             "eval loss": eval_loss_line(self.train.eval_loss),
             "tokens/step": f"~{tokens:,.0f} processed, ~{trained:,.0f} trained (mean of the first {len(sampled)} steps)",
@@ -201,6 +223,8 @@ class HFBackend(StepBackend):
     def _step_batches(self, step: int) -> list[sft.Batch]:
         """Every micro-batch of ``step`` on the host (all ranks': the token count is global);
         fewer than grad_accum only in the short last step of an epoch (``data.epoch_end``)."""
+        if self.stream:
+            return [self.sft.batch(rows) for rows in self.stream.step(step)]
         return [self.sft.batch(self.sft.rows("train", rows)) for rows in self.layout.step(self.sft, step)]
 
     def _loss(self, model: Any, batch: tuple[sft.Batch, int, int], with_logits: bool) -> MicroLoss:
@@ -233,7 +257,8 @@ class HFBackend(StepBackend):
         out = self.stepper.run([(batches[m], n_items, len(micro)) for m in micro], self._loss,
                                tokens=sum(b.trained for b in batches), processed_tokens=sum(b.tokens for b in batches))
         # TRL's num_tokens: a host count into a device tensor (a fill, no sync) read with the rest
-        out.metrics["num_tokens"] = torch.full((), self._input_tokens.through(self, step), device=self.device)
+        counted = self.stream.trained(step) if self.stream else self._input_tokens.through(self, step)
+        out.metrics["num_tokens"] = torch.full((), counted, device=self.device)
         self.steps_done = step + 1
         return out
 
@@ -282,7 +307,7 @@ class HFBackend(StepBackend):
     def measure(self, steps: int = 2) -> float:
         """Seconds per optimizer step from forward/backward of the first micro-batch (after one
         untimed warm-up), times the micro-batches of a step; weights, optimizer and RNG untouched."""
-        batch = self._step_batches(0)[self.micro[0]]
+        batch = self._first
         return self.stepper.measure((batch, max(batch.trained, 1), 1), self._loss, steps=steps, micro_batches=len(self.micro))
 
     def close(self) -> None:

@@ -74,6 +74,9 @@ class DataConfig:
     mask: Mask = locked("auto")
     packing: Literal["bfd", "wrapped"] | bool = locked(False)  # bfd: padding-free, documents kept apart
     shuffle: bool = locked(True)  # a fresh seeded order every epoch; false: file order
+    # read data.train as a stream (files too big to load: stream.py): rows in file order, steps
+    # resume from the position saved in the checkpoint; data.shuffle then reorders the files per epoch
+    streaming: bool = locked(False)
     # how a shuffled epoch is ordered: "trainctl" a NumPy permutation of (seed, epoch); "trl" the
     # Trainer's (accelerate's SeedableRandomSampler: torch.randperm seeded with order_seed + epoch)
     order: Literal["trainctl", "trl"] = locked("trainctl")

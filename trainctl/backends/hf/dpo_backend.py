@@ -54,6 +54,9 @@ class DPOBackend(HFBackend):
         epochs.check(data.epoch_end == "short_step", ctx.dist.world_size)
         self.reference = resolve_reference(opts.reference, self.hf.lora is not None, bool(opts.ref_model))
 
+        if data.streaming:
+            raise ConfigError('data.streaming reads SFT rows; [hf] objective = "dpo" reads its preference pairs into memory: '
+                              "set data.streaming = false")
         train_rows, val_rows = rows.read_data(data)
         if not train_rows.rows:
             raise ConfigError(f"{train_rows.source} has no rows; give a file with at least one preference pair")

@@ -53,6 +53,22 @@ def data_details(backend: Any, *, n_train: int, n_val: int, packing: str) -> dic
     }
 
 
+def stream_details(backend: Any, *, n_val: int) -> dict[str, str]:
+    """The ``data`` and ``run length`` lines of a streamed run (``data.streaming``)."""
+    data, src, train = backend.data_cfg, backend.source, backend.train
+    packing = f"packed ({data.packing}) as they stream, " if data.packing else ""
+    val = f"{n_val} val rows from data.val" if data.val else "no validation rows"
+    order = (f"the {len(src.files)} files reordered every epoch (seed, epoch), rows in file order within each"
+             if data.shuffle and len(src.files) > 1 else "rows in file order")
+    return {
+        "data": (f"{backend.shape}: streamed from {len(src.files)} {src.builder} file(s) of {src.label}, {packing}"
+                 f"prepared by TRL as they are read; {val}; max_length {backend.cfg.max_length}"),
+        "run length": (f"{backend.max_steps} steps (train.max_steps) x {backend.layout.rows_per_step} rows, passes over the "
+                       f"stream as it ends; {order}; the position is saved in every checkpoint; evaluation scores the "
+                       f"stream's first {len(backend.sft.train)} rows as training rows"),
+    }
+
+
 def order_line(rows: Any, shuffle: bool) -> str:
     """Which order the epochs go in (``rows``: ``SFTData`` or ``PreferenceData``)."""
     if not shuffle:

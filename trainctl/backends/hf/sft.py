@@ -68,12 +68,14 @@ class SFTData:
     """The prepared train/val rows, TRL's collator, and the model TRL patched (or wrapped in
     peft). ``mask`` is ``none``, ``assistant_only`` or ``completion_only``."""
 
-    def __init__(self, *, model: Any, tokenizer: Any, train_rows: list[dict], val_rows: list[dict] | None,
+    def __init__(self, *, model: Any, tokenizer: Any, train_rows: list[dict] | Any, val_rows: list[dict] | None,
                  mask: str, packing: str | bool, text_field: str, eos_token: str, max_length: int,
                  batch_size: int, seed: int, use_cpu: bool, peft_config: Any = None, order: str = "trainctl",
                  order_seed: int = -1) -> None:
-        from datasets import Dataset
+        from datasets import Dataset, IterableDataset
         from trl import SFTConfig, SFTTrainer
+
+        streaming = isinstance(train_rows, IterableDataset)  # stream.py reads it; Trainer wants a max_steps then
 
         self.workdir = tempfile.TemporaryDirectory(prefix="trainctl-hf-")  # Trainer wants an output_dir
         args = SFTConfig(
@@ -84,12 +86,13 @@ class SFTData:
             assistant_only_loss=mask == "assistant_only", completion_only_loss=mask == "completion_only",
             dataset_text_field=text_field, eos_token=eos_token or None, shuffle_dataset=False,
             save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True, log_level="error",
+            **({"max_steps": 1} if streaming else {}),
         )
         try:
             with quiet():
                 self.trainer = SFTTrainer(
                     model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
-                    train_dataset=Dataset.from_list(train_rows),
+                    train_dataset=train_rows if streaming else Dataset.from_list(train_rows),
                     eval_dataset=Dataset.from_list(val_rows) if val_rows else None,
                 )
         except (ValueError, RuntimeError) as exc:  # TRL's own checks of the data and template
@@ -97,12 +100,24 @@ class SFTData:
         self.model = self.trainer.model  # a PeftModel when LoRA is on
         self.collate = self.trainer.data_collator
         self.padding_free = self.trainer.padding_free
-        self.train = self._columns(self.trainer.train_dataset, "train")
+        self.train = None if streaming else self._columns(self.trainer.train_dataset, "train")
         eval_ds = self.trainer.eval_dataset
         self.val = self._columns(eval_ds, "val") if eval_ds is not None else None
         self.seed = seed
         self.shuffler, self.order_seed = shuffler(order, order_seed, seed)
         self._orders: dict[tuple[str, int], np.ndarray] = {}
+
+    def prepare(self, raw: Any) -> Any:
+        """``raw`` training rows (a stream's) prepared as TRL prepared the trainer's own."""
+        trainer = self.trainer
+        with quiet():
+            return trainer._prepare_dataset(raw, trainer.processing_class, trainer.args, trainer.args.packing, None, "train")
+
+    def hold(self, rows: list[dict[str, Any]]) -> None:
+        """Prepared ``rows`` as the training rows evaluation samples from (a stream's first ones)."""
+        from datasets import Dataset
+
+        self.train = Dataset.from_list(rows)
 
     @staticmethod
     def _columns(ds: Any, split: str) -> Any:

@@ -6,7 +6,8 @@
 - the tokenizer with its chat template;
 - ``optimizer.pt`` (optimizer and grad-scaler state) and ``rng-rank{N}.pt`` (torch RNG per rank), plain
   tensors and dicts that load with ``torch.load(weights_only=True)``;
-- ``trainer_state.json``: the step, the last learning rate and how the data order is derived.
+- ``trainer_state.json``: the step, the last learning rate and how the data order is derived;
+  with ``data.streaming`` the stream's position before the next step (``stream.py``).
   There is no scheduler object to save: the learning rate is the kernel's pure function of the
   step, and the rows of a step are a pure function of (seed, step), so restoring the step (the
   kernel's ``kernel.json``) restores both.
@@ -55,6 +56,8 @@ def save(backend: Any, directory: Path) -> None:
         "lora": backend.hf.lora is not None,
         "objective": backend.hf.objective,  # dpo: the reference is rebuilt from model.name_or_path, not saved
     }
+    if getattr(backend, "stream", None) is not None:  # data.streaming: where the next step's rows start
+        state["stream"] = backend.stream.state(backend.steps_done)
     (directory / TRAINER_STATE).write_text(json.dumps(state, indent=1))
 
 
@@ -70,6 +73,11 @@ def load(backend: Any, directory: Path) -> None:
         _load_adapter(backend.model, directory, backend.stepper.parallel)
     else:
         _load_full(backend.model, directory)
+    if getattr(backend, "stream", None) is not None:
+        backend.stream.restore(state.get("stream"), directory, int(state["global_step"]))
+    elif "stream" in state:
+        raise ConfigError(f"checkpoint {directory} was trained on a stream (data.streaming = true): its rows are not this "
+                          "run's; resume with data.streaming = true, or start a new run from its weights")
     backend.stepper.load(directory, backend.model)
     backend.steps_done = int(state["global_step"])
 
