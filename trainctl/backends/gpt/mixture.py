@@ -23,7 +23,7 @@ source's val is scored alone as ``val.NAME``.
 
 Shards stay memory-mapped. Pages a read touches stay mapped in the process (its RSS grows
 towards the size of the data, though the kernel may drop them at any time); every
-``RESIDENT_BYTES`` read, ``windows`` unmaps them (``MADV_DONTNEED``: they stay in the page
+``RESIDENT_BYTES`` mapped, ``windows`` unmaps them (``MADV_DONTNEED``: they stay in the page
 cache, the next read maps them again), so the data's share of the RSS stays bounded at any
 data size (``bench/mixture_rss.py``).
 """
@@ -42,8 +42,10 @@ from trainctl.kernel.errors import ConfigError
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio, odd: the Weyl step that spreads most evenly
 MIXTURE_KEY = 0x6D6978  # "mix": the seed's generator for the sequence's starting point
-RESIDENT_BYTES = 64 << 20  # read (pages counted whole, read-ahead included) between unmappings
-READ_AHEAD = 128 << 10  # what one window's page fault may map beyond its own bytes (Linux' default)
+RESIDENT_BYTES = 64 << 20  # mapped, at most, between unmappings (counted as FAULT_BYTES a window)
+# the most one window's page fault maps into the process: a 2 MB folio of the page cache (Linux 6
+# maps large folios whole; measured 1.5-1.7 MB a random window, MADV_RANDOM or not)
+FAULT_BYTES = 2 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +74,8 @@ class Mixture:
         self.bounds = np.cumsum(self.weights)[:-1]  # source k takes u in [bounds[k-1], bounds[k])
         self.origin = np.uint64(np.random.default_rng((seed, MIXTURE_KEY)).bit_generator.random_raw())
         self.lengths = {split: np.array([len(getattr(s, split)) for s in sources]) for split in ("train", "val")}
-        self.read = 0  # bytes mapped since the last unmapping (an estimate from above)
+        self.mapped = 0  # bytes mapped since the last unmapping (an estimate from above)
+        self.dtype = np.result_type(*(s.train.dtype for s in sources))
 
     @property
     def names(self) -> list[str]:
@@ -103,15 +106,17 @@ class Mixture:
     def windows(self, split: str, draw: Draw, block: int) -> np.ndarray:
         """The (B, block + 1) token windows of ``draw`` as int64: inputs and next-token targets."""
         arrays = [getattr(s, split) for s in self.sources]
-        out = np.stack([arrays[k][o : o + block + 1] for k, o in zip(draw.source.tolist(), draw.start.tolist())])
-        self.read += len(draw.start) * (out.shape[1] * out.itemsize + READ_AHEAD)
-        if self.read > RESIDENT_BYTES:
-            self.unmap()
+        out = np.empty((len(draw.start), block + 1), dtype=self.dtype)  # (B, T+1)
+        for row, (k, o) in enumerate(zip(draw.source.tolist(), draw.start.tolist())):
+            out[row] = arrays[k][o : o + block + 1]  # a page fault maps up to FAULT_BYTES around it
+            self.mapped += FAULT_BYTES
+            if self.mapped > RESIDENT_BYTES:  # mid-batch too: the rows so far are copied out
+                self.unmap()
         return out.astype(np.int64)
 
     def unmap(self) -> None:
         """Drop the pages the sources' maps hold from this process (not from the page cache)."""
-        self.read = 0
+        self.mapped = 0
         for s in self.sources:
             for arr in (s.train, s.val):
                 mapped = getattr(arr, "_mmap", None)  # np.memmap's own mmap.mmap; None for in-memory arrays
