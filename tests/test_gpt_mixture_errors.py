@@ -55,3 +55,15 @@ def test_data_path_and_sources_together_name_both(mixture_sources, tmp_path):
         *FAST, f"data.path='{mixture_sources['plays']}'", *mixture_sets(mixture_sources, {"more": 1})))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "data.path" in proc.stderr and "and data.sources are both set; keep one" in proc.stderr
+
+
+def test_other_weights_on_resume_are_refused_as_a_locked_key(trained, mixture_sources):
+    """The mixture decides the order of every sample: resuming with other weights would train
+    other samples from the checkpoint on, so it takes --force, like another data.path."""
+    before = snapshot(trained)
+    proc = run_cli("run", "--yes", "--out", str(trained), *sets(*FAST, "train.max_steps=6",
+                   *mixture_sets(mixture_sources, {"plays": 1, "more": 2})))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "locked keys differ (data.sources: [{'path': " in proc.stderr and "'weight': 2.0" in proc.stderr
+    assert "restore them, start over with --resume never, or pass --force" in proc.stderr
+    assert snapshot(trained) == before
