@@ -14,11 +14,9 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from trainctl.backends import parallel, scoring, sharded_checkpoint
-from trainctl.backends.sample_record import SampleRecord
 from trainctl.backends.device import set_threads
 from trainctl.backends.gpt import data as gpt_data
 from trainctl.backends.gpt import mixture
@@ -26,6 +24,7 @@ from trainctl.backends.gpt.inference import DATA_META, MODEL_ARGS, WEIGHTS, samp
 from trainctl.backends.gpt.model import GPT, GPTConfig
 from trainctl.backends.layer_stats import group_norms
 from trainctl.backends.optim import from_config
+from trainctl.backends.sample_record import SampleRecord
 from trainctl.backends.step import MicroLoss, OptimizerStep, StepBackend, local_micro_batches
 from trainctl.kernel.backend import Evaluation, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError
@@ -129,7 +128,8 @@ class GPTBackend(StepBackend):
     def train_step(self, step: int) -> StepOutput:
         draws = [self._draw("train", step, m) for m in self.micro]
         if self.record is not None:  # ids known on the host: no device work
-            self.record.write(step + 1, *(np.concatenate([getattr(d, f) for d in draws]) for f in ("index", "source", "start")))
+            rows = mixture.Draw.joined(draws)
+            self.record.write(step + 1, rows.index, rows.source, rows.start)
         batches = [self._batch("train", d) for d in draws]
         return self.stepper.run(batches, self._loss, tokens=self.train.batch_size * self.train.grad_accum * self.cfg.block_size)
 

@@ -63,6 +63,11 @@ class Draw:
     source: np.ndarray
     start: np.ndarray
 
+    @classmethod
+    def joined(cls, draws: list[Draw]) -> Draw:
+        """A step's micro-batches as one: their rows in order."""
+        return cls(*(np.concatenate([getattr(d, f) for d in draws]) for f in ("index", "source", "start")))
+
 
 class Mixture:
     """The sources, their normalized weights and the tokenizer's ``meta`` they share."""
