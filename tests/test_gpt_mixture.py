@@ -120,3 +120,38 @@ def test_a_mixture_resumed_at_step_20_equals_the_uninterrupted_run_bit_for_bit(r
     assert index == list(range(40 * 2 * 8))  # 40 steps x 2 micro-batches x 8 rows, each once, in order
     names = [n for lines in whole_ids.values() for line in lines for n in line["source"]]
     assert {n: names.count(n) for n in set(names)} == pytest.approx({"plays": 320, "more": 192, "small": 128}, abs=3)
+
+
+def rss_file() -> int:
+    """Bytes of file pages mapped into this process (/proc/self/status' RssFile)."""
+    line = next(line for line in open("/proc/self/status") if line.startswith("RssFile:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_streaming_shards_keeps_their_pages_out_of_the_rss(tmp_path, monkeypatch):
+    """Every page a read maps stays in the RSS unless it is dropped: reading 48 MB of shards
+    grows the RSS by most of them with the unmapping off, by at most the budget with it on
+    (bench/mixture_rss.py measures 2 GiB)."""
+    from trainctl.backends.gpt.config import DataConfig, SourceConfig
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        rng.integers(0, 256, size=12 << 20, dtype=np.uint16).tofile(tmp_path / name / "train.bin")
+        rng.integers(0, 256, size=1 << 16, dtype=np.uint16).tofile(tmp_path / name / "val.bin")
+        (tmp_path / name / "meta.json").write_text(json.dumps({"tokenizer": "byte", "vocab_size": 256, "dtype": "uint16"}))
+    config = DataConfig(sources=(SourceConfig(path=str(tmp_path / "a")), SourceConfig(path=str(tmp_path / "b"))))
+
+    def growth(budget: int) -> int:
+        monkeypatch.setattr(mixture, "RESIDENT_BYTES", budget)
+        mix = mixture.load(config, seed=3)
+        base, peak, read, step = rss_file(), 0, 0, 0
+        while read < 48 << 20:
+            read += mix.windows("train", mix.draw("train", 1024, 32, 3, step, 0, 1), 1024).shape[0] * 1025 * 2
+            peak, step = max(peak, rss_file() - base), step + 1
+        mix.unmap()
+        return peak
+
+    on, off = growth(8 << 20), growth(1 << 62)
+    assert on <= (8 + 4) << 20, f"{on / 2**20:.1f} MiB mapped with an 8 MiB budget"
+    assert off >= 24 << 20, f"only {off / 2**20:.1f} MiB mapped without unmapping: this test measures nothing here"
