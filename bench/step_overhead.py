@@ -23,7 +23,7 @@ def plain_step(backend, step: int) -> None:
 
     backend.optimizer.zero_grad(set_to_none=True)
     for m in backend.micro:
-        x, y = backend._batch(backend.data.train, backend.ctx.seed, step, m)
+        x, y = backend._batch("train", backend._draw("train", step, m))
         _, loss = backend.eval_model(x, y)
         (loss / len(backend.micro)).backward()
     torch.nn.utils.clip_grad_norm_(backend.params, backend.train.grad_clip, foreach=True)

@@ -9,6 +9,7 @@ import pytest
 
 from tests import fake_backend, fault_plugins, recording_plugins
 from tests.hf_fixtures import hf  # noqa: F401  (session fixture: tiny HF model and data)
+from tests.mixture_data import mixture_sources  # noqa: F401  (session fixture: prepared datasets to mix)
 from trainctl.kernel import config as cfg
 from trainctl.kernel.registry import Registry
 

@@ -36,7 +36,7 @@ def nonfinite_step_changes_nothing(backend, step: int) -> bool:
         out = backend._loss(model, batch, with_logits)
         return MicroLoss(share=out.share * float("nan"))
 
-    batches = [backend._batch(backend.data.train, backend.ctx.seed, step, m) for m in backend.micro]
+    batches = [backend._batch("train", backend._draw("train", step, m)) for m in backend.micro]
     out = stepper.run(batches, poisoned, tokens=1)
     after = shards(stepper)
     same = all(torch.equal(a, b) for a, b in zip(before, after)) and len(before) == len(after)

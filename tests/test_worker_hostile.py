@@ -287,3 +287,26 @@ def test_data_file_patterns_and_oversized_eval_batches_in_a_checkpoint_config_ar
             policy.check_config(raw)
     with pytest.raises(ConfigError, match=r"train.eval_batch_size = 65, over the worker's limit of 64 \(--max-batch-size\)"):
         policy.check_config({"backend": "hf", "model": dict(model), "train": {"eval_batch_size": 65}})
+
+
+def test_every_source_of_a_gpt_mixture_is_confined_to_the_roots(tmp_path):
+    """``[[data.sources]]`` names a directory per source: each one is rewritten to its real path
+    under a root, or the checkpoint is refused naming the source."""
+    from trainctl.kernel.errors import ConfigError
+    from trainctl.remote.policy import Limits, Policy
+    from trainctl.remote.roots import Roots
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "web").mkdir(parents=True)
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    policy = Policy(Roots([root]), Limits())
+    raw = {"backend": "gpt", "data": {"sources": [{"path": str(root / "web"), "weight": 1.0}]}}
+    policy.check_config(raw)
+    assert raw["data"]["sources"][0]["path"] == os.path.realpath(root / "web")
+    for planted in (str(outside), str(root / "link")):
+        raw = {"backend": "gpt", "data": {"sources": [{"path": str(root / "web")}, {"path": planted}]}}
+        with pytest.raises(ConfigError, match=r"data\.sources\[1\]\.path = .*outside the worker's roots"):
+            policy.check_config(raw)
+    with pytest.raises(ConfigError, match="not a list of tables"):
+        policy.check_config({"backend": "gpt", "data": {"sources": "x"}})

@@ -69,7 +69,7 @@ class EvalEnd:
     batch's mean, weighted by its rows)."""
 
     step: int
-    split: str
+    split: str  # train | val; a gpt mixture adds val.NAME, each source's own val
     loss: float
     loss_mean: str = "tokens"  # tokens | batches
     source: str = "local"

@@ -82,7 +82,7 @@ class RunConfig:
     def locked(self) -> dict[str, Any]:
         """``{"model.n_layer": 4, ...}``: the values that may not change across a resume."""
         return {
-            f"{section}.{key}": getattr(getattr(self, section), key)
+            f"{section}.{key}": as_table_value(getattr(getattr(self, section), key))  # plain: kernel.json holds them
             for section in ("model", "data")
             for key in locked_keys(type(getattr(self, section)))
         }
@@ -283,4 +283,6 @@ def _toml_value(value: Any) -> str:
         return '"' + "".join(ESCAPES.get(c) or (f"\\u{ord(c):04x}" if c < " " or c == "\x7f" else c) for c in value) + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table: an array of tables ([[data.sources]]) as a list of them
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
     raise ConfigError(f"cannot write {type(value).__name__} as TOML")

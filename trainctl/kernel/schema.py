@@ -174,7 +174,7 @@ def did_you_mean(word: str, choices: Any) -> str:
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return as_table(value)
-    return list(value) if isinstance(value, tuple) else value
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 def _rules(f: dataclasses.Field) -> dict[str, Any]:

@@ -75,6 +75,8 @@ class Policy:
                 raise ConfigError(f"the checkpoint's config names data.{key}, which the eval worker does not read "
                                   "(a pattern of files cannot be confined to its roots); name the data by its path "
                                   "in data.train / data.val, or evaluate the checkpoint locally (trainctl eval)")
+        if backend == "gpt":
+            self._confine_sources(data)
         for section, key, plain in PATH_KEYS[backend]:
             table = raw
             for part in section.split("."):  # e.g. hf.dpo
@@ -86,6 +88,17 @@ class Policy:
             table[key] = str(self.confine(f"{section}.{key}", value, directory=key in ("name_or_path", "tokenizer", "ref_model")))
             if key in ("name_or_path", "ref_model"):
                 self._adapter_base(f"{section}.{key}", Path(table[key]))
+
+    def _confine_sources(self, data: Any) -> None:
+        """A gpt mixture names a directory per source (``[[data.sources]]``): each is confined."""
+        sources = data.get("sources") if isinstance(data, dict) else None
+        if sources is None:
+            return
+        if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
+            raise ConfigError("the checkpoint's config has a data.sources that is not a list of tables")
+        for i, source in enumerate(sources):
+            if source.get("path"):  # an empty one the config refuses itself
+                source["path"] = str(self.confine(f"data.sources[{i}].path", source["path"], directory=False))
 
     def _adapter_base(self, name: str, directory: Path) -> None:
         """A LoRA adapter directory names its base model in ``adapter_config.json``, which

@@ -2,8 +2,9 @@
 :class:`trainctl.kernel.backend.Backend` on the shared step machinery
 (``trainctl.backends.step``): it owns the model, the data and the loss; the kernel owns the loop.
 
-Batches are a pure function of (seed, step, micro-batch): resume and any number of ranks see
-the same data, with no data position to save beyond the step itself.
+Batches are a pure function of (seed, step, micro-batch), over one dataset or a weighted
+mixture (``mixture.py``): resume and any number of ranks see the same data, with no data
+position to save beyond the step itself.
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from trainctl.backends import parallel, scoring, sharded_checkpoint
 from trainctl.backends.device import set_threads
 from trainctl.backends.gpt import data as gpt_data
+from trainctl.backends.gpt import mixture
 from trainctl.backends.gpt.inference import DATA_META, MODEL_ARGS, WEIGHTS, sample
 from trainctl.backends.gpt.model import GPT, GPTConfig
 from trainctl.backends.layer_stats import group_norms
 from trainctl.backends.optim import from_config
+from trainctl.backends.sample_record import SampleRecord
 from trainctl.backends.step import MicroLoss, OptimizerStep, StepBackend, local_micro_batches
 from trainctl.kernel.backend import Evaluation, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError
@@ -44,15 +46,17 @@ class GPTBackend(StepBackend):
         if train.eval_steps == 0:  # a token stream has no "whole split" of batches
             raise ConfigError("train.eval_steps = 0 (the whole split) is for the hf backend; the gpt backend samples "
                               "batches: set train.eval_steps to 1 or more")
-        self.data = gpt_data.load(ctx.data.path)
+        self.data = mixture.load(ctx.data, ctx.seed)
         self.tokenizer = gpt_data.Tokenizer(self.data.meta)
         block = self.cfg.block_size
-        for split, arr in (("train", self.data.train), ("val", self.data.val)):
-            if len(arr) <= block + 1:
-                raise ConfigError(
-                    f"model.block_size {block} is larger than the {split} data ({len(arr)} tokens); "
-                    "lower model.block_size or use more data"
-                )
+        for split, lengths in self.data.lengths.items():
+            for name, n in zip(self.data.names, lengths.tolist()):
+                if n <= block + 1:
+                    of = f"{split} data of {name}" if ctx.data.sources else f"{split} data"
+                    raise ConfigError(
+                        f"model.block_size {block} is larger than the {of} ({n} tokens); "
+                        "lower model.block_size or use more data"
+                    )
         vocab = self.cfg.vocab_size or self.data.vocab_size
         if vocab < self.data.vocab_size:
             raise ConfigError(
@@ -60,6 +64,8 @@ class GPTBackend(StepBackend):
                 "set model.vocab_size = 0 to take it from the data"
             )
         self.micro = local_micro_batches(train.grad_accum, ctx.dist)
+        self.record = (SampleRecord(ctx.out_dir, rank=ctx.dist.rank, world_size=ctx.dist.world_size, names=self.data.names)
+                       if ctx.data.record_samples else None)
 
         torch.manual_seed(ctx.seed)  # the same initial weights on every rank
         self.model_args = GPTConfig(
@@ -94,18 +100,19 @@ class GPTBackend(StepBackend):
                 f"GPT {self.cfg.n_layer}x{self.cfg.n_embd} ({self.cfg.n_head} heads, block {block}, "
                 f"vocab {vocab}) on {self.data.meta.get('source', ctx.data.path)}"
             ),
-            details={"train_tokens": len(self.data.train), "val_tokens": len(self.data.val), "optimizer": ctx.optim.name,
-                     "parallel": parallel.describe(train, ctx.dist.world_size, self.dtype)}
+            details={"train_tokens": int(self.data.lengths["train"].sum()), "val_tokens": int(self.data.lengths["val"].sum()),
+                     "optimizer": ctx.optim.name, "parallel": parallel.describe(train, ctx.dist.world_size, self.dtype)}
             | ({"init_from": self.init_note} if getattr(self, "init_note", "") else {}),
         )
 
     # --- the step: batches and loss; the rest is OptimizerStep's --------------------------------
 
-    def _batch(self, tokens: np.ndarray, *key: int) -> tuple[torch.Tensor, torch.Tensor]:
-        T = self.cfg.block_size
-        starts = gpt_data.batch_starts(len(tokens), T, self.train.batch_size, *key)
-        window = np.stack([tokens[s : s + T + 1] for s in starts]).astype(np.int64)  # (B, T+1)
-        xy = torch.from_numpy(window)
+    def _draw(self, split: str, step: int, micro: int, source: int | None = None) -> mixture.Draw:
+        return self.data.draw(split, self.cfg.block_size, self.train.batch_size, self.ctx.seed, step, micro,
+                              self.train.grad_accum, source=source)
+
+    def _batch(self, split: str, draw: mixture.Draw) -> tuple[torch.Tensor, torch.Tensor]:
+        xy = torch.from_numpy(self.data.windows(split, draw, self.cfg.block_size))  # (B, T+1)
         if self.device.type == "cuda":
             xy = xy.pin_memory().to(self.device, non_blocking=True)
         return xy[:, :-1], xy[:, 1:]  # (B, T) inputs, (B, T) next-token targets
@@ -119,7 +126,11 @@ class GPTBackend(StepBackend):
         return MicroLoss(share=loss / self.train.grad_accum, ce=loss, logits=logits, targets=y)
 
     def train_step(self, step: int) -> StepOutput:
-        batches = [self._batch(self.data.train, self.ctx.seed, step, m) for m in self.micro]
+        draws = [self._draw("train", step, m) for m in self.micro]
+        if self.record is not None:  # ids known on the host: no device work
+            rows = mixture.Draw.joined(draws)
+            self.record.write(step + 1, rows.index, rows.source, rows.start)
+        batches = [self._batch("train", d) for d in draws]
         return self.stepper.run(batches, self._loss, tokens=self.train.batch_size * self.train.grad_accum * self.cfg.block_size)
 
     def evaluate(self, step: int) -> dict[str, Evaluation]:
@@ -130,11 +141,13 @@ class GPTBackend(StepBackend):
             y = batch[1]
             return scoring.BatchScore(loss.float() * y.numel(), (logits.argmax(-1) == y).sum(), y.numel(), y.size(0))
 
-        splits = {split: self._eval_batches(split, arr) for split, arr in (("train", self.data.train), ("val", self.data.val))}
+        splits = {split: self._eval_batches(split) for split in ("train", "val")}
+        if len(self.data.sources) > 1:  # each source's own val as well: which domain the model learns
+            splits |= {f"val.{name}": self._eval_batches("val", k) for k, name in enumerate(self.data.names)}
         return scoring.evaluate(self.raw_model, splits, score, self.stepper.autocast, self.device, mean=self.train.eval_loss)
 
-    def _eval_batches(self, split: str, tokens: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return (self._batch(tokens, self.ctx.seed, EVAL_KEYS[split], k) for k in range(self.train.eval_steps))
+    def _eval_batches(self, split: str, source: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return (self._batch(split, self._draw(split, EVAL_KEYS[split], k, source)) for k in range(self.train.eval_steps))
 
     # --- state ------------------------------------------------------------------------------
 
@@ -186,5 +199,10 @@ class GPTBackend(StepBackend):
     def measure(self, steps: int = 2) -> float:
         """Seconds per optimizer step from forward/backward alone; weights, optimizer and RNG
         are untouched."""
-        batch = self._batch(self.data.train, self.ctx.seed, 0, 0)
+        batch = self._batch("train", self._draw("train", 0, 0))
         return self.stepper.measure(batch, self._loss, steps=steps, micro_batches=len(self.micro))
+
+    def close(self) -> None:
+        if getattr(self, "record", None) is not None:  # setup may have failed before it existed
+            self.record.close()
+        super().close()

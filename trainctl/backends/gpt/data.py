@@ -342,9 +342,10 @@ def nanogpt_meta(path: Path) -> dict[str, Any]:
     return {"tokenizer": "char", "vocab_size": len(chars), "chars": chars, "dtype": "uint16", "source": str(path.parent)}
 
 
-def batch_starts(n_tokens: int, block_size: int, batch_size: int, *key: int) -> np.ndarray:
+def batch_starts(n_tokens: int | np.ndarray, block_size: int, batch_size: int, *key: int) -> np.ndarray:
     """Start offsets of a batch: a pure function of ``key`` (seed, step, micro-batch), so a
-    resumed run or another number of ranks sees exactly the same batches."""
+    resumed run or another number of ranks sees exactly the same batches. ``n_tokens`` per row
+    ((B,), a mixture's rows from several sources) draws the same numbers as one int would."""
     rng = np.random.default_rng(key)
     return rng.integers(0, n_tokens - block_size, size=batch_size)
 

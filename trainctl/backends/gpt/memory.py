@@ -12,10 +12,10 @@ def estimate(ctx: BackendContext) -> MemoryEstimate:
     """One rank's memory for this run, from its config and the data's vocabulary (memory-mapped
     metadata; the embedded corpus is decoded, ~0.3 s): nothing is allocated on the device."""
     from trainctl.backends.device import Placement
-    from trainctl.backends.gpt import data as gpt_data
+    from trainctl.backends.gpt import mixture
 
     m = ctx.model
-    vocab = m.vocab_size or gpt_data.load(ctx.data.path).vocab_size
+    vocab = m.vocab_size or mixture.load(ctx.data, ctx.seed).vocab_size
     device, dtype = Placement.of(ctx.train, ctx.dist.local_rank).names
     s = shape(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size, vocab_size=vocab,
               bias=m.bias, dropout=m.dropout, batch_size=ctx.train.batch_size, device=device, dtype=dtype)
