@@ -99,6 +99,10 @@ class Plan:
     #: > 0: the run's length, derived by the backend from its data (hf: ``data.epochs``);
     #: it replaces ``train.max_steps`` before the first step
     max_steps: int = 0
+    #: > 0: steps in one pass over the training data (a fraction when steps run over an epoch's
+    #: end), for ``train.eval_strategy``/``save_strategy = "epoch"``; 0: the backend has no epochs
+    #: (gpt streams tokens)
+    steps_per_epoch: float = 0.0
 
 
 @dataclass(kw_only=True, slots=True)

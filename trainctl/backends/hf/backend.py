@@ -193,7 +193,7 @@ class HFBackend(StepBackend):
             flops_per_token=(6 if not self.hf.lora else 4) * total,  # forward 2N, backward 4N (2N without weight grads)
             device=device, dtype=dtype,
             summary=f"{self.cfg.name_or_path} fine-tuned on {self.data_cfg.train}",
-            details=details, max_steps=self.max_steps,
+            details=details, max_steps=self.max_steps, steps_per_epoch=self.layout.steps_per_epoch,
         )
 
     # --- the step -------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 
 from trainctl.backends import parallel, scoring
 from trainctl.backends.device import set_threads
-from trainctl.backends.hf import dpo, epochs, loading, neftune, rows, sft
+from trainctl.backends.hf import dpo, epochs, loading, neftune, plan, rows, sft
 from trainctl.backends.hf.backend import EVAL_EPOCH, HFBackend, decoder_layers
 from trainctl.backends.hf.config import resolve_reference
 from trainctl.backends.hf.dpo_loss import dpo_loss, policy_metrics, reward_metrics
@@ -132,7 +132,8 @@ class DPOBackend(HFBackend):
             "objective": f"DPO ({opts.loss_type}, beta {opts.beta:g}) on {self.shape}-prompt pairs",
             "reference": self.reference_line,
             "data": f"{n_train} train pairs, {kept} kept; {n_val} val pairs" + (f", {kept_val} kept" if n_val > kept_val else ""),
-            "run length": f"{self.max_steps} steps x {self.layout.rows_per_step} pairs = {self.layout.epochs(self.max_steps):.2f} epochs",
+            "run length": (f"{self.max_steps} steps x {self.layout.rows_per_step} pairs = {self.layout.epochs(self.max_steps):.2f} epochs; "
+                           f"{plan.order_line(self.pairs, self.layout.shuffle)}"),
             "tokens/step": f"~{tokens:,.0f} processed (chosen + rejected, mean of the first {len(sampled)} steps)",
             "parallel": parallel.describe(self.train, self.ctx.dist.world_size, self.dtype),
         }
@@ -146,7 +147,7 @@ class DPOBackend(HFBackend):
             params=trainable, total_params=total, tokens_per_step=round(tokens),
             flops_per_token=((6 if not self.hf.lora else 4) + in_loop_ref) * total,
             device=device, dtype=dtype, summary=f"{self.cfg.name_or_path} DPO on {self.data_cfg.train}",
-            details=details, max_steps=self.max_steps,
+            details=details, max_steps=self.max_steps, steps_per_epoch=self.layout.steps_per_epoch,
         )
 
     # --- the step -------------------------------------------------------------------------------
@@ -215,17 +216,20 @@ class DPOBackend(HFBackend):
         """Per split over ``train.eval_steps`` fixed batches of ``train.eval_batch_size`` pairs (0:
         every pair of the split): the mean DPO loss over the pairs and the reward accuracy (pairs
         whose chosen reward beats the rejected one); ``tokens`` counts pairs. The pair mean is what
-        ``Trainer``'s evaluation reports for DPO too: it weighs each batch's mean loss by its rows."""
+        ``Trainer``'s evaluation reports for DPO too: it weighs each batch's mean loss by its rows;
+        ``train.eval_loss = "batches"`` says so and makes the accuracy the mean of the batches'
+        (``DPOTrainer`` averages its stored ``rewards/accuracies`` over the eval batches)."""
         def score(b: dpo.PairBatch) -> scoring.BatchScore:
             loss, _, _ = self._pair_loss(self.model, sft.to_device(b.inputs, self.device))
             won = (loss.chosen_rewards > loss.rejected_rewards).sum()
-            return scoring.BatchScore(loss.per_pair.float().sum(), won, b.pairs)
+            return scoring.BatchScore(loss.per_pair.float().sum(), won, b.pairs, rows=b.pairs)
 
         splits = {}
         for split in ("train", "val") if self.pairs.val is not None else ("train",):
             splits[split] = self._eval_batches.get(split) or self._eval_batches.setdefault(split, self._fixed_pairs(split))
         # the DPO loss is no cross-entropy: no perplexity; the accuracy is the reward accuracy
-        return scoring.evaluate(self.model, splits, score, self.stepper.autocast, self.device, cross_entropy=False)
+        return scoring.evaluate(self.model, splits, score, self.stepper.autocast, self.device, cross_entropy=False,
+                                mean=self.train.eval_loss)
 
     def _fixed_pairs(self, split: str) -> list[dpo.PairBatch]:
         n_rows = len(self.pairs.train if split == "train" else self.pairs.val)
