@@ -214,8 +214,8 @@ class Trainer:
             if state.best_val_loss is None or results["val"].loss < state.best_val_loss:
                 state.best_val_loss = results["val"].loss
         for split, result in results.items():
-            metrics = {name: value for name, value in (("perplexity", result.perplexity), ("accuracy", result.accuracy))
-                       if value is not None}
+            metrics = result.metrics | {name: value for name, value in (("perplexity", result.perplexity),
+                                                                        ("accuracy", result.accuracy)) if value is not None}
             self.bus.eval_end(EvalEnd(step=state.step, split=split, loss=result.loss, loss_mean=result.loss_mean,
                                       duration=duration, metrics=metrics, time=time.time()))
 

@@ -128,10 +128,13 @@ class GPTBackend(StepBackend):
         def score(batch: tuple[torch.Tensor, torch.Tensor]) -> scoring.BatchScore:
             logits, loss = self.eval_model(*batch)  # (B, T, V), mean over every target (none ignored)
             y = batch[1]
-            return scoring.BatchScore(loss.float() * y.numel(), (logits.argmax(-1) == y).sum(), y.numel(), y.size(0))
+            predictions = (logits, y) if self.ctx.eval_metrics else (None, None)  # for plugins' metrics only
+            return scoring.BatchScore(loss.float() * y.numel(), (logits.argmax(-1) == y).sum(), y.numel(), y.size(0),
+                                      *predictions)
 
         splits = {split: self._eval_batches(split, arr) for split, arr in (("train", self.data.train), ("val", self.data.val))}
-        return scoring.evaluate(self.raw_model, splits, score, self.stepper.autocast, self.device, mean=self.train.eval_loss)
+        return scoring.evaluate(self.raw_model, splits, score, self.stepper.autocast, self.device, mean=self.train.eval_loss,
+                                metrics=self.ctx.eval_metrics)
 
     def _eval_batches(self, split: str, tokens: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return (self._batch(tokens, self.ctx.seed, EVAL_KEYS[split], k) for k in range(self.train.eval_steps))

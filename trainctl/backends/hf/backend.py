@@ -246,11 +246,21 @@ class HFBackend(StepBackend):
         ``train.eval_loss`` says how batches combine (``scoring``)."""
         def score(item: tuple[int, sft.Batch]) -> scoring.BatchScore:
             rows, b = item
-            out = self.model(**sft.to_device(b.inputs, self.device), use_cache=False, fused_lm_head=True)
-            return scoring.BatchScore(-out.log_probs.float().sum(), out.is_top1.sum(), b.trained, rows)
+            inputs = sft.to_device(b.inputs, self.device)
+            if self.ctx.eval_metrics is None:
+                out = self.model(**inputs, use_cache=False, fused_lm_head=True)  # logits never materialised
+                return scoring.BatchScore(-out.log_probs.float().sum(), out.is_top1.sum(), b.trained, rows)
+            # plugins' metrics need this batch's (B, T, V) logits: the model's own head and loss,
+            # summed over the batch's trained tokens (equal to the fused head's up to rounding)
+            n = max(b.trained, 1)
+            out = self.model(**inputs, use_cache=False, num_items_in_batch=n)
+            logits, targets = out.logits[:, :-1], inputs["labels"][:, 1:]  # (B, T-1, V), (B, T-1)
+            correct = ((logits.argmax(-1) == targets) & (targets >= 0)).sum()
+            return scoring.BatchScore(out.loss.float() * n, correct, b.trained, rows, logits, targets)
 
         splits = {split: self._fixed_batches(split) for split in (("train", "val") if self.sft.val is not None else ("train",))}
-        return scoring.evaluate(self.model, splits, score, self.stepper.autocast, self.device, mean=self.train.eval_loss)
+        return scoring.evaluate(self.model, splits, score, self.stepper.autocast, self.device, mean=self.train.eval_loss,
+                                metrics=self.ctx.eval_metrics)
 
     def _fixed_batches(self, split: str) -> Iterator[tuple[int, sft.Batch]]:
         """(rows, collated batch) of ``split``'s evaluation, collated as they are scored: the rows

@@ -50,6 +50,9 @@ class DPOBackend(HFBackend):
                               'scores the completions only (leave them "auto")')
         if ctx.loss_terms is not None:
             raise ConfigError('loss-term plugins need token logits, which objective = "dpo" never builds; remove them or use "sft"')
+        if ctx.eval_metrics is not None:
+            raise ConfigError("hf.objective = 'dpo' evaluates preference pairs, not token predictions: an eval metric "
+                              "plugin (trainctl_eval_metrics) has nothing to score; remove it from plugins")
         self.micro = local_micro_batches(train.grad_accum, ctx.dist)
         epochs.check(data.epoch_end == "short_step", ctx.dist.world_size)
         self.reference = resolve_reference(opts.reference, self.hf.lora is not None, bool(opts.ref_model))
