@@ -76,15 +76,20 @@ class BackendContext:
     #: materialises no logits for them). Hand it to ``scoring.evaluate`` with each batch's
     #: (B, T, V) logits and aligned (B, T) targets in its ``BatchScore``.
     eval_metrics: Callable[[str, Tensor, Tensor], dict[str, tuple[Tensor, Tensor]]] | None = None
+    #: built only to load a checkpoint and write it again or generate (``trainctl export``, and
+    #: ``sample`` of a sharded checkpoint): it never trains or evaluates, so the backend skips its
+    #: data checks and reads no more data than building the model needs
+    load_only: bool = False
 
     @classmethod
     def of(cls, config: RunConfig, *, out_dir: Path, dist: Distributed = Distributed(),
            loss_terms: Callable[[Any, Any, Any], list[tuple[str, Any]]] | None = None,
-           eval_metrics: Callable[[str, Any, Any], dict[str, tuple[Any, Any]]] | None = None) -> BackendContext:
+           eval_metrics: Callable[[str, Any, Any], dict[str, tuple[Any, Any]]] | None = None,
+           load_only: bool = False) -> BackendContext:
         """The sections of a resolved config that a backend uses."""
         return cls(model=config.model, data=config.data, train=StepConfig.of(config.train), optim=config.optim,
                    sections=config.sections, seed=config.seed, out_dir=out_dir, dist=dist, loss_terms=loss_terms,
-                   eval_metrics=eval_metrics)
+                   eval_metrics=eval_metrics, load_only=load_only)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

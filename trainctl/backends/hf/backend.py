@@ -100,16 +100,18 @@ class HFBackend(StepBackend):
 
         epochs.check(data.epoch_end == "short_step", ctx.dist.world_size)
         train_rows, val_rows = rows.read_data(data)
+        if ctx.load_only:  # export / sample: a few rows build TRL's trainer; no data check, no validation rows
+            train_rows, val_rows = rows.first_rows(train_rows), None
         self.shape = rows.detect_shape(train_rows, data.shape, data.text_field)
         self.mask = resolve_mask(self.shape, data.mask)
         hf_config = loading.model_config(self.cfg)  # before anything heavy: a missing model is one line
         self.tokenizer = loading.tokenizer(self.cfg)
         with sft.quiet():  # transformers warns about every row longer than the tokenizer's limit
-            self.warnings = check_rows(
+            self.warnings = [] if ctx.load_only else check_rows(
                 [r for r in (train_rows, val_rows) if r is not None], tokenizer=self.tokenizer, shape=self.shape,
                 mask=self.mask, config=data, max_length=self.cfg.max_length, report=ctx.dist.rank == 0,
             )
-        if val_rows is None:
+        if val_rows is None and not ctx.load_only:
             train_rows, val_rows = rows.split(train_rows, data.val_fraction, data.split_seed)
 
         attn = loading.attention(self.cfg.attn_implementation, self.device)
@@ -137,7 +139,7 @@ class HFBackend(StepBackend):
 
         first = self.sft.rows("train", self.layout.step(self.sft, 0)[0])
         fraction, problem = sft.mask_check(first, self.mask)
-        if problem:
+        if problem and not ctx.load_only:
             raise ConfigError(problem)
 
         self._place(loss_terms=ctx.loss_terms)

@@ -58,6 +58,8 @@ class DPOBackend(HFBackend):
         self.reference = resolve_reference(opts.reference, self.hf.lora is not None, bool(opts.ref_model))
 
         train_rows, val_rows = rows.read_data(data)
+        if ctx.load_only:  # export / sample: a few pairs build TRL's trainer; no data check, no validation pairs
+            train_rows, val_rows = rows.first_rows(train_rows), None
         if not train_rows.rows:
             raise ConfigError(f"{train_rows.source} has no rows; give a file with at least one preference pair")
         self.shape = dpo.preference_shape(train_rows.rows[0], train_rows.source)
@@ -66,10 +68,10 @@ class DPOBackend(HFBackend):
             raise ConfigError('objective = "dpo" does not add the MoE load-balancing loss yet; use a dense model or objective = "sft"')
         self.tokenizer = loading.tokenizer(self.cfg)
         for key, found in (("data.train", train_rows), ("data.val", val_rows)):
-            if found is not None:  # before the model loads: a bad pair is one line, exit 2
+            if found is not None and not ctx.load_only:  # before the model loads: a bad pair is one line, exit 2
                 require_valid_preferences(found, source=key, tokenizer=self.tokenizer, max_length=self.cfg.max_length,
                                           too_long=opts.too_long)
-        if val_rows is None:
+        if val_rows is None and not ctx.load_only:
             train_rows, val_rows = rows.split(train_rows, data.val_fraction, data.split_seed)
 
         attn = loading.attention(self.cfg.attn_implementation, self.device)
@@ -110,7 +112,7 @@ class DPOBackend(HFBackend):
         if self.pairs.ref_model is not None and self.stepper.parallel.sharded:  # a frozen copy sharded as the policy is
             self.stepper.parallel.shard_frozen(self.pairs.ref_model, decoder_layers(self.pairs.ref_model, self.pairs.ref_model))
             self.reference_line += ", sharded over the ranks"
-        if self.reference == "precomputed":  # before any step, and before a resume loads weights
+        if self.reference == "precomputed" and not ctx.load_only:  # before any step, and before a resume loads weights
             self.reference_line = self.pairs.precompute(ctx.out_dir, device=self.device, autocast=self.stepper.autocast,
                                                         batch_size=train.batch_size, rank=ctx.dist.rank,
                                                         world=ctx.dist.world_size, lockstep=self.stepper.parallel.sharded,
