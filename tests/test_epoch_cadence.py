@@ -108,3 +108,18 @@ def test_the_plan_says_which_cadence(registry, tmp_path):
     line = Run(config, registry, resume="never").cadence_line()
     assert line == ("evaluate at each epoch's end (an epoch is 4 steps) (train.eval_strategy = 'epoch'); save every 5 "
                     "steps (train.save_strategy = 'steps'); both at the end of the run")
+
+
+def test_a_resumed_run_keeps_the_epoch_cadence(registry, tmp_path):
+    """Stopped at step 5 and resumed: the evaluations and saves still land on the epoch ends (8, 12)."""
+    out = tmp_path / "out"
+    common = ("data.steps_per_epoch=4", "train.max_steps=12", "train.eval_strategy='epoch'", "train.save_strategy='epoch'")
+    first = make_config(registry, out, 'plugins=["checkpoint", "script", "recorder"]', "plugin.script.stop_at=[5]", *common)
+    assert Run(first, registry, resume="never").fit().step == 5
+    second = make_config(registry, out, 'plugins=["checkpoint", "recorder"]', *common)
+    session = Run(second, registry, resume="auto")
+    assert session.resumed_from.endswith("step-000005")
+    assert session.fit().status == "completed"
+    events = INSTANCES["recorder"].events
+    assert sorted({e.step for e in events if type(e).__name__ == "EvalEnd"}) == [8, 12]
+    assert [e.step for e in events if type(e).__name__ == "CheckpointSaved"] == [8, 12]
