@@ -106,8 +106,8 @@ def test_the_plan_says_which_cadence(registry, tmp_path):
     config = make_config(registry, tmp_path / "out", "data.steps_per_epoch=4", "train.eval_strategy='epoch'",
                          "train.save_interval=5")
     line = Run(config, registry, resume="never").cadence_line()
-    assert line == ("evaluate at each epoch's end (an epoch is 4 steps) (train.eval_strategy = 'epoch'); save every 5 "
-                    "steps (train.save_strategy = 'steps'); both at the end of the run")
+    assert line == ("evaluate at each epoch's end (an epoch is 4 steps) and at the end (train.eval_strategy = 'epoch'); "
+                    "save every 5 steps and at the end (train.save_strategy = 'steps')")
 
 
 def test_a_resumed_run_keeps_the_epoch_cadence(registry, tmp_path):

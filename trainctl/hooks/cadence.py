@@ -40,7 +40,7 @@ class Every:
         return (self.n > 0 and step % self.n == 0) or (self.at_end and step == max_steps)
 
     def describe(self, what: str) -> str:
-        return f"{what} every {self.n} steps" if self.n else f"{what} at the end only"
+        return f"{what} every {self.n} steps and at the end" if self.n else f"{what} only at the end"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +69,7 @@ class EpochEnds:
     def describe(self, what: str) -> str:
         per = self.steps_per_epoch
         shown = f"{per:g}" if per == int(per) else f"{per:.2f}"
-        return f"{what} at each epoch's end (an epoch is {shown} steps)"
+        return f"{what} at each epoch's end (an epoch is {shown} steps) and at the end"
 
 
 def schedule(strategy: str, interval: int, steps_per_epoch: float) -> Every | EpochEnds:

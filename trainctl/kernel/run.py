@@ -196,8 +196,7 @@ class Run:
         train, per = self.config.train, self.plan.steps_per_epoch
         evaluate = schedule(train.eval_strategy, train.eval_interval, per).describe("evaluate")
         save = schedule(train.save_strategy, train.save_interval, per).describe("save")
-        return (f"{evaluate} (train.eval_strategy = {train.eval_strategy!r}); {save} "
-                f"(train.save_strategy = {train.save_strategy!r}); both at the end of the run")
+        return f"{evaluate} (train.eval_strategy = {train.eval_strategy!r}); {save} (train.save_strategy = {train.save_strategy!r})"
 
     def _set_max_steps(self, steps: int) -> None:
         """The backend derived the run's length from its data (hf: ``data.epochs``): the loop, the
