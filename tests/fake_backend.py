@@ -21,6 +21,7 @@ class FakeModelConfig:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FakeDataConfig:
     path: str = ""
+    steps_per_epoch: float = 0.0  # > 0: the fake data has epochs of this many steps
 
 
 class FakeBackend:
@@ -33,7 +34,8 @@ class FakeBackend:
         self.val_losses: dict[int, float] = {}  # step -> val loss, instead of the default curve
 
     def setup(self) -> Plan:
-        return Plan(params=10, total_params=10, tokens_per_step=8, summary="fake")
+        return Plan(params=10, total_params=10, tokens_per_step=8, summary="fake",
+                    steps_per_epoch=self.ctx.data.steps_per_epoch)
 
     def set_lr(self, lr: float) -> None:
         self.lrs.append(lr)

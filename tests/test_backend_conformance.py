@@ -183,6 +183,23 @@ def test_evaluation_leaves_training_state_alone(make):
     assert torch.equal(twin.backend.train_step(1).loss, after_eval)
 
 
+def test_eval_metric_plugins_get_every_batch_and_cost_nothing_when_off(make):
+    """``topk_accuracy`` through ``trainctl_eval_metrics``: top-1 is the kernel's token accuracy,
+    top-3 at least that; the loss is the one evaluated without the plugin (hf: its own head
+    instead of the fused one, equal up to rounding); without the plugin no logits reach scoring."""
+    s = make('plugins=["topk_accuracy"]', "plugin.topk_accuracy.k=[1, 3, 1000000]")  # past the vocabulary: every token
+    results = s.backend.evaluate(0)
+    plain = make("plugins=[]")
+    assert plain.backend.ctx.eval_metrics is None
+    without = plain.backend.evaluate(0)
+    for split, r in results.items():
+        assert set(r.metrics) == {"top1_accuracy", "top3_accuracy", "top1000000_accuracy"}
+        assert r.metrics["top1_accuracy"] == pytest.approx(r.accuracy, abs=1e-12)
+        assert r.accuracy <= r.metrics["top3_accuracy"] <= r.metrics["top1000000_accuracy"] == 1.0
+        assert r.loss == pytest.approx(without[split].loss, rel=1e-5) and r.tokens == without[split].tokens
+        assert without[split].metrics == {}
+
+
 def test_measure_leaves_weights_optimizer_and_rng_alone(make):
     s = make("plugins=[]")
     s.backend.train_step(0)

@@ -307,3 +307,19 @@ def test_two_ranks_under_torchrun_equal_one_process(registry, hf, pairs, tmp_pat
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "fsdp-pre" / cache).read_bytes() == (tmp_path / "one" / cache).read_bytes()
+
+
+def test_plan_names_the_order_and_eval_loss_batches_weighs_batches_by_pairs(registry, hf, pairs, tmp_path):
+    """The plan's run length says which order the pairs go in (as SFT's does); under
+    ``train.eval_loss = "batches"`` each eval batch's mean is weighted by its pairs, as
+    ``Trainer.evaluate()`` repeats it per row, so over uneven batches it is still the pair mean,
+    and the evaluation says which mean it is."""
+    common = ("plugins=[]", "hf.objective='dpo'", "train.eval_steps=0", "train.eval_batch_size=7", "data.order='trl'")
+    s = session(registry, hf, tmp_path / "a", pairs, *common, "train.eval_loss='batches'")
+    assert "shuffled as TRL's Trainer shuffles (data.order = \"trl\"" in s.plan.details["run length"]
+    batches = s.backend.evaluate(0)
+    tokens = session(registry, hf, tmp_path / "b", pairs, *common).backend.evaluate(0)
+    assert batches["train"].tokens % 7  # the last batch is short: the weights matter
+    for split, result in batches.items():
+        assert (result.loss_mean, tokens[split].loss_mean) == ("batches", "tokens")
+        assert result.loss == pytest.approx(tokens[split].loss, rel=1e-6)

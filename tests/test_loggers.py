@@ -57,6 +57,20 @@ def test_console_eta_counts_steps_evals_and_saves_but_not_pauses(tmp_path):
     assert lines[-1]["message"] == "training resumed"
 
 
+def test_console_eval_line_names_the_batch_mean_and_the_metrics(tmp_path):
+    stream = io.StringIO()
+    console = Console(ConsoleConfig(format="json"), RunInfo(run_name="r", backend="b", out_dir=tmp_path, max_steps=100),
+                      stream=stream)
+    console.trainctl_eval_end(EvalEnd(step=10, split="val", loss=1.23456, loss_mean="batches", time=0.0,
+                                      metrics={"accuracy": 0.5, "top5_accuracy": 0.812345}))
+    console.trainctl_eval_end(EvalEnd(step=10, split="val", loss=1.5, source="remote", loss_mean="batches", time=0.0))
+    console.trainctl_eval_end(EvalEnd(step=20, split="val", loss=1.0, time=0.0))
+    local, remote, tokens = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert (local["loss"], local["loss_mean"], local["top5_accuracy"], local["accuracy"]) == (1.2346, "batches", 0.8123, 0.5)
+    assert (remote["source"], remote["loss_mean"]) == ("remote", "batches")
+    assert "loss_mean" not in tokens  # the token mean is the default: not repeated on every line
+
+
 def test_console_eta_uses_wall_time_per_step_less_evals_saves_and_pauses(tmp_path):
     """Per-step work outside the kernel's step time (samples, hooks) counts; evaluations,
     saves and pauses between logged steps do not inflate the per-step time."""

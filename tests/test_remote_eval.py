@@ -32,9 +32,10 @@ def test_live_run_with_a_live_worker(tmp_path):
         out = tmp_path / "run"
         train(out, PLUGINS, *FAST, f"plugin.remote_eval.url='{worker.url}'", "plugin.remote_eval.wait_at_end_s=120",
               "plugin.remote_eval.prompts=['ROMEO:']", "plugin.remote_eval.max_new_tokens=12",
-              "train.max_steps=40", "train.save_interval=20", "train.eval_interval=20")
+              "train.max_steps=40", "train.save_interval=20", "train.eval_interval=20", "train.eval_loss='batches'")
         remote = remote_evals(out)
         assert [e["step"] for e in remote] == [20, 40]
+        assert {e["loss_mean"] for e in remote} == {"batches"}  # the worker says which mean, as the run does
         for e in remote:
             assert e["metrics"]["perplexity"] == math.exp(e["loss"]) and 0.0 <= e["metrics"]["accuracy"] <= 1.0
         assert [e["step"] for e in remote_evals(out, "train")] == [20, 40]

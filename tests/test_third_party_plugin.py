@@ -1,7 +1,9 @@
 """A third-party plugin package, installed through the ``trainctl.plugins`` entry point, meets
 the contract through the real CLI: a misspelled hook and a hook wrapper are refused before
 training (exit 2, one line), and a notice of a kind it did not declare is refused where it is
-sent, as a failure of that plugin, while the kinds it declared reach the loggers."""
+sent, as a failure of that plugin, while the kinds it declared reach the loggers; an eval metric
+(``trainctl_eval_metrics``) reaches the eval events and the console, and one that raises is one
+line naming it."""
 
 from __future__ import annotations
 
@@ -53,8 +55,26 @@ class Declared:
         self.run.emit(Notice(step=event.step, kind="x.found", data={"step": event.step}, time=time.time()))
 
 
+class Scored:
+    def __init__(self, config, run): pass
+
+    @hookimpl
+    def trainctl_eval_metrics(self, split, logits, targets):
+        return {"x.scored_per_batch": ((targets >= 0).sum(), logits.new_tensor(1))}
+
+
+class Broken:
+    def __init__(self, config, run): pass
+
+    @hookimpl
+    def trainctl_eval_metrics(self, split, logits, targets):
+        raise ValueError("no metric today")
+
+
 @hookimpl
 def trainctl_register_plugins(register):
+    register(PluginSpec(name="scored", factory=Scored))
+    register(PluginSpec(name="broken", factory=Broken))
     register(PluginSpec(name="typo", factory=Typo))
     register(PluginSpec(name="wrapper", factory=Wrapper))
     register(PluginSpec(name="chatty", factory=Chatty))
@@ -126,3 +146,17 @@ def test_an_undeclared_notice_fails_its_sender_and_a_declared_one_is_logged(inst
     assert [step for kind, step in notices if kind == "x.found"] == [1, 2, 3, 4]
     assert "chatty_step" not in {kind for kind, _ in notices}
     assert events[-1]["event"] == "run_end" and events[-1]["status"] == "completed"
+
+
+def test_an_eval_metric_reaches_the_events_and_a_raising_one_is_one_line(installed, tmp_path):
+    out = tmp_path / "out"
+    proc = train(out, ["scored", "broken", "console", "jsonl"])
+    assert proc.returncode == 0, proc.stderr
+    failed = [line for line in proc.stderr.splitlines() if "broken" in line]
+    assert failed == ["trainctl: plugin 'broken' failed in trainctl_eval_metrics: ValueError: no metric today"]
+    assert "Traceback" not in proc.stderr
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e["event"] == "eval"]
+    assert {e["split"] for e in evals} == {"train", "val"}
+    assert all(e["metrics"]["x.scored_per_batch"] == 8 * 32 for e in evals)  # batch_size x block_size, one batch
+    assert '"x.scored_per_batch": 256.0' in next(line for line in proc.stdout.splitlines() if '"event": "eval"' in line)

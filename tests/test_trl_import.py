@@ -44,6 +44,18 @@ def test_evaluation_takes_the_scripts_test_split_with_trls_eval_loss():
     assert quiet["data"]["val_fraction"] == 0.0 and "val" not in quiet["data"]
 
 
+def test_epoch_strategies_carry_over():
+    tables, notes = converted(dataset_name="d", eval_strategy="epoch", save_strategy="epoch", save_total_limit=2)
+    train = tables["train"]
+    assert (train["eval_strategy"], train["save_strategy"], tables["plugin"]["checkpoint"]["keep_last"]) == ("epoch", "epoch", 2)
+    assert "eval_interval" not in train and "save_interval" not in train
+    assert not any("strategy" in n for n in notes)
+    steps, _ = converted(dataset_name="d", eval_strategy="steps", eval_steps=3)
+    assert "eval_strategy" not in steps["train"] and steps["train"]["save_interval"] == 500
+    delayed, notes = converted(dataset_name="d", eval_strategy="epoch", eval_delay=2)
+    assert any(n.startswith("eval_delay: 2 not converted") for n in notes)
+
+
 def test_one_file_has_no_test_split():
     tables, notes = converted(dataset_name="data/train.jsonl", eval_strategy="steps", eval_steps=5)
     assert "val" not in tables["data"] and tables["data"]["val_fraction"] == 0.0

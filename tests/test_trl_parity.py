@@ -129,6 +129,33 @@ def test_prompt_completion_dataset_dict_epochs_and_a_resume_as_trl_sft(registry,
     assert_same_run(ours, theirs, evals)
 
 
+def test_eval_and_save_per_epoch_as_trl_sft(hf, tmp_path):
+    """``eval_strategy: epoch``, ``save_strategy: epoch``, ``save_total_limit: 2`` over 2.5 epochs of 4
+    steps (27 rows, 4 a micro-batch, 2 a step): TRL evaluates and saves at steps 4, 8 and 10 (the
+    cut last epoch ends at max_steps) and keeps the last two checkpoints; the converted run does the
+    same, with the same eval losses."""
+    data = saved_dataset_dict(tmp_path / "pc", hf_assets.prompt_completion_rows(36), 27)
+    settings = COMMON | {
+        "model_name_or_path": str(hf.llama), "dataset_name": str(data), "learning_rate": 3e-3, "num_train_epochs": 2.5,
+        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "eval_strategy": "epoch",
+        "save_strategy": "epoch", "save_total_limit": 2, "gradient_checkpointing": False,
+    }
+    theirs = trl_log("sft", settings, tmp_path)
+    config, notes = imported(settings, tmp_path)
+    assert "strategy" not in notes
+    proc = run_cli("run", config, "--yes", "--set", "train.threads=1")
+    assert proc.returncode == 0, proc.stderr
+    assert "cadence: evaluate at each epoch's end (an epoch is 4 steps)" in proc.stdout
+    ours, evals = our_log(tmp_path / "ours")
+    assert [h["step"] for h in theirs if "eval_loss" in h] == [e["step"] for e in evals] == [4, 8, 10]
+    assert_same_run(ours, theirs, evals)
+    kept = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "trl_out").glob("checkpoint-*"))
+    assert kept == [8, 10]
+    events = [json.loads(line) for line in (tmp_path / "ours" / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "save"] == [4, 8, 10]
+    assert sorted(int(p.name.split("-")[1]) for p in (tmp_path / "ours" / "checkpoints").glob("step-*")) == kept
+
+
 def test_dpo_as_trl_dpo(hf, tmp_path):
     """A ``trl dpo`` file with TRL's defaults (sigmoid loss, the frozen reference, dropout off,
     random order), over 2 epochs."""

@@ -94,10 +94,13 @@ class TinyBackend(StepBackend):
 
     def evaluate(self, step: int) -> dict[str, Evaluation]:
         def score(batch: tuple[torch.Tensor, torch.Tensor]) -> scoring.BatchScore:
-            return scoring.BatchScore(*scoring.top1(self.model(batch[0]), batch[1], -1))
+            logits = self.model(batch[0])
+            predictions = (logits, batch[1]) if self.ctx.eval_metrics else (None, None)  # plugins' metrics only
+            return scoring.BatchScore(*scoring.top1(logits, batch[1], -1), 1, *predictions)
 
         batches = [self._batch(EVAL_STEP, k) for k in range(self.train.eval_steps)]
-        return scoring.evaluate(self.model, {"val": batches}, score, self.stepper.autocast, self.device)
+        return scoring.evaluate(self.model, {"val": batches}, score, self.stepper.autocast, self.device,
+                                metrics=self.ctx.eval_metrics)
 
     def save(self, directory: Path) -> None:
         if self.stepper.save(directory):

@@ -69,6 +69,7 @@ class EvalResult:
     train_perplexity: float | None = None
     accuracy: float | None = None  # val: top-1 token accuracy (DPO: reward accuracy)
     train_accuracy: float | None = None
+    loss_mean: str = "tokens"  # which mean the losses are (the run's train.eval_loss): tokens | batches
     samples: list[dict[str, str]] = field(default_factory=list)  # [{"prompt", "text"}]
     device: str = ""
     duration: float = 0.0
@@ -100,8 +101,11 @@ class Evaluator:
     when the next checkpoint has the same config (the usual case: every checkpoint of a run),
     since ``load`` restores all of its state."""
 
-    def __init__(self, *, work_dir: Path, device: str | None = None, registry: Any = None) -> None:
-        self.work_dir = work_dir
+    def __init__(self, *, work_dir: Path, device: str | None = None, registry: Any = None,
+                 load_only: bool = False) -> None:
+        """``load_only``: backends built to load and save or generate only (``BackendContext.load_only``:
+        no data check); such an evaluator must not ``evaluate``."""
+        self.work_dir, self.load_only = work_dir, load_only
         self.device = device
         self._registry = registry
         self._cached: tuple[str, Any, Any] | None = None  # (config key, RunConfig, backend)
@@ -128,6 +132,7 @@ class Evaluator:
             train_perplexity=results["train"].perplexity if "train" in results else None,
             accuracy=results["val"].accuracy if "val" in results else None,
             train_accuracy=results["train"].accuracy if "train" in results else None,
+            loss_mean=next((r.loss_mean for r in results.values()), "tokens"),
             samples=texts, device=config.train.device, duration=time.perf_counter() - started,
         )
 
@@ -206,7 +211,7 @@ class Evaluator:
             extra = f": pip install 'trainctl[{spec.extra}]'" if spec.extra else ""
             raise ConfigError(f"backend '{config.backend}' needs a package that is missing ({exc.name}){extra}") from None
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        backend = factory(BackendContext.of(config, out_dir=self.work_dir))
+        backend = factory(BackendContext.of(config, out_dir=self.work_dir, load_only=self.load_only))
         backend.setup()
         self._cached = (key, config, backend)
         return config, backend

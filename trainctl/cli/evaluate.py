@@ -38,6 +38,7 @@ def evaluate(target: Path, as_json: bool, device: str | None, prompts: tuple[str
     click.echo(f"checkpoint {result.checkpoint} (step {result.step}, {result.backend}, {result.device})")
     parts = [
         f"val loss {result.val_loss:.4f}" if result.val_loss is not None else "",
+        f"loss mean {result.loss_mean} (train.eval_loss)" if result.loss_mean != "tokens" else "",
         f"perplexity {result.perplexity:.3f}" if result.perplexity is not None else "",
         f"accuracy {result.accuracy:.4f}" if result.accuracy is not None else "",
         f"train loss {result.train_loss:.4f}" if result.train_loss is not None else "",

@@ -53,7 +53,7 @@ def consolidate(checkpoint: Path, out: Path, device: str) -> tuple[int, str]:
     tmp = out.parent / f".tmp-export-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="trainctl-export-") as scratch:
-        evaluator = Evaluator(work_dir=Path(scratch), device=device)
+        evaluator = Evaluator(work_dir=Path(scratch), device=device, load_only=True)  # no data check: nothing trains
         try:
             with evaluator.loaded(checkpoint) as (manifest, config, backend, copy):
                 tmp.mkdir()

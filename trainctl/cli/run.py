@@ -137,6 +137,7 @@ def print_plan(session) -> float:
         if plan.memory is not None:
             lines.append(f"  memory: {plan.memory.line()}")
         lines += [f"  {k}: {v}" for k, v in plan.details.items()]
+        lines.append(f"  cadence: {session.cadence_line()}")
         if "lr" in session.config.plugin:  # the schedule a TRL user compares (warmup: 100 here, 0 there)
             from trainctl.plugins.lr import describe
 

@@ -68,6 +68,10 @@ Rules of the road:
   only at the end). For the end of a run stopped early, act on ``trainctl_control`` with
   ``view.state == "ending"``.
 - **Events are plain data**: frozen dataclasses of scalars, safe to keep or send elsewhere.
+- **Tensors reach two hooks only**, both on the device and never to be read there:
+  ``trainctl_loss_terms`` (training micro-batches) and ``trainctl_eval_metrics`` (evaluation
+  batches: answer ``{name: (total, count)}``, summed by the kernel over the split, reported as
+  ``total / count`` in the eval event's ``metrics``; ``trainctl.plugins.topk_accuracy`` is one).
 - **Emitting.** ``run.emit(event)`` queues an event (e.g. a ``Notice``); the kernel delivers it
   on the training thread at the next step boundary, so it is safe to call from any thread.
 - **Notices are a declared vocabulary** (:mod:`trainctl.hooks.notices`): match on the constants

@@ -174,6 +174,30 @@ def trainctl_loss_terms(logits: torch.Tensor, targets: torch.Tensor, loss: torch
     """
 
 
+# --- evaluation: what a split's predictions measure ------------------------------------------
+
+
+@hookspec
+def trainctl_eval_metrics(split: str, logits: torch.Tensor, targets: torch.Tensor) -> Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """Metrics of an evaluation computed from the model's predictions, as transformers'
+    ``compute_metrics`` does, without keeping the split's logits: called once per evaluation batch
+    of ``split`` with that batch's (B, T, V) ``logits`` and (B, T) ``targets`` (aligned: position t
+    predicts ``targets[:, t]``; ignored positions negative, -1 or -100).
+
+    Return ``{name: (total, count)}``, each a 0-d tensor on the logits' device (e.g. correct
+    tokens and scored tokens). The kernel's scoring sums both over the split's batches on the
+    device, reads them with the loss (the one host read of a split), and reports ``total / count``
+    as ``metrics[name]`` of the split's eval event (jsonl, console, Prometheus' eval metric, ...).
+    Do not read device values here (no ``.item()``). A name answered by several plugins is the
+    first's (list order); ``loss``, ``accuracy`` and ``perplexity`` stay the kernel's. A plugin that
+    raises is reported in one line naming it, and its metric is left out of that split's event.
+
+    Costs nothing unless a plugin implements it: only then does a backend materialise the logits
+    of an evaluation batch (hf: instead of its fused head, one batch at a time). Token-predicting
+    backends call it (gpt, hf SFT); ``hf.objective = "dpo"`` evaluates pairs and refuses it.
+    """
+
+
 # --- checkpoints: state that must survive a resume ------------------------------------------
 
 

@@ -71,13 +71,25 @@ class BackendContext:
     #: plugin adds terms (then the backend must not spend anything on them). Called per training
     #: micro-batch with (B, T, V) logits, (B, T) targets and the micro-batch's mean cross-entropy.
     loss_terms: Callable[[Tensor, Tensor, Tensor], list[tuple[str, Tensor]]] | None = None
+    #: ``eval_metrics(split, logits, targets) -> {name: (total, count)}`` from plugins
+    #: (``trainctl_eval_metrics``), or None when no plugin computes any (then evaluation
+    #: materialises no logits for them). Hand it to ``scoring.evaluate`` with each batch's
+    #: (B, T, V) logits and aligned (B, T) targets in its ``BatchScore``.
+    eval_metrics: Callable[[str, Tensor, Tensor], dict[str, tuple[Tensor, Tensor]]] | None = None
+    #: built only to load a checkpoint and write it again or generate (``trainctl export``, and
+    #: ``sample`` of a sharded checkpoint): it never trains or evaluates, so the backend skips its
+    #: data checks and reads no more data than building the model needs
+    load_only: bool = False
 
     @classmethod
     def of(cls, config: RunConfig, *, out_dir: Path, dist: Distributed = Distributed(),
-           loss_terms: Callable[[Any, Any, Any], list[tuple[str, Any]]] | None = None) -> BackendContext:
+           loss_terms: Callable[[Any, Any, Any], list[tuple[str, Any]]] | None = None,
+           eval_metrics: Callable[[str, Any, Any], dict[str, tuple[Any, Any]]] | None = None,
+           load_only: bool = False) -> BackendContext:
         """The sections of a resolved config that a backend uses."""
         return cls(model=config.model, data=config.data, train=StepConfig.of(config.train), optim=config.optim,
-                   sections=config.sections, seed=config.seed, out_dir=out_dir, dist=dist, loss_terms=loss_terms)
+                   sections=config.sections, seed=config.seed, out_dir=out_dir, dist=dist, loss_terms=loss_terms,
+                   eval_metrics=eval_metrics, load_only=load_only)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -99,6 +111,10 @@ class Plan:
     #: > 0: the run's length, derived by the backend from its data (hf: ``data.epochs``);
     #: it replaces ``train.max_steps`` before the first step
     max_steps: int = 0
+    #: > 0: steps in one pass over the training data (a fraction when steps run over an epoch's
+    #: end), for ``train.eval_strategy``/``save_strategy = "epoch"``; 0: the backend has no epochs
+    #: (gpt streams tokens)
+    steps_per_epoch: float = 0.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -132,6 +148,7 @@ class Evaluation:
     #: "tokens": means over every scored item; "batches": transformers' Trainer's eval_loss (each
     #: batch's mean, weighted by its rows) and TRL's eval accuracy (the mean of batch means)
     loss_mean: str = "tokens"
+    metrics: dict[str, float] = field(default_factory=dict)  # the plugins' (trainctl_eval_metrics), by name
 
     @property
     def perplexity(self) -> float | None:

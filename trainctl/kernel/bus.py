@@ -227,6 +227,16 @@ class EventBus:
     def loss_terms(self, logits: Any, targets: Any, loss: Any) -> list[tuple[str, Any]]:
         return self._answers("trainctl_loss_terms", logits=logits, targets=targets, loss=loss)
 
+    def has_eval_metrics(self) -> bool:
+        return bool(self._pm.hook.trainctl_eval_metrics.get_hookimpls())
+
+    def eval_metrics(self, split: str, logits: Any, targets: Any) -> dict[str, tuple[Any, Any]]:
+        merged: dict[str, tuple[Any, Any]] = {}
+        for answer in self._answers("trainctl_eval_metrics", split=split, logits=logits, targets=targets):
+            for name, value in answer.items():
+                merged.setdefault(name, value)  # the first plugin in list order keeps a name
+        return merged
+
     def check_config(self, config: Mapping[str, Any]) -> list[str]:
         return [problem for problems in self._answers("trainctl_check_config", config=config) for problem in problems]
 

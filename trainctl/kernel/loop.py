@@ -6,11 +6,11 @@
         out = backend.train_step(step)           # forward, backward, clip, update: no host sync
         read out's fields if a logged step       # the one host sync of a logged step
         step_end                                 -> trainctl_step_end
-        evaluate every eval_interval             -> notice "evaluating", trainctl_eval_end (one per split)
+        evaluate every eval_interval (or epoch)  -> notice "evaluating", trainctl_eval_end (one per split)
         decision = combine(trainctl_control)     -> trainctl_control (any stop wins)
         decision = agree(decision)               # ranks: one MAX all-reduce of the flags
         evaluate if asked                        -> notice "evaluating", trainctl_eval_end
-        save every save_interval or if asked     -> notice "saving", trainctl_write_checkpoint, trainctl_checkpoint_saved
+        save every save_interval (or epoch) or if asked -> notice "saving", trainctl_write_checkpoint, trainctl_checkpoint_saved
         while anyone answers pause: poll         -> trainctl_control (state "paused")
         stop if anyone answered stop
     ending: final evaluation and checkpoint      -> trainctl_control (state "ending"), ...
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from trainctl.hooks import notices
+from trainctl.hooks.cadence import schedule
 from trainctl.hooks.events import CheckpointSaved, Control, EvalEnd, Notice, RunEnd, RunStart, StepEnd, combine
 from trainctl.hooks.plugin import RunInfo
 from trainctl.kernel.backend import Backend, Distributed, Evaluation, Plan, StepOutput
@@ -59,6 +60,9 @@ class Trainer:
         self.write_state, self.resumed_from = write_state, resumed_from
         self.group = group or Group(Distributed())  # one process unless Run passes the ranks' group
         self.held = Control()  # decisions waiting for the next agreement (train.control_interval)
+        # when to evaluate and save besides the end (train.eval_strategy / save_strategy): pure in the step
+        self.eval_due = schedule(train.eval_strategy, train.eval_interval, plan.steps_per_epoch).due
+        self.save_due = schedule(train.save_strategy, train.save_interval, plan.steps_per_epoch).due
         peak = plan.peak_flops or train.peak_tflops * 1e12
         self.flops_share = (plan.flops_per_token or 0) / peak if peak else 0.0  # of the peak, per token per second
 
@@ -122,11 +126,11 @@ class Trainer:
                 interval = Interval()
             bus.deliver_pending()
 
-            if train.eval_interval and state.step % train.eval_interval == 0:
+            if self.eval_due(state.step, train.max_steps):
                 self._evaluate()
             decision = self._agree(bus.control(state.view(train.max_steps, "running")))
             bus.deliver_pending()  # e.g. a controller's acknowledgement, before acting on it
-            self._act(decision, cadence_save=bool(train.save_interval and state.step % train.save_interval == 0))
+            self._act(decision, cadence_save=self.save_due(state.step, train.max_steps))
             while decision.pause and not decision.stop:
                 decision = self._pause()
             if decision.stop:
@@ -210,8 +214,8 @@ class Trainer:
             if state.best_val_loss is None or results["val"].loss < state.best_val_loss:
                 state.best_val_loss = results["val"].loss
         for split, result in results.items():
-            metrics = {name: value for name, value in (("perplexity", result.perplexity), ("accuracy", result.accuracy))
-                       if value is not None}
+            metrics = result.metrics | {name: value for name, value in (("perplexity", result.perplexity),
+                                                                        ("accuracy", result.accuracy)) if value is not None}
             self.bus.eval_end(EvalEnd(step=state.step, split=split, loss=result.loss, loss_mean=result.loss_mean,
                                       duration=duration, metrics=metrics, time=time.time()))
 

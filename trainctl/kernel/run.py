@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from trainctl.hooks.cadence import schedule
 from trainctl.hooks.plugin import RunInfo
 from trainctl.kernel import resume as resuming
 from trainctl.kernel import run_dir
@@ -80,6 +81,7 @@ class Run:
         self.plan: Plan = dataclasses.replace(self.backend.setup(), memory=memory)
         if self.plan.max_steps and self.plan.max_steps != self.config.train.max_steps:
             self._set_max_steps(self.plan.max_steps)
+        self._check_cadence()
         self.state = RunState()
         self.resumed_from = self._resume(resume, force)
 
@@ -138,6 +140,7 @@ class Run:
         return factory(BackendContext.of(
             config, out_dir=self.out_dir, dist=dist,
             loss_terms=self.bus.loss_terms if self.bus.has_loss_terms() else None,
+            eval_metrics=self.bus.eval_metrics if self.bus.has_eval_metrics() else None,
         ))
 
     def _memory_plan(self, registry: Registry, dist: Distributed) -> Any:
@@ -178,6 +181,22 @@ class Run:
                         defaults=self.config.locked_defaults(),
                         restore_state=self.state.restore, load_plugins=self.bus.load_state_dict)
         return str(path)
+
+    def _check_cadence(self) -> None:
+        """``eval_strategy``/``save_strategy = "epoch"`` need a backend that counts epochs."""
+        train = self.config.train
+        for key, strategy in (("eval_strategy", train.eval_strategy), ("save_strategy", train.save_strategy)):
+            if strategy == "epoch" and not self.plan.steps_per_epoch:
+                interval = "eval_interval" if key == "eval_strategy" else "save_interval"
+                raise ConfigError(f"train.{key} = 'epoch' needs a backend that counts epochs (hf); the "
+                                  f"{self.config.backend} backend has none: use train.{interval} steps")
+
+    def cadence_line(self) -> str:
+        """The plan's line: when the run evaluates and saves."""
+        train, per = self.config.train, self.plan.steps_per_epoch
+        evaluate = schedule(train.eval_strategy, train.eval_interval, per).describe("evaluate")
+        save = schedule(train.save_strategy, train.save_interval, per).describe("save")
+        return f"{evaluate} (train.eval_strategy = {train.eval_strategy!r}); {save} (train.save_strategy = {train.save_strategy!r})"
 
     def _set_max_steps(self, steps: int) -> None:
         """The backend derived the run's length from its data (hf: ``data.epochs``): the loop, the

@@ -61,6 +61,9 @@ class TrainConfig:
     grad_accum: int = ranged(1, ge=1)  # micro-batches per optimizer step, summed over all ranks
     log_interval: int = ranged(10, ge=1)  # steps between measured (host-synced) losses
     eval_interval: int = ranged(250, ge=0)  # steps between evaluations; 0 = only at the end
+    # "steps": every eval_interval steps; "epoch": at each epoch's end instead (TRL's eval_strategy;
+    # the backend counts epochs: hf). Either way, once more at the end of the run
+    eval_strategy: Literal["steps", "epoch"] = "steps"
     eval_steps: int = ranged(20, ge=0)  # batches per split in an evaluation; 0 = the whole split (hf)
     eval_batch_size: int = ranged(0, ge=0)  # rows per evaluation batch; 0 = batch_size
     # the reported eval loss: "tokens" the mean over every scored token; "batches" transformers'
@@ -68,6 +71,7 @@ class TrainConfig:
     eval_loss: Literal["tokens", "batches"] = "tokens"
     eval_at_start: bool = False
     save_interval: int = ranged(0, ge=0)  # steps between checkpoints; 0 = only at the end
+    save_strategy: Literal["steps", "epoch"] = "steps"  # "epoch": a checkpoint at each epoch's end instead of save_interval's
     grad_clip: float = ranged(1.0, ge=0)  # max gradient norm; 0 = off
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

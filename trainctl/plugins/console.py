@@ -146,7 +146,10 @@ class Console:
             self.eval_step, self.eval_s = event.step, event.duration
             self.excluded += event.duration  # one duration covers every split of an evaluation
         self._emit("eval", step=event.step, split=event.split, loss=round(event.loss, 4),
-                   source=event.source if event.source != "local" else None)
+                   # which mean the loss is, when it is not the token mean (train.eval_loss = "batches": TRL's)
+                   loss_mean=event.loss_mean if event.loss_mean != "tokens" else None,
+                   source=event.source if event.source != "local" else None,
+                   **{k: round(v, 4) for k, v in event.metrics.items() if k not in ("step", "split", "loss", "source")})
 
     @hookimpl
     def trainctl_checkpoint_saved(self, event: CheckpointSaved) -> None:

@@ -199,6 +199,7 @@ class RemoteEval:
                     metrics = {name: result[f"{prefix}{name}"] for name in ("perplexity", "accuracy")
                                if result.get(f"{prefix}{name}") is not None}
                     self.run.emit(EvalEnd(step=sub.step, split=split, loss=result[f"{split}_loss"], source="remote",
+                                          loss_mean=result.get("loss_mean", "tokens"),
                                           duration=result.get("duration", 0.0), metrics=metrics, time=time.time()))
             if result.get("samples"):
                 self.run.emit(Notice(step=sub.step, kind=notices.REMOTE_EVAL_SAMPLES,

@@ -139,12 +139,15 @@ class GPTBackend(StepBackend):
         def score(batch: tuple[torch.Tensor, torch.Tensor]) -> scoring.BatchScore:
             logits, loss = self.eval_model(*batch)  # (B, T, V), mean over every target (none ignored)
             y = batch[1]
-            return scoring.BatchScore(loss.float() * y.numel(), (logits.argmax(-1) == y).sum(), y.numel(), y.size(0))
+            predictions = (logits, y) if self.ctx.eval_metrics else (None, None)  # for plugins' metrics only
+            return scoring.BatchScore(loss.float() * y.numel(), (logits.argmax(-1) == y).sum(), y.numel(), y.size(0),
+                                      *predictions)
 
         splits = {split: self._eval_batches(split) for split in ("train", "val")}
         if len(self.data.sources) > 1:  # each source's own val as well: which domain the model learns
             splits |= {f"val.{name}": self._eval_batches("val", k) for k, name in enumerate(self.data.names)}
-        return scoring.evaluate(self.raw_model, splits, score, self.stepper.autocast, self.device, mean=self.train.eval_loss)
+        return scoring.evaluate(self.raw_model, splits, score, self.stepper.autocast, self.device, mean=self.train.eval_loss,
+                                metrics=self.ctx.eval_metrics)
 
     def _eval_batches(self, split: str, source: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return (self._batch(split, self._draw(split, EVAL_KEYS[split], k, source)) for k in range(self.train.eval_steps))

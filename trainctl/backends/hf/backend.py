@@ -109,16 +109,18 @@ class HFBackend(StepBackend):
             val_rows = rows.read(data.val, "data.val", split=data.val_split, subset=data.subset, files=data.val_files) if data.val else None
         else:
             train_rows, val_rows = rows.read_data(data)
+        if ctx.load_only:  # export / sample: a few rows build TRL's trainer; no data check, no validation rows
+            train_rows, val_rows = rows.first_rows(train_rows), None
         self.shape = rows.detect_shape(train_rows, data.shape, data.text_field)
         self.mask = resolve_mask(self.shape, data.mask)
         hf_config = loading.model_config(self.cfg)  # before anything heavy: a missing model is one line
         self.tokenizer = loading.tokenizer(self.cfg)
         with sft.quiet():  # transformers warns about every row longer than the tokenizer's limit
-            self.warnings = check_rows(
+            self.warnings = [] if ctx.load_only else check_rows(
                 [r for r in (train_rows, val_rows) if r is not None], tokenizer=self.tokenizer, shape=self.shape,
                 mask=self.mask, config=data, max_length=self.cfg.max_length, report=ctx.dist.rank == 0,
             )
-        if val_rows is None and not data.streaming:
+        if val_rows is None and not data.streaming and not ctx.load_only:
             train_rows, val_rows = rows.split(train_rows, data.val_fraction, data.split_seed)
 
         attn = loading.attention(self.cfg.attn_implementation, self.device)
@@ -149,7 +151,7 @@ class HFBackend(StepBackend):
         step0 = self.stream.step(0) if self.stream else [self.sft.rows("train", r) for r in self.layout.step(self.sft, 0)]
         self._first = self.sft.batch(step0[self.micro[0]])  # measure()'s micro-batch
         fraction, problem = sft.mask_check(step0[0], self.mask)
-        if problem:
+        if problem and not ctx.load_only:
             raise ConfigError(problem)
 
         self._place(loss_terms=ctx.loss_terms)
@@ -215,7 +217,7 @@ class HFBackend(StepBackend):
             flops_per_token=(6 if not self.hf.lora else 4) * total,  # forward 2N, backward 4N (2N without weight grads)
             device=device, dtype=dtype,
             summary=f"{self.cfg.name_or_path} fine-tuned on {self.data_cfg.train}",
-            details=details, max_steps=self.max_steps,
+            details=details, max_steps=self.max_steps, steps_per_epoch=self.layout.steps_per_epoch,
         )
 
     # --- the step -------------------------------------------------------------------------------
@@ -271,11 +273,21 @@ class HFBackend(StepBackend):
         ``train.eval_loss`` says how batches combine (``scoring``)."""
         def score(item: tuple[int, sft.Batch]) -> scoring.BatchScore:
             rows, b = item
-            out = self.model(**sft.to_device(b.inputs, self.device), use_cache=False, fused_lm_head=True)
-            return scoring.BatchScore(-out.log_probs.float().sum(), out.is_top1.sum(), b.trained, rows)
+            inputs = sft.to_device(b.inputs, self.device)
+            if self.ctx.eval_metrics is None:
+                out = self.model(**inputs, use_cache=False, fused_lm_head=True)  # logits never materialised
+                return scoring.BatchScore(-out.log_probs.float().sum(), out.is_top1.sum(), b.trained, rows)
+            # plugins' metrics need this batch's (B, T, V) logits: the model's own head and loss,
+            # summed over the batch's trained tokens (equal to the fused head's up to rounding)
+            n = max(b.trained, 1)
+            out = self.model(**inputs, use_cache=False, num_items_in_batch=n)
+            logits, targets = out.logits[:, :-1], inputs["labels"][:, 1:]  # (B, T-1, V), (B, T-1)
+            correct = ((logits.argmax(-1) == targets) & (targets >= 0)).sum()
+            return scoring.BatchScore(out.loss.float() * n, correct, b.trained, rows, logits, targets)
 
         splits = {split: self._fixed_batches(split) for split in (("train", "val") if self.sft.val is not None else ("train",))}
-        return scoring.evaluate(self.model, splits, score, self.stepper.autocast, self.device, mean=self.train.eval_loss)
+        return scoring.evaluate(self.model, splits, score, self.stepper.autocast, self.device, mean=self.train.eval_loss,
+                                metrics=self.ctx.eval_metrics)
 
     def _fixed_batches(self, split: str) -> Iterator[tuple[int, sft.Batch]]:
         """(rows, collated batch) of ``split``'s evaluation, collated as they are scored: the rows

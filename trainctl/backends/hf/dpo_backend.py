@@ -27,7 +27,7 @@ import torch
 
 from trainctl.backends import parallel, scoring
 from trainctl.backends.device import set_threads
-from trainctl.backends.hf import dpo, epochs, loading, neftune, rows, sft
+from trainctl.backends.hf import dpo, epochs, loading, neftune, plan, rows, sft
 from trainctl.backends.hf.backend import EVAL_EPOCH, HFBackend, decoder_layers
 from trainctl.backends.hf.config import resolve_reference
 from trainctl.backends.hf.dpo_loss import dpo_loss, policy_metrics, reward_metrics
@@ -50,6 +50,9 @@ class DPOBackend(HFBackend):
                               'scores the completions only (leave them "auto")')
         if ctx.loss_terms is not None:
             raise ConfigError('loss-term plugins need token logits, which objective = "dpo" never builds; remove them or use "sft"')
+        if ctx.eval_metrics is not None:
+            raise ConfigError("hf.objective = 'dpo' evaluates preference pairs, not token predictions: an eval metric "
+                              "plugin (trainctl_eval_metrics) has nothing to score; remove it from plugins")
         self.micro = local_micro_batches(train.grad_accum, ctx.dist)
         epochs.check(data.epoch_end == "short_step", ctx.dist.world_size)
         self.reference = resolve_reference(opts.reference, self.hf.lora is not None, bool(opts.ref_model))
@@ -58,6 +61,8 @@ class DPOBackend(HFBackend):
             raise ConfigError('data.streaming reads SFT rows; [hf] objective = "dpo" reads its preference pairs into memory: '
                               "set data.streaming = false")
         train_rows, val_rows = rows.read_data(data)
+        if ctx.load_only:  # export / sample: a few pairs build TRL's trainer; no data check, no validation pairs
+            train_rows, val_rows = rows.first_rows(train_rows), None
         if not train_rows.rows:
             raise ConfigError(f"{train_rows.source} has no rows; give a file with at least one preference pair")
         self.shape = dpo.preference_shape(train_rows.rows[0], train_rows.source)
@@ -66,10 +71,10 @@ class DPOBackend(HFBackend):
             raise ConfigError('objective = "dpo" does not add the MoE load-balancing loss yet; use a dense model or objective = "sft"')
         self.tokenizer = loading.tokenizer(self.cfg)
         for key, found in (("data.train", train_rows), ("data.val", val_rows)):
-            if found is not None:  # before the model loads: a bad pair is one line, exit 2
+            if found is not None and not ctx.load_only:  # before the model loads: a bad pair is one line, exit 2
                 require_valid_preferences(found, source=key, tokenizer=self.tokenizer, max_length=self.cfg.max_length,
                                           too_long=opts.too_long)
-        if val_rows is None:
+        if val_rows is None and not ctx.load_only:
             train_rows, val_rows = rows.split(train_rows, data.val_fraction, data.split_seed)
 
         attn = loading.attention(self.cfg.attn_implementation, self.device)
@@ -110,7 +115,7 @@ class DPOBackend(HFBackend):
         if self.pairs.ref_model is not None and self.stepper.parallel.sharded:  # a frozen copy sharded as the policy is
             self.stepper.parallel.shard_frozen(self.pairs.ref_model, decoder_layers(self.pairs.ref_model, self.pairs.ref_model))
             self.reference_line += ", sharded over the ranks"
-        if self.reference == "precomputed":  # before any step, and before a resume loads weights
+        if self.reference == "precomputed" and not ctx.load_only:  # before any step, and before a resume loads weights
             self.reference_line = self.pairs.precompute(ctx.out_dir, device=self.device, autocast=self.stepper.autocast,
                                                         batch_size=train.batch_size, rank=ctx.dist.rank,
                                                         world=ctx.dist.world_size, lockstep=self.stepper.parallel.sharded,
@@ -135,7 +140,8 @@ class DPOBackend(HFBackend):
             "objective": f"DPO ({opts.loss_type}, beta {opts.beta:g}) on {self.shape}-prompt pairs",
             "reference": self.reference_line,
             "data": f"{n_train} train pairs, {kept} kept; {n_val} val pairs" + (f", {kept_val} kept" if n_val > kept_val else ""),
-            "run length": f"{self.max_steps} steps x {self.layout.rows_per_step} pairs = {self.layout.epochs(self.max_steps):.2f} epochs",
+            "run length": (f"{self.max_steps} steps x {self.layout.rows_per_step} pairs = {self.layout.epochs(self.max_steps):.2f} epochs; "
+                           f"{plan.order_line(self.pairs, self.layout.shuffle)}"),
             "tokens/step": f"~{tokens:,.0f} processed (chosen + rejected, mean of the first {len(sampled)} steps)",
             "parallel": parallel.describe(self.train, self.ctx.dist.world_size, self.dtype),
         }
@@ -149,7 +155,7 @@ class DPOBackend(HFBackend):
             params=trainable, total_params=total, tokens_per_step=round(tokens),
             flops_per_token=((6 if not self.hf.lora else 4) + in_loop_ref) * total,
             device=device, dtype=dtype, summary=f"{self.cfg.name_or_path} DPO on {self.data_cfg.train}",
-            details=details, max_steps=self.max_steps,
+            details=details, max_steps=self.max_steps, steps_per_epoch=self.layout.steps_per_epoch,
         )
 
     # --- the step -------------------------------------------------------------------------------
@@ -218,17 +224,20 @@ class DPOBackend(HFBackend):
         """Per split over ``train.eval_steps`` fixed batches of ``train.eval_batch_size`` pairs (0:
         every pair of the split): the mean DPO loss over the pairs and the reward accuracy (pairs
         whose chosen reward beats the rejected one); ``tokens`` counts pairs. The pair mean is what
-        ``Trainer``'s evaluation reports for DPO too: it weighs each batch's mean loss by its rows."""
+        ``Trainer``'s evaluation reports for DPO too: it weighs each batch's mean loss by its rows;
+        ``train.eval_loss = "batches"`` says so and makes the accuracy the mean of the batches'
+        (``DPOTrainer`` averages its stored ``rewards/accuracies`` over the eval batches)."""
         def score(b: dpo.PairBatch) -> scoring.BatchScore:
             loss, _, _ = self._pair_loss(self.model, sft.to_device(b.inputs, self.device))
             won = (loss.chosen_rewards > loss.rejected_rewards).sum()
-            return scoring.BatchScore(loss.per_pair.float().sum(), won, b.pairs)
+            return scoring.BatchScore(loss.per_pair.float().sum(), won, b.pairs, rows=b.pairs)
 
         splits = {}
         for split in ("train", "val") if self.pairs.val is not None else ("train",):
             splits[split] = self._eval_batches.get(split) or self._eval_batches.setdefault(split, self._fixed_pairs(split))
         # the DPO loss is no cross-entropy: no perplexity; the accuracy is the reward accuracy
-        return scoring.evaluate(self.model, splits, score, self.stepper.autocast, self.device, cross_entropy=False)
+        return scoring.evaluate(self.model, splits, score, self.stepper.autocast, self.device, cross_entropy=False,
+                                mean=self.train.eval_loss)
 
     def _fixed_pairs(self, split: str) -> list[dpo.PairBatch]:
         n_rows = len(self.pairs.train if split == "train" else self.pairs.val)

@@ -39,6 +39,16 @@ class Rows:
         return Rows(source=source, rows=[self.rows[i] for i in indices], lines=[self.lines[i] for i in indices])
 
 
+#: rows a backend built only to load a checkpoint (``BackendContext.load_only``) builds TRL's
+#: trainer from: it trains and evaluates none of them
+LOAD_ROWS = 64
+
+
+def first_rows(found: Rows) -> Rows:
+    """The first :data:`LOAD_ROWS` rows of ``found``."""
+    return found.take(list(range(min(LOAD_ROWS, len(found.rows)))), found.source)
+
+
 def read_data(data: Any) -> tuple[Rows, Rows | None]:
     """The rows of ``data.train`` and, when given, ``data.val`` (``data``: the hf DataConfig)."""
     if data.val_files and not data.val:

@@ -67,7 +67,8 @@ SPECIAL = ("seed", "max_steps", "num_train_epochs", "lr_scheduler_type", "warmup
            "assistant_only_loss", "completion_only_loss", "bf16", "fp16", "dtype", "torch_dtype", "use_cpu", "optim",
            "logging_steps", "eval_strategy", "eval_steps", "save_strategy", "save_steps", "dataset_test_split",
            "use_peft", "lora_target_modules", "train_sampling_strategy", "warmup_ratio", "datasets",
-           "beta", "loss_type", "label_smoothing", "precompute_ref_log_probs", "disable_dropout")
+           "beta", "loss_type", "label_smoothing", "precompute_ref_log_probs", "disable_dropout",
+           "eval_delay")
 #: Settings that need nothing here (trainctl does it its own way); reported only if set.
 IGNORED = {
     "report_to": "enable the wandb / jsonl / prometheus plugins instead",
@@ -148,7 +149,7 @@ def convert(values: dict[str, Any], trainer: str = "auto") -> tuple[dict[str, An
     _precision(merged, given, put, notes)
     _data(merged, put, notes)
     _optimizer(given, put, notes)
-    # cadence: steps only; TRL's ratios (< 1) and epoch strategies have no step count to copy
+    # cadence: steps or epochs; TRL's ratios (< 1) have no step count to copy
     _cadence(merged, put, notes)
     if lora:
         targets = merged.get("lora_target_modules")
@@ -298,6 +299,8 @@ def _cadence(merged: dict[str, Any], put: Any, notes: list[str]) -> None:
         put("train", "save_interval", every)
     elif strategy == "steps":  # TRL's ratio of the run (0.5), which has no step count to copy
         notes.append(f"save_steps: {every!r} not converted (a ratio; set train.save_interval)")
+    elif strategy == "epoch":  # DefaultFlowCallback.on_epoch_end: after each epoch's last step
+        put("train", "save_strategy", "epoch")
     else:
         notes.append(f"save_strategy: {strategy!r} not converted (trainctl saves every "
                      "train.save_interval steps and at the end)")
@@ -333,9 +336,14 @@ def _evaluation(merged: dict[str, Any], put: Any, notes: list[str]) -> None:
             put("train", "eval_interval", every)
         else:
             notes.append(f"eval_steps: {every!r} not converted (a ratio; set train.eval_interval)")
+    elif strategy == "epoch":  # DefaultFlowCallback.on_epoch_end: after each epoch's last step
+        put("train", "eval_strategy", "epoch")
     else:
         notes.append(f"eval_strategy: {strategy!r} not converted (trainctl evaluates every "
-                     "train.eval_interval steps and at the end)")
+                     "train.eval_interval steps or epoch, and at the end)")
+    if merged.get("eval_delay"):
+        notes.append(f"eval_delay: {merged['eval_delay']!r} not converted (trainctl evaluates from the first "
+                     "interval or epoch on)")
 
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
