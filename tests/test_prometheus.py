@@ -35,9 +35,11 @@ TYPES = {
     "trainctl_run_state": "gauge", "trainctl_run_info": "gauge", "trainctl_last_step_timestamp_seconds": "gauge",
     "trainctl_layer_weight_norm": "gauge", "trainctl_layer_grad_norm": "gauge",
     "trainctl_last_success_timestamp_seconds": "gauge", "trainctl_step_metric": "gauge", "trainctl_eval_metric": "gauge",
+    "trainctl_restarts": "counter", "trainctl_recovery_seconds": "gauge",
 }
 # name: bounded by plugin.prometheus.max_metric_names (test_metric_names_are_capped_with_one_warning)
-BOUNDED_LABELS = {"run", "backend", "rank", "split", "source", "mean", "state", "layer", "version", "world_size", "le", "name"}
+BOUNDED_LABELS = {"run", "backend", "rank", "split", "source", "mean", "state", "layer", "version", "world_size", "le", "name",
+                  "phase"}
 # what a DPO backend reports on logged steps (TRL's names), and names that need sanitising
 STEP_METRICS = {"rewards/accuracies": 0.75, "rewards/margins": 0.2, "logps/chosen": -30.5, "mean_token_accuracy": 0.4,
                 "odd name{x=\"1\"}\n": 1.0}
@@ -127,6 +129,7 @@ def test_metric_names_types_and_labels(tmp_path):
     assert value(samples, "trainctl_layer_grad_norm", layer="layer.0") == 0.1
     assert value(samples, "trainctl_layer_weight_norm", layer="embedding") == 2.0
     assert value(samples, "trainctl_last_success_timestamp_seconds") > 0
+    assert value(samples, "trainctl_restarts_total") == 0 and "trainctl_recovery_seconds" not in samples  # a first start
     assert [n.kind for n in emitted] == ["metrics"]  # served on a free port, closed at run end
     # the generic export: every step and eval metric by name, values of the last logged step (4)
     steps = {labels["name"]: v for labels, v in samples["trainctl_step_metric"]}
@@ -516,3 +519,19 @@ def test_pushgateway_gets_the_final_metrics(registry, tmp_path, capsys):
                          f"plugin.prometheus.pushgateway='http://127.0.0.1:{free_port()}'", "train.max_steps=2")
     assert Run(config, registry, resume="never").fit().status == "completed"
     assert "push to http://127.0.0.1:" in capsys.readouterr().err
+
+
+def test_a_restarted_run_exports_its_restarts_and_where_the_recovery_time_went(tmp_path):
+    plugin, _ = exporter(tmp_path)
+    t = time.time()
+    plugin.trainctl_run_start(RunStart(run_name="t", backend="fake", out_dir=str(tmp_path), start_step=40, max_steps=80,
+                                       params=10, tokens_per_step=8, restarts=3, time=t))
+    phases = {"down_s": 1.5, "process_start_s": 2.0, "rendezvous_s": 0.25, "setup_s": 0.5, "checkpoint_load_s": 0.125,
+              "first_step_s": 0.0625}
+    plugin.trainctl_notice(Notice(step=41, kind="recovery", time=t, data={
+        "restarts": 3, "last_step": 45, "last_step_source": "events", **phases, "total_s": sum(phases.values())}))
+    samples = parse(generate_latest(plugin.registry).decode())
+    plugin.trainctl_run_end(RunEnd(status="completed", step=80, tokens=640, duration=1.0, time=t))
+    assert value(samples, "trainctl_restarts_total") == 3
+    exported = {labels["phase"]: v for labels, v in samples["trainctl_recovery_seconds"]}
+    assert exported == {**{k.removesuffix("_s"): v for k, v in phases.items()}, "total": 4.4375}

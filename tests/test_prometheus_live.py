@@ -96,7 +96,7 @@ def start_preference_run(out: Path, port: int, site: Path) -> subprocess.Popen:
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def start_run(out: Path, port: int, *extra: str) -> subprocess.Popen:
+def start_run(out: Path, port: int, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Long enough never to finish on its own: the test stops it."""
     sets = [*TINY_GPT, "train.max_steps=100000", "train.log_interval=5", "train.eval_interval=20",
             "train.eval_steps=2", "train.save_interval=40", "plugin.lr.warmup_steps=10",
@@ -106,7 +106,7 @@ def start_run(out: Path, port: int, *extra: str) -> subprocess.Popen:
     for item in sets:
         args += ["--set", item]
     log = open(out.parent / "run.log", "w")
-    return subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(args, cwd=ROOT, env=cli_env() | (env or {}), stdout=log, stderr=subprocess.STDOUT)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -166,6 +166,38 @@ def test_live_run_endpoint_over_http(tmp_path):
                 text = response.read()
             check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
             assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr
+    finally:
+        stop(proc)
+
+
+def test_a_restarted_run_serves_its_restarts_and_its_recovery_time(tmp_path):
+    """Started again the way torchrun (2nd restart) inside a requeued SLURM job (1st requeue)
+    starts it: /metrics says 3 restarts and where the time since the last step went."""
+    out = tmp_path / "run"
+    first = start_run(out, 0)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "checkpoints").is_dir() or not any((out / "checkpoints").glob("step-*")):
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "run.log").read_text()
+            time.sleep(0.2)
+    finally:
+        first.kill()  # a fault: no run end, no final checkpoint
+        first.wait()
+    before = (out / "events.jsonl").read_text().count("\n")
+    proc = start_run(out, 0, env={"TORCHELASTIC_RESTART_COUNT": "2", "SLURM_RESTART_COUNT": "1"})
+    try:
+        deadline, samples = time.monotonic() + 60, {}
+        while "trainctl_recovery_seconds" not in samples:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "run.log").read_text()
+            records = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()[before:]]
+            urls = [r["data"]["address"] for r in records if r["event"] == "notice" and r["kind"] == "metrics"]
+            samples = scrape(urls[0]) if urls else {}
+            time.sleep(0.2)
+        labels = {"run": RUN_NAME, "backend": "gpt", "rank": "0"}
+        assert value(samples, "trainctl_restarts_total", **labels) == 3
+        phases = {row["phase"]: v for row, v in samples["trainctl_recovery_seconds"]}
+        assert set(phases) == {"down", "process_start", "rendezvous", "setup", "checkpoint_load", "first_step", "total"}
+        assert min(phases.values()) >= 0 and phases.pop("total") == pytest.approx(sum(phases.values()), abs=1e-6)
     finally:
         stop(proc)
 

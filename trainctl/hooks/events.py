@@ -28,6 +28,7 @@ class RunStart:
     world_size: int = 1
     parallel: str = "ddp"  # how the model is placed over the ranks (train.parallel): ddp | fsdp
     resumed_from: str | None = None
+    restarts: int = 0  # times a launcher started the run again (torchrun's and SLURM's restart counts)
     time: float  # time.time()
 
 

@@ -53,6 +53,14 @@ PLUGIN_ERROR = _kind("plugin_error", "bus", "an observer plugin raised in a hook
 PLUGIN_DISABLED = _kind("plugin_disabled", "bus", "an observer failed train.plugin_max_failures times and was removed",
                         plugin="str: the plugin's name", failures="int: its failures")
 
+RECOVERY = _kind("recovery", "kernel", "the first step after a resume finished; data: where the time since the last "
+                 "step before the fault went (trainctl.kernel.recovery), phases that add up to total_s",
+                 restarts="int: restarts by torchrun / SLURM", last_step="int|None: the last step the run left",
+                 last_step_source="str: events | checkpoint | none", down_s="float: last step -> this process started",
+                 process_start_s="float: -> assembly began (interpreter, imports, config)",
+                 rendezvous_s="float: -> process group formed", setup_s="float: -> plugins and backend built",
+                 checkpoint_load_s="float: -> checkpoint restored", first_step_s="float: -> first step finished",
+                 total_s="float: the sum")
 CONFIG_WARNING = _kind("config_warning", "kernel", "the run was set up despite a config problem worth fixing (no controller or "
                       "status plugin, a table for a plugin that is not enabled); message is the stderr line")
 

@@ -6,6 +6,7 @@
         out = backend.train_step(step)           # forward, backward, clip, update: no host sync
         read out's fields if a logged step       # the one host sync of a logged step
         step_end                                 -> trainctl_step_end
+        the first step after a resume            -> notice "recovery" (where the time since the last step went)
         evaluate every eval_interval (or epoch)  -> notice "evaluating", trainctl_eval_end (one per split)
         decision = combine(trainctl_control)     -> trainctl_control (any stop wins)
         decision = agree(decision)               # ranks: one MAX all-reduce of the flags
@@ -34,6 +35,7 @@ from trainctl.kernel.backend import Backend, Distributed, Evaluation, Plan, Step
 from trainctl.kernel.bus import EventBus
 from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import PluginError
+from trainctl.kernel.recovery import Recovery, restarts
 from trainctl.kernel.schema import TrainConfig
 from trainctl.kernel.state import RunResult, RunState
 
@@ -54,11 +56,13 @@ class Trainer:
         write_state: Callable[[Path, RunState], None],
         resumed_from: str | None = None,
         group: Group | None = None,
+        recovery: Recovery | None = None,
     ) -> None:
         self.backend, self.bus, self.plan, self.train = backend, bus, plan, train
         self.base_lr, self.run, self.state = base_lr, run, state
         self.write_state, self.resumed_from = write_state, resumed_from
         self.group = group or Group(Distributed())  # one process unless Run passes the ranks' group
+        self.recovery = recovery  # a resumed run's start-up times, reported after its first step
         self.held = Control()  # decisions waiting for the next agreement (train.control_interval)
         # when to evaluate and save besides the end (train.eval_strategy / save_strategy): pure in the step
         self.eval_due = schedule(train.eval_strategy, train.eval_interval, plan.steps_per_epoch).due
@@ -75,7 +79,7 @@ class Trainer:
                 run_name=self.run.run_name, backend=self.run.backend, out_dir=str(self.run.out_dir),
                 start_step=state.step, max_steps=train.max_steps, params=self.plan.params,
                 tokens_per_step=self.plan.tokens_per_step, world_size=self.run.world_size, parallel=train.parallel,
-                resumed_from=self.resumed_from, time=time.time(),
+                resumed_from=self.resumed_from, restarts=restarts(), time=time.time(),
             ))
             bus.deliver_pending()  # what setup queued: a skipped corrupt checkpoint, the metrics address
             if train.eval_at_start and state.step == 0:
@@ -124,6 +128,8 @@ class Trainer:
             bus.step_end(self._step_event(lr, step_time, interval, read))
             if logged:
                 interval = Interval()
+            if self.recovery is not None:  # once: the first step after a resume
+                self._recovered(self.recovery)
             bus.deliver_pending()
 
             if self.eval_due(state.step, train.max_steps):
@@ -152,6 +158,12 @@ class Trainer:
             mfu=self.flops_share * interval.processed / interval.time if measured and self.flops_share else None,
             metrics=read.metrics if read else {}, time=time.time(),
         )
+
+    def _recovered(self, recovery: Recovery) -> None:
+        data = recovery.record(first_step=time.time())
+        self.recovery = None
+        self.bus.notice(Notice(step=self.state.step, kind=notices.RECOVERY, time=time.time(), data=data,
+                               message=f"{data['total_s']:g} s from the last step before the fault to this one"))
 
     def _agree(self, decision: Control) -> Control:
         """All ranks act on the same decision at the same step: a stop, save, pause or eval

@@ -10,8 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
+
+import torch  # noqa: F401  (here, not in the group's rendezvous: a resumed run's clock counts it as process start)
 
 from trainctl.hooks.cadence import schedule
 from trainctl.hooks.plugin import RunInfo
@@ -22,6 +25,7 @@ from trainctl.kernel.bus import EventBus
 from trainctl.kernel.config import RunConfig
 from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import ConfigError
+from trainctl.kernel.recovery import Recovery
 from trainctl.kernel.registry import Registry, load_factory, new_plugin_manager
 from trainctl.kernel.resume import CONFIG_FILE, KERNEL_FILE, PLUGINS_FILE  # noqa: F401  (re-exported)
 from trainctl.kernel.secrets import save_config
@@ -71,8 +75,10 @@ class Run:
         self.out_dir = Path(config.train.out_dir)
         dist = distributed_from_env()
         self.run_dir = run_dir.claim(self.out_dir, main=dist.rank == 0, plugins=config.plugins)
+        self.recovery = Recovery()  # a few clock reads: where a resumed run's start-up time went
         # joins the ranks' process group (WORLD_SIZE > 1) before anything that talks to it
         self.group = Group(dist, timeout_s=config.train.dist_timeout_s, device=config.train.device)
+        self.recovery.rendezvous = time.time()
         calls = BackendCalls()
         self.bus, self.info = self._plugins(registry, dist, calls)
         memory = self._memory_plan(registry, dist)  # from the config alone: before anything is allocated
@@ -83,7 +89,10 @@ class Run:
             self._set_max_steps(self.plan.max_steps)
         self._check_cadence()
         self.state = RunState()
+        self.recovery.setup = time.time()
         self.resumed_from = self._resume(resume, force)
+        if self.resumed_from:
+            self.recovery.resumed(self.out_dir, Path(self.resumed_from))
 
     def fit(self) -> RunResult:
         from trainctl.kernel.loop import Trainer
@@ -92,6 +101,7 @@ class Run:
             backend=self.backend, bus=self.bus, plan=self.plan, train=self.config.train,
             base_lr=self.config.optim.lr, run=self.info, state=self.state,
             write_state=self.write_state, resumed_from=self.resumed_from, group=self.group,
+            recovery=self.recovery if self.resumed_from else None,
         )
         try:
             return trainer.fit()

@@ -20,6 +20,8 @@ step or a path)::
     trainctl_run_state{state}                  gauge      1 for the current state (running, evaluating,
                                                          saving, paused, completed, stopped, failed)
     trainctl_run_info{version,world_size}      gauge      always 1
+    trainctl_restarts_total                    counter    times torchrun / SLURM started the run again
+    trainctl_recovery_seconds{phase}           gauge      the last resume: last step -> first step, by phase
     trainctl_last_step_timestamp_seconds       gauge      the run start until a step completes
     trainctl_layer_{weight,grad}_norm{layer}   gauge      from the layer_stats plugin
     trainctl_last_success_timestamp_seconds    gauge      set when the run completes (Pushgateway)
@@ -127,6 +129,10 @@ class Metrics:
         self.skipped = Counter("trainctl_skipped_steps", "Updates not applied (non-finite loss or gradient), seen on logged steps.", LABELS, registry=r)
         self.state = gauge("run_state", "1 for the run's current state, 0 for the others.", "state")
         self.info = gauge("run_info", "Facts about the run; always 1.", "version", "world_size")
+        self.restarts = Counter("trainctl_restarts", "Times a launcher started the run again (torchrun's "
+                                "TORCHELASTIC_RESTART_COUNT + SLURM_RESTART_COUNT).", LABELS, registry=r)
+        self.recovery = gauge("recovery_seconds", "The last resume: seconds from the last step before the fault to "
+                              "the first step after it, by phase (total is their sum).", "phase")
         self.last_step = gauge("last_step_timestamp_seconds", "Unix time of the last completed step (the run start before the first).")
         self.layer = {stat: gauge(f"layer_{stat}", f"Per-layer {stat.replace('_', ' ')} (layer_stats plugin).", "layer") for stat in LAYER_STATS}
         self.last_success = gauge("last_success_timestamp_seconds", "Unix time the run last completed.")
@@ -198,6 +204,7 @@ class PrometheusExporter:
     def trainctl_run_start(self, event: RunStart) -> None:
         self.step.set(event.start_step)
         self.metrics.max_steps.labels(**self.labels).set(event.max_steps)
+        self.metrics.restarts.labels(**self.labels).inc(event.restarts)  # a true zero on a first start
         self.last_step.set(event.time)  # so a trainer stuck before its first step still alerts
         self.set_state("running")
         self.serve(event.start_step)
@@ -271,6 +278,10 @@ class PrometheusExporter:
     def trainctl_notice(self, event: Notice) -> None:
         if event.kind in STATE_NOTICES:
             self.set_state(STATE_NOTICES[event.kind])
+        elif event.kind == notices.RECOVERY:
+            for name, value in event.data.items():
+                if name.endswith("_s"):
+                    self.metrics.recovery.labels(**self.labels, phase=name.removesuffix("_s")).set(value)
         elif event.kind == notices.LAYER_STATS:
             for name, value in event.data.items():
                 layer, _, stat = name.rpartition(".")

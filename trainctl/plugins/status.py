@@ -8,7 +8,8 @@ writing it. Fields::
     state       starting | running | paused | evaluating | saving | completed | stopped | failed
     step, max_steps, loss, val_loss, tokens_per_s, eta_s, last_checkpoint {path, step, reason},
     pid, host, started, updated (unix times), error (on failure), reason (why it stopped),
-    metrics_address (when a metrics endpoint announced itself), resumed_from, run_name, out_dir
+    metrics_address (when a metrics endpoint announced itself), resumed_from, run_name, out_dir,
+    restarts (by torchrun / SLURM), recovery (the ``recovery`` notice's phases after a resume)
 
 ``starting`` lasts from run start to the first finished step (compilation, a first evaluation).
 A run that dies without reaching ``run_end`` (kill -9, power loss) leaves its last state with a
@@ -52,7 +53,7 @@ class Status:
             "step": 0, "max_steps": run.max_steps, "loss": None, "val_loss": None, "tokens_per_s": None,
             "eta_s": None, "last_checkpoint": None, "pid": os.getpid(), "host": hostname(),
             "started": time.time(), "updated": None, "error": None, "reason": None,
-            "metrics_address": None, "resumed_from": None,
+            "metrics_address": None, "resumed_from": None, "restarts": 0, "recovery": None,
         }
 
     def write(self, **changes: Any) -> None:
@@ -65,7 +66,8 @@ class Status:
 
     @hookimpl
     def trainctl_run_start(self, event: RunStart) -> None:
-        self.write(step=event.start_step, max_steps=event.max_steps, resumed_from=event.resumed_from, started=event.time)
+        self.write(step=event.start_step, max_steps=event.max_steps, resumed_from=event.resumed_from, started=event.time,
+                   restarts=event.restarts)
 
     @hookimpl
     def trainctl_step_end(self, event: StepEnd) -> None:
@@ -88,6 +90,8 @@ class Status:
         elif event.kind in (notices.PAUSED, notices.RESUMED):
             self.base = "paused" if event.kind == notices.PAUSED else "running"
             self.write(state=self.base)
+        elif event.kind == notices.RECOVERY:
+            self.write(recovery=dict(event.data))
         elif event.kind == notices.METRICS and event.data.get("address"):
             self.write(metrics_address=event.data["address"])
 
