@@ -11,6 +11,7 @@ import torch
 
 from trainctl.hooks import BackendSpec, hookimpl
 from trainctl.kernel.backend import BackendContext, Plan, StepOutput
+from trainctl.kernel.rollout import Rollout
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -67,8 +68,55 @@ class FakeBackend:
         pass
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FakeRolloutModelConfig:
+    width: int = 4
+    max_staleness: int = 0
+    lag: tuple[int, ...] = ()  # versions behind of the batches the producer hands out, in turn (then 0)
+
+
+class FakeProducer:
+    """Hands out batches ``lag[i]`` versions behind the trainer, and records what it was told."""
+
+    def __init__(self, max_staleness: int, lag: tuple[int, ...]) -> None:
+        self.max_staleness, self.lag = max_staleness, list(lag)
+        self.asked: list[tuple[int, int]] = []  # (step, version) of each next_rollout
+        self.published: list[int] = []
+
+    def next_rollout(self, step: int, version: int) -> Rollout:
+        self.asked.append((step, version))
+        behind = self.lag.pop(0) if self.lag else 0
+        return Rollout(batch=float(step), policy_version=version - behind, completions=4, tokens=12,
+                       generation_s=0.001, stats={"reward": 0.5})
+
+    def publish(self, version: int) -> None:
+        self.published.append(version)
+
+
+class FakeRolloutBackend(FakeBackend):
+    """The fake backend trained by a producer instead of its steps (``trainctl.kernel.rollout``)."""
+
+    def __init__(self, ctx: BackendContext) -> None:
+        super().__init__(ctx)
+        self.producer = FakeProducer(ctx.model.max_staleness, ctx.model.lag)
+        self.trained_on: list[float] = []
+
+    def train_step(self, step: int) -> StepOutput:
+        raise AssertionError("a rollout backend is trained through train_rollout")
+
+    def rollout_producer(self) -> FakeProducer:
+        return self.producer
+
+    def train_rollout(self, step: int, rollout: Rollout) -> StepOutput:
+        self.trained_on.append(rollout.batch)
+        return super().train_step(step)
+
+
 @hookimpl
 def trainctl_register_backends(register):
+    register(BackendSpec(name="fake_rollout", factory="tests.fake_backend:FakeRolloutBackend",
+                         model_config=FakeRolloutModelConfig, data_config=FakeDataConfig,
+                         description="test backend trained on a producer's rollouts"))
     register(BackendSpec(name="fake", factory="tests.fake_backend:FakeBackend",
                          model_config=FakeModelConfig, data_config=FakeDataConfig,
                          description="test backend"))

@@ -36,6 +36,12 @@ class Recorder:
     def trainctl_eval_end(self, event): self._record("eval", event)
 
     @hookimpl
+    def trainctl_rollout_received(self, event): self._record("rollout", event)
+
+    @hookimpl
+    def trainctl_weights_published(self, event): self._record("weights_published", event)
+
+    @hookimpl
     def trainctl_checkpoint_saved(self, event): self._record("save", event)
 
     @hookimpl

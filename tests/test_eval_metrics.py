@@ -32,7 +32,7 @@ def test_topk_accuracy_in_events_jsonl_and_prometheus(registry, tmp_path):
     # the same metric from the split's logits all at once (what compute_metrics would hold)
     with torch.no_grad():
         backend.raw_model.eval()
-        batches = list(backend._eval_batches("val", backend.data.val))
+        batches = list(backend._eval_batches("val"))
         logits = torch.cat([backend.eval_model(x, y)[0] for x, y in batches])  # (3B, T, V)
         targets = torch.cat([y for _, y in batches])  # (3B, T)
     top5 = (logits.topk(5, dim=-1).indices == targets.unsqueeze(-1)).any(-1).float().mean().item()

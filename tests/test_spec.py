@@ -17,6 +17,8 @@ EVENT_HOOKS = {
     events.CheckpointSaved: "trainctl_checkpoint_saved",
     events.Notice: "trainctl_notice",
     events.RunEnd: "trainctl_run_end",
+    events.RolloutReceived: "trainctl_rollout_received",
+    events.WeightsPublished: "trainctl_weights_published",
 }
 
 

@@ -119,7 +119,35 @@ class Notice:
     time: float
 
 
-Event = RunStart | StepEnd | EvalEnd | CheckpointSaved | RunEnd | Notice
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RolloutReceived:
+    """A producer handed the kernel the batch of the step about to run (rollout backends only,
+    ``trainctl.kernel.rollout``). ``staleness`` is how many optimizer steps the generating
+    weights lag the policy being trained (0 when synchronous)."""
+
+    step: int  # completed steps: the batch trains step + 1
+    policy_version: int  # the optimizer steps the generating weights had taken
+    staleness: int
+    completions: int  # sequences generated
+    tokens: int  # completion tokens generated
+    generation_s: float  # seconds spent generating and scoring
+    reused: bool = False  # an earlier step's generation trained on again (TRL's num_iterations)
+    stats: dict[str, float] = field(default_factory=dict)  # the producer's, e.g. reward mean
+    time: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WeightsPublished:
+    """The optimizer stepped and the producer was given the new weights (``version``: the
+    optimizer steps they have taken; an in-process producer generates with them directly)."""
+
+    step: int
+    version: int
+    duration: float  # seconds the producer took to take them
+    time: float
+
+
+Event = RunStart | StepEnd | EvalEnd | CheckpointSaved | RunEnd | Notice | RolloutReceived | WeightsPublished
 
 #: The ``"event"`` field of each payload in ``events.jsonl``.
 EVENT_NAMES: dict[type, str] = {
@@ -129,6 +157,8 @@ EVENT_NAMES: dict[type, str] = {
     CheckpointSaved: "save",
     RunEnd: "run_end",
     Notice: "notice",
+    RolloutReceived: "rollout",
+    WeightsPublished: "weights_published",
 }
 
 

@@ -61,6 +61,10 @@ RECOVERY = _kind("recovery", "kernel", "the first step after a resume finished; 
                  rendezvous_s="float: -> process group formed", setup_s="float: -> plugins and backend built",
                  checkpoint_load_s="float: -> checkpoint restored", first_step_s="float: -> first step finished",
                  total_s="float: the sum")
+STALE_BATCH_DROPPED = _kind("stale_batch_dropped", "kernel", "a producer's batch lagged the policy by more than its "
+                            "max_staleness and was not trained on (trainctl.kernel.rollout)",
+                            policy_version="int: the version it was generated with", staleness="int: versions behind",
+                            max_staleness="int: the producer's limit", dropped="int: batches dropped so far")
 CONFIG_WARNING = _kind("config_warning", "kernel", "the run was set up despite a config problem worth fixing (no controller or "
                       "status plugin, a table for a plugin that is not enabled); message is the stderr line")
 

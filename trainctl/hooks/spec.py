@@ -23,8 +23,10 @@ from trainctl.hooks.events import (
     Notice,
     RunEnd,
     RunStart,
+    RolloutReceived,
     RunView,
     StepEnd,
+    WeightsPublished,
 )
 from trainctl.hooks.plugin import BackendSpec, PluginSpec
 
@@ -96,6 +98,20 @@ def trainctl_run_start(event: RunStart) -> None:
 def trainctl_step_end(event: StepEnd) -> None:
     """An optimizer step finished. Fires every step; ``event.logged`` says whether the loss was
     measured (every ``train.log_interval`` steps). Keep work on non-logged steps trivial."""
+
+
+@hookspec
+def trainctl_rollout_received(event: RolloutReceived) -> None:
+    """A rollout backend's producer delivered the batch of the next step, before the step runs
+    (``trainctl.kernel.rollout``); never fires for dataset backends. Once per step, on every
+    rank, with host values only: keep the work trivial, as for ``trainctl_step_end``. A batch
+    too stale to train on is not received: it is a ``stale_batch_dropped`` notice instead."""
+
+
+@hookspec
+def trainctl_weights_published(event: WeightsPublished) -> None:
+    """A rollout backend's optimizer stepped and its producer took the new weights (right
+    after the step, before ``trainctl_step_end``). Once per step; rollout backends only."""
 
 
 @hookspec

@@ -133,6 +133,10 @@ class StepOutput:
     tokens: int  # tokens trained in this step (scored by the loss), all ranks
     processed_tokens: int | None = None  # positions the model ran, padding included (None: = tokens)
     metrics: dict[str, Tensor] = field(default_factory=dict)  # loss terms and backend extras only
+    #: values an objective had to read to the host anyway (RL: rewards are scored on decoded
+    #: text, TRL's KL and clip ratios are read per micro-batch), reported as they are on logged
+    #: steps: no device read, and no float32 rounding of a float64 mean
+    host_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

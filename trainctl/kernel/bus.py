@@ -49,8 +49,10 @@ from trainctl.hooks.events import (
     Notice,
     RunEnd,
     RunStart,
+    RolloutReceived,
     RunView,
     StepEnd,
+    WeightsPublished,
     combine,
 )
 from trainctl.hooks.notices import NoticeKind, UndeclaredNotice
@@ -62,6 +64,7 @@ from trainctl.kernel.registry import check_hooks
 _EVENT_HOOKS = {
     RunStart: "trainctl_run_start", StepEnd: "trainctl_step_end", EvalEnd: "trainctl_eval_end",
     CheckpointSaved: "trainctl_checkpoint_saved", Notice: "trainctl_notice",
+    RolloutReceived: "trainctl_rollout_received", WeightsPublished: "trainctl_weights_published",
 }
 _IMPL_MARK = f"{PROJECT}_impl"  # where pluggy's HookimplMarker keeps an implementation's options
 
@@ -158,6 +161,12 @@ class EventBus:
 
     def step_end(self, event: StepEnd) -> None:
         self._pm.hook.trainctl_step_end(event=event)
+
+    def rollout_received(self, event: RolloutReceived) -> None:
+        self._pm.hook.trainctl_rollout_received(event=event)
+
+    def weights_published(self, event: WeightsPublished) -> None:
+        self._pm.hook.trainctl_weights_published(event=event)
 
     def eval_end(self, event: EvalEnd) -> None:
         self._pm.hook.trainctl_eval_end(event=event)

@@ -4,6 +4,10 @@
     for step in start .. max_steps - 1:
         lr = trainctl_lr(step) or optim.lr       -> trainctl_lr (first answer wins)
         out = backend.train_step(step)           # forward, backward, clip, update: no host sync
+          or, for a rollout backend (trainctl.kernel.rollout):
+            rollout = producer.next_rollout()    -> notice "stale_batch_dropped" per batch too old
+                                                 -> trainctl_rollout_received
+            out = backend.train_rollout(rollout) -> trainctl_weights_published (after the update)
         read out's fields if a logged step       # the one host sync of a logged step
         step_end                                 -> trainctl_step_end
         the first step after a resume            -> notice "recovery" (where the time since the last step went)
@@ -29,13 +33,25 @@ import torch
 
 from trainctl.hooks import notices
 from trainctl.hooks.cadence import schedule
-from trainctl.hooks.events import CheckpointSaved, Control, EvalEnd, Notice, RunEnd, RunStart, StepEnd, combine
+from trainctl.hooks.events import (
+    CheckpointSaved,
+    Control,
+    EvalEnd,
+    Notice,
+    RolloutReceived,
+    RunEnd,
+    RunStart,
+    StepEnd,
+    WeightsPublished,
+    combine,
+)
 from trainctl.hooks.plugin import RunInfo
 from trainctl.kernel.backend import Backend, Distributed, Evaluation, Plan, StepOutput
 from trainctl.kernel.bus import EventBus
 from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import PluginError
 from trainctl.kernel.recovery import Recovery, restarts
+from trainctl.kernel.rollout import RolloutBackend
 from trainctl.kernel.schema import TrainConfig
 from trainctl.kernel.state import RunResult, RunState
 
@@ -67,6 +83,9 @@ class Trainer:
         # when to evaluate and save besides the end (train.eval_strategy / save_strategy): pure in the step
         self.eval_due = schedule(train.eval_strategy, train.eval_interval, plan.steps_per_epoch).due
         self.save_due = schedule(train.save_strategy, train.save_interval, plan.steps_per_epoch).due
+        # a rollout backend's producer; None for a dataset backend, whose steps never touch the seam
+        self.producer = backend.rollout_producer() if isinstance(backend, RolloutBackend) else None
+        self.dropped = 0  # stale batches dropped in this process
         peak = plan.peak_flops or train.peak_tflops * 1e12
         self.flops_share = (plan.flops_per_token or 0) / peak if peak else 0.0  # of the peak, per token per second
 
@@ -115,7 +134,7 @@ class Trainer:
             t0 = time.perf_counter()
             lr = bus.lr(state.step, self.base_lr)
             backend.set_lr(lr)
-            out = backend.train_step(state.step)
+            out = backend.train_step(state.step) if self.producer is None else self._rollout_step()
             state.step += 1
             bus.step = state.step
             state.tokens += out.tokens
@@ -142,6 +161,35 @@ class Trainer:
             if decision.stop:
                 break
         return decision
+
+    def _rollout_step(self) -> StepOutput:
+        """One step on a producer's batch: the policy version is the optimizer steps taken, a
+        batch more than ``max_staleness`` versions behind it is dropped (and counted), and the
+        new weights go to the producer once the optimizer has stepped."""
+        state, bus, producer = self.state, self.bus, self.producer
+        assert producer is not None and isinstance(self.backend, RolloutBackend)
+        version = state.step
+        while True:
+            rollout = producer.next_rollout(state.step, version)
+            staleness = version - rollout.policy_version
+            if staleness <= producer.max_staleness:
+                break
+            self.dropped += 1
+            bus.notice(Notice(step=state.step, kind=notices.STALE_BATCH_DROPPED, time=time.time(),
+                              message=f"batch of policy {rollout.policy_version} is {staleness} versions behind",
+                              data={"policy_version": rollout.policy_version, "staleness": staleness,
+                                    "max_staleness": producer.max_staleness, "dropped": self.dropped}))
+        bus.rollout_received(RolloutReceived(
+            step=state.step, policy_version=rollout.policy_version, staleness=staleness,
+            completions=rollout.completions, tokens=rollout.tokens, generation_s=rollout.generation_s,
+            reused=rollout.reused, stats=dict(rollout.stats), time=time.time(),
+        ))
+        out = self.backend.train_rollout(state.step, rollout)
+        started = time.perf_counter()
+        producer.publish(version + 1)
+        bus.weights_published(WeightsPublished(step=state.step + 1, version=version + 1,
+                                               duration=time.perf_counter() - started, time=time.time()))
+        return out
 
     def _step_event(self, lr: float, step_time: float, interval: Interval, read: Read | None) -> StepEnd:
         """A logged step (``read``) carries its outputs and the rates measured over the interval
@@ -260,7 +308,8 @@ class Trainer:
             loss=values["loss"], grad_norm=values.get("grad_norm"),
             skipped=bool(values["skipped"]) if "skipped" in values else bool(out.skipped),
             skipped_updates=count("skipped_updates"), skip_streak_max=count("skip_streak_max"),
-            metrics={name.removeprefix("metrics."): v for name, v in values.items() if name.startswith("metrics.")},
+            metrics={name.removeprefix("metrics."): v for name, v in values.items() if name.startswith("metrics.")}
+            | out.host_metrics,
         )
 
 

@@ -13,7 +13,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainctl.hooks import PluginSpec, RunInfo, hookimpl
-from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RunEnd, RunStart, StepEnd, to_record
+from trainctl.hooks.events import (
+    CheckpointSaved,
+    EvalEnd,
+    Notice,
+    RolloutReceived,
+    RunEnd,
+    RunStart,
+    StepEnd,
+    WeightsPublished,
+    to_record,
+)
 from trainctl.kernel.run_dir import open_append
 
 
@@ -54,6 +64,14 @@ class JsonlLogger:
     def trainctl_step_end(self, event: StepEnd) -> None:
         if event.logged:
             self.write(event)
+
+    @hookimpl
+    def trainctl_rollout_received(self, event: RolloutReceived) -> None:
+        self.write(event)  # rollout backends only: one line per step, beside seconds of generation
+
+    @hookimpl
+    def trainctl_weights_published(self, event: WeightsPublished) -> None:
+        self.write(event)
 
     @hookimpl
     def trainctl_eval_end(self, event: EvalEnd) -> None:

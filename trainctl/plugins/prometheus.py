@@ -56,7 +56,7 @@ from typing import Any
 
 from trainctl import __version__
 from trainctl.hooks import PluginSpec, RunInfo, hookimpl, notices
-from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RunEnd, RunStart, StepEnd
+from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RolloutReceived, RunEnd, RunStart, StepEnd, WeightsPublished
 
 LABELS = ("run", "backend", "rank")
 STATES = ("running", "evaluating", "saving", "paused", "completed", "stopped", "failed")
@@ -141,6 +141,24 @@ class Metrics:
                                  "split", "source", "name")
 
 
+class RolloutMetrics:
+    """A rollout backend's metrics (``trainctl.kernel.rollout``), bound to the run's labels and
+    added to its registry at the first rollout event: a dataset run exports none of them."""
+
+    def __init__(self, registry: Any, labels: dict[str, str]) -> None:
+        from prometheus_client import Counter, Gauge
+
+        def metric(kind: type, name: str, doc: str) -> Any:
+            return kind(f"trainctl_{name}", doc, LABELS, registry=registry).labels(**labels)
+
+        self.policy_version = metric(Gauge, "policy_version", "Optimizer steps of the weights last published to the producer.")
+        self.staleness = metric(Gauge, "rollout_staleness", "Versions the last trained rollout lagged the policy (0: synchronous).")
+        self.completions = metric(Counter, "rollout_completions", "Completions generated for trained rollouts.")
+        self.tokens = metric(Counter, "rollout_tokens", "Completion tokens generated for trained rollouts.")
+        self.generation = metric(Counter, "rollout_generation_seconds", "Seconds producers spent generating and scoring.")
+        self.stale = metric(Counter, "stale_batches_dropped", "Rollouts dropped for lagging the policy by more than max_staleness.")
+
+
 class PrometheusExporter:
     def __init__(self, config: Config, run: RunInfo) -> None:
         self.config, self.run = config, run
@@ -164,6 +182,12 @@ class PrometheusExporter:
         self.taken: set[str] = set()  # label values in use, at most max_metric_names
         self.capped = False  # the warning about the cap was given
         self.step_metrics: dict[str, Any] = {}  # label value -> bound child
+        self.rollouts: RolloutMetrics | None = None  # at the first rollout event
+
+    def rollout_metrics(self) -> RolloutMetrics:
+        if self.rollouts is None:
+            self.rollouts = RolloutMetrics(self.registry, self.labels)
+        return self.rollouts
 
     # --- serving ---------------------------------------------------------------------------
 
@@ -282,11 +306,26 @@ class PrometheusExporter:
             for name, value in event.data.items():
                 if name.endswith("_s"):
                     self.metrics.recovery.labels(**self.labels, phase=name.removesuffix("_s")).set(value)
+        elif event.kind == notices.STALE_BATCH_DROPPED:
+            self.rollout_metrics().stale.inc()
         elif event.kind == notices.LAYER_STATS:
             for name, value in event.data.items():
                 layer, _, stat = name.rpartition(".")
                 if stat in LAYER_STATS and layer:  # layer names are bounded by the model's depth
                     self.metrics.layer[stat].labels(**self.labels, layer=layer).set(value)
+
+    @hookimpl
+    def trainctl_rollout_received(self, event: RolloutReceived) -> None:
+        m = self.rollout_metrics()
+        m.staleness.set(event.staleness)
+        if not event.reused:  # a generation trained on again was counted when it was made
+            m.completions.inc(event.completions)
+            m.tokens.inc(event.tokens)
+            m.generation.inc(event.generation_s)
+
+    @hookimpl
+    def trainctl_weights_published(self, event: WeightsPublished) -> None:
+        self.rollout_metrics().policy_version.set(event.version)
 
     @hookimpl
     def trainctl_run_end(self, event: RunEnd) -> None:

@@ -76,12 +76,17 @@ def decoder_layers(model: Any, base: Any) -> list[Any]:
 
 class HFBackend(StepBackend):
     def __new__(cls, ctx: BackendContext) -> HFBackend:
-        """``[hf] objective = "dpo"`` builds the preference backend (``dpo_backend.py``) instead."""
+        """``[hf] objective = "dpo"`` builds the preference backend (``dpo_backend.py``) instead,
+        ``"grpo"`` the online RL one (``grpo_backend.py``)."""
         hf = ctx.sections.get("hf")
         if cls is HFBackend and hf is not None and hf.objective == "dpo":
             from trainctl.backends.hf.dpo_backend import DPOBackend
 
             return super().__new__(DPOBackend)
+        if cls is HFBackend and hf is not None and hf.objective == "grpo":
+            from trainctl.backends.hf.grpo_backend import GRPOBackend
+
+            return super().__new__(GRPOBackend)
         return super().__new__(cls)
 
     def __init__(self, ctx: BackendContext) -> None:

@@ -1,0 +1,28 @@
+"""Reward functions for the GRPO tests, importable as ``"tests.grpo_rewards:<name>"``."""
+
+from __future__ import annotations
+
+SEEN: list[list[list[int]]] = []  # the completion ids each call of `recorded` scored, in order
+
+
+def e_share(prompts, completions, rows):
+    """The share of 'e' among a completion's characters: a dense, deterministic reward."""
+    return [c.count("e") / max(len(c), 1) for c in completions]
+
+
+def recorded(prompts, completions, rows):
+    """``e_share``, recording the completion token ids it was given (TRL passes them as a column)."""
+    SEEN.append([list(row["completion_ids"]) for row in rows])
+    return e_share(prompts, completions, rows)
+
+
+def raises(prompts, completions, rows):
+    raise RuntimeError("the grader is down")
+
+
+def nan(prompts, completions, rows):
+    return [float("nan")] * len(completions)
+
+
+def short(prompts, completions, rows):
+    return [1.0] * (len(completions) - 1)

@@ -1,0 +1,128 @@
+"""TRL's ``GRPOTrainer`` used as a library, as ``dpo.py`` uses ``DPOTrainer``, and the in-process
+producer of the kernel's rollout seam (``trainctl.kernel.rollout``).
+
+What is TRL's, called as it is: the prompt order (its ``RepeatSampler`` through its own train
+dataloader: each prompt ``num_generations`` times, each generation batch repeated for
+``num_iterations x steps_per_generation`` micro-batches), generation (``_generate_and_score_completions``:
+the chat template, transformers' ``generate`` with its sampling settings, truncation masks, the
+rewards weighted by ``reward_weights``, group-normalised advantages, old and reference
+log-probs), the buffering of one generation over ``steps_per_generation`` micro-batches
+(``_prepare_inputs``, with its shuffle) and the loss (``_compute_loss``: clipped ratios, KL,
+the ``loss_type`` normalisations), with every metric under TRL's names.
+
+What is reproduced, because it lives in ``Trainer.train()``'s loop, which is never run: the
+micro-batch counter ``_step`` that ``training_step`` advances (here after each micro-batch is
+prepared: nothing between reads it), ``current_gradient_accumulation_steps`` that the loop sets
+before a step, a fresh pass over the dataloader when an epoch ends, and ``log()``'s mean of
+each metric's values over the step. The optimizer step itself is the kernel's shared one.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from trainctl.backends.hf import sft
+from trainctl.backends.hf.config import GRPOConfig
+from trainctl.kernel.errors import ConfigError
+from trainctl.kernel.rollout import Rollout
+
+
+def trl_args(opts: GRPOConfig, *, output_dir: str, batch_size: int, grad_accum: int, seed: int, use_cpu: bool,
+             checkpointing: bool) -> Any:
+    """``trl.GRPOConfig`` of ``[hf.grpo]`` (TRL's names; its None where ours says 0).
+    ``checkpointing`` is ``model.gradient_checkpointing`` (TRL's default is on, ours off)."""
+    from trl import GRPOConfig as TRLGRPOConfig
+
+    return TRLGRPOConfig(
+        output_dir=output_dir, report_to=[], use_cpu=use_cpu, seed=seed, bf16=False, fp16=False,
+        activation_checkpointing=checkpointing, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+        num_generations=opts.num_generations, max_completion_length=opts.max_completion_length,
+        temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, beta=opts.beta, epsilon=opts.epsilon,
+        epsilon_high=opts.epsilon_high or None, num_iterations=opts.num_iterations, loss_type=opts.loss_type,
+        scale_rewards=opts.scale_rewards, mask_truncated_completions=opts.mask_truncated_completions,
+        importance_sampling_level=opts.importance_sampling_level,
+        reward_weights=list(opts.reward_weights) or None, steps_per_generation=opts.steps_per_generation or None,
+        save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True, log_level="error",
+    )
+
+
+class InProcessRollouts:
+    """The policy generates its own batches: TRL's trainer, driven one optimizer step at a time.
+    A :class:`trainctl.kernel.rollout.Producer`."""
+
+    def __init__(self, *, model: Any, tokenizer: Any, rows: list[dict[str, Any]], rewards: list[Callable[..., Any]],
+                 opts: GRPOConfig, batch_size: int, grad_accum: int, seed: int, use_cpu: bool, peft_config: Any,
+                 checkpointing: bool) -> None:
+        from datasets import Dataset
+        from trl import GRPOTrainer
+
+        self.workdir = tempfile.TemporaryDirectory(prefix="trainctl-grpo-")  # Trainer wants an output_dir
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        args = trl_args(opts, output_dir=self.workdir.name, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
+                        use_cpu=use_cpu, checkpointing=checkpointing)
+        try:
+            with sft.quiet():
+                self.trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, processing_class=tokenizer,
+                                           train_dataset=Dataset.from_list(rows), peft_config=peft_config)
+        except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # TRL's own checks of the settings and data
+            raise ConfigError(f"TRL cannot set up GRPO: {str(exc).splitlines()[0]}") from None
+        self.model = self.trainer.model.train()  # a PeftModel when LoRA is on; in training mode, as train() puts it
+        self.grad_accum = grad_accum
+        self.trainer.current_gradient_accumulation_steps = grad_accum  # Trainer.train() sets it per step
+        steps_per_generation = self.trainer.args.steps_per_generation
+        self.generate_every = steps_per_generation * self.trainer.num_iterations  # micro-batches per generation
+        # a generation trained on for num_iterations x steps_per_generation micro-batches is that
+        # many optimizer steps old at its last use: TRL's reuse is the staleness it allows
+        self.max_staleness = max(-(-self.generate_every // grad_accum) - 1, 0)
+        self.batches: Iterator[Any] | None = None  # TRL's dataloader, from the first rollout (as train() makes it)
+        self.generated_version = 0
+
+    def next_rollout(self, step: int, version: int) -> Rollout:
+        """The step's ``grad_accum`` micro-batches, prepared by TRL (generating when its cadence
+        says so: every ``steps_per_generation x num_iterations`` micro-batches)."""
+        trainer = self.trainer
+        started = time.perf_counter()
+        micro, generated = [], False
+        for _ in range(self.grad_accum):
+            if trainer._step % self.generate_every == 0 or trainer._buffered_inputs is None:
+                generated, self.generated_version = True, version
+            micro.append(trainer._prepare_inputs(self._next_batch()))
+            trainer._step += 1  # training_step's count, which _prepare_inputs reads
+        completions = sum(int(inputs["completion_mask"].size(0)) for inputs in micro)
+        tokens = sum(int(inputs["completion_mask"].sum()) for inputs in micro)  # host ints: the rewards synced already
+        metrics = trainer._metrics["train"]
+        stats = {"reward": metrics["reward"][-1]} if generated and metrics.get("reward") else {}
+        return Rollout(batch=micro, policy_version=self.generated_version, completions=completions, tokens=tokens,
+                       generation_s=time.perf_counter() - started, reused=not generated, stats=stats)
+
+    def _next_batch(self) -> Any:
+        if self.batches is None:
+            self.batches = iter(self.trainer.get_train_dataloader())
+        try:
+            return next(self.batches)
+        except StopIteration:  # an epoch ended: Trainer starts a new pass (RepeatSampler's next order)
+            self.batches = iter(self.trainer.get_train_dataloader())
+            return next(self.batches)
+
+    def publish(self, version: int) -> None:
+        """Nothing to copy: the policy generates with its own weights."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """TRL's metrics of the step just trained, as ``GRPOTrainer.log`` reports a one-step
+        logging window (the mean of each metric's values), then forgotten."""
+        metrics = self.trainer._metrics["train"]
+        found = {name: sum(values) / len(values) for name, values in metrics.items() if values}
+        metrics.clear()
+        return found
+
+    def loss(self, model: Any, inputs: dict[str, Any]) -> Any:
+        """One micro-batch's share of the step loss: TRL's ``_compute_loss``, already divided as
+        its ``loss_type`` says for gradient accumulation."""
+        return self.trainer._compute_loss(model, inputs)
+
+    def close(self) -> None:
+        self.workdir.cleanup()

@@ -1,0 +1,157 @@
+"""The ``hf`` backend with ``[hf] objective = "grpo"``: online RL under the kernel's loop, the first
+rollout backend (``trainctl.kernel.rollout``). TRL's ``GRPOTrainer`` is the library (``grpo.py``):
+its sampler, generation, rewards, advantages and loss; the kernel asks the in-process producer
+for each step's batch, and the optimizer step (clipping, the skip of non-finite updates) is the
+shared ``trainctl.backends.step``'s, as for SFT and DPO. So a step is ``GRPOTrainer.train()``'s
+step: same completions, rewards, loss, KL and clip ratios for the same seed
+(``tests/test_grpo_parity.py``).
+
+Everything that can be refused is refused before the model loads: no reward, a reward that
+does not resolve, a prompt column the data lacks, a generation batch that ``num_generations``
+does not divide. Rewards are read on the host by nature (they score decoded text), so TRL's
+metrics come back as host floats (``StepOutput.host_metrics``) rather than device tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trainctl.backends.device import set_threads
+from trainctl.backends.hf import grpo, loading, rewards, rows, sft
+from trainctl.backends.hf.backend import HFBackend
+from trainctl.backends.step import MicroLoss, local_micro_batches
+from trainctl.kernel.backend import Evaluation, Plan, StepOutput
+from trainctl.kernel.errors import ConfigError
+from trainctl.kernel.rollout import Rollout
+
+
+class GRPOBackend(HFBackend):
+    def setup(self) -> Plan:
+        ctx, data, train, opts = self.ctx, self.data_cfg, self.train, self.hf.grpo
+        set_threads(train.threads)
+        self._refuse_unsupported()
+        self.micro = local_micro_batches(train.grad_accum, ctx.dist)
+        steps_per_generation = opts.steps_per_generation or train.grad_accum
+        generation_batch = train.batch_size * steps_per_generation
+        if generation_batch % opts.num_generations:
+            raise ConfigError(f"hf.grpo.num_generations {opts.num_generations} does not divide the generation batch "
+                              f"{generation_batch} (train.batch_size {train.batch_size} x steps_per_generation "
+                              f"{steps_per_generation}); make the batch a multiple of it")
+        train_rows = rows.read_data(data)[0]
+        if not train_rows.rows:
+            raise ConfigError(f"{train_rows.source} has no rows; give a file with at least one prompt")
+        columns = list(train_rows.rows[0])
+        if opts.prompt_column not in columns:
+            raise ConfigError(f"{train_rows.source} has no column {opts.prompt_column!r} (columns: {', '.join(columns)}); "
+                              "set hf.grpo.prompt_column to the column holding the prompts")
+        self.reward_names = list(opts.rewards)
+        funcs = [rewards.for_trl(name, self._reward(name, columns)) for name in self.reward_names]
+        prompts = [dict(row, prompt=row[opts.prompt_column]) for row in train_rows.rows]  # TRL reads "prompt"
+
+        hf_config = loading.model_config(self.cfg)
+        self.tokenizer = loading.tokenizer(self.cfg)
+        attn = loading.attention(self.cfg.attn_implementation, self.device)
+        with sft.quiet():
+            model, _ = loading.model(self.cfg, hf_config, attn=attn, device=self.device)
+        # loading turns the KV cache off for packed SFT rows; generation without one recomputes
+        # the whole prefix for every token. The checkpoint's own setting, as TRL loads it
+        model.config.use_cache = hf_config.use_cache
+        self.producer = grpo.InProcessRollouts(
+            model=model, tokenizer=self.tokenizer, rows=prompts, rewards=funcs, opts=opts, batch_size=train.batch_size,
+            grad_accum=train.grad_accum, seed=ctx.seed, use_cpu=self.device.type == "cpu",
+            peft_config=loading.lora(self.hf.lora) if self.hf.lora else None,
+            checkpointing=self.cfg.gradient_checkpointing or train.activation_checkpointing,
+        )
+        self.model = self.producer.model
+        self.base = self.model.get_base_model() if self.hf.lora else self.model
+        self.max_steps = train.max_steps
+        self._place(loss_terms=None)
+        self.steps_done = 0
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.params)
+        weights = opts.reward_weights or (1.0,) * len(self.reward_names)
+        device, dtype = self.placement.names
+        return Plan(
+            params=trainable, total_params=total, tokens_per_step=generation_batch * opts.max_completion_length // steps_per_generation,
+            flops_per_token=(6 if not self.hf.lora else 4) * total, device=device, dtype=dtype,
+            summary=f"{self.cfg.name_or_path} GRPO on prompts of {data.train}", max_steps=self.max_steps,
+            details={
+                "model": f"{type(self.base).__name__} ({hf_config.model_type}), attention {attn}",
+                "objective": f"GRPO ({opts.loss_type}, beta {opts.beta:g}, epsilon {opts.epsilon:g}), "
+                             f"{opts.num_generations} completions per prompt of up to {opts.max_completion_length} tokens",
+                "rewards": ", ".join(f"{name} x {w:g}" for name, w in zip(self.reward_names, weights)),
+                "rollouts": f"in process, a generation every {steps_per_generation * opts.num_iterations} micro-batches "
+                            f"(max staleness {self.producer.max_staleness})",
+                "data": f"{len(prompts)} prompts",
+                "tokens/step": "at most, completions only; the estimate below leaves generation out",
+            },
+        )
+
+    def _refuse_unsupported(self) -> None:
+        data, train = self.data_cfg, self.train
+        if train.compile:
+            raise ConfigError("train.compile is not supported by the hf backend; set it to false")
+        if data.packing or data.shape != "auto" or data.mask != "auto":
+            raise ConfigError('data.packing, data.shape and data.mask are for objective = "sft"; GRPO reads prompts '
+                              "and trains on the completions it generates (leave them at their defaults)")
+        if self.ctx.loss_terms is not None:
+            raise ConfigError('loss-term plugins need token logits, which objective = "grpo" never builds; remove them')
+        if self.ctx.dist.world_size > 1:
+            raise ConfigError('objective = "grpo" runs on one process so far; launch it without torchrun')
+        if not self.hf.grpo.rewards:
+            raise ConfigError('hf.grpo.rewards is empty; name at least one reward: "format", "exact_match" or '
+                              '"package.module:function"')
+
+    def _reward(self, name: str, columns: list[str]) -> rewards.Reward:
+        opts = self.hf.grpo
+        return rewards.resolve(name, format_pattern=opts.format_pattern, answer_column=opts.answer_column, columns=columns)
+
+    # --- the seam ---------------------------------------------------------------------------------
+
+    def rollout_producer(self) -> grpo.InProcessRollouts:
+        return self.producer
+
+    def train_step(self, step: int) -> StepOutput:
+        raise ConfigError('objective = "grpo" trains on rollouts; the kernel calls train_rollout')
+
+    def _loss(self, model: Any, inputs: dict[str, Any], with_logits: bool) -> MicroLoss:
+        return MicroLoss(share=self.producer.loss(model, inputs))
+
+    def train_rollout(self, step: int, rollout: Rollout) -> StepOutput:
+        out = self.stepper.run(rollout.batch, self._loss, tokens=rollout.tokens,
+                               processed_tokens=sum(int(b["prompt_ids"].numel() + b["completion_ids"].numel())
+                                                    for b in rollout.batch))
+        out.host_metrics = self.producer.step_metrics()
+        self.steps_done = step + 1
+        return out
+
+    def evaluate(self, step: int) -> dict[str, Evaluation]:
+        """Nothing: GRPO has no fixed data to score; its rewards are reported every step."""
+        return {}
+
+    def measure(self, steps: int = 2) -> float:
+        """Seconds of the training part of a step: forward/backward of the loss on one prepared
+        micro-batch (one generation, made with the RNG saved and put back, and TRL's counters as
+        they were), times the micro-batches. Generation time is left out."""
+        trainer, rng = self.producer.trainer, self.placement.rng_state()
+        saved = (trainer._step, trainer._buffered_inputs, self.producer.batches)
+        self.producer.batches = iter(trainer.get_train_dataloader())
+        inputs = trainer._prepare_inputs(next(self.producer.batches))
+        seconds = self.stepper.measure(inputs, self._loss, steps=steps, micro_batches=len(self.micro))
+        trainer._step, trainer._buffered_inputs, self.producer.batches = saved
+        self.producer.step_metrics()  # what the measurement logged is no step's
+        self.placement.set_rng_state(rng)
+        return seconds
+
+    def load(self, directory: Path) -> None:
+        """Refused: the producer's state (TRL's prompt order, the buffered generation, the
+        dataloader's draw from the RNG) is not in the checkpoint yet, so a resume would not be
+        the run it continues. The checkpoint's weights still start a new run."""
+        raise ConfigError(f"resuming objective = \"grpo\" is not supported yet (its rollout state is not checkpointed); "
+                          f"start a new run from the weights with model.name_or_path = '{directory}' and --resume never")
+
+    def close(self) -> None:
+        super().close()
+        if getattr(self, "producer", None) is not None:
+            self.producer.close()
