@@ -121,24 +121,25 @@ def test_a_missing_or_crafted_producer_state_is_one_line(registry, qwen3, tmp_pa
     cases = [
         (STATE_FILE, b"{not json", f"{STATE_FILE} is not valid JSON"),
         (STATE_FILE, json.dumps(state | {"consumed": -1}).encode(), "consumed = -1 is not a whole number"),
-        (STATE_FILE, json.dumps(state | {"consumed": 10**6}).encode(), "is past the 4 batches of a pass"),
+        (STATE_FILE, json.dumps(state | {"consumed": 10**6}).encode(), "consumed = 1000000 is past the 16 batches of a pass"),
         (TENSORS_FILE, b"\x00" * 64, f"refused to load {ckpt / TENSORS_FILE}: not a readable safetensors file"),
         (TENSORS_FILE, out_of_vocab, "buffered micro-batch 0: completion_ids holds ids outside the vocabulary"),
         (TENSORS_FILE, None, f"{TENSORS_FILE} is missing"),
     ]
-    for name, data, message in cases:
+    for i, (name, data, message) in enumerate(cases):  # each in a run directory of its own: a refused Run keeps its claim
         for original, content in pristine.items():
             (ckpt / original).write_bytes(content)
         craft(ckpt, name, data)
         with pytest.raises(ConfigError) as refused:
-            Run(make_config(registry, out, *settings(*qwen3, steps=2), backend="hf"), registry, resume=str(ckpt))
-        assert message in str(refused.value) and str(ckpt) in str(refused.value) and "\n" not in str(refused.value)
+            Run(make_config(registry, tmp_path / f"case{i}", *settings(*qwen3, steps=2), backend="hf"), registry, resume=str(ckpt))
+        assert message in str(refused.value) and str(ckpt) in str(refused.value) and "\n" not in str(refused.value), str(refused.value)
 
     # a changed stream is refused like a changed locked key
     for original, content in pristine.items():
         (ckpt / original).write_bytes(content)
     with pytest.raises(ConfigError, match=r"the GRPO stream's settings differ \(seed: 7 -> 8; hf.grpo.num_generations: 4 -> 2\)"):
-        Run(make_config(registry, out, *settings(*qwen3, steps=2), "seed=8", "hf.grpo.num_generations=2", backend="hf"),
+        Run(make_config(registry, tmp_path / "changed", *settings(*qwen3, steps=2), "seed=8", "hf.grpo.num_generations=2",
+                        backend="hf"),
             registry, resume=str(ckpt))
 
     # through the CLI: a checkpoint without the producer's state (as GRPO wrote them before it could resume)
