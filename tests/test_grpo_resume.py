@@ -20,7 +20,7 @@ from trainctl.kernel.checkpoint_files import MANIFEST, sha256_file
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.run import Run
 
-STEPS, STOP, SEED, REWARD = 12, 5, 7, "tests.grpo_rewards:recorded"
+STEPS, STOP, SEED, REWARD = 32, 11, 7, "tests.grpo_rewards:recorded"
 COMPARED = ("loss", "grad_norm", "kl", "entropy", "reward", "reward_std", f"rewards/{REWARD}/mean",
             "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "completions/mean_length",
             "num_tokens")
@@ -30,7 +30,8 @@ COMPARED = ("loss", "grad_norm", "kl", "entropy", "reward", "reward_std", f"rewa
 def qwen3(hf, tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo_resume")
     hf_assets.build_model(root / "qwen3", hf.tokenizer, arch="qwen3")
-    # 8 prompts, 2 per generation: a pass over them is 4 generations, 8 steps, so 12 steps cross an epoch
+    # 8 prompts, 2 per generation: a pass over them is 4 generations, 8 steps; a stop at 11 is in the
+    # second pass (RepeatSampler's generator has moved on), the resumed run crosses two more
     rows = [{"prompt": speech[:40], "speaker": speaker} for speaker, speech in hf_assets.speeches(8)]
     return root / "qwen3", hf_assets.write_jsonl(root / "prompts.jsonl", rows)
 
@@ -42,6 +43,7 @@ def settings(model_dir: Path, prompts: Path, steps: int = STEPS) -> list[str]:
         "train.grad_accum=2", "train.device='cpu'", "train.threads=1", "train.log_interval=1", "train.eval_interval=0",
         "optim.lr=1e-3", "optim.weight_decay=0.0", "hf.objective='grpo'", f"hf.grpo.rewards=['{REWARD}']",
         "hf.grpo.num_generations=4", "hf.grpo.max_completion_length=8", "hf.grpo.num_iterations=2", "hf.grpo.beta=0.04",
+        "hf.grpo.epsilon=0.02",  # small: the reused steps clip, so the clip ratios are not all zero
     ]
 
 
@@ -74,7 +76,8 @@ def test_stop_mid_generation_and_resume_is_bit_identical(qwen3, whole, tmp_path,
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = out / "checkpoints" / f"step-{STOP:06d}"
     state = json.loads((ckpt / STATE_FILE).read_text())
-    assert state["step"] == 2 * STOP and state["buffered"]  # 10 micro-batches: 2 of the generation's 4 still to go
+    assert state["step"] == 2 * STOP and state["buffered"]  # 22 micro-batches: 2 of the generation's 4 still to go
+    assert state["consumed"] == 2 * STOP - 16  # 16 generation batches (micro-batches) a pass
     assert {STATE_FILE, TENSORS_FILE} <= set(json.loads((ckpt / MANIFEST).read_text())["files"])
 
     monkeypatch.setenv(grpo_rewards.LOG_ENV, str(seen))
@@ -91,7 +94,7 @@ def test_stop_mid_generation_and_resume_is_bit_identical(qwen3, whole, tmp_path,
     assert {s: [r[k] for k in keys] for s, r in our_rollouts.items()} == {s: [their_rollouts[s][k] for k in keys]
                                                                          for s in our_rollouts}
     assert our_rollouts[STOP]["reused"]  # the first step after the resume trains on the checkpoint's buffer
-    generations_before = (STOP + 1) // 2  # one generation every 2 steps, the 3rd (steps 4, 5) half used
+    generations_before = (STOP + 1) // 2  # one generation every 2 steps, the 6th (steps 10, 11) half used
     resumed = [json.loads(line) for line in seen.read_text().splitlines()]
     assert resumed == whole[1][generations_before:] and len(resumed) == (STEPS - STOP) // 2
 
