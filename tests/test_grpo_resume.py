@@ -14,7 +14,7 @@ import pytest
 
 from tests import grpo_rewards, hf_assets
 from tests.conftest import make_config, run_cli
-from tests.live import sets
+from tests.live import LiveRun, sets
 from trainctl.backends.hf.grpo_state import STATE_FILE, TENSORS_FILE
 from trainctl.kernel.checkpoint_files import MANIFEST, sha256_file
 from trainctl.kernel.errors import ConfigError
@@ -97,6 +97,34 @@ def test_stop_mid_generation_and_resume_is_bit_identical(qwen3, whole, tmp_path,
     generations_before = (STOP + 1) // 2  # one generation every 2 steps, the 6th (steps 10, 11) half used
     resumed = [json.loads(line) for line in seen.read_text().splitlines()]
     assert resumed == whole[1][generations_before:] and len(resumed) == (STEPS - STOP) // 2
+
+
+def test_ctl_stop_then_resume_auto_gives_the_next_20_steps(registry, qwen3, tmp_path):
+    """``trainctl ctl stop`` against a live run, wherever it lands, then ``--resume auto``."""
+    out = tmp_path / "live"
+    run = LiveRun(out, model=settings(*qwen3, steps=10_000), args=["--backend", "hf"])
+    try:
+        run.wait(lambda s: s["state"] == "running" and s["step"] >= 3, timeout=120)
+        stop = run_cli("ctl", str(out), "stop", timeout=60)
+        assert stop.returncode == 0 and stop.stdout.startswith("stop: stopping"), stop.stdout + stop.stderr
+        assert run.exit_code() == 0
+    finally:
+        run.close()
+    status = run.status()
+    stopped = status["step"]
+    assert status["state"] == "stopped" and status["reason"] == "request" and run.ledger()[-1]["step"] == stopped
+
+    resumed = cli_run(out, *settings(*qwen3, steps=stopped + 20))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resume at step {stopped}" in resumed.stdout
+    whole = tmp_path / "whole"
+    result = Run(make_config(registry, whole, *settings(*qwen3, steps=stopped + 20), backend="hf"), registry,
+                 resume="never").fit()
+    assert result.status == "completed", result.reason
+    (expected, _), (got, _) = last_run(whole), last_run(out)
+    assert sorted(got) == list(range(stopped + 1, stopped + 21))
+    for name in COMPARED:
+        assert [got[s].get(name) for s in got] == [expected[s].get(name) for s in got], name
 
 
 def craft(ckpt: Path, name: str, data: bytes | None) -> None:
