@@ -99,6 +99,21 @@ def test_stop_mid_generation_and_resume_is_bit_identical(qwen3, whole, tmp_path,
     assert resumed == whole[1][generations_before:] and len(resumed) == (STEPS - STOP) // 2
 
 
+def test_a_stop_at_the_end_of_a_pass_resumes_into_the_next(registry, qwen3, whole, tmp_path):
+    """Step 8 ends the first pass over the prompts: the resumed run starts the second pass from
+    the generator state the first one left (in process: the kernel's resume path, no CLI)."""
+    out = tmp_path / "split"
+    first = Run(make_config(registry, out, *settings(*qwen3, steps=8), backend="hf"), registry, resume="never").fit()
+    assert first.status == "completed", first.reason
+    assert json.loads((out / "checkpoints" / "step-000008" / STATE_FILE).read_text())["consumed"] == 16  # all of a pass
+    second = Run(make_config(registry, out, *settings(*qwen3, steps=12), backend="hf"), registry, resume="auto").fit()
+    assert second.status == "completed", second.reason
+    (expected, _), (got, _) = last_run(whole[0]), last_run(out)
+    assert sorted(got) == [9, 10, 11, 12]
+    for name in COMPARED:
+        assert [got[s].get(name) for s in got] == [expected[s].get(name) for s in got], name
+
+
 def test_ctl_stop_then_resume_auto_gives_the_next_20_steps(registry, qwen3, tmp_path):
     """``trainctl ctl stop`` against a live run, wherever it lands, then ``--resume auto``."""
     out = tmp_path / "live"

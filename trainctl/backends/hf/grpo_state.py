@@ -114,8 +114,10 @@ def _record(directory: Path) -> dict[str, Any]:
         record = json.loads(read_bounded(directory / STATE_FILE, MAX_JSON_BYTES), parse_constant=_no_constant)
     except BadCheckpoint as exc:
         _refuse(directory, STATE_FILE, str(exc).removeprefix(STATE_FILE + " "))
-    except (ValueError, RecursionError) as exc:
-        _refuse(directory, STATE_FILE, f"is not valid JSON ({str(exc).splitlines()[0][:120] if str(exc) else 'nested too deeply'})")
+    except ValueError as exc:
+        _refuse(directory, STATE_FILE, f"is not valid JSON ({str(exc).splitlines()[0][:120]})")
+    except RecursionError:
+        _refuse(directory, STATE_FILE, "is not valid JSON (nested too deeply)")
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         _refuse(directory, STATE_FILE, f"is not a format-{FORMAT} GRPO producer state")
     for key in ("step", "generated_version", "tokens_seen", "consumed"):
