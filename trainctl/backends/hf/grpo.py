@@ -29,9 +29,11 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
+
 from trainctl.backends.hf import sft
-from trainctl.backends.hf.grpo_state import ProducerState
 from trainctl.backends.hf.config import GRPOConfig
+from trainctl.backends.hf.grpo_state import ProducerState
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.rollout import Rollout
 
@@ -119,16 +121,20 @@ class InProcessRollouts:
         return batch
 
     def _start_pass(self) -> None:
-        if self.loader is None:
-            self.loader = self.trainer.get_train_dataloader()
-        generator = self._generator()
+        generator = self.generator()
         # RepeatSampler draws the pass's order at its first batch, from this state
         self.pass_start = generator.get_state() if generator is not None else None
-        self.batches, self.consumed = iter(self.loader), 0
+        self.batches, self.consumed = iter(self.dataloader()), 0
 
-    def _generator(self) -> Any:
+    def dataloader(self) -> Any:
+        """TRL's train dataloader, made once as ``train()`` makes it: each pass iterates it again."""
+        if self.loader is None:
+            self.loader = self.trainer.get_train_dataloader()
+        return self.loader
+
+    def generator(self) -> torch.Generator | None:
         """RepeatSampler's own generator (None when TRL does not shuffle)."""
-        return getattr(self.loader.batch_sampler.sampler, "generator", None)
+        return getattr(self.dataloader().batch_sampler.sampler, "generator", None)
 
     # --- the checkpoint's part ------------------------------------------------------------
 
@@ -143,8 +149,6 @@ class InProcessRollouts:
         replayed from its generator state to the batch it had reached (batches are only
         collated, nothing is generated). Iterating a DataLoader draws its base seed from the
         global generator, which the checkpoint has just restored: it is put back after."""
-        import torch
-
         trainer = self.trainer
         trainer._step, self.generated_version = state.step, state.generated_version
         trainer.state.num_input_tokens_seen = state.tokens_seen
@@ -152,11 +156,10 @@ class InProcessRollouts:
         if not state.consumed:
             return  # no rollout yet: the first one starts the first pass
         rng = torch.get_rng_state()
-        self.loader = self.loader or trainer.get_train_dataloader()
-        generator = self._generator()
+        generator = self.generator()
         if generator is not None and state.pass_start is not None:
             generator.set_state(state.pass_start)
-        self.pass_start, self.batches = state.pass_start, iter(self.loader)
+        self.pass_start, self.batches = state.pass_start, iter(self.dataloader())
         for _ in range(state.consumed):
             next(self.batches)
         self.consumed = state.consumed

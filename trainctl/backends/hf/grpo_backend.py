@@ -172,15 +172,15 @@ class GRPOBackend(HFBackend):
     def load(self, directory: Path) -> None:
         """The producer's state, checked before anything else is loaded (a refusal costs
         nothing), then the hf checkpoint (which restores the RNG), then the producer."""
-        trainer, loader = self.producer.trainer, self.producer.loader or self.producer.trainer.get_train_dataloader()
+        producer = self.producer
         expected = grpo_state.Expected(
             settings=self.stream_settings(), batch_size=self.train.batch_size,
-            micro_batches=trainer.args.steps_per_generation, max_completion_length=self.hf.grpo.max_completion_length,
-            vocab_size=self.base.get_input_embeddings().num_embeddings, passes=len(loader),
-            shuffles=getattr(loader.batch_sampler.sampler, "generator", None) is not None,
+            micro_batches=producer.trainer.args.steps_per_generation,
+            max_completion_length=self.hf.grpo.max_completion_length,
+            vocab_size=self.base.get_input_embeddings().num_embeddings,
+            passes=len(producer.dataloader()), shuffles=producer.generator() is not None,
         )
         saved = grpo_state.load(directory, expected, self.device)
-        self.producer.loader = loader
         super().load(directory)
         self.producer.restore(saved)
 

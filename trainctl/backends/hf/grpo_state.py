@@ -83,7 +83,7 @@ def load(directory: Path, expected: Expected, device: torch.device) -> ProducerS
     """The checkpoint's producer state, checked against this run; a one-line ConfigError naming
     the file and the way out otherwise."""
     record = _record(directory)
-    changed = [f"{key}: {record['settings'].get(key)!r} -> {value!r}" for key, value in expected.settings.items()
+    changed = [f"{key}: {_show(record['settings'].get(key))} -> {_show(value)}" for key, value in expected.settings.items()
                if record["settings"].get(key) != value]
     if changed:
         raise ConfigError(f"cannot resume from {directory}: the GRPO stream's settings differ ({'; '.join(changed)}); "
@@ -96,7 +96,8 @@ def load(directory: Path, expected: Expected, device: torch.device) -> ProducerS
     if not record["buffered"] and any(name.startswith("buffer.") for name in tensors):
         _refuse(directory, TENSORS_FILE, "holds a buffered generation that grpo_state.json says is not there")
     pass_start = tensors.pop(GENERATOR, None)
-    if pass_start is not None and (pass_start.dtype != torch.uint8 or pass_start.shape != torch.Generator().get_state().shape):
+    cpu_state = torch.Generator().get_state()
+    if pass_start is not None and (pass_start.dtype != cpu_state.dtype or pass_start.shape != cpu_state.shape):
         _refuse(directory, TENSORS_FILE, f"'{GENERATOR}' is not a CPU generator state")
     if record["consumed"] and expected.shuffles and pass_start is None:
         _refuse(directory, TENSORS_FILE, f"lacks '{GENERATOR}', the prompt order of the pass under way")
@@ -172,7 +173,8 @@ def _micro_problem(batch: dict[str, torch.Tensor], names: set[str], expected: Ex
     if prompt.dim() != 2 or prompt.shape[0] != b or completion.dim() != 2 or completion.shape[0] != b:
         return f"prompt_ids and completion_ids are not ({b}, length) ({tuple(prompt.shape)}, {tuple(completion.shape)})"
     if completion.shape[1] > expected.max_completion_length:
-        return f"completions of {completion.shape[1]} tokens are longer than max_completion_length {expected.max_completion_length}"
+        return (f"completions of {completion.shape[1]} tokens are longer than max_completion_length "
+                f"{expected.max_completion_length}")
     shapes = {"prompt_mask": prompt.shape, "completion_mask": completion.shape, "advantages": (b,),
               "num_items_in_batch": (), **{name: completion.shape for name in PER_TOKEN}}
     for name, value in batch.items():
@@ -196,6 +198,11 @@ def _refuse(directory: Path, name: str, problem: str) -> NoReturn:
     raise ConfigError(f"cannot resume from {directory}: {name} {problem}; resume from another checkpoint with "
                       f"--resume PATH, or start a new run from its weights with model.name_or_path = '{directory}' "
                       "and --resume never")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)  # a crafted file's value: one line, and short
+    return text if len(text) <= 70 else text[:67] + "..."
 
 
 def _no_constant(name: str) -> Any:
