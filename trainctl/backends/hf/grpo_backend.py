@@ -100,8 +100,8 @@ class GRPOBackend(HFBackend):
         if self.ctx.dist.world_size > 1:
             raise ConfigError('objective = "grpo" runs on one process so far; launch it without torchrun')
         if not self.hf.grpo.rewards:
-            raise ConfigError('hf.grpo.rewards is empty; name at least one reward: "format", "exact_match" or '
-                              '"package.module:function"')
+            raise ConfigError('hf.grpo.rewards is empty; name at least one reward: "format", "exact_match", an enabled '
+                              'reward plugin or "package.module:function"')
 
     def _reward(self, name: str, columns: list[str]) -> Any:
         """Reward ``name`` as TRL calls it; in a backend built to evaluate, a stand-in (nothing imported)."""
