@@ -53,7 +53,7 @@ class GRPOBackend(HFBackend):
             raise ConfigError(f"{train_rows.source} has no column {opts.prompt_column!r} (columns: {', '.join(columns)}); "
                               "set hf.grpo.prompt_column to the column holding the prompts")
         self.reward_names = list(opts.rewards)
-        funcs = [rewards.for_trl(name, self._reward(name, columns)) for name in self.reward_names]
+        funcs = [self._reward(name, columns) for name in self.reward_names]
         prompts = [dict(row, prompt=row[opts.prompt_column]) for row in train_rows.rows]  # TRL reads "prompt"
         self.prompts_sha256 = hashlib.sha256(json.dumps(prompts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -108,12 +108,17 @@ class GRPOBackend(HFBackend):
         if self.ctx.dist.world_size > 1:
             raise ConfigError('objective = "grpo" runs on one process so far; launch it without torchrun')
         if not self.hf.grpo.rewards:
-            raise ConfigError('hf.grpo.rewards is empty; name at least one reward: "format", "exact_match" or '
-                              '"package.module:function"')
+            raise ConfigError('hf.grpo.rewards is empty; name at least one reward: "format", "exact_match", an enabled '
+                              'reward plugin or "package.module:function"')
 
-    def _reward(self, name: str, columns: list[str]) -> rewards.Reward:
+    def _reward(self, name: str, columns: list[str]) -> Any:
+        """Reward ``name`` as TRL calls it; in a backend built to evaluate, a stand-in (nothing imported)."""
+        if not self.ctx.trains:
+            return rewards.not_loaded(name)
         opts = self.hf.grpo
-        return rewards.resolve(name, format_pattern=opts.format_pattern, answer_column=opts.answer_column, columns=columns)
+        found = rewards.resolve(name, format_pattern=opts.format_pattern, answer_column=opts.answer_column,
+                                columns=columns, plugins=self.ctx.rewards)
+        return rewards.for_trl(name, found, plugin=name in self.ctx.rewards and name not in rewards.BUILTIN)
 
     # --- the seam ---------------------------------------------------------------------------------
 
