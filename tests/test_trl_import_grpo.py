@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import run_cli
 from trainctl.backends.hf import config as hf_config
-from trainctl.backends.hf import trl_config
+from trainctl.backends.hf import trl_config, trl_grpo_config
 
 YAML = """\
 model_name_or_path: Qwen/Qwen2.5-0.5B-Instruct
@@ -66,7 +66,7 @@ def test_grpo_defaults_are_trls():
     from trl import GRPOConfig
 
     fields = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
-    for name, value in trl_config.TRL_GRPO_DEFAULTS.items():
+    for name, value in trl_grpo_config.TRL_GRPO_DEFAULTS.items():
         assert fields[name] == value, name
     assert fields["bf16"] is None and trl_config.TRL_DEFAULTS["bf16"] is True  # None: bf16 unless fp16
     assert fields["gradient_checkpointing"] is True and fields["max_steps"] == -1
@@ -86,7 +86,7 @@ def test_the_mapped_format_reward_scores_as_trls():
 
     from trainctl.backends.hf import rewards
 
-    pattern = trl_config.TRL_REWARDS["think_format_reward"][1]["format_pattern"]
+    pattern = trl_grpo_config.TRL_REWARDS["think_format_reward"][1]["format_pattern"]
     ours = rewards.format_reward(pattern)
     texts = ["<think>\nreasoning\n</think>\nanswer", "<think>no end", "x<think>a</think>", "<think>a</think>",
              "<think>a<think>b</think>c", "<think>a</think>b\n\nc</think>", "", "<think></think>\n"]
