@@ -1,18 +1,21 @@
 """Recovery after a fault, as a user sees it: a 2-rank torchrun run (gloo, the baby GPT) loses
 a rank to ``kill -9`` (``--max-restarts=3``: torchrun restarts the group, the run resumes by
-itself from its newest committed checkpoint), or, with ``--case node``, two agents
+itself from its newest committed checkpoint); or, with ``--case node``, two agents
 (``--nnodes=1:2``, c10d on loopback) lose the non-host node whole and the host re-forms the group
-at world size 1. Each trial reads the resumed run's ``recovery`` notice from events.jsonl (the
-time from the last step before the fault to the first step after it, in phases) and, on this
-machine's clock, the time from the SIGKILL to the first step after it; the median of each is
-printed as a table.
+at world size 1; or, with ``--case join``, the host trains alone and a second agent joins mid-run
+(torchrun stops the group with SIGTERM, trainctl saves, the group re-forms at world size 2).
+Each trial reads the resumed run's ``recovery`` notice from events.jsonl (the time from the last
+step before the fault to the first step after it, in phases) and, on this machine's clock, the
+time from the fault (the SIGKILL, or the joining agent's start) to the first step after it; the
+median of each is printed as a table.
 
     python bench/restart_time.py                                 # rank killed, 3 trials
     python bench/restart_time.py --case node --trials 3          # node lost, last_call_timeout 3 s
     python bench/restart_time.py --case node --trials 1 --last-call-timeout 30 --keep-alive 5,3   # torchrun's defaults
+    python bench/restart_time.py --case join --trials 2
     python bench/restart_time.py --json r.json
 
-The run saves every 20 steps and the fault comes at step 45 or later, so every trial also
+The run saves every 20 steps and the fault comes at step 45 or later, so every kill also
 retrains the steps since its checkpoint (5 or more); that lost work is not in the phases below
 (the phases end at the first step after the resume) and is printed beside them.
 """
@@ -84,9 +87,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], log: Path) -> subprocess.Popen:
+def launch(args: list[str], log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     with open(log, "w") as f:
-        return subprocess.Popen(args, cwd=ROOT, env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(args, cwd=ROOT, env=env() | (extra_env or {}), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def trainctl(out: Path) -> list[str]:
@@ -109,16 +113,22 @@ def rank_fault(work: Path, monitor_interval: float) -> tuple[Path, float, subpro
         raise
 
 
-def node_fault(work: Path, monitor_interval: float, last_call: int, keep_alive: str) -> tuple[Path, float, subprocess.Popen]:
-    """Two agents, one rank each, c10d rendezvous hosted by the first; the second killed whole."""
+def node_fault(work: Path, monitor_interval: float, last_call: int, keep_alive: str,
+               join: bool = False) -> tuple[Path, float, list[subprocess.Popen]]:
+    """Two agents, one rank each, c10d rendezvous hosted by the first; the second killed whole,
+    or (``join``) the host trains alone and the second agent joins mid-run. torch 2.13's agents
+    share their TCPStore with the ranks, and then a node that joins a running group waits 60 s
+    for a MASTER_ADDR that the old rank 0 never writes for the new round (it builds it once);
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 builds it every round."""
     out, port = work / "run", free_port()
+    extra = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if join else None
     interval, attempts = keep_alive.split(",")
     args = [str(BIN / "torchrun"), "--nnodes=1:2", "--nproc-per-node=1", "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{port}", "--max-restarts=3", f"--monitor-interval={monitor_interval}",
             f"--rdzv-conf=last_call_timeout={last_call},keep_alive_interval={interval},keep_alive_max_attempt={attempts}",
             *trainctl(out)]
     out.mkdir(parents=True)
-    host = launch(args, work / "host.log")
+    host = launch(args, work / "host.log", extra)
     other = None
     try:
         deadline = time.monotonic() + 60
@@ -130,12 +140,17 @@ def node_fault(work: Path, monitor_interval: float, last_call: int, keep_alive: 
                 break
             except OSError:
                 time.sleep(0.05)
+        if join:
+            wait_for_step(out, [host], KILL_AT, timeout=180)
+            joined = time.time()
+            other = launch(args, work / "other.log", extra)
+            return out, joined, [host, other]
         other = launch(args, work / "other.log")
         wait_for_step(out, [host, other], KILL_AT, timeout=180)
         killed = time.time()
         kill_tree(other.pid)
         other.wait()
-        return out, killed, host
+        return out, killed, [host]
     except BaseException:
         kill_tree(host.pid)
         if other is not None:
@@ -145,13 +160,15 @@ def node_fault(work: Path, monitor_interval: float, last_call: int, keep_alive: 
 
 def trial(case: str, work: Path, monitor_interval: float, last_call: int, keep_alive: str) -> dict:
     if case == "rank":
-        out, killed, agent = rank_fault(work, monitor_interval)
+        out, fault, agent = rank_fault(work, monitor_interval)
+        agents = [agent]
     else:
-        out, killed, agent = node_fault(work, monitor_interval, last_call, keep_alive)
+        out, fault, agents = node_fault(work, monitor_interval, last_call, keep_alive, join=case == "join")
     try:
-        code = agent.wait(300)
+        code = max(abs(a.wait(300)) for a in agents)
     finally:
-        kill_tree(agent.pid)
+        for a in agents:
+            kill_tree(a.pid)
     records = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     starts = [i for i, r in enumerate(records) if r.get("event") == "run_start"]
     notes = [r for r in records if r.get("event") == "notice" and r.get("kind") == "recovery"]
@@ -163,13 +180,13 @@ def trial(case: str, work: Path, monitor_interval: float, last_call: int, keep_a
     data = notes[0]["data"]
     return {**{k: data[k] for k in PHASES}, "last_step": data["last_step"], "resumed_at": resumed["start_step"],
             "world_size": resumed["world_size"], "restarts": data["restarts"],
-            "kill_to_first_step_s": round(first["time"] - killed, 3),
-            "last_step_to_kill_s": round(killed - last["time"], 3),
+            "fault_to_first_step_s": round(first["time"] - fault, 3),
+            "last_step_to_fault_s": round(fault - last["time"], 3),
             "steps_retrained": data["last_step"] - resumed["start_step"]}
 
 
 def table(rows: list[dict]) -> str:
-    keys = [*PHASES, "kill_to_first_step_s", "steps_retrained"]
+    keys = [*PHASES, "fault_to_first_step_s", "steps_retrained"]
     lines = ["| phase | median | min | max |", "| --- | --- | --- | --- |"]
     for k in keys:
         values = [r[k] for r in rows]
@@ -179,14 +196,17 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", choices=["rank", "node"], default="rank")
+    ap.add_argument("--case", choices=["rank", "node", "join"], default="rank")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--monitor-interval", type=float, default=0.1, help="torchrun's (its default: 0.1 s)")
-    ap.add_argument("--last-call-timeout", type=int, default=3, help="c10d rendezvous, --case node (torchrun: 30 s)")
-    ap.add_argument("--keep-alive", default="1,2", metavar="INTERVAL,ATTEMPTS",
-                    help="c10d keep_alive_interval and keep_alive_max_attempt, --case node (torchrun: 5,3)")
+    ap.add_argument("--last-call-timeout", type=int, default=3, help="c10d rendezvous, --case node/join (torchrun: 30 s)")
+    ap.add_argument("--keep-alive", metavar="INTERVAL,ATTEMPTS",
+                    help="c10d keep_alive_interval and keep_alive_max_attempt (torchrun's: 5,3); default 1,2 for "
+                         "--case node (tests/test_elastic.py's), 5,3 for join: at 1,2 the joining agent twice "
+                         "formed a group of its own here, which the run directory's lock refused")
     ap.add_argument("--json", type=Path, help="write the trials here")
     args = ap.parse_args()
+    args.keep_alive = args.keep_alive or ("5,3" if args.case == "join" else "1,2")
     rows = []
     with tempfile.TemporaryDirectory(prefix="trainctl-restart-") as tmp:
         for i in range(args.trials):
@@ -196,7 +216,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"{args.case} fault, {args.trials} trials, monitor interval {args.monitor_interval} s"
-          + (f", last_call_timeout {args.last_call_timeout} s, keep-alive {args.keep_alive}" if args.case == "node" else ""))
+          + (f", last_call_timeout {args.last_call_timeout} s, keep-alive {args.keep_alive}" if args.case != "rank" else ""))
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "trials": rows}, indent=1))

@@ -24,8 +24,19 @@ RDZV_CONF_KEYS = {"join_timeout", "last_call_timeout", "close_timeout", "heartbe
                   "keep_alive_interval", "keep_alive_max_attempt"}
 
 
+class UniqueKeys(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in a mapping without a word; kubectl refuses them."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        duplicates = {k for k in keys if keys.count(k) > 1}
+        if duplicates:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {duplicates}", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def documents() -> tuple[dict, dict]:
-    pvc, job = yaml.safe_load_all(JOB_FILE.read_text())
+    pvc, job = yaml.load_all(JOB_FILE.read_text(), Loader=UniqueKeys)
     assert (pvc["kind"], job["kind"], job["apiVersion"]) == ("PersistentVolumeClaim", "PyTorchJob", "kubeflow.org/v1")
     return pvc, job
 
@@ -64,6 +75,8 @@ def test_the_job_uses_the_operators_fields_and_the_pvc_it_ships():
     assert [claims.get(m["name"]) for m in mounts] == [pvc["metadata"]["name"]], (out, mounts, claims)
     # SIGTERM reaches torchrun (PID 1, no shell), which gives the ranks --shutdown-timeout to save
     assert trainer["command"] == ["torchrun"]
+    # torch 2.13's shared TCPStore hangs a pod that rejoins a running group (README)
+    assert {e["name"]: e["value"] for e in trainer["env"]}["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     shutdown = get_args_parser().parse_args(args).shutdown_timeout
     assert shutdown and pod["terminationGracePeriodSeconds"] > shutdown
 
