@@ -35,8 +35,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from trainctl.hooks import notices  # noqa: E402  (neither imports torch: the runs do, this process does not)
+from trainctl.kernel import recovery  # noqa: E402
+
 BIN = Path(sys.executable).parent
-PHASES = ("down_s", "process_start_s", "rendezvous_s", "setup_s", "checkpoint_load_s", "first_step_s", "total_s")
+PHASES = (*recovery.PHASES, "total_s")
 KILL_AT = 45  # the fault comes at this step or just after; checkpoints every 20 steps
 RUN = ["train.device='cpu'", "train.threads=1", "train.grad_accum=2", "train.save_interval=20",
        "train.eval_interval=0", "train.log_interval=1", "train.max_steps=100"]
@@ -114,14 +119,15 @@ def rank_fault(work: Path, monitor_interval: float) -> tuple[Path, float, subpro
 
 
 def node_fault(work: Path, monitor_interval: float, last_call: int, keep_alive: str,
-               join: bool = False) -> tuple[Path, float, list[subprocess.Popen]]:
+               join: bool = False, shared_store: bool = False) -> tuple[Path, float, list[subprocess.Popen]]:
     """Two agents, one rank each, c10d rendezvous hosted by the first; the second killed whole,
     or (``join``) the host trains alone and the second agent joins mid-run. torch 2.13's agents
     share their TCPStore with the ranks, and then a node that joins a running group waits 60 s
     for a MASTER_ADDR that the old rank 0 never writes for the new round (it builds it once);
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 builds it every round."""
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 builds it every round (``shared_store``: leave torch's
+    default, to see whether a newer torch still hangs)."""
     out, port = work / "run", free_port()
-    extra = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if join else None
+    extra = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if join and not shared_store else None
     interval, attempts = keep_alive.split(",")
     args = [str(BIN / "torchrun"), "--nnodes=1:2", "--nproc-per-node=1", "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{port}", "--max-restarts=3", f"--monitor-interval={monitor_interval}",
@@ -158,12 +164,14 @@ def node_fault(work: Path, monitor_interval: float, last_call: int, keep_alive: 
         raise
 
 
-def trial(case: str, work: Path, monitor_interval: float, last_call: int, keep_alive: str) -> dict:
+def trial(case: str, work: Path, monitor_interval: float, last_call: int, keep_alive: str,
+          shared_store: bool = False) -> dict:
     if case == "rank":
         out, fault, agent = rank_fault(work, monitor_interval)
         agents = [agent]
     else:
-        out, fault, agents = node_fault(work, monitor_interval, last_call, keep_alive, join=case == "join")
+        out, fault, agents = node_fault(work, monitor_interval, last_call, keep_alive, join=case == "join",
+                                        shared_store=shared_store)
     try:
         code = max(abs(a.wait(300)) for a in agents)
     finally:
@@ -171,7 +179,7 @@ def trial(case: str, work: Path, monitor_interval: float, last_call: int, keep_a
             kill_tree(a.pid)
     records = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     starts = [i for i, r in enumerate(records) if r.get("event") == "run_start"]
-    notes = [r for r in records if r.get("event") == "notice" and r.get("kind") == "recovery"]
+    notes = [r for r in records if r.get("event") == "notice" and r.get("kind") == notices.RECOVERY]
     if code != 0 or len(starts) != 2 or len(notes) != 1:
         raise RuntimeError(f"exit {code}, {len(starts)} run starts, {len(notes)} recovery notices; see {work}")
     resumed = records[starts[1]]
@@ -202,17 +210,21 @@ def main() -> None:
     ap.add_argument("--last-call-timeout", type=int, default=3, help="c10d rendezvous, --case node/join (torchrun: 30 s)")
     ap.add_argument("--keep-alive", metavar="INTERVAL,ATTEMPTS",
                     help="c10d keep_alive_interval and keep_alive_max_attempt (torchrun's: 5,3); default 1,2 for "
-                         "--case node (tests/test_elastic.py's), 5,3 for join: at 1,2 the joining agent twice "
-                         "formed a group of its own here, which the run directory's lock refused")
+                         "--case node (tests/test_elastic.py's), 5,3 for join: at 1,2 the joining agent formed "
+                         "a group of its own in 3 of 3 tries here, which the run directory's lock refused")
+    ap.add_argument("--shared-store", action="store_true",
+                    help="--case join with torch's default TCPStore sharing (torch 2.13: the join hangs 60 s, both fail)")
+    ap.add_argument("--keep", type=Path, help="run in this directory and keep it (logs of a failed trial)")
     ap.add_argument("--json", type=Path, help="write the trials here")
     args = ap.parse_args()
     args.keep_alive = args.keep_alive or ("5,3" if args.case == "join" else "1,2")
     rows = []
     with tempfile.TemporaryDirectory(prefix="trainctl-restart-") as tmp:
         for i in range(args.trials):
-            work = Path(tmp) / f"trial-{i}"
-            work.mkdir()
-            row = trial(args.case, work, args.monitor_interval, args.last_call_timeout, args.keep_alive)
+            work = (args.keep or Path(tmp)) / f"trial-{i}"
+            work.mkdir(parents=True)
+            row = trial(args.case, work, args.monitor_interval, args.last_call_timeout, args.keep_alive,
+                        args.shared_store)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"{args.case} fault, {args.trials} trials, monitor interval {args.monitor_interval} s"
