@@ -103,7 +103,7 @@ def trainctl(out: Path) -> list[str]:
 
 
 def rank_fault(work: Path, monitor_interval: float) -> tuple[Path, float, subprocess.Popen]:
-    """torchrun --standalone, 2 ranks; rank 1 (the newest child of the agent) killed -9."""
+    """torchrun --standalone, 2 ranks; one killed -9 (the agent's newest child, as tests/test_elastic.py picks it)."""
     out = work / "run"
     agent = launch([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--max-restarts=3",
                     f"--monitor-interval={monitor_interval}", *trainctl(out)], work / "agent.log")
