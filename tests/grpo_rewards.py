@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+
+LOG_ENV = "TRAINCTL_TEST_COMPLETIONS"  # a file `recorded` appends each call's completion ids to (a CLI run's)
 SEEN: list[list[list[int]]] = []  # the completion ids each call of `recorded` scored, in order
 
 
@@ -13,6 +17,9 @@ def e_share(prompts, completions, rows):
 def recorded(prompts, completions, rows):
     """``e_share``, recording the completion token ids it was given (TRL passes them as a column)."""
     SEEN.append([list(row["completion_ids"]) for row in rows])
+    if os.environ.get(LOG_ENV):
+        with open(os.environ[LOG_ENV], "a", encoding="utf-8") as f:
+            f.write(json.dumps(SEEN[-1]) + "\n")
     return e_share(prompts, completions, rows)
 
 

@@ -247,3 +247,28 @@ def test_trace_shows_arguments_plugins_and_results():
     assert proc.returncode == 0, proc.stderr
     assert "[trainctl hook] trainctl_lr(step=7, base_lr=0.5) -> halve" in proc.stderr
     assert "[trainctl hook] trainctl_lr = 0.25" in proc.stderr
+
+
+class Reward:
+    def __init__(self, answer) -> None:
+        self.answer, self.calls = answer, 0
+
+    @hookimpl
+    def trainctl_reward(self, prompts, completions, rows):
+        self.calls += 1
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return [self.answer] * len(completions)
+
+
+def test_a_reward_is_asked_of_its_plugin_alone_and_its_failure_reaches_the_caller(capsys):
+    one, two, down = Reward(1.0), Reward(2.0), Reward(RuntimeError("the grader is down"))
+    bus = bus_with(("one", one), ("two", two), ("down", down), ("observer", Lr(None, [])))
+    rewards = bus.reward_plugins()
+    assert list(rewards) == ["one", "two", "down"]  # the plugins that implement it, in list order
+    assert rewards["two"](["p", "p"], ["a", "b"], [{}, {}]) == [2.0, 2.0]
+    assert (one.calls, two.calls) == (0, 1)  # the other reward plugins are not asked
+    for _ in range(4):  # past max_failures: a reward is never disabled, its failure is never swallowed
+        with pytest.raises(RuntimeError, match="the grader is down"):
+            rewards["down"](["p"], ["a"], [{}])
+    assert "failed" not in capsys.readouterr().err and down.calls == 4

@@ -121,6 +121,15 @@ def test_status_records_the_metrics_address_and_completion(registry, tmp_path):
     assert status["last_checkpoint"]["path"].endswith("step-000004") and status["last_checkpoint"]["reason"] == "end"
     assert status["loss"] == 10 / 4 and status["val_loss"] == 2 / 5 and status["eta_s"] == 0.0
     assert status["tokens_per_s"] > 0 and status["error"] is None
+    assert "restarts" not in run_cli("status", str(out), check=True).stdout  # a run never restarted says nothing of it
+
+
+def test_status_shows_restarts_and_the_last_recovery(tmp_path):
+    doc = {"state": "running", "run_name": "r", "backend": "gpt", "out_dir": str(tmp_path), "step": 50, "max_steps": 100,
+           "pid": 1, "host": "h", "restarts": 2, "recovery": {"total_s": 7.14, "down_s": 0.5}, "started": 1.0, "updated": 2.0}
+    (tmp_path / "status.json").write_text(json.dumps(doc))
+    shown = run_cli("status", str(tmp_path), check=True).stdout
+    assert "restarts   2, last recovery 7.1 s from the last step before the fault to the first after it" in shown
 
 
 def test_a_failing_observer_is_reported_once_by_name_and_disabled(registry, tmp_path, capfd):

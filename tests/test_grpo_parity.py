@@ -3,7 +3,8 @@ Qwen3 with the same seed, prompts and reward, every step's loss, KL, clip ratios
 entropy are bit-identical over 10 steps for each of TRL's loss types grpo, dr_grpo, dapo and
 bnpo, and every completion is token-identical. Each generation is trained on twice
 (``num_iterations = 2``), so the clipped ratios are not trivially zero, and ``beta`` > 0 so the
-KL is measured against TRL's own reference copy; the gradient norms are equal too.
+KL is measured against TRL's own reference copy; the gradient norms are equal too. On 8 prompts
+the 10 steps cross an epoch, and the second pass's prompt order is TRL's too.
 
 Two of TRL's defaults are not trainctl's and are set to ours in the reference run: ``bf16=True``
 (``GRPOConfig`` turns on bf16 autocast even on the CPU; trainctl's CPU runs are float32, and
@@ -89,3 +90,15 @@ def test_grpo_equals_trl_step_for_step(registry, qwen3, tmp_path, loss_type):
         assert mine == reported, name  # bit for bit (None where neither logged it: no generation that step)
     assert any(h["clip_ratio/region_mean"] > 0 for h in theirs) and all(h["kl"] >= 0 for h in theirs)
     assert [s["grad_norm"] for s in ours] == [h["grad_norm"] for h in theirs]
+
+
+def test_grpo_equals_trl_across_an_epoch(registry, qwen3, tmp_path):
+    """8 prompts are a pass of 8 steps: steps 9 and 10 draw RepeatSampler's second order from
+    the generator the first pass left, as ``train()``'s second epoch over its one dataloader does."""
+    model_dir, _, rows = qwen3
+    prompts = hf_assets.write_jsonl(tmp_path / "eight.jsonl", rows[:8])
+    theirs, their_completions = trl_run(model_dir, rows[:8], "dapo", tmp_path / "trl")
+    ours, our_completions = our_run(registry, model_dir, prompts, "dapo", tmp_path / "ours")
+    assert our_completions == their_completions
+    for name in COMPARED:
+        assert [step.get(name) for step in ours] == [h.get(name) for h in theirs], name

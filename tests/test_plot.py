@@ -101,3 +101,24 @@ def test_a_file_of_only_non_events_is_refused_in_one_line(tmp_path):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert f"has no logged steps (skipped {len(NOT_EVENTS)} lines that are JSON but no trainctl event" in proc.stderr
     assert not (tmp_path / "a.png").exists()
+
+
+def test_a_step_metric_is_drawn_in_its_own_panel(tmp_path):
+    """``--metric reward``: a value the backend logs in each step's ``metrics`` (GRPO's reward),
+    plotted against the step beside the loss; a name no step logged is refused in one line that
+    lists the ones it has."""
+    write_run(tmp_path / "a", {10: 0.0, 20: 0.0, 30: 0.0}, {})
+    events = tmp_path / "a" / "events.jsonl"
+    steps = [{"event": "step", "step": s, "loss": 0.0, "lr": 1e-3, "metrics": {"reward": r, "entropy": 6.0}}
+             for s, r in ((10, 0.05), (20, 0.2), (30, 0.5))]
+    steps.append({"event": "step", "step": 40, "loss": 0.0, "lr": 1e-3, "metrics": {"reward": None}})  # not a number: not drawn
+    events.write_text("\n".join(json.dumps(r) for r in steps) + "\n")
+    assert read_curves(tmp_path / "a", metrics=("reward",)).metrics == {"reward": {10: 0.05, 20: 0.2, 30: 0.5}}
+    png = tmp_path / "reward.png"
+    proc = run_cli("plot", str(tmp_path / "a"), "--metric", "reward", "-o", str(png), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    proc = run_cli("plot", str(tmp_path / "a"), "--metric", "rewrad", "-o", str(tmp_path / "x.png"), timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "no step logged metric 'rewrad'" in proc.stderr and "entropy, reward" in proc.stderr
+    assert not (tmp_path / "x.png").exists()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from tests import recording_plugins
-from tests.conftest import make_config
+from tests.conftest import make_config, run_cli
 from trainctl.hooks import notices
 from trainctl.hooks.events import Notice, RolloutReceived, WeightsPublished
 from trainctl.kernel.run import Run
@@ -55,6 +55,22 @@ def test_a_batch_older_than_max_staleness_is_dropped_counted_and_announced(regis
     received = [e for e in recorder.events if isinstance(e, RolloutReceived)]
     assert [e.staleness for e in received] == [0, 1, 0, 0, 0, 0]
     assert max(e.staleness for e in received) <= 1  # never more than k
+
+
+def test_status_json_shows_the_last_rollout_and_the_drops(registry, tmp_path):
+    rollout_run(registry, tmp_path, "model.max_staleness=1", "model.lag=[0, 2, 2, 1]", 'plugins=["recorder", "status"]')
+    status = json.loads((tmp_path / "out" / "status.json").read_text())
+    rollout = status["rollout"]
+    assert (rollout["policy_version"], rollout["staleness"], rollout["dropped"]) == (5, 0, 2)
+    assert rollout["generation_s"] >= 0
+    shown = run_cli("status", str(tmp_path / "out"), check=True).stdout
+    assert "rollout    policy version 5, staleness 0, 2 stale batches dropped" in shown
+
+
+def test_a_dataset_run_has_no_rollout_in_status_json(registry, tmp_path):
+    config = make_config(registry, tmp_path / "out", 'plugins=["status"]', "train.max_steps=2")
+    Run(config, registry, resume="never").fit()
+    assert json.loads((tmp_path / "out" / "status.json").read_text())["rollout"] is None
 
 
 def test_a_dataset_backend_has_no_producer(registry, tmp_path):

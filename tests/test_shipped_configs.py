@@ -26,6 +26,11 @@ GPT = [*TINY_GPT, "model.vocab_size=0", "model.dropout=0.0", "data.path=''", "tr
 
 def overrides(name: str, hf) -> list[str]:
     """The least that turns a shipped config into a seconds-per-step CPU run."""
+    if name == "hf_grpo.toml":  # prompts with answers for its rewards; 4 short completions each
+        data = write_jsonl(hf.root / "prompts.jsonl", [{"prompt": p, "answer": a} for p, a in
+                                                       (("The sky is", "blue"), ("Grass is", "green"))] * 4)
+        return [*hf.sets(data), "train.grad_accum=2", "hf.grpo.num_generations=4", "hf.grpo.max_completion_length=4",
+                "plugin.lr.warmup_steps=2", *ENDLESS]
     if name.startswith("hf_"):
         data = write_jsonl(hf.root / "pairs.jsonl", preference_rows()) if name == "hf_dpo.toml" else None
         return [*hf.sets(data), "train.grad_accum=2", "data.val_fraction=0.1", "plugin.lr.warmup_steps=2", *ENDLESS]
@@ -46,7 +51,7 @@ def runs(hf, tmp_path):
 
 
 def test_every_config_is_checked():
-    assert set(CONFIGS) >= {"shakespeare_char.toml", "gpt2_small.toml", "hf_sft.toml", "hf_tiny.toml"}
+    assert set(CONFIGS) >= {"shakespeare_char.toml", "gpt2_small.toml", "hf_sft.toml", "hf_tiny.toml", "hf_grpo.toml"}
 
 
 @pytest.mark.parametrize("name", CONFIGS)

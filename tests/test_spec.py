@@ -23,7 +23,7 @@ EVENT_HOOKS = {
 
 
 def test_every_hook_is_documented():
-    assert len(HOOKS) >= 15
+    assert len(HOOKS) >= 16
     for name, fn in HOOKS.items():
         doc = inspect.getdoc(fn) or ""
         assert len(doc) > 40, f"{name} needs a docstring saying when it fires and what it returns"
@@ -55,6 +55,17 @@ def test_bus_has_a_method_for_every_hook():
         assert hasattr(EventBus, name), f"EventBus has no method for trainctl_{name}"
     assert renamed <= wanted
 
+def test_the_reward_hook_says_who_calls_it_and_how_answers_combine():
+    """The one hook whose answers are the training signal: its spec says it is asked per named
+    plugin, what an answer must be and what a failure does, and the plugin guide points to it."""
+    from trainctl import hooks
+
+    doc = " ".join((inspect.getdoc(spec.trainctl_reward) or "").split())
+    assert list(inspect.signature(spec.trainctl_reward).parameters) == ["prompts", "completions", "rows"]
+    for promise in ("one finite float per completion", "named in ``hf.grpo.rewards``", "called alone",
+                    "``hf.grpo.reward_weights``", "one line naming the plugin (exit 2)", "never call it"):
+        assert promise in doc, promise
+    assert "trainctl_reward" in (inspect.getdoc(hooks) or "")
 
 
 def test_the_plugin_guide_example_runs_as_written(tmp_path, monkeypatch):

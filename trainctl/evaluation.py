@@ -211,7 +211,8 @@ class Evaluator:
             extra = f": pip install 'trainctl[{spec.extra}]'" if spec.extra else ""
             raise ConfigError(f"backend '{config.backend}' needs a package that is missing ({exc.name}){extra}") from None
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        backend = factory(BackendContext.of(config, out_dir=self.work_dir, load_only=self.load_only))
+        # trains=False: no reward (or other training-only code) that the checkpoint's config names is imported
+        backend = factory(BackendContext.of(config, out_dir=self.work_dir, load_only=self.load_only, trains=False))
         backend.setup()
         self._cached = (key, config, backend)
         return config, backend

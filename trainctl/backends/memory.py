@@ -14,7 +14,8 @@ the optimizer and the parallel strategy into per-rank :class:`Term` s:
     activations       saved for backward at the micro-batch (B x T tokens) on every layer, or only
                       each block's input with activation checkpointing, plus one layer's working set
     logits            the loss's (B, T, V) fp32 tensors and their gradient
-    frozen model      a second model run without gradients (DPO's reference copy); FSDP: 1/world
+    frozen model      a second model run without gradients (DPO's or GRPO's reference copy); FSDP: 1/world
+    generation cache  GRPO's KV cache while the policy generates a generation batch (no gradients)
 
 ``cpu_offload`` moves parameters, gradients and optimizer state to host memory (a CUDA device
 then keeps only the blocks being computed). On a CPU device host and device are the same RAM.
@@ -99,6 +100,9 @@ class ModelShape:
     frozen: int = 0  # parameters of a frozen model run beside the trained one (DPO's reference copy)
     what_frozen: str = ""  # how the error line names it
     fix_frozen: str = ""  # what removes it, in config keys
+    cache: int = 0  # bytes of a generation's KV cache (GRPO's in-process rollouts)
+    what_cache: str = ""
+    fix_cache: str = ""
 
 
 def estimate(shape: ModelShape, *, optimizer: str, strategy: Strategy, device: str,
@@ -145,6 +149,8 @@ def estimate(shape: ModelShape, *, optimizer: str, strategy: Strategy, device: s
     if shape.frozen:  # sharded as the trained model is under FSDP
         terms.append(Term(name="frozen model", bytes=shape.frozen * param_bytes // share, what=shape.what_frozen,
                           fix=shape.fix_frozen, host=offload))
+    if shape.cache:
+        terms.append(Term(name="generation cache", bytes=shape.cache, what=shape.what_cache, fix=shape.fix_cache))
     terms += [
         Term(name="activations", bytes=activations(shape, strategy.activation_checkpointing),
              what=f"activations at {shape.what_activations}", fix=_activation_fix(shape, strategy)),

@@ -58,10 +58,11 @@ def import_nanogpt(source: Path, output: Path | None) -> None:
 @config.command("import-trl")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the TOML here instead of stdout.")
-@click.option("--trainer", type=click.Choice(["auto", "sft", "dpo"]), default="auto", show_default=True,
-              help="The TRL script the file is for; auto: dpo when it sets a key only DPOConfig has (beta, ...).")
+@click.option("--trainer", type=click.Choice(["auto", "sft", "dpo", "grpo"]), default="auto", show_default=True,
+              help="The TRL script the file is for; auto: grpo when it sets a key only GRPOConfig has "
+                   "(num_generations, reward_funcs, ...), else dpo when one only DPOConfig has (beta, ...).")
 def import_trl(source: Path, output: Path | None, trainer: str) -> None:
-    """Convert a `trl sft --config` or `trl dpo --config` YAML file (at most 256 KiB, read with
+    """Convert a `trl sft --config`, `trl dpo --config` or `trl grpo --config` YAML file (at most 256 KiB, read with
     yaml.safe_load, never executed) to TOML for the hf backend.
 
     Settings the file does not give take TRL's defaults, so the run trains what `trl sft` would:

@@ -59,6 +59,25 @@ def alive(run_dir: Path, doc: dict) -> bool | None:
     return None
 
 
+def restart_lines(doc: dict) -> list[str]:
+    restarts, recovery = doc.get("restarts"), doc.get("recovery")
+    if not isinstance(restarts, int) or restarts <= 0:
+        return []
+    line = f"restarts   {restarts}"
+    if isinstance(recovery, dict) and isinstance(recovery.get("total_s"), (int, float)):
+        line += f", last recovery {recovery['total_s']:.1f} s from the last step before the fault to the first after it"
+    return [line]
+
+
+def rollout_lines(doc: dict) -> list[str]:
+    rollout = doc.get("rollout")
+    if not isinstance(rollout, dict) or not isinstance(rollout.get("policy_version"), int):
+        return []
+    dropped = rollout.get("dropped") if isinstance(rollout.get("dropped"), int) else 0
+    return [f"rollout    policy version {rollout['policy_version']}, staleness {rollout.get('staleness')}, "
+            f"{dropped} stale batch{'es' if dropped != 1 else ''} dropped"]
+
+
 def describe(doc: dict) -> str:
     from trainctl.plugins.console import human_duration
 
@@ -91,6 +110,7 @@ def describe(doc: dict) -> str:
         lines.append(f"error      {doc['error']}")
     if doc.get("metrics_address"):
         lines.append(f"metrics    {doc['metrics_address']}")
+    lines += restart_lines(doc) + rollout_lines(doc)
     if doc.get("started"):
         ago = human_duration(now - doc["updated"]) if doc.get("updated") else "never"
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(doc["started"]))

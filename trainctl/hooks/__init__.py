@@ -72,6 +72,10 @@ Rules of the road:
   ``trainctl_loss_terms`` (training micro-batches) and ``trainctl_eval_metrics`` (evaluation
   batches: answer ``{name: (total, count)}``, summed by the kernel over the split, reported as
   ``total / count`` in the eval event's ``metrics``; ``trainctl.plugins.topk_accuracy`` is one).
+- **Rewards** for online RL (``[hf] objective = "grpo"``) are ``trainctl_reward(prompts,
+  completions, rows)``: one float per completion. A reward plugin is enabled in ``plugins`` and
+  named in ``hf.grpo.rewards``; it is asked alone, and its failure ends the run in one line
+  naming it (it is the training signal, not an observer whose errors can be skipped).
 - **Emitting.** ``run.emit(event)`` queues an event (e.g. a ``Notice``); the kernel delivers it
   on the training thread at the next step boundary, so it is safe to call from any thread.
 - **Notices are a declared vocabulary** (:mod:`trainctl.hooks.notices`): match on the constants

@@ -10,7 +10,7 @@ in ``trainctl.hooks.events`` has no hook.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -211,6 +211,29 @@ def trainctl_eval_metrics(split: str, logits: torch.Tensor, targets: torch.Tenso
     Costs nothing unless a plugin implements it: only then does a backend materialise the logits
     of an evaluation batch (hf: instead of its fused head, one batch at a time). Token-predicting
     backends call it (gpt, hf SFT); ``hf.objective = "dpo"`` evaluates pairs and refuses it.
+    """
+
+
+# --- online RL: what a completion is worth ---------------------------------------------------
+
+
+@hookspec
+def trainctl_reward(prompts: list[Any], completions: list[Any], rows: list[dict[str, Any]]) -> Sequence[float] | None:
+    """Score a batch of generated completions for online RL (``[hf] objective = "grpo"``):
+    return one finite float per completion. ``completions[i]`` was generated for ``prompts[i]``
+    from the dataset row ``rows[i]`` (its columns as plain values); each prompt is repeated
+    ``hf.grpo.num_generations`` times, as TRL passes them, and a prompt or completion is text, or
+    a conversation's list of messages when the data's prompts are.
+
+    A plugin is a reward only when it is enabled (the ``plugins`` list) *and* named in
+    ``hf.grpo.rewards``; a name there that no enabled plugin answers is a config error before
+    the model loads. Each named plugin's implementation is called alone (not the hook of every
+    plugin), once per generation batch, in the order ``hf.grpo.rewards`` gives; TRL weighs the
+    rewards by ``hf.grpo.reward_weights`` and logs ``rewards/<plugin>/mean``. A reward is the
+    training signal, not an observer: an exception, ``None``, a NaN or a wrong number of values
+    ends the run in one line naming the plugin (exit 2), whatever ``train.plugin_max_failures``
+    says. Called on the host with host values; it may take time (a grader, a sandbox), which
+    the step's generation time includes. The eval worker and ``trainctl eval`` never call it.
     """
 
 

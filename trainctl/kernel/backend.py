@@ -7,7 +7,7 @@ and everything that lives on the device. It never decides when to evaluate, save
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -80,16 +80,25 @@ class BackendContext:
     #: ``sample`` of a sharded checkpoint): it never trains or evaluates, so the backend skips its
     #: data checks and reads no more data than building the model needs
     load_only: bool = False
+    #: ``{plugin: reward(prompts, completions, rows) -> one float per completion}``: the enabled
+    #: plugins that implement ``trainctl_reward``, each asked alone; a rollout backend uses those
+    #: its config names (``hf.grpo.rewards``)
+    rewards: Mapping[str, Callable[[list[Any], list[Any], list[dict[str, Any]]], Any]] = field(default_factory=dict)
+    #: False: built to load a checkpoint and evaluate or generate (``trainctl eval``, ``export``,
+    #: ``sample``, the eval worker), never to train: nothing that only training calls is
+    #: resolved, so no code a checkpoint's config names is imported (GRPO's reward functions)
+    trains: bool = True
 
     @classmethod
     def of(cls, config: RunConfig, *, out_dir: Path, dist: Distributed = Distributed(),
            loss_terms: Callable[[Any, Any, Any], list[tuple[str, Any]]] | None = None,
            eval_metrics: Callable[[str, Any, Any], dict[str, tuple[Any, Any]]] | None = None,
-           load_only: bool = False) -> BackendContext:
+           rewards: Mapping[str, Callable[[list[Any], list[Any], list[dict[str, Any]]], Any]] | None = None,
+           load_only: bool = False, trains: bool = True) -> BackendContext:
         """The sections of a resolved config that a backend uses."""
         return cls(model=config.model, data=config.data, train=StepConfig.of(config.train), optim=config.optim,
                    sections=config.sections, seed=config.seed, out_dir=out_dir, dist=dist, loss_terms=loss_terms,
-                   eval_metrics=eval_metrics, load_only=load_only)
+                   eval_metrics=eval_metrics, rewards=dict(rewards or {}), load_only=load_only, trains=trains)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

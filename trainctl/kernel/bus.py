@@ -67,6 +67,9 @@ _EVENT_HOOKS = {
     RolloutReceived: "trainctl_rollout_received", WeightsPublished: "trainctl_weights_published",
 }
 _IMPL_MARK = f"{PROJECT}_impl"  # where pluggy's HookimplMarker keeps an implementation's options
+#: Hooks whose answer is the training signal itself: a failure there cannot be skipped as an
+#: observer's is, so the exception goes to the caller, which ends the run naming the plugin.
+_UNGUARDED = frozenset({"trainctl_reward"})
 
 
 class _Guarded:
@@ -147,6 +150,8 @@ class EventBus:
             except (ConfigError, PluginError):  # bad input: one line and exit 2, from any plugin
                 raise
             except Exception as exc:
+                if hook in _UNGUARDED:
+                    raise
                 self._failed(plugin, hook, exc)
                 return None
 
@@ -245,6 +250,19 @@ class EventBus:
             for name, value in answer.items():
                 merged.setdefault(name, value)  # the first plugin in list order keeps a name
         return merged
+
+    def reward_plugins(self) -> dict[str, Callable[[list[Any], list[Any], list[dict[str, Any]]], Sequence[float] | None]]:
+        """The enabled plugins that implement ``trainctl_reward``, by name, each as the function
+        that asks that plugin alone (``BackendContext.rewards``)."""
+        return {impl.plugin_name: functools.partial(self.reward, impl.plugin_name)
+                for impl in reversed(self._pm.hook.trainctl_reward.get_hookimpls())}
+
+    def reward(self, plugin: str, prompts: list[Any], completions: list[Any], rows: list[dict[str, Any]]) -> Sequence[float] | None:
+        """``plugin``'s own answer to ``trainctl_reward`` (each reward is scored apart; TRL weighs
+        them); None when it gave none. Its exceptions reach the caller (``_UNGUARDED``)."""
+        others = [p for p in self._pm.get_plugins() if self._pm.get_name(p) != plugin]
+        answers = self._pm.subset_hook_caller("trainctl_reward", others)(prompts=prompts, completions=completions, rows=rows)
+        return answers[0] if answers else None
 
     def check_config(self, config: Mapping[str, Any]) -> list[str]:
         return [problem for problems in self._answers("trainctl_check_config", config=config) for problem in problems]

@@ -151,6 +151,7 @@ class Run:
             config, out_dir=self.out_dir, dist=dist,
             loss_terms=self.bus.loss_terms if self.bus.has_loss_terms() else None,
             eval_metrics=self.bus.eval_metrics if self.bus.has_eval_metrics() else None,
+            rewards=self.bus.reward_plugins(),
         ))
 
     def _memory_plan(self, registry: Registry, dist: Distributed) -> Any:

@@ -9,7 +9,9 @@ writing it. Fields::
     step, max_steps, loss, val_loss, tokens_per_s, eta_s, last_checkpoint {path, step, reason},
     pid, host, started, updated (unix times), error (on failure), reason (why it stopped),
     metrics_address (when a metrics endpoint announced itself), resumed_from, run_name, out_dir,
-    restarts (by torchrun / SLURM), recovery (the ``recovery`` notice's phases after a resume)
+    restarts (by torchrun / SLURM), recovery (the ``recovery`` notice's phases after a resume),
+    rollout (rollout backends only: policy_version, staleness and generation_s of the last
+    batch trained, stale batches dropped so far; None for a dataset run)
 
 ``starting`` lasts from run start to the first finished step (compilation, a first evaluation).
 A run that dies without reaching ``run_end`` (kill -9, power loss) leaves its last state with a
@@ -25,7 +27,7 @@ from typing import Any
 
 from trainctl.control.files import hostname, write_json
 from trainctl.hooks import PluginSpec, RunInfo, hookimpl, notices
-from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RunEnd, RunStart, RunView, StepEnd
+from trainctl.hooks.events import CheckpointSaved, EvalEnd, Notice, RolloutReceived, RunEnd, RunStart, RunView, StepEnd
 
 FILE = "status.json"
 TRANSIENT = {notices.EVALUATING: "evaluating", notices.SAVING: "saving"}  # notice kind -> state
@@ -54,6 +56,7 @@ class Status:
             "eta_s": None, "last_checkpoint": None, "pid": os.getpid(), "host": hostname(),
             "started": time.time(), "updated": None, "error": None, "reason": None,
             "metrics_address": None, "resumed_from": None, "restarts": 0, "recovery": None,
+            "rollout": None,
         }
 
     def write(self, **changes: Any) -> None:
@@ -92,8 +95,20 @@ class Status:
             self.write(state=self.base)
         elif event.kind == notices.RECOVERY:
             self.write(recovery=dict(event.data))
+        elif event.kind == notices.STALE_BATCH_DROPPED:
+            self.rollout()["dropped"] = event.data["dropped"]  # written with the next step's numbers
         elif event.kind == notices.METRICS and event.data.get("address"):
             self.write(metrics_address=event.data["address"])
+
+    def rollout(self) -> dict[str, Any]:
+        if self.doc["rollout"] is None:
+            self.doc["rollout"] = {"policy_version": None, "staleness": None, "generation_s": None, "dropped": 0}
+        return self.doc["rollout"]
+
+    @hookimpl
+    def trainctl_rollout_received(self, event: RolloutReceived) -> None:
+        self.rollout().update(policy_version=event.policy_version, staleness=event.staleness,
+                              generation_s=round(event.generation_s, 4))
 
     @hookimpl
     def trainctl_eval_end(self, event: EvalEnd) -> None:

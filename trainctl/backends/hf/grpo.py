@@ -13,8 +13,12 @@ the ``loss_type`` normalisations), with every metric under TRL's names.
 What is reproduced, because it lives in ``Trainer.train()``'s loop, which is never run: the
 micro-batch counter ``_step`` that ``training_step`` advances (here after each micro-batch is
 prepared: nothing between reads it), ``current_gradient_accumulation_steps`` that the loop sets
-before a step, a fresh pass over the dataloader when an epoch ends, and ``log()``'s mean of
-each metric's values over the step. The optimizer step itself is the kernel's shared one.
+before a step, a new pass over the same dataloader when an epoch ends (so ``RepeatSampler``'s
+generator goes on to its next order, as ``train()``'s epochs do), and ``log()``'s mean of each
+metric's values over the step. The optimizer step itself is the kernel's shared one.
+
+The producer's state (``state``/``restore``) is what ``grpo_state.py`` puts in a checkpoint: TRL's
+counters, the buffered generation and the dataloader's place in its pass.
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
+
 from trainctl.backends.hf import sft
 from trainctl.backends.hf.config import GRPOConfig
+from trainctl.backends.hf.grpo_state import ProducerState
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.rollout import Rollout
 
@@ -78,7 +85,10 @@ class InProcessRollouts:
         # a generation trained on for num_iterations x steps_per_generation micro-batches is that
         # many optimizer steps old at its last use: TRL's reuse is the staleness it allows
         self.max_staleness = max(-(-self.generate_every // grad_accum) - 1, 0)
-        self.batches: Iterator[Any] | None = None  # TRL's dataloader, from the first rollout (as train() makes it)
+        self.loader: Any = None  # TRL's train dataloader, made at the first rollout as train() makes it
+        self.batches: Iterator[Any] | None = None  # the current pass over it
+        self.pass_start: Any = None  # RepeatSampler's generator state before the pass drew its order
+        self.consumed = 0  # generation batches of the current pass handed out
         self.generated_version = 0
 
     def next_rollout(self, step: int, version: int) -> Rollout:
@@ -101,12 +111,59 @@ class InProcessRollouts:
 
     def _next_batch(self) -> Any:
         if self.batches is None:
-            self.batches = iter(self.trainer.get_train_dataloader())
+            self._start_pass()
         try:
-            return next(self.batches)
-        except StopIteration:  # an epoch ended: Trainer starts a new pass (RepeatSampler's next order)
-            self.batches = iter(self.trainer.get_train_dataloader())
-            return next(self.batches)
+            batch = next(self.batches)
+        except StopIteration:  # an epoch ended: Trainer iterates its dataloader again (RepeatSampler's next order)
+            self._start_pass()
+            batch = next(self.batches)
+        self.consumed += 1
+        return batch
+
+    def _start_pass(self) -> None:
+        generator = self.generator()
+        # RepeatSampler draws the pass's order at its first batch, from this state
+        self.pass_start = generator.get_state() if generator is not None else None
+        self.batches, self.consumed = iter(self.dataloader()), 0
+
+    def dataloader(self) -> Any:
+        """TRL's train dataloader, made once as ``train()`` makes it: each pass iterates it again."""
+        if self.loader is None:
+            self.loader = self.trainer.get_train_dataloader()
+        return self.loader
+
+    def generator(self) -> torch.Generator | None:
+        """RepeatSampler's own generator (None when TRL does not shuffle)."""
+        return getattr(self.dataloader().batch_sampler.sampler, "generator", None)
+
+    # --- the checkpoint's part ------------------------------------------------------------
+
+    def state(self) -> ProducerState:
+        trainer = self.trainer
+        return ProducerState(step=trainer._step, generated_version=self.generated_version,
+                             tokens_seen=int(trainer.state.num_input_tokens_seen), consumed=self.consumed,
+                             pass_start=self.pass_start, buffered=trainer._buffered_inputs)
+
+    def restore(self, state: ProducerState) -> None:
+        """Go on from ``state``: the counters and buffer as they were, and the dataloader's pass
+        replayed from its generator state to the batch it had reached (batches are only
+        collated, nothing is generated). Iterating a DataLoader draws its base seed from the
+        global generator, which the checkpoint has just restored: it is put back after."""
+        trainer = self.trainer
+        trainer._step, self.generated_version = state.step, state.generated_version
+        trainer.state.num_input_tokens_seen = state.tokens_seen
+        trainer._buffered_inputs = state.buffered
+        if not state.consumed:
+            return  # no rollout yet: the first one starts the first pass
+        rng = torch.get_rng_state()
+        generator = self.generator()
+        if generator is not None and state.pass_start is not None:
+            generator.set_state(state.pass_start)
+        self.pass_start, self.batches = state.pass_start, iter(self.dataloader())
+        for _ in range(state.consumed):
+            next(self.batches)
+        self.consumed = state.consumed
+        torch.set_rng_state(rng)
 
     def publish(self, version: int) -> None:
         """Nothing to copy: the policy generates with its own weights."""

@@ -10,15 +10,22 @@ Everything that can be refused is refused before the model loads: no reward, a r
 does not resolve, a prompt column the data lacks, a generation batch that ``num_generations``
 does not divide. Rewards are read on the host by nature (they score decoded text), so TRL's
 metrics come back as host floats (``StepOutput.host_metrics``) rather than device tensors.
+
+A checkpoint holds, beside the hf backend's files, the producer's state (``grpo_state.py``), so a
+resumed run trains on the prompts, completions and rewards the uninterrupted one would have
+(``tests/test_grpo_resume.py``); a resume that changes what the stream depends on is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 from trainctl.backends.device import set_threads
-from trainctl.backends.hf import grpo, loading, rewards, rows, sft
+from trainctl.backends.hf import grpo, grpo_state, loading, rewards, rows, sft
 from trainctl.backends.hf.backend import HFBackend
 from trainctl.backends.step import MicroLoss, local_micro_batches
 from trainctl.kernel.backend import Evaluation, Plan, StepOutput
@@ -46,8 +53,9 @@ class GRPOBackend(HFBackend):
             raise ConfigError(f"{train_rows.source} has no column {opts.prompt_column!r} (columns: {', '.join(columns)}); "
                               "set hf.grpo.prompt_column to the column holding the prompts")
         self.reward_names = list(opts.rewards)
-        funcs = [rewards.for_trl(name, self._reward(name, columns)) for name in self.reward_names]
+        funcs = [self._reward(name, columns) for name in self.reward_names]
         prompts = [dict(row, prompt=row[opts.prompt_column]) for row in train_rows.rows]  # TRL reads "prompt"
+        self.prompts_sha256 = hashlib.sha256(json.dumps(prompts, sort_keys=True, default=str).encode()).hexdigest()
 
         hf_config = loading.model_config(self.cfg)
         self.tokenizer = loading.tokenizer(self.cfg)
@@ -100,12 +108,17 @@ class GRPOBackend(HFBackend):
         if self.ctx.dist.world_size > 1:
             raise ConfigError('objective = "grpo" runs on one process so far; launch it without torchrun')
         if not self.hf.grpo.rewards:
-            raise ConfigError('hf.grpo.rewards is empty; name at least one reward: "format", "exact_match" or '
-                              '"package.module:function"')
+            raise ConfigError('hf.grpo.rewards is empty; name at least one reward: "format", "exact_match", an enabled '
+                              'reward plugin or "package.module:function"')
 
-    def _reward(self, name: str, columns: list[str]) -> rewards.Reward:
+    def _reward(self, name: str, columns: list[str]) -> Any:
+        """Reward ``name`` as TRL calls it; in a backend built to evaluate, a stand-in (nothing imported)."""
+        if not self.ctx.trains:
+            return rewards.not_loaded(name)
         opts = self.hf.grpo
-        return rewards.resolve(name, format_pattern=opts.format_pattern, answer_column=opts.answer_column, columns=columns)
+        found = rewards.resolve(name, format_pattern=opts.format_pattern, answer_column=opts.answer_column,
+                                columns=columns, plugins=self.ctx.rewards)
+        return rewards.for_trl(name, found, plugin=name in self.ctx.rewards and name not in rewards.BUILTIN)
 
     # --- the seam ---------------------------------------------------------------------------------
 
@@ -132,24 +145,49 @@ class GRPOBackend(HFBackend):
 
     def measure(self, steps: int = 2) -> float:
         """Seconds of the training part of a step: forward/backward of the loss on one prepared
-        micro-batch (one generation, made with the RNG saved and put back, and TRL's counters as
-        they were), times the micro-batches. Generation time is left out."""
-        trainer, rng = self.producer.trainer, self.placement.rng_state()
-        saved = (trainer._step, trainer._buffered_inputs, self.producer.batches)
-        self.producer.batches = iter(trainer.get_train_dataloader())
-        inputs = trainer._prepare_inputs(next(self.producer.batches))
+        micro-batch (from a dataloader of its own, generated with the RNG saved and put back, and
+        the producer's state as it was), times the micro-batches. Generation time is left out."""
+        trainer, rng, saved = self.producer.trainer, self.placement.rng_state(), self.producer.state()
+        inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         seconds = self.stepper.measure(inputs, self._loss, steps=steps, micro_batches=len(self.micro))
-        trainer._step, trainer._buffered_inputs, self.producer.batches = saved
+        trainer._step, trainer._buffered_inputs = saved.step, saved.buffered
+        trainer.state.num_input_tokens_seen = saved.tokens_seen
         self.producer.step_metrics()  # what the measurement logged is no step's
         self.placement.set_rng_state(rng)
         return seconds
 
+    # --- state ----------------------------------------------------------------------------------
+
+    def stream_settings(self) -> dict[str, Any]:
+        """What the stream of prompts, completions and rewards depends on beside the data and
+        the model (the kernel's locked keys): a resume that changes any of them is refused, as
+        the buffered generation and the prompt order were made under them."""
+        train = self.train
+        grpo_table = {f"hf.grpo.{key}": list(value) if isinstance(value, tuple) else value
+                      for key, value in dataclasses.asdict(self.hf.grpo).items()}
+        return {"seed": self.ctx.seed, "train.batch_size": train.batch_size, "train.grad_accum": train.grad_accum,
+                **grpo_table, "prompts_sha256": self.prompts_sha256}
+
+    def save(self, directory: Path) -> None:
+        """The hf checkpoint (weights, optimizer, RNG) and the producer's state (``grpo_state.py``)."""
+        super().save(directory)
+        if self.ctx.dist.rank == 0:
+            grpo_state.save(directory, self.producer.state(), self.stream_settings())
+
     def load(self, directory: Path) -> None:
-        """Refused: the producer's state (TRL's prompt order, the buffered generation, the
-        dataloader's draw from the RNG) is not in the checkpoint yet, so a resume would not be
-        the run it continues. The checkpoint's weights still start a new run."""
-        raise ConfigError(f"resuming objective = \"grpo\" is not supported yet (its rollout state is not checkpointed); "
-                          f"start a new run from the weights with model.name_or_path = '{directory}' and --resume never")
+        """The producer's state, checked before anything else is loaded (a refusal costs
+        nothing), then the hf checkpoint (which restores the RNG), then the producer."""
+        producer = self.producer
+        expected = grpo_state.Expected(
+            settings=self.stream_settings(), batch_size=self.train.batch_size,
+            micro_batches=producer.trainer.args.steps_per_generation,
+            max_completion_length=self.hf.grpo.max_completion_length,
+            vocab_size=self.base.get_input_embeddings().num_embeddings,
+            passes=len(producer.dataloader()), shuffles=producer.generator() is not None,
+        )
+        saved = grpo_state.load(directory, expected, self.device)
+        super().load(directory)
+        self.producer.restore(saved)
 
     def close(self) -> None:
         super().close()

@@ -8,7 +8,12 @@ checkpoints) is left out: it is frozen and runs on no training token. Rows are c
 ``model.max_length`` tokens: exact with packing, an upper bound without it (a batch is padded
 to its longest row only). DPO (``[hf] objective = "dpo"``) runs a pair's chosen and rejected rows
 in one forward (twice the rows of the micro-batch) and, with the reference held as a copy, a
-frozen second model (``frozen``: the starting weights, or ``hf.dpo.ref_model``'s).
+frozen second model (``frozen``: the starting weights, or ``hf.dpo.ref_model``'s). GRPO
+(``"grpo"``) trains micro-batches of prompt + completion rows (prompts counted at
+``model.max_length`` tokens), holds a frozen reference copy when ``beta`` > 0 without LoRA (with
+LoRA the reference is the adapters switched off), and while generating the KV cache of a whole
+generation batch (``train.batch_size x steps_per_generation`` rows, as TRL generates them at
+once); the policy generates with its own weights, so there is no generator's copy.
 """
 
 from __future__ import annotations
@@ -55,8 +60,30 @@ def estimate(ctx: BackendContext) -> MemoryEstimate:
                     what_frozen=f"DPO's reference model ({ref.params:,} parameters)",
                     fix_frozen='hf.dpo.reference = "precomputed" (its log-probs computed once, before training), '
                                '[hf.lora] with reference "adapters_off", or shard over more ranks')
+    if hf.objective == "grpo":
+        s = _grpo(ctx, cfg, hf, text, dtype, attn)
     return memory.estimate(s, optimizer=ctx.optim.name, strategy=_strategy(ctx, cfg.gradient_checkpointing),
                            device=device, param_bytes=2 if cfg.dtype in ("bfloat16", "float16") else 4)
+
+
+def _grpo(ctx: BackendContext, cfg: Any, hf: HFConfig, text: Any, dtype: str, attn: str) -> ModelShape:
+    opts, lora = hf.grpo, hf.lora
+    seq = cfg.max_length + opts.max_completion_length
+    rows = ctx.train.batch_size
+    s = shape(text, tokens=rows * seq, batch=rows, seq=seq, dtype=dtype, lora_r=lora.r if lora else 0,
+              lora_targets=lora.target_modules if lora else (), attention=attn)
+    _, L, _, kv, hd, _, _ = _dims(text)
+    generation = rows * (opts.steps_per_generation or ctx.train.grad_accum)
+    elt = 4 if dtype == "float32" else 2
+    s = replace(s, cache=2 * L * kv * hd * generation * seq * elt,
+                what_cache=f"the KV cache of {generation} generated rows of up to {seq} tokens",
+                fix_cache="lower hf.grpo.max_completion_length, model.max_length, train.batch_size or "
+                          "hf.grpo.steps_per_generation")
+    if opts.beta > 0 and lora is None:
+        s = replace(s, frozen=s.params, what_frozen=f"GRPO's reference model ({s.params:,} parameters, hf.grpo.beta > 0)",
+                    fix_frozen="hf.grpo.beta = 0 (no KL term, TRL's default), [hf.lora] (the reference is the "
+                               "adapters switched off) or shard over more ranks")
+    return s
 
 
 def _strategy(ctx: BackendContext, gradient_checkpointing: bool) -> memory.Strategy:

@@ -1,5 +1,5 @@
-"""Converting a ``trl sft --config`` or ``trl dpo --config`` YAML file to a trainctl TOML config
-for the hf backend. Torch-free.
+"""Converting a ``trl sft --config``, ``trl dpo --config`` or ``trl grpo --config`` YAML file to a
+trainctl TOML config for the hf backend. Torch-free.
 
 The file is read with ``yaml.safe_load`` (plain mappings, lists and scalars: no tags, nothing
 constructed or executed), at most 256 KiB of it, and what it holds is checked for depth and
@@ -13,6 +13,11 @@ result trains what ``trl sft`` (or ``trl dpo``) would have trained: the same tok
 (transformers' schedule by name), the same epochs with TRL's short last step per epoch, the
 script's evaluation split (``dataset_test_split``) and the Trainer's eval loss (the mean of batch
 means over the whole split). What cannot be converted is listed, one line per key.
+
+A ``trl grpo`` file (one that sets a key only ``GRPOConfig`` or the ``trl grpo`` script has, or
+a GRPO-only loss type) becomes ``[hf] objective = "grpo"`` with every ``[hf.grpo]`` key written
+out from ``GRPOConfig``'s defaults, and ``reward_funcs`` mapped where trainctl has the same
+reward (``think_format_reward``: the ``format`` built-in with TRL's pattern).
 """
 
 from __future__ import annotations
@@ -97,6 +102,36 @@ TRL_DPO_DEFAULTS: dict[str, Any] = {"learning_rate": 1e-6, "beta": 0.1, "loss_ty
 DPO_KEYS = ("beta", "label_smoothing", "precompute_ref_log_probs", "disable_dropout", "ref_model_init_kwargs",
             "rpo_alpha", "reference_free", "sync_ref_model", "use_weighting", "f_divergence_type")
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust")
+#: Where ``GRPOConfig``'s defaults differ from ``SFTConfig``'s (``trl grpo``), and every key
+#: ``[hf.grpo]`` takes from it; tests check them against TRL.
+TRL_GRPO_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 1e-6, "beta": 0.0, "loss_type": "dapo", "num_generations": 8, "max_completion_length": 512,
+    "temperature": 1.0, "top_p": 1.0, "top_k": 0, "epsilon": 0.2, "epsilon_high": None, "num_iterations": 1,
+    "scale_rewards": "group", "mask_truncated_completions": False, "importance_sampling_level": "token",
+    "reward_weights": None, "steps_per_generation": None, "disable_dropout": False,
+}
+#: ``[hf.grpo]`` keys that are GRPOConfig's, value for value (None: ours is 0 or empty)
+GRPO_DIRECT = ("num_generations", "max_completion_length", "temperature", "top_p", "top_k", "beta", "epsilon",
+               "epsilon_high", "num_iterations", "mask_truncated_completions", "importance_sampling_level",
+               "reward_weights", "steps_per_generation")
+#: Keys only ``GRPOConfig`` (or the ``trl grpo`` script) has: a file holding one is a ``trl grpo`` config.
+GRPO_KEYS = (*(k for k in GRPO_DIRECT if k != "beta"), "reward_funcs", "reward_model_name_or_path", "scale_rewards", "generation_batch_size",
+             "use_vllm", "vllm_mode", "log_completions", "num_completions_to_print", "generation_kwargs")
+#: Handled by :func:`_grpo` when the file is a GRPO config.
+GRPO_SPECIAL = (*GRPO_KEYS, "loss_type", "beta", "disable_dropout")
+#: TRL's loss types that only GRPOConfig has; trainctl runs the first four (``GRPOLossType``).
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+GRPO_RUN = GRPO_LOSSES[:4]
+#: ``trl.rewards``' reward functions (the ``trl grpo`` script's names) -> (built-in, hf.grpo settings),
+#: or why there is none.
+TRL_REWARDS: dict[str, tuple[str, dict[str, Any]] | str] = {
+    # re.match(r"^<think>(?!.*<think>)(.*?)</think>.*$", DOTALL | MULTILINE) is a full match of this
+    "think_format_reward": ("format", {"format_pattern": r"<think>(?!.*<think>)(.*?)</think>.*"}),
+    "accuracy_reward": "it verifies maths with math_verify (exact_match compares the stripped text with "
+                       "hf.grpo.answer_column); give your own as a plugin or \"package.module:function\"",
+    "reasoning_accuracy_reward": "it verifies maths after the reasoning with math_verify; give your own as a plugin "
+                                 "or \"package.module:function\"",
+}
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "float32": "float32",
           "fp32": "float32", "auto": "auto"}
 #: TrainingArguments' optim -> (optim.name, optim.implementation)
@@ -108,27 +143,36 @@ OPTIMIZERS: dict[str, tuple[str, str]] = {
 
 
 def trainer_of(values: dict[str, Any]) -> str:
-    """``dpo`` when the file sets a key only ``DPOConfig`` has (or a DPO loss type), else ``sft``."""
+    """``grpo`` when the file sets a key only ``GRPOConfig`` (or ``trl grpo``) has or a GRPO loss
+    type; else ``dpo`` when it sets a key only ``DPOConfig`` has (or a DPO loss type); else ``sft``.
+    GRPO first: ``beta`` is both trainers'."""
     losses = values.get("loss_type")
     losses = losses if isinstance(losses, list) else [losses]
+    if any(k in values for k in GRPO_KEYS) or any(x in GRPO_LOSSES for x in losses):
+        return "grpo"
     return "dpo" if any(k in values for k in DPO_KEYS) or any(x in DPO_LOSSES for x in losses) else "sft"
 
 
 def convert(values: dict[str, Any], trainer: str = "auto") -> tuple[dict[str, Any], list[str]]:
     """TRL names and values -> (trainctl tables, notes on what was not converted). ``trainer``:
-    ``sft``, ``dpo`` or ``auto`` (:func:`trainer_of`)."""
+    ``sft``, ``dpo``, ``grpo`` or ``auto`` (:func:`trainer_of`)."""
     notes: list[str] = []
     given = dict(values)
-    dpo = (trainer_of(given) if trainer == "auto" else trainer) == "dpo"
-    if trainer == "auto" and not dpo:
-        notes.append("converted as a `trl sft` config (it sets no key only DPOConfig has); for `trl dpo` pass --trainer dpo")
+    chosen = trainer_of(given) if trainer == "auto" else trainer
+    dpo, grpo = chosen == "dpo", chosen == "grpo"
+    if trainer == "auto" and chosen == "sft":
+        notes.append("converted as a `trl sft` config (it sets no key only DPOConfig or GRPOConfig has); for `trl dpo` "
+                     "pass --trainer dpo, for `trl grpo` --trainer grpo")
     if given.get("load_best_model_at_end"):
         notes.append("load_best_model_at_end: converted as plugin.checkpoint.save_best (the best checkpoint is kept; "
                      "the run ends with the last step's weights)")
     lora = bool(given.get("use_peft"))
     defaults = TRL_DEFAULTS | (TRL_DPO_DEFAULTS if dpo else {})
+    if grpo:  # GRPOConfig has no max_length: a prompt is as long as it is, a completion max_completion_length
+        defaults = {k: v for k, v in defaults.items() if k != "max_length"} | TRL_GRPO_DEFAULTS
     merged = {k: v for k, v in defaults.items() if lora or not k.startswith("lora_")} | given
     tables: dict[str, Any] = {"seed": merged["seed"], "backend": "hf"}
+    special = SPECIAL + GRPO_SPECIAL if grpo else SPECIAL
 
     put = functools.partial(put_key, tables)
 
@@ -140,17 +184,20 @@ def convert(values: dict[str, Any], trainer: str = "auto") -> tuple[dict[str, An
                 put(*DIRECT[name], value)
         elif name in IGNORED:
             notes.append(f"{name}: not converted ({IGNORED[name]})")
-        elif name not in SPECIAL:
+        elif name not in special:
             notes.append(f"{name}: not converted (no trainctl equivalent)")
 
-    _length(merged, given, put, notes)
-    if not dpo:  # DPO scores the completions of its pairs, unpacked: nothing to choose
+    if grpo:
+        _grpo(merged, given, put, notes)
+    else:
+        _length(merged, given, put, notes)
+    if not (dpo or grpo):  # DPO scores the completions of its pairs, unpacked; GRPO its own: nothing to choose
         _tokens(merged, put)
     _precision(merged, given, put, notes)
     _data(merged, put, notes)
     _optimizer(given, put, notes)
     # cadence: steps or epochs; TRL's ratios (< 1) have no step count to copy
-    _cadence(merged, put, notes)
+    _cadence(merged, put, notes, evaluate=not grpo)
     if lora:
         targets = merged.get("lora_target_modules")
         put("hf.lora", "target_modules", list(targets) if isinstance(targets, list) else [targets or "all-linear"])
@@ -273,6 +320,87 @@ def _dpo(merged: dict[str, Any], lora: bool, put: Any, notes: list[str]) -> None
         notes.append("disable_dropout: false not converted (trainctl's DPO keeps the model's dropout as configured)")
 
 
+def _grpo(merged: dict[str, Any], given: dict[str, Any], put: Any, notes: list[str]) -> None:
+    """``trl grpo``'s settings: the objective, the length in steps, every ``[hf.grpo]`` key, the rewards."""
+    put("hf", "objective", "grpo")
+    if _number("max_steps", merged.get("max_steps", -1)) > 0:
+        put("train", "max_steps", int(merged["max_steps"]))
+    else:  # GRPOTrainer's epoch is a pass over prompts x num_generations; trainctl's GRPO counts steps
+        notes.append(f"num_train_epochs: {merged['num_train_epochs']!r} not converted (objective = \"grpo\" runs "
+                     "train.max_steps steps; set max_steps in the file or train.max_steps)")
+    put("plugin.lr", "family", "transformers")
+    put("plugin.lr", "schedule", merged["lr_scheduler_type"])
+    warmup = _number("warmup_steps", merged["warmup_steps"])
+    if isinstance(warmup, float) and 0 < warmup < 1:
+        put("plugin.lr", "warmup_ratio", warmup)
+        put("plugin.lr", "warmup_steps", 0)
+    else:
+        put("plugin.lr", "warmup_steps", int(warmup))
+    for key in GRPO_DIRECT:
+        if key == "reward_weights":
+            continue  # with the rewards, which may lose some: _rewards
+        value = merged[key]
+        put("hf.grpo", key, (0 if key in ("epsilon_high", "steps_per_generation") else []) if value is None else value)
+    losses = merged["loss_type"] if isinstance(merged["loss_type"], list) else [merged["loss_type"]]
+    if len(losses) == 1 and losses[0] in GRPO_RUN:
+        put("hf.grpo", "loss_type", losses[0])
+    else:
+        notes.append(f"loss_type: {merged['loss_type']!r} not converted (trainctl runs {', '.join(GRPO_RUN)})")
+    scale = merged["scale_rewards"]
+    put("hf.grpo", "scale_rewards", {True: "group", False: "none"}.get(scale, scale) if isinstance(scale, bool) else scale)
+    batch = merged.get("generation_batch_size")
+    if batch is not None:
+        per_step = merged["per_device_train_batch_size"]
+        if isinstance(batch, int) and isinstance(per_step, int) and per_step > 0 and batch % per_step == 0:
+            put("hf.grpo", "steps_per_generation", batch // per_step)  # GRPOConfig's own derivation, one process
+        else:
+            notes.append(f"generation_batch_size: {batch!r} not converted (not a multiple of per_device_train_batch_size "
+                         f"{per_step!r}; set hf.grpo.steps_per_generation)")
+    if merged.get("disable_dropout"):
+        notes.append("disable_dropout: true not converted (trainctl's GRPO keeps the model's dropout as configured)")
+    if given.get("use_vllm"):
+        notes.append("use_vllm: not converted (trainctl generates with transformers' generate in the training process, "
+                     "as GRPOTrainer(use_vllm=False); vLLM is not supported yet)")
+    for key in ("vllm_mode", "log_completions", "num_completions_to_print", "generation_kwargs"):
+        if key in given:
+            notes.append(f"{key}: not converted (no trainctl equivalent)")
+    if given.get("reward_model_name_or_path"):
+        notes.append(f"reward_model_name_or_path: {given['reward_model_name_or_path']!r} not converted (trainctl scores with "
+                     "reward functions only; wrap a reward model in a trainctl_reward plugin)")
+    _rewards(given.get("reward_funcs"), merged["reward_weights"], put, notes)
+
+
+def _rewards(funcs: Any, weights: Any, put: Any, notes: list[str]) -> None:
+    """``reward_funcs`` by the ``trl grpo`` script's names: what trainctl has the same of, and why
+    not the rest; ``reward_weights`` keep the weights of the rewards kept."""
+    names = [funcs] if isinstance(funcs, str) else list(funcs or [])
+    weighed = isinstance(weights, list) and len(weights) == len(names)
+    if weights is not None and not weighed:
+        notes.append(f"reward_weights: {weights!r} not converted (TRL wants one per reward_funcs entry)")
+    rewards: list[str] = []
+    kept: list[Any] = []
+    for i, name in enumerate(names):
+        found = TRL_REWARDS.get(name)
+        if isinstance(found, tuple):
+            rewards.append(found[0])
+            kept.append(weights[i] if weighed else None)
+            for key, value in found[1].items():
+                put("hf.grpo", key, value)
+        elif isinstance(found, str):
+            notes.append(f"reward_funcs: {name!r} not converted ({found})")
+        elif isinstance(name, str) and "." in name:  # the script's dotted import path: f(completions, **columns)
+            module, _, function = name.rpartition(".")
+            notes.append(f"reward_funcs: {name!r} not converted (trainctl calls a reward as f(prompts, completions, rows); "
+                         f"once it takes those, name it \"{module}:{function}\" in hf.grpo.rewards)")
+        else:
+            notes.append(f"reward_funcs: {name!r} not converted (not one of trl grpo's: {', '.join(TRL_REWARDS)})")
+    put("hf.grpo", "rewards", rewards)
+    put("hf.grpo", "reward_weights", kept if weighed else [])
+    if not rewards:
+        notes.append("hf.grpo.rewards: empty, and the run refuses that; name a built-in (format, exact_match), a "
+                     "reward plugin or \"package.module:function\"")
+
+
 def _number(name: str, value: Any) -> int | float:
     """``value`` if it is a finite number (``.inf`` would reach int() and overflow)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
@@ -287,13 +415,20 @@ def _finite(value: int | float) -> bool:
         return False
 
 
-def _cadence(merged: dict[str, Any], put: Any, notes: list[str]) -> None:
+def _cadence(merged: dict[str, Any], put: Any, notes: list[str], *, evaluate: bool = True) -> None:
     logging = merged["logging_steps"]
     if isinstance(logging, int) and logging >= 1:
         put("train", "log_interval", logging)
     else:
         notes.append(f"logging_steps: {logging!r} not converted (a ratio; set train.log_interval)")
-    _evaluation(merged, put, notes)
+    if evaluate:
+        _evaluation(merged, put, notes)
+    else:  # GRPO scores no fixed split: its rewards are reported every step
+        put("data", "val_fraction", 0.0)
+        put("train", "eval_interval", 0)
+        if merged.get("eval_strategy", "no") != "no":
+            notes.append(f"eval_strategy: {merged['eval_strategy']!r} not converted (objective = \"grpo\" evaluates "
+                         "nothing; its rewards are logged every step)")
     strategy, every = merged.get("save_strategy", "steps"), merged.get("save_steps", 500)
     if strategy == "steps" and isinstance(every, int) and not isinstance(every, bool):
         put("train", "save_interval", every)
