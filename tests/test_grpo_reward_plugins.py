@@ -9,14 +9,13 @@ is evaluated by ``trainctl eval`` and the eval worker without that module ever b
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 
 from tests import hf_assets
 from tests.conftest import run_cli
+from tests.installed_dist import install
 from tests.worker_process import Worker
-from trainctl.kernel.registry import ENTRY_POINT_GROUP
 
 MODULE = '''
 import os
@@ -90,13 +89,7 @@ def score(prompts, completions, rows):
 @pytest.fixture
 def installed(tmp_path, monkeypatch):
     """``xr`` 0.1 installed the way pip leaves it: a module and its dist-info, on the path."""
-    site = tmp_path / "site"
-    info = site / "xr-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: xr\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nxr = xr_rewards\n")
-    (site / "xr_rewards.py").write_text(textwrap.dedent(MODULE))
-    (site / "xr_marked.py").write_text(textwrap.dedent(MARKED))
+    site = install(tmp_path / "site", "xr", {"xr": "xr_rewards"}, {"xr_rewards": MODULE, "xr_marked": MARKED})
     monkeypatch.setenv("PYTHONPATH", str(site))  # cli_env puts the repository in front
     monkeypatch.setenv("XR_MARK", str(tmp_path / "imported"))
     return site

@@ -8,12 +8,11 @@ line naming it."""
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 
 from tests.conftest import TINY_GPT, run_cli
-from trainctl.kernel.registry import ENTRY_POINT_GROUP
+from tests.installed_dist import install
 
 MODULE = '''
 import time
@@ -85,14 +84,11 @@ def trainctl_register_plugins(register):
 @pytest.fixture
 def installed(tmp_path, monkeypatch):
     """``x`` 0.1 installed the way pip leaves it: a module and its dist-info, on the path."""
-    site = tmp_path / "site"
-    info = site / "x-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: x\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nx = x_plugins\nx_typo = x_typo\n")
-    (site / "x_plugins.py").write_text(textwrap.dedent(MODULE))
-    (site / "x_typo.py").write_text(  # a registry hook misspelled: it would never register anything
-        "from trainctl.hooks import hookimpl\n\n@hookimpl\ndef trainctl_register_plugin(register): pass\n")
+    site = install(tmp_path / "site", "x", {"x": "x_plugins", "x_typo": "x_typo"}, {
+        "x_plugins": MODULE,
+        # a registry hook misspelled: it would never register anything
+        "x_typo": "from trainctl.hooks import hookimpl\n\n@hookimpl\ndef trainctl_register_plugin(register): pass\n",
+    })
     monkeypatch.setenv("PYTHONPATH", str(site))  # cli_env puts the repository in front
     return site
 
