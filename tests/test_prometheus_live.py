@@ -6,7 +6,9 @@ The dashboard's DPO row reads the generic step/eval metric series by TRL's names
 beside the gpt run feeds them: a third-party backend, installed through the entry point like any
 other, whose steps report ``rewards/accuracies``, ``logps/chosen``... in ``StepOutput.metrics``.
 Nothing in the prometheus plugin knows those names, which is the point: a real DPO run exports
-them the same way."""
+them the same way. The RL row the same way: a third run, of a rollout backend (the kernel's
+seam, ``trainctl.kernel.rollout``) whose steps report GRPO's metrics by TRL's names and whose
+producer hands out one batch too stale to train on."""
 
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.parse
 import urllib.request
@@ -25,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, TINY_GPT, cli_env
+from tests.installed_dist import install
 from tests.test_prometheus import free_port, scrape, value
-from trainctl.kernel.registry import ENTRY_POINT_GROUP
 
 DASHBOARD = ROOT / "configs" / "grafana" / "trainctl.json"
 ALERTS = ROOT / "configs" / "prometheus" / "alerts.yml"
@@ -72,27 +73,49 @@ def trainctl_register_backends(register):
 '''
 
 
-def install_preference_backend(site: Path) -> Path:
-    """The backend above installed the way pip leaves a package: a module and its dist-info."""
-    info = site / "pref_metrics-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pref-metrics\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\npref_metrics = pref_metrics\n")
-    (site / "pref_metrics.py").write_text(textwrap.dedent(PREFERENCE_BACKEND))
-    return site
+GRPO_NAMES = ("reward", "reward_std", "completions/mean_length", "kl", "clip_ratio/region_mean")
+ROLLOUT_BACKEND = '''
+import time
+
+from tests.fake_backend import FakeDataConfig, FakeRolloutBackend, FakeRolloutModelConfig
+from trainctl.hooks import BackendSpec, hookimpl
 
 
-def start_preference_run(out: Path, port: int, site: Path) -> subprocess.Popen:
-    """The same run name as the gpt run: the dashboard's $run picks both, the backend label tells them apart."""
-    sets = ["backend='prefmetrics'", "train.max_steps=100000", "train.log_interval=2", "train.eval_interval=10",
+class RolloutMetrics(FakeRolloutBackend):
+    """Steps on a producer's rollouts that report what GRPO reports, by TRL's names."""
+
+    def train_rollout(self, step, rollout):
+        time.sleep(0.05)  # a step's pace, not a busy loop beside the other runs
+        out = super().train_rollout(step, rollout)
+        out.host_metrics = {"reward": 0.25 + 0.001 * step, "reward_std": 0.1, "completions/mean_length": 12.0,
+                            "kl": 0.01, "clip_ratio/region_mean": 0.05}
+        return out
+
+
+@hookimpl
+def trainctl_register_backends(register):
+    register(BackendSpec(name="rlmetrics", factory="rl_metrics:RolloutMetrics",
+                         model_config=FakeRolloutModelConfig, data_config=FakeDataConfig))
+'''
+
+
+def install_backends(site: Path) -> Path:
+    """The backends above installed the way pip leaves a package: modules and their dist-info."""
+    return install(site, "metric_backends", {"pref_metrics": "pref_metrics", "rl_metrics": "rl_metrics"},
+                   {"pref_metrics": PREFERENCE_BACKEND, "rl_metrics": ROLLOUT_BACKEND})
+
+
+def start_backend_run(out: Path, port: int, site: Path, backend: str, *extra: str) -> subprocess.Popen:
+    """The same run name as the gpt run: the dashboard's $run picks all, the backend label tells them apart."""
+    sets = [f"backend='{backend}'", "train.max_steps=100000", "train.log_interval=2", "train.eval_interval=10",
             "train.save_interval=0", "train.device='cpu'", "train.threads=1", f"train.run_name='{RUN_NAME}'",
-            f"plugin.prometheus.port={port}", 'plugins=["prometheus"]']
+            f"plugin.prometheus.port={port}", 'plugins=["prometheus"]', *extra]
     args = [sys.executable, "-m", "trainctl", "run", "--yes", "--out", str(out)]
     for item in sets:
         args += ["--set", item]
     env = cli_env()
     env["PYTHONPATH"] += os.pathsep + str(site)
-    log = open(out.parent / "preference.log", "w")
+    log = open(out.parent / f"{backend}.log", "w")
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -240,20 +263,29 @@ def dashboard_queries(panels: list | None = None) -> list[str]:
     return substituted
 
 
-def dpo_row() -> list[dict]:
-    """The panels under the dashboard's "Preference training (DPO)" row, up to the next row."""
+def dashboard_row(title: str) -> list[dict]:
+    """The panels under the dashboard's row whose title holds ``title``, up to the next row."""
     panels = json.loads(DASHBOARD.read_text())["panels"]
-    start = next(i for i, p in enumerate(panels) if p["type"] == "row" and "DPO" in p["title"])
+    start = next(i for i, p in enumerate(panels) if p["type"] == "row" and title in p["title"])
     rest = panels[start + 1:]
     return rest[:next((i for i, p in enumerate(rest) if p["type"] == "row"), len(rest))]
 
 
 def test_the_dpo_row_shows_every_dpo_metric_and_the_dpo_loss():
-    queries = dashboard_queries(dpo_row())
+    queries = dashboard_queries(dashboard_row("DPO"))
     for name in DPO_NAMES:
         assert any(f'name="{name}"' in q for q in queries), f"no DPO panel shows {name}"
     assert any(q.startswith("trainctl_eval_loss") for q in queries)  # the DPO validation loss
     assert any("trainctl_eval_metric" in q for q in queries)  # the validation reward accuracy
+
+
+def test_the_rl_row_shows_grpo_metrics_and_every_rollout_metric():
+    queries = dashboard_queries(dashboard_row("GRPO"))
+    for name in GRPO_NAMES:
+        assert any(f'name="{name}"' in q for q in queries), f"no RL panel shows {name}"
+    for metric in ("trainctl_policy_version", "trainctl_rollout_staleness", "trainctl_rollout_tokens_total",
+                   "trainctl_rollout_generation_seconds_total", "trainctl_stale_batches_dropped_total"):
+        assert any(metric in q for q in queries), f"no RL panel shows {metric}"
 
 
 def api(port: int, path: str, **params: str) -> dict:
@@ -267,15 +299,16 @@ def api(port: int, path: str, **params: str) -> dict:
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path):
     binary = prometheus_binary()
     queries = dashboard_queries()
-    dpo_queries = set(dashboard_queries(dpo_row()))
-    assert len(queries) >= 12 + 9 and len(dpo_queries) == 9
-    metrics_port, preference_port, web_port = free_port(), free_port(), free_port()
+    dpo_queries = set(dashboard_queries(dashboard_row("DPO")))
+    rl_queries = set(dashboard_queries(dashboard_row("GRPO")))
+    assert len(queries) >= 12 + 9 + 10 and len(dpo_queries) == 9 and len(rl_queries) == 10
+    metrics_port, preference_port, rollout_port, web_port = free_port(), free_port(), free_port(), free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
         f"rule_files: ['{ALERTS}']\n"
         "scrape_configs:\n  - job_name: trainctl\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{metrics_port}', '127.0.0.1:{preference_port}']\n"
+        f"      - targets: ['127.0.0.1:{metrics_port}', '127.0.0.1:{preference_port}', '127.0.0.1:{rollout_port}']\n"
     )
     prom_log = open(tmp_path / "prometheus.log", "w")
     prometheus = subprocess.Popen(
@@ -284,8 +317,11 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path):
         stdout=prom_log, stderr=subprocess.STDOUT,
     )
     run = start_run(tmp_path / "run", metrics_port)
-    preference = start_preference_run(tmp_path / "preference", preference_port,
-                                      install_preference_backend(tmp_path / "site"))
+    site = install_backends(tmp_path / "site")
+    preference = start_backend_run(tmp_path / "preference", preference_port, site, "prefmetrics")
+    # one batch two versions behind at step 1, past max_staleness 1: dropped, so the drop counter exists
+    rollout = start_backend_run(tmp_path / "rollout", rollout_port, site, "rlmetrics", "model.max_staleness=1",
+                                "model.lag=[0, 2]")
     pending = {q: None for q in queries}
     backends: dict[str, set[str]] = {}
     try:
@@ -293,7 +329,8 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path):
         while pending and time.monotonic() < deadline:
             assert prometheus.poll() is None, (tmp_path / "prometheus.log").read_text()
             assert run.poll() is None, (tmp_path / "run.log").read_text()
-            assert preference.poll() is None, (tmp_path / "preference.log").read_text()
+            assert preference.poll() is None, (tmp_path / "prefmetrics.log").read_text()
+            assert rollout.poll() is None, (tmp_path / "rlmetrics.log").read_text()
             for query in list(pending):
                 try:
                     data = api(web_port, "query", query=query)
@@ -309,6 +346,14 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path):
         assert not pending, "dashboard queries without data:\n" + "\n".join(f"{q}  -> {r}" for q, r in pending.items())
         # the DPO row shows only the run that reports DPO metrics, though the gpt run has a loss too
         assert all(backends[q] == {"prefmetrics"} for q in dpo_queries), {q: backends[q] for q in dpo_queries}
+        # (an aggregate by run has no backend label: the series under it are the rollout run's alone)
+        assert all(backends[q] in ({"rlmetrics"}, {None}) for q in rl_queries), {q: backends[q] for q in rl_queries}
+        for counter in ("trainctl_rollout_tokens_total", "trainctl_rollout_generation_seconds_total"):
+            assert {r["metric"]["backend"] for r in api(web_port, "query", query=counter)["result"]} == {"rlmetrics"}
+        reward = api(web_port, "query", query='trainctl_step_metric{name="reward_std"}')["result"]
+        assert [float(r["value"][1]) for r in reward] == [0.1]
+        dropped = api(web_port, "query", query="trainctl_stale_batches_dropped_total")["result"]
+        assert [float(r["value"][1]) for r in dropped] == [1.0]
         accuracy = api(web_port, "query", query='trainctl_step_metric{name="rewards/accuracies"}')["result"]
         assert [float(r["value"][1]) for r in accuracy] == [0.75]  # the value, not only a series
         query = 'trainctl_eval_metric{name="accuracy", split="val", backend="prefmetrics"}'  # gpt has its own
@@ -318,10 +363,11 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path):
         rules = api(web_port, "rules")["groups"]
         assert [g["name"] for g in rules] == ["trainctl"] and len(rules[0]["rules"]) == 2
         targets = api(web_port, "targets")["activeTargets"]
-        assert len(targets) == 2 and all(t["health"] == "up" for t in targets), targets
+        assert len(targets) == 3 and all(t["health"] == "up" for t in targets), targets
     finally:
         stop(run)
         stop(preference)
+        stop(rollout)
         prometheus.terminate()
         prometheus.wait(10)
 
