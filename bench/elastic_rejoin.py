@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.restart_time import BIN, env, free_port, kill_tree, launch, status  # noqa: E402
+from bench.restart_time import BIN, env, free_port, kill_tree, launch  # noqa: E402
 from trainctl.backends import sample_record  # noqa: E402  (neither imports torch: the runs do)
 from trainctl.hooks import notices  # noqa: E402
 from trainctl.kernel import recovery  # noqa: E402
@@ -76,6 +76,17 @@ def events(out: Path) -> list[dict]:
 
 def run_starts(out: Path) -> list[dict]:
     return [e for e in events(out) if e.get("event") == "run_start"]
+
+
+def last_step(out: Path) -> int:
+    """The newest step rank 0 has begun (its sample record's line comes before the forward):
+    status.json is rewritten at most once a second, ~15 steps here, too coarse to kill between
+    checkpoints (both first tries killed at step 90, inside the save of step 90)."""
+    try:
+        lines = sample_record.path(out, 0).read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (OSError, ValueError):  # not there yet, or a line half written
+        return 0
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -137,7 +148,7 @@ def elastic(work: Path, last_call: int) -> tuple[Path, float, float]:
     try:
         b = launch(agent(port, 2, "1:2", last_call, out), work / "b.log", ENV)
         agents.append(b)
-        wait(f"step {KILL_AT} at 4 ranks", lambda: status(out).get("step", 0) >= KILL_AT, agents, 300)
+        wait(f"step {KILL_AT} at 4 ranks", lambda: last_step(out) >= KILL_AT, agents, 300)
         if (ws := [s["world_size"] for s in run_starts(out)]) != [4]:
             raise RuntimeError(f"the group formed as {ws}, not 4 ranks (B joined after A's last call?)")
         killed = time.time()
@@ -145,7 +156,7 @@ def elastic(work: Path, last_call: int) -> tuple[Path, float, float]:
         b.wait()
         agents.remove(b)
         started = lambda: len(run_starts(out)) == 2  # noqa: E731
-        wait(f"step {JOIN_AT} at 2 ranks", lambda: started() and status(out).get("step", 0) >= JOIN_AT, agents, 300)
+        wait(f"step {JOIN_AT} at 2 ranks", lambda: started() and last_step(out) >= JOIN_AT, agents, 300)
         joined = time.time()
         agents.append(launch(agent(port, 1, "1:2", last_call, out), work / "c.log", ENV))
         if (code := finish(agents, 600)) != 0:
@@ -223,6 +234,24 @@ def trial(work: Path, last_call: int) -> dict:
     }
 
 
+def report(row: dict) -> str:
+    s = row["samples"]
+    lines = [f"resumed at steps {row['resumed_at']} (world sizes 4 -> 2 -> 3); {s['samples']} samples: "
+             f"{s['duplicated']} duplicated, {s['skipped']} skipped, {s['steps_as_reference']} of {STEPS} steps "
+             "the reference's samples", "", "| steps | against | steps | bit for bit | max relative |",
+             "| --- | --- | --- | --- | --- |"]
+    for key in ("at_4_vs_ref4", "at_2_vs_ref4", "at_3_vs_ref4", "at_2_vs_ref2", "at_3_vs_ref3"):
+        size, ref = key[3], key[-4:]
+        r = row[key]
+        lines.append(f"| at {size} ranks | {ref} | {r['steps']} | {r['bit_equal']} | {r['max_rel']:.2e} |")
+    lines += ["", "| re-formation | " + " | ".join(recovery.PHASES) + " | total_s | fault to first step | retrained |",
+              "| --- " * (len(recovery.PHASES) + 4) + "|"]
+    for name, r in zip(("kill -9 -> 2 ranks", "join -> 3 ranks"), row["reformed"]):
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.2f}" for k in (*recovery.PHASES, "total_s"))
+                     + f" | {r['fault_to_first_step_s']:.2f} | {r['steps_retrained']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=1)
@@ -238,6 +267,8 @@ def main() -> None:
             work.mkdir(parents=True)
             rows.append(trial(work, args.last_call_timeout))
             print(json.dumps(rows[-1]), flush=True)
+    for row in rows:
+        print(report(row))
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "trials": rows}, indent=1))
 
