@@ -14,7 +14,7 @@ re-forms at 3; the run completes. Then, against an uninterrupted 4-rank run (2 a
   the first step after it) and, on this machine's clock, fault (the SIGKILL, the joining agent's
   start) to first step.
 
-    python bench/elastic_rejoin.py                   # one trial, ~3 min on 2 shared cores
+    python bench/elastic_rejoin.py                   # one trial, ~3.5 min on 2 shared cores
     python bench/elastic_rejoin.py --trials 2 --json r.json --keep /tmp/rejoin
 
 Settings from bench/restart_time.py: the rendezvous host (agent A) is never killed;
@@ -183,7 +183,10 @@ def same_size(work: Path, run: Path, ranks: int, start: int, end: int) -> dict[i
 def sample_check(run: Path, ref: Path, worlds: dict[int, int]) -> dict:
     """Every global sample index once; each step's samples the reference's, from ``worlds[step]`` ranks."""
     got, expected = sample_record.read(run), sample_record.read(ref)
-    rows = lambda lines: sorted(s for line in lines for s in zip(line["index"], line["source"], line["offset"]))  # noqa: E731
+
+    def rows(lines: list[dict]) -> list[tuple]:
+        return sorted(s for line in lines for s in zip(line["index"], line["source"], line["offset"]))
+
     seen = Counter(i for lines in got.values() for line in lines for i in line["index"])
     total = STEPS * GRAD_ACCUM * BATCH
     return {
