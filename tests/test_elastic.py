@@ -143,3 +143,32 @@ def test_a_node_killed_whole_reforms_the_group_at_world_size_1_and_completes(tmp
     assert run_starts(ref)[0]["start_step"] == resumed
     after = {step: loss for step, loss in losses(out).items() if step > resumed}  # the resumed attempt's
     assert len(after) == 300 - resumed and after == losses(ref)
+
+
+GROUP_OF_TWO = """
+import os, torch
+from trainctl.kernel.backend import Distributed
+from trainctl.kernel.distributed import Group
+rank = int(os.environ["RANK"])
+group = Group(Distributed(rank=rank, local_rank=0, world_size=2), timeout_s=15)
+print(group.mean_(torch.tensor([float(rank)])).item())
+"""
+
+
+def test_ranks_of_agents_with_different_restart_counts_form_one_group(tmp_path):
+    """A node that joins after a node was lost: the survivor's ranks run attempt 1 (torchrun
+    counts its failure restart), the newcomer's attempt 0 (a fresh agent; torch 2.13 does not
+    count a membership change). With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the agent's store
+    not shared: TORCHELASTIC_USE_AGENT_STORE=False) rank 0 hosts a new store every round, so the
+    ranks must meet in it whatever their counts; a per-attempt prefix hung them until the timeout."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", GROUP_OF_TWO], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT,
+                              env=env() | {"RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                           "TORCHELASTIC_USE_AGENT_STORE": "False",
+                                           "TORCHELASTIC_RESTART_COUNT": str(count)})
+             for rank, count in ((0, 1), (1, 0))]
+    outputs = [p.communicate(timeout=90)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert [o.split()[-1] for o in outputs] == ["0.5", "0.5"], outputs

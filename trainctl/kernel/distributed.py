@@ -68,17 +68,21 @@ class Group:
         self.started = True
 
     def _elastic_store(self, timeout: datetime.timedelta) -> dict[str, Any]:
-        """Under torchrun the agent's store outlives a restart of the group, and with it the
-        previous attempt's addresses: gloo's ranks would connect to the dead rank's old port
-        ("Connection refused"). Each attempt gets its own prefix, as torchelastic meant it to."""
+        """Under torchrun the agent's store (``TORCHELASTIC_USE_AGENT_STORE``, torch's default)
+        outlives a restart of the group, and with it the previous attempt's addresses: gloo's
+        ranks would connect to the dead rank's old port ("Connection refused"). Each attempt gets
+        its own prefix, as torchelastic meant it to. Without it
+        (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``) rank 0 hosts a new store on a new port every
+        round, which holds no old address, and env:// is left to do that: the restart count is
+        the agent's own, so a prefix made of it parts the ranks of a group whose agents differ
+        (a node that joins after a failure restart counts 0, the survivors 1: both waited)."""
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-        if attempt is None:
+        if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
             return {}
         import torch.distributed as td
 
-        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
         store = td.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world_size,
-                            is_master=not agent and self.rank == 0, timeout=timeout)
+                            is_master=False, timeout=timeout)
         return {"store": td.PrefixStore(f"trainctl/attempt_{attempt}", store), "rank": self.rank,
                 "world_size": self.world_size}
 
