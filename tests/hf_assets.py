@@ -136,3 +136,18 @@ def message_rows(n: int = 64, seed: int = 0) -> list[dict]:
 
 def prompt_completion_rows(n: int = 64) -> list[dict]:
     return [{"prompt": f"{speaker}:\n", "completion": speech} for speaker, speech in speeches()[:n]]
+
+
+def build_reward_model(out: Path, tokenizer_dir: Path, seed: int = 1) -> None:
+    """A 2-layer, 64-wide random LlamaForSequenceClassification (num_labels = 1: a reward model)
+    with the text tokenizer, saved as safetensors."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512, num_labels=1,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    LlamaForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)

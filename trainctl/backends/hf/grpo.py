@@ -26,7 +26,7 @@ from __future__ import annotations
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -61,8 +61,8 @@ class InProcessRollouts:
     """The policy generates its own batches: TRL's trainer, driven one optimizer step at a time.
     A :class:`trainctl.kernel.rollout.Producer`."""
 
-    def __init__(self, *, model: Any, tokenizer: Any, rows: list[dict[str, Any]], rewards: list[Callable[..., Any]],
-                 opts: GRPOConfig, batch_size: int, grad_accum: int, seed: int, use_cpu: bool, peft_config: Any,
+    def __init__(self, *, model: Any, tokenizer: Any, rows: list[dict[str, Any]], rewards: list[Any],
+                 reward_names: list[str], reward_tokenizers: list[Any], opts: GRPOConfig, batch_size: int, grad_accum: int, seed: int, use_cpu: bool, peft_config: Any,
                  checkpointing: bool) -> None:
         from datasets import Dataset
         from trl import GRPOTrainer
@@ -74,9 +74,12 @@ class InProcessRollouts:
         try:
             with sft.quiet():
                 self.trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, processing_class=tokenizer,
+                                           reward_processing_classes=reward_tokenizers,
                                            train_dataset=Dataset.from_list(rows), peft_config=peft_config)
         except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # TRL's own checks of the settings and data
             raise ConfigError(f"TRL cannot set up GRPO: {str(exc).splitlines()[0]}") from None
+        # TRL names a reward model after its folder; ours are named as hf.grpo.rewards spells them
+        self.trainer.reward_func_names = list(reward_names)
         self.model = self.trainer.model.train()  # a PeftModel when LoRA is on; in training mode, as train() puts it
         self.grad_accum = grad_accum
         self.trainer.current_gradient_accumulation_steps = grad_accum  # Trainer.train() sets it per step

@@ -7,7 +7,8 @@ step: same completions, rewards, loss, KL and clip ratios for the same seed
 (``tests/test_grpo_parity.py``).
 
 Everything that can be refused is refused before the model loads: no reward, a reward that
-does not resolve, a prompt column the data lacks, a generation batch that ``num_generations``
+does not resolve, a reward model folder that is not one (``reward_model.py``: loaded before
+the policy too), a prompt column the data lacks, a generation batch that ``num_generations``
 does not divide. Rewards are read on the host by nature (they score decoded text), so TRL's
 metrics come back as host floats (``StepOutput.host_metrics``) rather than device tensors.
 
@@ -25,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from trainctl.backends.device import set_threads
-from trainctl.backends.hf import grpo, grpo_state, loading, rewards, rows, sft
+import torch
+
+from trainctl.backends.hf import grpo, grpo_state, loading, reward_model, rewards, rows, sft
 from trainctl.backends.hf.backend import HFBackend
 from trainctl.backends.step import MicroLoss, local_micro_batches
 from trainctl.kernel.backend import Evaluation, Plan, StepOutput
@@ -53,7 +56,9 @@ class GRPOBackend(HFBackend):
             raise ConfigError(f"{train_rows.source} has no column {opts.prompt_column!r} (columns: {', '.join(columns)}); "
                               "set hf.grpo.prompt_column to the column holding the prompts")
         self.reward_names = list(opts.rewards)
-        funcs = [self._reward(name, columns) for name in self.reward_names]
+        scorer = self._reward_model()  # checked and loaded before the policy: a refusal costs nothing
+        funcs = [scorer[0] if name == "model" and scorer else self._reward(name, columns) for name in self.reward_names]
+        tokenizers = [scorer[1] if name == "model" and scorer else None for name in self.reward_names]
         prompts = [dict(row, prompt=row[opts.prompt_column]) for row in train_rows.rows]  # TRL reads "prompt"
         self.prompts_sha256 = hashlib.sha256(json.dumps(prompts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -66,7 +71,8 @@ class GRPOBackend(HFBackend):
         # the whole prefix for every token. The checkpoint's own setting, as TRL loads it
         model.config.use_cache = hf_config.use_cache
         self.producer = grpo.InProcessRollouts(
-            model=model, tokenizer=self.tokenizer, rows=prompts, rewards=funcs, opts=opts, batch_size=train.batch_size,
+            model=model, tokenizer=self.tokenizer, rows=prompts, rewards=funcs, reward_names=self.reward_names,
+            reward_tokenizers=tokenizers, opts=opts, batch_size=train.batch_size,
             grad_accum=train.grad_accum, seed=ctx.seed, use_cpu=self.device.type == "cpu",
             peft_config=loading.lora(self.hf.lora) if self.hf.lora else None,
             checkpointing=self.cfg.gradient_checkpointing or train.activation_checkpointing,
@@ -89,6 +95,9 @@ class GRPOBackend(HFBackend):
                 "objective": f"GRPO ({opts.loss_type}, beta {opts.beta:g}, epsilon {opts.epsilon:g}), "
                              f"{opts.num_generations} completions per prompt of up to {opts.max_completion_length} tokens",
                 "rewards": ", ".join(f"{name} x {w:g}" for name, w in zip(self.reward_names, weights)),
+                **({"reward model": f"{opts.reward_model}: {type(scorer[0]).__name__}, "
+                                    f"{sum(p.numel() for p in scorer[0].parameters()):,} parameters, frozen "
+                                    "(its weights are in the memory plan)"} if scorer else {}),
                 "rollouts": f"in process, a generation every {steps_per_generation * opts.num_iterations} micro-batches "
                             f"(max staleness {self.producer.max_staleness})",
                 "data": f"{len(prompts)} prompts",
@@ -110,6 +119,15 @@ class GRPOBackend(HFBackend):
         if not self.hf.grpo.rewards:
             raise ConfigError('hf.grpo.rewards is empty; name at least one reward: "format", "exact_match", an enabled '
                               'reward plugin or "package.module:function"')
+
+    def _reward_model(self) -> tuple[Any, Any] | None:
+        """The "model" reward's (model, tokenizer), safely loaded (``reward_model.py``); None when
+        no reward model is named or the backend is built to evaluate (nothing is read then)."""
+        if "model" not in self.hf.grpo.rewards or not self.ctx.trains:
+            return None
+        checked = reward_model.check(self.hf.grpo.reward_model)
+        dtype = torch.float32 if self.cfg.dtype == "auto" else getattr(torch, self.cfg.dtype)
+        return reward_model.load(checked, dtype=dtype, device=self.device)
 
     def _reward(self, name: str, columns: list[str]) -> Any:
         """Reward ``name`` as TRL calls it; in a backend built to evaluate, a stand-in (nothing imported)."""

@@ -28,7 +28,7 @@ from typing import Any
 from trainctl.kernel.errors import ConfigError
 
 Reward = Callable[[list[Any], list[Any], list[dict[str, Any]]], Sequence[float]]
-BUILTIN = ("format", "exact_match")
+BUILTIN = ("format", "exact_match", "model")  # "model": reward_model.py, a model TRL runs itself
 
 
 def text(value: Any) -> str:
