@@ -245,3 +245,26 @@ def test_grpo_counts_the_generation_cache_and_the_reference_copy(hf, tmp_path):
     assert ref["terms"]["generation cache"] == 2 * c.num_hidden_layers * kv * head_dim * 8 * 80 * 4
     plain, = bench.measure([*grpo, "hf.grpo.beta=0"], backend="hf")
     assert "frozen model" not in plain["terms"] and plain["terms"]["generation cache"] == ref["terms"]["generation cache"]
+
+
+def test_grpo_counts_the_reward_models_weights(hf, registry, tmp_path):
+    """The reward model's weights are their own term: every parameter of the built model (the
+    score head, no LM head), in the policy's fp32; without "model" in rewards there is none."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tests import hf_assets
+    from trainctl.backends.hf import memory as hf_memory
+    from trainctl.kernel.backend import BackendContext
+
+    hf_assets.build_reward_model(tmp_path / "rm", hf.tokenizer)
+    prompts = hf_assets.write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "x"}])
+    base = [f"model.name_or_path='{hf.llama}'", f"data.train='{prompts}'", "hf.objective='grpo'", "train.device='cpu'",
+            "hf.grpo.num_generations=4", "train.batch_size=4"]
+    with_rm = make_config(registry, tmp_path / "a", *base, "hf.grpo.rewards=['model']",
+                          f"hf.grpo.reward_model='{tmp_path / 'rm'}'", backend="hf")
+    terms = {t.name: t for t in hf_memory.estimate(BackendContext.of(with_rm, out_dir=tmp_path / "a")).terms}
+    params = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").parameters())
+    assert terms["reward model"].bytes == params * 4 and f"({params:,} parameters)" in terms["reward model"].what
+    without = make_config(registry, tmp_path / "b", *base, "hf.grpo.rewards=['format']", "hf.grpo.format_pattern='.*'",
+                          backend="hf")
+    assert "reward model" not in {t.name for t in hf_memory.estimate(BackendContext.of(without, out_dir=tmp_path / "b")).terms}

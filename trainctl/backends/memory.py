@@ -15,6 +15,7 @@ the optimizer and the parallel strategy into per-rank :class:`Term` s:
                       each block's input with activation checkpointing, plus one layer's working set
     logits            the loss's (B, T, V) fp32 tensors and their gradient
     frozen model      a second model run without gradients (DPO's or GRPO's reference copy); FSDP: 1/world
+    reward model      GRPO's reward model (hf.grpo.reward_model): its weights, never trained
     generation cache  GRPO's KV cache while the policy generates a generation batch (no gradients)
 
 ``cpu_offload`` moves parameters, gradients and optimizer state to host memory (a CUDA device
@@ -100,6 +101,8 @@ class ModelShape:
     frozen: int = 0  # parameters of a frozen model run beside the trained one (DPO's reference copy)
     what_frozen: str = ""  # how the error line names it
     fix_frozen: str = ""  # what removes it, in config keys
+    scorer: int = 0  # parameters of a reward model scoring completions (GRPO), held whole on every rank
+    what_scorer: str = ""
     cache: int = 0  # bytes of a generation's KV cache (GRPO's in-process rollouts)
     what_cache: str = ""
     fix_cache: str = ""
@@ -149,6 +152,9 @@ def estimate(shape: ModelShape, *, optimizer: str, strategy: Strategy, device: s
     if shape.frozen:  # sharded as the trained model is under FSDP
         terms.append(Term(name="frozen model", bytes=shape.frozen * param_bytes // share, what=shape.what_frozen,
                           fix=shape.fix_frozen, host=offload))
+    if shape.scorer:
+        terms.append(Term(name="reward model", bytes=shape.scorer * param_bytes, what=shape.what_scorer,
+                          fix="a smaller reward model", host=offload))
     if shape.cache:
         terms.append(Term(name="generation cache", bytes=shape.cache, what=shape.what_cache, fix=shape.fix_cache))
     terms += [

@@ -13,7 +13,9 @@ frozen second model (``frozen``: the starting weights, or ``hf.dpo.ref_model``'s
 ``model.max_length`` tokens), holds a frozen reference copy when ``beta`` > 0 without LoRA (with
 LoRA the reference is the adapters switched off), and while generating the KV cache of a whole
 generation batch (``train.batch_size x steps_per_generation`` rows, as TRL generates them at
-once); the policy generates with its own weights, so there is no generator's copy.
+once); the policy generates with its own weights, so there is no generator's copy. A reward model
+(``hf.grpo.reward_model``) counts its weights, in the policy's dtype, from its config.json read
+as ``reward_model.check`` reads it (its scoring forward runs under inference mode and is left out).
 """
 
 from __future__ import annotations
@@ -83,6 +85,18 @@ def _grpo(ctx: BackendContext, cfg: Any, hf: HFConfig, text: Any, dtype: str, at
         s = replace(s, frozen=s.params, what_frozen=f"GRPO's reference model ({s.params:,} parameters, hf.grpo.beta > 0)",
                     fix_frozen="hf.grpo.beta = 0 (no KL term, TRL's default), [hf.lora] (the reference is the "
                                "adapters switched off) or shard over more ranks")
+    if "model" in opts.rewards and opts.reward_model:
+        from transformers import AutoConfig
+
+        from trainctl.backends.hf import reward_model
+
+        checked = reward_model.check(opts.reward_model)
+        fields = {k: v for k, v in checked.config.items() if k != "model_type"}
+        c = AutoConfig.for_model(checked.config["model_type"], **fields).get_text_config()
+        rm = shape(c, tokens=1, batch=1, seq=1, dtype=dtype)
+        H, V = c.hidden_size, c.vocab_size
+        params = rm.params - (0 if getattr(c, "tie_word_embeddings", False) else V * H) + H  # the score head, not the LM head
+        s = replace(s, scorer=params, what_scorer=f"the reward model {opts.reward_model} ({params:,} parameters)")
     return s
 
 
