@@ -74,7 +74,8 @@ def test_grpo_defaults_are_trls():
 
 def test_every_hf_grpo_key_from_trl_is_written_and_loads():
     tables, _ = trl_config.convert({"num_generations": 4, "max_steps": 10})
-    ours = {f.name for f in dataclasses.fields(hf_config.GRPOConfig)} - {"prompt_column", "answer_column", "format_pattern"}
+    ours = {f.name for f in dataclasses.fields(hf_config.GRPOConfig)} - {"prompt_column", "answer_column", "format_pattern",
+                                                                       "reward_model"}
     assert set(tables["hf"]["grpo"]) == ours
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in tables["hf"]["grpo"].items()}
     assert hf_config.GRPOConfig(**options).loss_type == "dapo"  # TRL's default loss, and TRL's beta 0
@@ -102,7 +103,8 @@ def test_the_mapped_format_reward_scores_as_trls():
     ({"num_generations": 4}, 'num_train_epochs: 3.0 not converted (objective = "grpo" runs train.max_steps steps'),
     ({"loss_type": "cispo"}, "loss_type: 'cispo' not converted (trainctl runs grpo, dr_grpo, dapo, bnpo)"),
     ({"num_generations": 4, "eval_strategy": "steps"}, "eval_strategy: 'steps' not converted (objective = \"grpo\""),
-    ({"reward_model_name_or_path": "some/rm"}, "reward_model_name_or_path: 'some/rm' not converted"),
+    ({"reward_model_name_or_path": "some/rm"}, "reward_model_name_or_path: 'some/rm' looks like a hub id; "
+                                               "hf.grpo.reward_model loads a local folder only"),
     ({"num_generations": 4, "vllm_mode": "colocate"}, "vllm_mode: not converted (no trainctl equivalent)"),
     ({"num_generations": 4, "disable_dropout": True}, "disable_dropout: true not converted"),
 ])
@@ -133,3 +135,20 @@ def test_a_converted_grpo_config_trains(hf, tmp_path):
                    *[a for s in sets for a in ("--set", s)], timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"rewards\s*:?\s*format x 1", proc.stdout), proc.stdout
+
+
+def test_the_reward_model_becomes_the_model_builtin_first_as_the_script_puts_it(tmp_path):
+    """``trl grpo`` puts ``reward_model_name_or_path`` before ``reward_funcs`` (so its weight is
+    the first of ``reward_weights``): it becomes ``"model"`` first, with ``hf.grpo.reward_model``,
+    and the written file loads."""
+    source = tmp_path / "grpo.yaml"
+    source.write_text("reward_model_name_or_path: ./rm\nreward_funcs: [think_format_reward, accuracy_reward]\n"
+                      "reward_weights: [2.0, 0.5, 1.0]\nnum_generations: 4\nmax_steps: 10\n")
+    proc = run_cli("config", "import-trl", str(source), "-o", str(tmp_path / "grpo.toml"), check=True)
+    import tomllib
+
+    grpo = tomllib.loads((tmp_path / "grpo.toml").read_text())["hf"]["grpo"]
+    assert (grpo["rewards"], grpo["reward_weights"], grpo["reward_model"]) == (["model", "format"], [2.0, 0.5], "./rm")
+    assert "reward_model_name_or_path" not in proc.stderr
+    loaded = run_cli("config", "show", str(tmp_path / "grpo.toml"))
+    assert loaded.returncode == 0, loaded.stderr

@@ -2,7 +2,8 @@
 only ``GRPOConfig`` or the ``trl grpo`` script has (or a GRPO-only loss type) becomes ``[hf]
 objective = "grpo"`` with every ``[hf.grpo]`` key written out from ``GRPOConfig``'s defaults, and
 ``reward_funcs`` mapped where trainctl has the same reward (``think_format_reward``: the
-``format`` built-in with TRL's pattern). Torch-free.
+``format`` built-in with TRL's pattern; ``reward_model_name_or_path``: the ``model`` built-in).
+Torch-free.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ TRL_REWARDS: dict[str, tuple[str, dict[str, Any]] | str] = {
                                  "or \"package.module:function\"",
 }
 
+MODEL = object()  # stands for reward_model_name_or_path among the script's reward_funcs
+
+
 def convert(merged: dict[str, Any], given: dict[str, Any], put: Any, notes: list[str]) -> None:
     """``trl grpo``'s settings: the objective, the length in steps, every ``[hf.grpo]`` key, the rewards."""
     put("hf", "objective", "grpo")
@@ -79,23 +83,28 @@ def convert(merged: dict[str, Any], given: dict[str, Any], put: Any, notes: list
     for key in ("vllm_mode", "log_completions", "num_completions_to_print", "generation_kwargs"):
         if key in given:
             notes.append(f"{key}: not converted (no trainctl equivalent)")
-    if given.get("reward_model_name_or_path"):
-        notes.append(f"reward_model_name_or_path: {given['reward_model_name_or_path']!r} not converted (trainctl scores with "
-                     "reward functions only; wrap a reward model in a trainctl_reward plugin)")
-    _rewards(given.get("reward_funcs"), merged["reward_weights"], put, notes)
+    _rewards(given.get("reward_funcs"), merged["reward_weights"], given.get("reward_model_name_or_path"), put, notes)
 
 
-def _rewards(funcs: Any, weights: Any, put: Any, notes: list[str]) -> None:
+def _rewards(funcs: Any, weights: Any, model: Any, put: Any, notes: list[str]) -> None:
     """``reward_funcs`` by the ``trl grpo`` script's names: what trainctl has the same of, and why
-    not the rest; ``reward_weights`` keep the weights of the rewards kept."""
+    not the rest; ``reward_weights`` keep the weights of the rewards kept. The script puts
+    ``reward_model_name_or_path`` first among its rewards (so first in ``reward_weights``): it
+    becomes the ``"model"`` built-in with ``hf.grpo.reward_model``, first too."""
     names = [funcs] if isinstance(funcs, str) else list(funcs or [])
+    if model and isinstance(model, str):
+        names.insert(0, MODEL)
+        put("hf.grpo", "reward_model", model)
+        if not model.startswith(("/", ".", "~")):
+            notes.append(f"reward_model_name_or_path: {model!r} looks like a hub id; hf.grpo.reward_model loads a local "
+                         f"folder only (hf download {model} --local-dir DIR, then set it to DIR)")
     weighed = isinstance(weights, list) and len(weights) == len(names)
     if weights is not None and not weighed:
         notes.append(f"reward_weights: {weights!r} not converted (TRL wants one per reward_funcs entry)")
     rewards: list[str] = []
     kept: list[Any] = []
     for i, name in enumerate(names):
-        found = TRL_REWARDS.get(name)
+        found = ("model", {}) if name is MODEL else TRL_REWARDS.get(name)
         if isinstance(found, tuple):
             rewards.append(found[0])
             kept.append(weights[i] if weighed else None)
