@@ -2,7 +2,7 @@
 real CLI: bad input is one line, exit 2, before the policy loads (the policy's weights are garbage,
 as in ``test_grpo_cli.py``); the attacks on a folder someone else wrote are refused for real: a
 pickle ``pytorch_model.bin`` whose payload would make a marker file (never made), a weight file
-that is a symlink out of the folder, a FIFO (refused without blocking)."""
+that is a symlink out of the folder, a FIFO (refused without blocking). ``trainctl eval`` of a checkpoint never opens its reward model."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import shutil
 import pytest
 
 from tests import hf_assets
+from tests.conftest import run_cli
 from tests.test_grpo_cli import broken_weights, grpo, one_line, prompts  # noqa: F401  (fixtures)
 
 
@@ -88,3 +89,17 @@ def test_a_symlink_out_of_the_folder_and_a_fifo_are_refused(hf, prompts, scorer,
     proc = grpo(hf, tmp_path / "out2", prompts, "hf.grpo.rewards=['model']", f"hf.grpo.reward_model='{fifo}'")
     line = one_line(proc)  # run_cli's timeout would fail the test had the open blocked
     assert "tokenizer.json is not a regular file" in line, line
+
+
+def test_evaluating_a_checkpoint_never_opens_its_reward_model(hf, prompts, scorer, tmp_path):
+    """A run trained with a reward model, whose folder is then swapped for a FIFO: ``trainctl eval``
+    of its checkpoint answers (opening the FIFO would block it) and never names the folder."""
+    folder = copy(scorer, tmp_path)
+    proc = grpo(hf, tmp_path / "out", prompts, "hf.grpo.rewards=['model']", f"hf.grpo.reward_model='{folder}'")
+    assert proc.returncode == 0, proc.stderr
+    [ckpt] = (tmp_path / "out" / "checkpoints").iterdir()
+    shutil.rmtree(folder)
+    os.mkfifo(folder)
+    local = run_cli("eval", str(ckpt), "--json", timeout=120)
+    assert local.returncode == 0, local.stdout + local.stderr
+    assert str(folder) not in local.stdout + local.stderr
