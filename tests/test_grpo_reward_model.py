@@ -103,3 +103,29 @@ def test_evaluating_a_checkpoint_never_opens_its_reward_model(hf, prompts, score
     local = run_cli("eval", str(ckpt), "--json", timeout=120)
     assert local.returncode == 0, local.stdout + local.stderr
     assert str(folder) not in local.stdout + local.stderr
+
+
+def test_a_weight_file_swapped_after_the_check_is_not_what_loads(hf, scorer, tmp_path, monkeypatch):
+    """The folder's model.safetensors is replaced by another model's while the tokenizer loads
+    (after the files were opened, before the weights are read): the checked weights load."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from trainctl.backends.hf import reward_model
+
+    folder = copy(scorer, tmp_path)
+    hf_assets.build_reward_model(tmp_path / "other", hf.tokenizer, seed=5)
+    load_tokenizer = AutoTokenizer.from_pretrained
+
+    def swap_then_load(*args, **kwargs):
+        os.replace(tmp_path / "other" / "model.safetensors", folder / "model.safetensors")
+        return load_tokenizer(*args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", swap_then_load)
+    model, _ = reward_model.load(reward_model.check(str(folder)), dtype=torch.float32, device="cpu")
+    from safetensors.torch import load_file
+
+    checked, swapped = load_file(scorer / "model.safetensors"), load_file(folder / "model.safetensors")
+    name = "score.weight"
+    assert not torch.equal(checked[name], swapped[name])  # the swap happened
+    assert torch.equal(model.state_dict()[name], checked[name])
