@@ -13,24 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests import hf_assets
 from tests.conftest import make_config, run_cli
 from tests.live import LiveRun, sets
 from tests.test_grpo_cli import GOOD, broken_weights, grpo, one_line, prompts  # noqa: F401  (fixtures)
-from tests.test_grpo_resume import craft
+from tests.test_grpo_resume import craft, qwen3  # noqa: F401  (qwen3: the tiny model and 8 prompts)
 from trainctl.backends.hf.grpo_state import STATE_FILE
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.run import Run
 
 REWARD = "tests.grpo_rewards:e_share"
-
-
-@pytest.fixture(scope="module")
-def qwen3(hf, tmp_path_factory):
-    root = tmp_path_factory.mktemp("grpo_async")
-    hf_assets.build_model(root / "qwen3", hf.tokenizer, arch="qwen3")
-    rows = [{"prompt": speech[:40], "speaker": speaker} for speaker, speech in hf_assets.speeches(8)]
-    return root / "qwen3", hf_assets.write_jsonl(root / "prompts.jsonl", rows)
 
 
 def settings(model_dir: Path, data: Path, *, steps: int, k: int = 1, plugins: str = '"checkpoint", "status", "jsonl"',
@@ -137,3 +128,48 @@ def test_a_reward_failing_in_the_generator_is_one_line_naming_it(hf, prompts, tm
     line = one_line(grpo(hf, tmp_path / "out", prompts, "hf.grpo.rewards=['tests.grpo_rewards:raises']",
                          "hf.grpo.max_staleness=1"))
     assert "reward 'tests.grpo_rewards:raises' raised RuntimeError: the grader is down" in line, line
+
+
+def test_import_trl_maps_trls_importance_sampling_keys(tmp_path):
+    import tomllib
+
+    source = tmp_path / "grpo.yaml"
+    source.write_text("num_generations: 4\nvllm_importance_sampling_mode: token_truncate\n"
+                      "vllm_importance_sampling_clip_max: 2.0\nvllm_importance_sampling_clip_min: null\n")
+    proc = run_cli("config", "import-trl", str(source), "-o", str(tmp_path / "grpo.toml"), check=True)
+    grpo = tomllib.loads((tmp_path / "grpo.toml").read_text())["hf"]["grpo"]
+    assert (grpo["importance_sampling_mode"], grpo["importance_sampling_clip_max"],
+            grpo["importance_sampling_clip_min"]) == ("token_truncate", 2.0, 0.0)
+    assert "importance_sampling_correction" not in grpo  # not in the file: trainctl's default stands
+    notes = [line for line in proc.stderr.splitlines() if "vllm_importance_sampling" in line]
+    assert len(notes) == 3 and all("max_staleness > 0" in line for line in notes), proc.stderr
+
+
+def test_prometheus_exports_the_idle_fractions_and_batches_by_staleness(tmp_path):
+    from prometheus_client import generate_latest
+
+    from tests.test_prometheus import exporter
+    from trainctl.hooks.events import RolloutReceived
+
+    plugin, _ = exporter(tmp_path)
+    for step, staleness in enumerate((0, 1, 1)):
+        plugin.trainctl_rollout_received(RolloutReceived(
+            step=step, policy_version=step - staleness, staleness=staleness, completions=8, tokens=40, generation_s=0.1,
+            trainer_idle_fraction=0.25 / (step + 1), generator_idle_fraction=0.5, time=1.0))
+    text = generate_latest(plugin.registry).decode()
+    labels = 'backend="fake",rank="0",run="t"'
+    assert f"trainctl_rollout_trainer_idle_fraction{{{labels}}} {0.25 / 3}" in text
+    assert f"trainctl_rollout_generator_idle_fraction{{{labels}}} 0.5" in text
+    assert f'trainctl_rollout_staleness_batches_total{{{labels},staleness="0"}} 1.0' in text
+    assert f'trainctl_rollout_staleness_batches_total{{{labels},staleness="1"}} 2.0' in text
+
+
+def test_trainctl_status_rollout_line_shows_the_idle_fractions():
+    from trainctl.cli.status import rollout_lines
+
+    doc = {"rollout": {"policy_version": 5, "staleness": 1, "dropped": 0, "trainer_idle_fraction": 0.07,
+                       "generator_idle_fraction": 0.4}}
+    assert rollout_lines(doc) == ["rollout    policy version 5, staleness 1, 0 stale batches dropped, "
+                                  "trainer idle 7%, generator idle 40%"]
+    synchronous = {"rollout": {"policy_version": 5, "staleness": 0, "dropped": 1, "trainer_idle_fraction": None}}
+    assert rollout_lines(synchronous) == ["rollout    policy version 5, staleness 0, 1 stale batch dropped"]
