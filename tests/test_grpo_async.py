@@ -173,3 +173,21 @@ def test_trainctl_status_rollout_line_shows_the_idle_fractions():
                                   "trainer idle 7%, generator idle 40%"]
     synchronous = {"rollout": {"policy_version": 5, "staleness": 0, "dropped": 1, "trainer_idle_fraction": None}}
     assert rollout_lines(synchronous) == ["rollout    policy version 5, staleness 0, 1 stale batch dropped"]
+
+
+def test_sigterm_while_the_generator_runs_saves_and_exits(qwen3, tmp_path):
+    import signal
+
+    out = tmp_path / "live"
+    run = LiveRun(out, model=settings(*qwen3, steps=10_000, plugins='"controller", "checkpoint", "status", "jsonl"'),
+                  args=["--backend", "hf"])
+    try:
+        run.wait(lambda s: s["state"] == "running" and s["step"] >= 2, timeout=120)
+        run.proc.send_signal(signal.SIGTERM)  # the generator is a batch ahead: mid-generation or waiting
+        assert run.exit_code() == 0, run.output()  # saved, thread joined, no hang
+        assert "Traceback" not in run.output()
+    finally:
+        run.close()
+    status = run.status()
+    assert status["state"] == "stopped" and status["reason"] == "signal", status
+    assert (out / "checkpoints" / f"step-{status['step']:06d}" / STATE_FILE).exists()
