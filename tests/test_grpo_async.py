@@ -8,6 +8,7 @@ one line before the model loads."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -186,6 +187,9 @@ def test_sigterm_while_the_generator_runs_saves_and_exits(qwen3, tmp_path):
         run.proc.send_signal(signal.SIGTERM)  # the generator is a batch ahead: mid-generation or waiting
         assert run.exit_code() == 0, run.output()  # saved, thread joined, no hang
         assert "Traceback" not in run.output()
+        # the memory plan: reference (beta > 0) + the generator's copy + its staging copy = 3 x the parameters
+        plan = re.search(r"parameters ([\d.]+) KiB, .*frozen model ([\d.]+) MiB", run.output())
+        assert plan and abs(float(plan[2]) * 1024 - 3 * float(plan[1])) < 0.05 * 1024, run.output()
     finally:
         run.close()
     status = run.status()
