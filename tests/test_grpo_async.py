@@ -65,10 +65,15 @@ def test_staleness_never_exceeds_k_and_stale_batches_are_corrected(registry, qwe
     assert rollout["staleness_counts"] == {str(s): sum(r["staleness"] == s for r in rollouts) for s in (0, 1)}
 
 
+def live(qwen3, out: Path) -> LiveRun:
+    """A k = 1 CLI run that runs until it is stopped."""
+    return LiveRun(out, model=settings(*qwen3, steps=10_000, plugins='"controller", "checkpoint", "status", "jsonl"'),
+                   args=["--backend", "hf"])
+
+
 def test_ctl_stop_saves_joins_and_resumes_with_pending_batches_regenerated(qwen3, tmp_path):
     out = tmp_path / "live"
-    run = LiveRun(out, model=settings(*qwen3, steps=10_000, plugins='"controller", "checkpoint", "status", "jsonl"'),
-                  args=["--backend", "hf"])
+    run = live(qwen3, out)
     try:
         run.wait(lambda s: s["state"] == "running" and s["step"] >= 3, timeout=120)
         stop = run_cli("ctl", str(out), "stop", timeout=60)
@@ -180,8 +185,7 @@ def test_sigterm_while_the_generator_runs_saves_and_exits(qwen3, tmp_path):
     import signal
 
     out = tmp_path / "live"
-    run = LiveRun(out, model=settings(*qwen3, steps=10_000, plugins='"controller", "checkpoint", "status", "jsonl"'),
-                  args=["--backend", "hf"])
+    run = live(qwen3, out)
     try:
         run.wait(lambda s: s["state"] == "running" and s["step"] >= 2, timeout=120)
         run.proc.send_signal(signal.SIGTERM)  # the generator is a batch ahead: mid-generation or waiting
