@@ -82,6 +82,7 @@ class FakeProducer:
         self.max_staleness, self.lag = max_staleness, list(lag)
         self.asked: list[tuple[int, int]] = []  # (step, version) of each next_rollout
         self.published: list[int] = []
+        self.held: list[bool] = []  # hold() calls: True when paused, False when resumed
 
     def next_rollout(self, step: int, version: int) -> Rollout:
         self.asked.append((step, version))
@@ -91,6 +92,9 @@ class FakeProducer:
 
     def publish(self, version: int) -> None:
         self.published.append(version)
+
+    def hold(self, paused: bool) -> None:
+        self.held.append(paused)
 
 
 class FakeRolloutBackend(FakeBackend):

@@ -100,3 +100,11 @@ def test_prometheus_exports_the_rollout_metrics_of_a_rollout_run(registry, tmp_p
     assert 'trainctl_rollout_tokens_total{backend="fake",rank="0",run="t"} 20.0' in text
     assert 'trainctl_policy_version{backend="fake",rank="0",run="t"} 3.0' in text
     assert 'trainctl_stale_batches_dropped_total{backend="fake",rank="0",run="t"} 1.0' in text
+
+
+def test_a_pause_holds_the_producer_and_releases_it(registry, tmp_path):
+    """Pause acts on the producer too: ``hold(True)`` when the pause starts, ``hold(False)`` when it ends."""
+    run, result = rollout_run(registry, tmp_path, 'plugins=["script", "recorder"]', "plugin.script.pause_at=[2]",
+                              "plugin.script.pause_polls=2")
+    assert result.status == "completed", result.reason
+    assert run.backend.producer.held == [True, False]

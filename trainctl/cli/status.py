@@ -74,8 +74,11 @@ def rollout_lines(doc: dict) -> list[str]:
     if not isinstance(rollout, dict) or not isinstance(rollout.get("policy_version"), int):
         return []
     dropped = rollout.get("dropped") if isinstance(rollout.get("dropped"), int) else 0
+    idle = [f"{who} idle {rollout[key]:.0%}" for who, key in (("trainer", "trainer_idle_fraction"),
+                                                              ("generator", "generator_idle_fraction"))
+            if isinstance(rollout.get(key), (int, float))]
     return [f"rollout    policy version {rollout['policy_version']}, staleness {rollout.get('staleness')}, "
-            f"{dropped} stale batch{'es' if dropped != 1 else ''} dropped"]
+            f"{dropped} stale batch{'es' if dropped != 1 else ''} dropped" + "".join(f", {part}" for part in idle)]
 
 
 def describe(doc: dict) -> str:

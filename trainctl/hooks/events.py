@@ -133,6 +133,9 @@ class RolloutReceived:
     generation_s: float  # seconds spent generating and scoring
     reused: bool = False  # an earlier step's generation trained on again (TRL's num_iterations)
     stats: dict[str, float] = field(default_factory=dict)  # the producer's, e.g. reward mean
+    # an asynchronous producer's (None when synchronous): seconds waiting / wall since it started
+    trainer_idle_fraction: float | None = None  # the trainer waiting for a batch
+    generator_idle_fraction: float | None = None  # the generator waiting for weights or a pause
     time: float
 
 

@@ -16,7 +16,7 @@
         decision = agree(decision)               # ranks: one MAX all-reduce of the flags
         evaluate if asked                        -> notice "evaluating", trainctl_eval_end
         save every save_interval (or epoch) or if asked -> notice "saving", trainctl_write_checkpoint, trainctl_checkpoint_saved
-        while anyone answers pause: poll         -> trainctl_control (state "paused")
+        while anyone answers pause: poll         -> trainctl_control (state "paused"); producer.hold(True)
         stop if anyone answered stop
     ending: final evaluation and checkpoint      -> trainctl_control (state "ending"), ...
     run_end, whatever happened                   -> trainctl_run_end
@@ -182,7 +182,8 @@ class Trainer:
         bus.rollout_received(RolloutReceived(
             step=state.step, policy_version=rollout.policy_version, staleness=staleness,
             completions=rollout.completions, tokens=rollout.tokens, generation_s=rollout.generation_s,
-            reused=rollout.reused, stats=dict(rollout.stats), time=time.time(),
+            reused=rollout.reused, stats=dict(rollout.stats), trainer_idle_fraction=rollout.trainer_idle_fraction,
+            generator_idle_fraction=rollout.generator_idle_fraction, time=time.time(),
         ))
         out = self.backend.train_rollout(state.step, rollout)
         started = time.perf_counter()
@@ -237,6 +238,8 @@ class Trainer:
         """Keep the process and model alive; poll the plugins until nobody answers pause."""
         bus, state = self.bus, self.state
         bus.notice(Notice(step=state.step, kind=notices.PAUSED, message="training paused", time=time.time()))
+        if self.producer is not None:
+            self.producer.hold(True)  # a producer generating ahead stops too
         paused_at = time.perf_counter()
         while True:
             time.sleep(PAUSE_POLL_S)
@@ -245,6 +248,8 @@ class Trainer:
             self._act(decision)
             if not decision.pause or decision.stop:
                 break
+        if self.producer is not None:
+            self.producer.hold(False)
         bus.notice(Notice(
             step=state.step, kind=notices.RESUMED, message="training resumed",
             data={"paused_s": round(time.perf_counter() - paused_at, 3)}, time=time.time(),

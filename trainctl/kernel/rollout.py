@@ -8,6 +8,7 @@ policy) instead of a dataset. The kernel owns the exchange, the backend owns its
     rollout_received                              -> trainctl_rollout_received
     out = backend.train_rollout(step, rollout)    # the update, as train_step does it
     producer.publish(version + 1)                 -> trainctl_weights_published
+    paused: producer.hold(True) ... hold(False)   # generation ahead stops while paused
 
 A backend opts in by answering ``rollout_producer()`` with a :class:`Producer`; one that has
 no such method (every dataset backend) keeps the dataset path, and the loop spends nothing on
@@ -36,6 +37,9 @@ class Rollout:
     generation_s: float  # seconds the producer spent generating and scoring it
     reused: bool = False  # generated for an earlier step and trained on again (TRL's num_iterations)
     stats: dict[str, float] = field(default_factory=dict)  # host floats, e.g. the mean reward
+    # an asynchronous producer's seconds waiting / wall since it started (None: synchronous)
+    trainer_idle_fraction: float | None = None  # the trainer waiting for batches
+    generator_idle_fraction: float | None = None  # the generator waiting for weights or a pause
 
 
 @runtime_checkable
@@ -52,6 +56,10 @@ class Producer(Protocol):
     def publish(self, version: int) -> None:
         """The optimizer has stepped: the trainer's weights are now ``version``. An in-process
         producer that generates with the policy itself has nothing to copy."""
+
+    def hold(self, paused: bool) -> None:
+        """The run is paused (True) or goes on (False): a producer generating ahead stops
+        starting generations while paused; a synchronous one has nothing to do."""
 
 
 @runtime_checkable

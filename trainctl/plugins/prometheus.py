@@ -157,6 +157,14 @@ class RolloutMetrics:
         self.tokens = metric(Counter, "rollout_tokens", "Completion tokens generated for trained rollouts.")
         self.generation = metric(Counter, "rollout_generation_seconds", "Seconds producers spent generating and scoring.")
         self.stale = metric(Counter, "stale_batches_dropped", "Rollouts dropped for lagging the policy by more than max_staleness.")
+        self.trainer_idle = metric(Gauge, "rollout_trainer_idle_fraction",
+                                   "Seconds the trainer waited for rollouts / wall (asynchronous producers).")
+        self.generator_idle = metric(Gauge, "rollout_generator_idle_fraction",
+                                     "Seconds the generator waited for weights or a pause / wall (asynchronous producers).")
+        # staleness is a small integer (0..max_staleness): a counter by value is the exact histogram
+        self.by_staleness = Counter("trainctl_rollout_staleness_batches", "Rollouts trained, by staleness in versions.",
+                                    [*LABELS, "staleness"], registry=registry)
+        self.labels = labels
 
 
 class PrometheusExporter:
@@ -318,6 +326,11 @@ class PrometheusExporter:
     def trainctl_rollout_received(self, event: RolloutReceived) -> None:
         m = self.rollout_metrics()
         m.staleness.set(event.staleness)
+        m.by_staleness.labels(**m.labels, staleness=str(event.staleness)).inc()
+        if event.trainer_idle_fraction is not None:
+            m.trainer_idle.set(event.trainer_idle_fraction)
+        if event.generator_idle_fraction is not None:
+            m.generator_idle.set(event.generator_idle_fraction)
         if not event.reused:  # a generation trained on again was counted when it was made
             m.completions.inc(event.completions)
             m.tokens.inc(event.tokens)

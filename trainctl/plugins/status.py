@@ -11,7 +11,9 @@ writing it. Fields::
     metrics_address (when a metrics endpoint announced itself), resumed_from, run_name, out_dir,
     restarts (by torchrun / SLURM), recovery (the ``recovery`` notice's phases after a resume),
     rollout (rollout backends only: policy_version, staleness and generation_s of the last
-    batch trained, stale batches dropped so far; None for a dataset run)
+    batch trained, stale batches dropped so far, staleness_counts (batches trained by staleness),
+    trainer_idle_fraction and generator_idle_fraction (asynchronous producers, else None);
+    None for a dataset run)
 
 ``starting`` lasts from run start to the first finished step (compilation, a first evaluation).
 A run that dies without reaching ``run_end`` (kill -9, power loss) leaves its last state with a
@@ -102,13 +104,20 @@ class Status:
 
     def rollout(self) -> dict[str, Any]:
         if self.doc["rollout"] is None:
-            self.doc["rollout"] = {"policy_version": None, "staleness": None, "generation_s": None, "dropped": 0}
+            self.doc["rollout"] = {"policy_version": None, "staleness": None, "generation_s": None, "dropped": 0,
+                                   "staleness_counts": {}, "trainer_idle_fraction": None,
+                                   "generator_idle_fraction": None}
         return self.doc["rollout"]
 
     @hookimpl
     def trainctl_rollout_received(self, event: RolloutReceived) -> None:
-        self.rollout().update(policy_version=event.policy_version, staleness=event.staleness,
-                              generation_s=round(event.generation_s, 4))
+        rollout = self.rollout()
+        counts = rollout["staleness_counts"]
+        counts[str(event.staleness)] = counts.get(str(event.staleness), 0) + 1  # JSON keys are strings
+        idle = lambda value: None if value is None else round(value, 4)  # noqa: E731
+        rollout.update(policy_version=event.policy_version, staleness=event.staleness,
+                       generation_s=round(event.generation_s, 4), trainer_idle_fraction=idle(event.trainer_idle_fraction),
+                       generator_idle_fraction=idle(event.generator_idle_fraction))
 
     @hookimpl
     def trainctl_eval_end(self, event: EvalEnd) -> None:

@@ -209,6 +209,15 @@ class GRPOConfig:
     answer_column: str = "answer"  # the "exact_match" reward's column
     # the "model" reward's sequence-classification folder (num_labels = 1, safetensors: reward_model.py)
     reward_model: str = ""
+    # asynchronous generation (grpo_async.py): a generator thread with its own copy of the policy
+    # makes batch n from weights of version >= n - max_staleness while the trainer trains; 0: synchronous
+    max_staleness: int = ranged(0, ge=0)
+    # TRL's vllm_importance_sampling_*, applied to batches older than the policy (behaviour: the
+    # generator's copy); clip_min 0 is TRL's None (a ratio is never below 0)
+    importance_sampling_correction: bool = True
+    importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "sequence_mask"
+    importance_sampling_clip_max: float = ranged(3.0, gt=0)
+    importance_sampling_clip_min: float = ranged(0.0, ge=0)
 
     def __post_init__(self) -> None:
         if ("model" in self.rewards) != bool(self.reward_model):

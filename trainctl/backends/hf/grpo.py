@@ -171,6 +171,22 @@ class InProcessRollouts:
     def publish(self, version: int) -> None:
         """Nothing to copy: the policy generates with its own weights."""
 
+    def hold(self, paused: bool) -> None:
+        """Nothing runs between steps: a paused kernel asks for no rollout."""
+
+    def for_training(self, step: int, rollout: Rollout) -> list[dict[str, Any]]:
+        """The step's micro-batches, as TRL prepared them."""
+        return rollout.batch
+
+    def logps(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        """``model``'s log-probs of the micro-batch's completion tokens, (B, C): TRL's own
+        ``_get_per_token_logps_and_entropies``, as ``_generate_and_score_completions`` calls it."""
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)  # (B, P + C)
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        return self.trainer._get_per_token_logps_and_entropies(
+            model, ids, mask, inputs["completion_ids"].size(1),
+            batch_size=self.trainer.args.per_device_train_batch_size)[0]
+
     def step_metrics(self) -> dict[str, float]:
         """TRL's metrics of the step just trained, as ``GRPOTrainer.log`` reports a one-step
         logging window (the mean of each metric's values), then forgotten."""

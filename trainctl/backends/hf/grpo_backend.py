@@ -19,6 +19,7 @@ resumed run trains on the prompts, completions and rewards the uninterrupted one
 
 from __future__ import annotations
 
+import copy as copy_module
 import dataclasses
 import hashlib
 import json
@@ -28,8 +29,9 @@ from typing import Any
 from trainctl.backends.device import set_threads
 import torch
 
-from trainctl.backends.hf import grpo, grpo_state, loading, reward_model, rewards, rows, sft
+from trainctl.backends.hf import grpo, grpo_async, grpo_state, loading, reward_model, rewards, rows, sft
 from trainctl.backends.hf.backend import HFBackend
+from trainctl.backends.hf.config import GRPOConfig
 from trainctl.backends.step import MicroLoss, local_micro_batches
 from trainctl.kernel.backend import Evaluation, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError
@@ -70,13 +72,21 @@ class GRPOBackend(HFBackend):
         # loading turns the KV cache off for packed SFT rows; generation without one recomputes
         # the whole prefix for every token. The checkpoint's own setting, as TRL loads it
         model.config.use_cache = hf_config.use_cache
-        self.producer = grpo.InProcessRollouts(
-            model=model, tokenizer=self.tokenizer, rows=prompts, rewards=funcs, reward_names=self.reward_names,
-            reward_tokenizers=tokenizers, opts=opts, batch_size=train.batch_size,
-            grad_accum=train.grad_accum, seed=ctx.seed, use_cpu=self.device.type == "cpu",
-            peft_config=loading.lora(self.hf.lora) if self.hf.lora else None,
-            checkpointing=self.cfg.gradient_checkpointing or train.activation_checkpointing,
-        )
+        copy = copy_module.deepcopy(model) if opts.max_staleness else None  # the generator's policy, before TRL wraps it
+
+        def producer(policy: Any) -> grpo.InProcessRollouts:
+            return grpo.InProcessRollouts(
+                model=policy, tokenizer=self.tokenizer, rows=prompts, rewards=funcs, reward_names=self.reward_names,
+                reward_tokenizers=tokenizers, opts=opts, batch_size=train.batch_size,
+                grad_accum=train.grad_accum, seed=ctx.seed, use_cpu=self.device.type == "cpu",
+                peft_config=loading.lora(self.hf.lora) if self.hf.lora else None,
+                checkpointing=self.cfg.gradient_checkpointing or train.activation_checkpointing,
+            )
+
+        self.producer = producer(model)
+        if copy is not None:
+            self.producer = grpo_async.AsyncRollouts(trainer_side=self.producer, generator_side=producer(copy),
+                                                     opts=opts, grad_accum=train.grad_accum)
         self.model = self.producer.model
         self.base = self.model.get_base_model() if self.hf.lora else self.model
         self.max_steps = train.max_steps
@@ -99,7 +109,8 @@ class GRPOBackend(HFBackend):
                                     f"{sum(p.numel() for p in scorer[0].parameters()):,} parameters, frozen "
                                     "(its weights are in the memory plan)"} if scorer else {}),
                 "rollouts": f"in process, a generation every {steps_per_generation * opts.num_iterations} micro-batches "
-                            f"(max staleness {self.producer.max_staleness})",
+                            f"(max staleness {self.producer.max_staleness})" if not opts.max_staleness else
+                            f"a generator thread with its own policy copy, up to {opts.max_staleness} versions ahead",
                 "data": f"{len(prompts)} prompts",
                 "tokens/step": "at most, completions only; the estimate below leaves generation out",
             },
@@ -116,6 +127,18 @@ class GRPOBackend(HFBackend):
             raise ConfigError('loss-term plugins need token logits, which objective = "grpo" never builds; remove them')
         if self.ctx.dist.world_size > 1:
             raise ConfigError('objective = "grpo" runs on one process so far; launch it without torchrun')
+        opts = self.hf.grpo
+        if opts.max_staleness:
+            unsupported = [what for what, on in (
+                ("[hf.lora]", self.hf.lora is not None),
+                (f"num_iterations = {opts.num_iterations}", opts.num_iterations != 1),
+                (f"steps_per_generation = {opts.steps_per_generation} (not train.grad_accum)",
+                 opts.steps_per_generation not in (0, train.grad_accum)),
+            ) if on]
+            if unsupported:
+                raise ConfigError(f"hf.grpo.max_staleness = {opts.max_staleness} generates one batch per step from a "
+                                  f"policy copy; it does not support {', '.join(unsupported)}: remove them or set "
+                                  "max_staleness = 0")
         if not self.hf.grpo.rewards:
             raise ConfigError('hf.grpo.rewards is empty; name at least one reward: "format", "exact_match", an enabled '
                               'reward plugin or "package.module:function"')
@@ -140,7 +163,7 @@ class GRPOBackend(HFBackend):
 
     # --- the seam ---------------------------------------------------------------------------------
 
-    def rollout_producer(self) -> grpo.InProcessRollouts:
+    def rollout_producer(self) -> grpo.InProcessRollouts | grpo_async.AsyncRollouts:
         return self.producer
 
     def train_step(self, step: int) -> StepOutput:
@@ -150,9 +173,10 @@ class GRPOBackend(HFBackend):
         return MicroLoss(share=self.producer.loss(model, inputs))
 
     def train_rollout(self, step: int, rollout: Rollout) -> StepOutput:
-        out = self.stepper.run(rollout.batch, self._loss, tokens=rollout.tokens,
+        micro = self.producer.for_training(step, rollout)
+        out = self.stepper.run(micro, self._loss, tokens=rollout.tokens,
                                processed_tokens=sum(int(b["prompt_ids"].numel() + b["completion_ids"].numel())
-                                                    for b in rollout.batch))
+                                                    for b in micro))
         out.host_metrics = self.producer.step_metrics()
         self.steps_done = step + 1
         return out
@@ -165,7 +189,8 @@ class GRPOBackend(HFBackend):
         """Seconds of the training part of a step: forward/backward of the loss on one prepared
         micro-batch (from a dataloader of its own, generated with the RNG saved and put back, and
         the producer's state as it was), times the micro-batches. Generation time is left out."""
-        trainer, rng, saved = self.producer.trainer, self.placement.rng_state(), self.producer.state()
+        trainer, rng, saved = self.producer.trainer, self.placement.rng_state(), self.producer.loss_side.state() \
+            if isinstance(self.producer, grpo_async.AsyncRollouts) else self.producer.state()
         inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         seconds = self.stepper.measure(inputs, self._loss, steps=steps, micro_batches=len(self.micro))
         trainer._step, trainer._buffered_inputs = saved.step, saved.buffered
@@ -181,8 +206,7 @@ class GRPOBackend(HFBackend):
         the model (the kernel's locked keys): a resume that changes any of them is refused, as
         the buffered generation and the prompt order were made under them."""
         train = self.train
-        grpo_table = {f"hf.grpo.{key}": list(value) if isinstance(value, tuple) else value
-                      for key, value in dataclasses.asdict(self.hf.grpo).items()}
+        grpo_table = grpo_settings(self.hf.grpo)
         return {"seed": self.ctx.seed, "train.batch_size": train.batch_size, "train.grad_accum": train.grad_accum,
                 **grpo_table, "prompts_sha256": self.prompts_sha256}
 
@@ -197,7 +221,7 @@ class GRPOBackend(HFBackend):
         nothing), then the hf checkpoint (which restores the RNG), then the producer."""
         producer = self.producer
         expected = grpo_state.Expected(
-            settings=self.stream_settings(), batch_size=self.train.batch_size,
+            settings=self.stream_settings(), defaults=grpo_settings(GRPOConfig()), batch_size=self.train.batch_size,
             micro_batches=producer.trainer.args.steps_per_generation,
             max_completion_length=self.hf.grpo.max_completion_length,
             vocab_size=self.base.get_input_embeddings().num_embeddings,
@@ -211,3 +235,9 @@ class GRPOBackend(HFBackend):
         super().close()
         if getattr(self, "producer", None) is not None:
             self.producer.close()
+
+
+def grpo_settings(opts: GRPOConfig) -> dict[str, Any]:
+    """``[hf.grpo]`` as the stream's settings (keys ``hf.grpo.NAME``)."""
+    return {f"hf.grpo.{key}": list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(opts).items()}

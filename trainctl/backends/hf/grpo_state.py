@@ -57,6 +57,7 @@ class Expected:
     """What this run can take: the checkpoint's state must fit it."""
 
     settings: dict[str, Any]  # the stream's settings, as this run has them
+    defaults: dict[str, Any]  # their defaults: a key a checkpoint lacks (older than the key) was at its default
     batch_size: int  # completions per micro-batch
     micro_batches: int  # steps_per_generation: micro-batches per buffered generation
     max_completion_length: int
@@ -83,8 +84,9 @@ def load(directory: Path, expected: Expected, device: torch.device) -> ProducerS
     """The checkpoint's producer state, checked against this run; a one-line ConfigError naming
     the file and the way out otherwise."""
     record = _record(directory)
-    changed = [f"{key}: {_show(record['settings'].get(key))} -> {_show(value)}" for key, value in expected.settings.items()
-               if record["settings"].get(key) != value]
+    saved = {key: record["settings"].get(key, expected.defaults.get(key)) for key in expected.settings}
+    changed = [f"{key}: {_show(saved[key])} -> {_show(value)}" for key, value in expected.settings.items()
+               if saved[key] != value]
     if changed:
         raise ConfigError(f"cannot resume from {directory}: the GRPO stream's settings differ ({'; '.join(changed)}); "
                           "restore them, or start a new run from its weights with "

@@ -13,9 +13,11 @@ frozen second model (``frozen``: the starting weights, or ``hf.dpo.ref_model``'s
 ``model.max_length`` tokens), holds a frozen reference copy when ``beta`` > 0 without LoRA (with
 LoRA the reference is the adapters switched off), and while generating the KV cache of a whole
 generation batch (``train.batch_size x steps_per_generation`` rows, as TRL generates them at
-once); the policy generates with its own weights, so there is no generator's copy. A reward model
-(``hf.grpo.reward_model``) counts its weights, in the policy's dtype, from its config.json read
-as ``reward_model.check`` reads it (its scoring forward runs under inference mode and is left out).
+once); synchronously the policy generates with its own weights, and with ``max_staleness`` > 0
+the generator's copy and the staging copy it takes weights from are two more frozen models. A
+reward model (``hf.grpo.reward_model``) counts its weights, in the policy's dtype, from its
+config.json read as ``reward_model.check`` reads it (its scoring forward runs under inference
+mode and is left out).
 """
 
 from __future__ import annotations
@@ -81,10 +83,19 @@ def _grpo(ctx: BackendContext, cfg: Any, hf: HFConfig, text: Any, dtype: str, at
                 what_cache=f"the KV cache of {generation} generated rows of up to {seq} tokens",
                 fix_cache="lower hf.grpo.max_completion_length, model.max_length, train.batch_size or "
                           "hf.grpo.steps_per_generation")
+    frozen, what = [], []
     if opts.beta > 0 and lora is None:
-        s = replace(s, frozen=s.params, what_frozen=f"GRPO's reference model ({s.params:,} parameters, hf.grpo.beta > 0)",
-                    fix_frozen="hf.grpo.beta = 0 (no KL term, TRL's default), [hf.lora] (the reference is the "
-                               "adapters switched off) or shard over more ranks")
+        frozen.append(s.params)
+        what.append(f"GRPO's reference model ({s.params:,} parameters, hf.grpo.beta > 0)")
+    if opts.max_staleness:  # the generator's policy copy, and the staging copy publish() fills
+        frozen.append(2 * s.params)
+        what.append(f"the generator's policy copy and its staging copy (2 x {s.params:,} parameters, "
+                    f"hf.grpo.max_staleness = {opts.max_staleness})")
+    if frozen:
+        s = replace(s, frozen=sum(frozen), what_frozen=" and ".join(what),
+                    fix_frozen="hf.grpo.beta = 0 (no KL term, TRL's default), hf.grpo.max_staleness = 0 (the policy "
+                               "generates itself), [hf.lora] (the reference is the adapters switched off) or shard "
+                               "over more ranks")
     if "model" in opts.rewards and opts.reward_model:
         from transformers import AutoConfig
 

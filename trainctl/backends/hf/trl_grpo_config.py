@@ -27,8 +27,14 @@ GRPO_DIRECT = ("num_generations", "max_completion_length", "temperature", "top_p
 #: Keys only ``GRPOConfig`` (or the ``trl grpo`` script) has: a file holding one is a ``trl grpo`` config.
 GRPO_KEYS = (*(k for k in GRPO_DIRECT if k != "beta"), "reward_funcs", "reward_model_name_or_path", "scale_rewards", "generation_batch_size",
              "use_vllm", "vllm_mode", "log_completions", "num_completions_to_print", "generation_kwargs")
+#: TRL's importance sampling of vLLM's samples -> [hf.grpo]'s of a stale batch's (max_staleness > 0):
+#: the same ratio exp(old - sampling), its mode and bounds; written only when the file sets them
+TRL_IMPORTANCE = {"vllm_importance_sampling_correction": "importance_sampling_correction",
+                  "vllm_importance_sampling_mode": "importance_sampling_mode",
+                  "vllm_importance_sampling_clip_max": "importance_sampling_clip_max",
+                  "vllm_importance_sampling_clip_min": "importance_sampling_clip_min"}
 #: Handled by :func:`convert` when the file is a GRPO config.
-GRPO_SPECIAL = (*GRPO_KEYS, "loss_type", "beta", "disable_dropout")
+GRPO_SPECIAL = (*GRPO_KEYS, *TRL_IMPORTANCE, "loss_type", "beta", "disable_dropout")
 #: TRL's loss types that only GRPOConfig has; trainctl runs the first four (``GRPOLossType``).
 GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 GRPO_RUN = GRPO_LOSSES[:4]
@@ -80,6 +86,18 @@ def convert(merged: dict[str, Any], given: dict[str, Any], put: Any, notes: list
     if given.get("use_vllm"):
         notes.append("use_vllm: not converted (trainctl generates with transformers' generate in the training process, "
                      "as GRPOTrainer(use_vllm=False); vLLM is not supported yet)")
+    for key, ours in TRL_IMPORTANCE.items():
+        if key not in given:
+            continue
+        value = given[key]
+        if key == "vllm_importance_sampling_clip_min" and value is None:
+            value = 0.0  # TRL's None: no lower bound
+        if key == "vllm_importance_sampling_clip_max" and value is None:
+            notes.append(f"{key}: null not converted (trainctl's bound is a number; set hf.grpo.{ours})")
+            continue
+        put("hf.grpo", ours, value)
+        notes.append(f"{key}: converted to hf.grpo.{ours}, which applies to batches older than the policy "
+                     "(hf.grpo.max_staleness > 0), not to vLLM's samples")
     for key in ("vllm_mode", "log_completions", "num_completions_to_print", "generation_kwargs"):
         if key in given:
             notes.append(f"{key}: not converted (no trainctl equivalent)")
