@@ -76,11 +76,11 @@ def every_row_once_per_epoch(out, *, steps: int, rows_per_step: int | None) -> N
     assert [e for e, _ in seen] == sorted(e for e, _ in seen)  # epoch after epoch
 
 
-def kill_and_resume(hf, tmp_path, *overrides: str) -> tuple[int, int, list[str]]:
+def kill_and_resume(hf, tmp_path, data, *overrides: str) -> tuple[int, int, list[str]]:
     """A CLI run killed -9 between checkpoints, resumed with --resume auto to 6 steps past the
     kill: (the resumed checkpoint's step, the last step, the run's overrides)."""
     out = tmp_path / "run"
-    run = LiveRun(out, model=hf.sets(*overrides, "train.max_steps=1000000"), args=["--backend", "hf"])
+    run = LiveRun(out, model=hf.sets(data, *overrides, "train.max_steps=1000000"), args=["--backend", "hf"])
     try:
         saved = kill_between_checkpoints(run, kill=lambda: run.proc.send_signal(signal.SIGKILL))
     finally:
@@ -89,7 +89,7 @@ def kill_and_resume(hf, tmp_path, *overrides: str) -> tuple[int, int, list[str]]
     trained = max(records(out))
     assert trained > saved  # steps the checkpoint does not hold were in the record
     end = trained + 6
-    done = run_cli("run", "--backend", "hf", "--yes", "--out", str(out), *sets(*hf.sets(*overrides, f"train.max_steps={end}")))
+    done = run_cli("run", "--backend", "hf", "--yes", "--out", str(out), *sets(*hf.sets(data, *overrides, f"train.max_steps={end}")))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     starts = [e for e in map(json.loads, (out / "events.jsonl").read_text().splitlines()) if e["event"] == "run_start"]
     assert starts[-1]["resumed_from"].endswith(f"step-{saved:06d}")
@@ -98,7 +98,7 @@ def kill_and_resume(hf, tmp_path, *overrides: str) -> tuple[int, int, list[str]]
 
 def test_killed_and_resumed_conversations_train_every_row_once_per_epoch(hf, tmp_path):
     rows = hf_assets.write_jsonl(tmp_path / "messages.jsonl", hf_assets.message_rows(ROWS))
-    _, end, _ = kill_and_resume(hf, tmp_path, f"data.train='{rows}'", *COMMON, "data.shuffle=true")
+    _, end, _ = kill_and_resume(hf, tmp_path, rows, *COMMON, "data.shuffle=true")
     every_row_once_per_epoch(tmp_path / "run", steps=end, rows_per_step=8)
     first = records(tmp_path / "run")[1][0]["index"]
     assert first != sorted(first)  # shuffled
@@ -110,14 +110,14 @@ def test_killed_and_resumed_packed_stream_trains_every_row_once_per_epoch(hf, tm
     rows = hf_assets.text_rows(ROWS)
     for i, part in enumerate((rows[:10], rows[10:])):
         hf_assets.write_jsonl(data / f"part-{i}.jsonl", part)
-    stream = (f"data.train='{data}'", *COMMON, "data.streaming=true", "data.shuffle=true", "data.packing='bfd'", "data.mask='none'")
-    _, end, overrides = kill_and_resume(hf, tmp_path, *stream)
+    stream = (*COMMON, "data.streaming=true", "data.shuffle=true", "data.packing='bfd'", "data.mask='none'")
+    _, end, overrides = kill_and_resume(hf, tmp_path, data, *stream)
     every_row_once_per_epoch(tmp_path / "run", steps=end, rows_per_step=None)
 
     # the record numbers the stream's rows in its position: a resume without it is refused
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     done = run_cli("run", "--backend", "hf", "--yes", "--out", str(tmp_path / "run"),
-                   *sets(*hf.sets(*overrides, "data.record_samples=false", f"train.max_steps={end + 2}")))
+                   *sets(*hf.sets(data, *overrides, "data.record_samples=false", f"train.max_steps={end + 2}")))
     assert done.returncode == 2 and "streamed with data.record_samples = true" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
