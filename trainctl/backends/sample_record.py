@@ -1,12 +1,19 @@
 """Which samples each rank trained on at each step (``data.record_samples``): a debug record,
 so that a user or a test can show that a run killed and resumed trained every sample once.
 
-One JSON line per step per rank, in ``RUN_DIR/samples-rank{N}.jsonl``::
+One JSON line per step per rank, in ``RUN_DIR/samples-rank{N}.jsonl``: ``step`` (the kernel's
+count after the step, as in ``events.jsonl``), ``rank``, and lists of one entry per sample that
+the backend names. ``gpt``::
 
     {"step": 7, "rank": 0, "index": [g, ...], "source": ["web", ...], "offset": [o, ...]}
 
-``step`` is the kernel's count after the step (as in ``events.jsonl``); ``index`` each row's
-global sample index, ``source`` and ``offset`` where its tokens start. A run that starts at step
+``index`` each row's global sample index, ``source`` and ``offset`` where its tokens start.
+``hf`` (``trainctl/backends/hf/row_ids.py``)::
+
+    {"step": 7, "rank": 0, "index": [i, ...], "epoch": [e, ...], "tokens": [n, ...]}
+
+``index`` each training row's id (its index in the train split, or in the epoch's stream), the
+epoch it was drawn in, and how many of its tokens the step trained. A run that starts at step
 ``k`` (0 fresh, the checkpoint's step when resumed) first cuts the files back to their lines of
 steps up to ``k``: steps a killed run trained past its last checkpoint, which the resumed model
 does not hold, leave the record. Rank 0 cuts the files of ranks the run no longer has (a resume
@@ -19,10 +26,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-
-import numpy as np
 
 from trainctl.kernel.run_dir import NOFOLLOW, open_append
 
@@ -34,18 +39,16 @@ def path(out_dir: Path, rank: int) -> Path:
 
 
 class SampleRecord:
-    def __init__(self, out_dir: Path, *, rank: int, world_size: int, names: Sequence[str]) -> None:
-        self.out_dir, self.rank, self.world_size, self.names = out_dir, rank, world_size, list(names)
+    def __init__(self, out_dir: Path, *, rank: int, world_size: int) -> None:
+        self.out_dir, self.rank, self.world_size = out_dir, rank, world_size
         self.file = None
 
-    def write(self, step: int, index: np.ndarray, source: np.ndarray, offset: np.ndarray) -> None:
-        """The rows this rank trains in the step that ends at count ``step``, (B,) each."""
+    def write(self, step: int, samples: Mapping[str, Sequence[int | str]]) -> None:
+        """The samples this rank trains in the step that ends at count ``step``: host lists of
+        one entry per sample each, under the names of the backend's line."""
         if self.file is None:
             self._start(step - 1)
-        self.file.write(json.dumps({
-            "step": step, "rank": self.rank, "index": index.tolist(),
-            "source": [self.names[k] for k in source.tolist()], "offset": offset.tolist(),
-        }) + "\n")
+        self.file.write(json.dumps({"step": step, "rank": self.rank, **samples}) + "\n")
 
     def close(self) -> None:
         if self.file is not None:

@@ -35,6 +35,7 @@ from trainctl.backends.device import Placement
 from trainctl.backends.finite_update import FiniteUpdate
 from trainctl.backends.parallel import Placed
 from trainctl.backends.rng import load_rng, save_rng
+from trainctl.backends.sample_record import SampleRecord
 from trainctl.kernel.backend import BackendContext, Distributed, StepOutput
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.safe_load import load_plain
@@ -202,6 +203,7 @@ class StepBackend:
     and loss."""
 
     stepper: OptimizerStep
+    record: SampleRecord | None = None  # data.record_samples, where the backend's data has it
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx, self.train = ctx, ctx.train
@@ -212,6 +214,8 @@ class StepBackend:
         self.stepper.set_lr(lr)
 
     def close(self) -> None:
+        if self.record is not None:
+            self.record.close()
         if hasattr(self, "stepper"):  # setup may have failed before it existed
             self.stepper.close()  # before the process group goes
 

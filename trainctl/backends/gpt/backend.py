@@ -64,8 +64,7 @@ class GPTBackend(StepBackend):
                 "set model.vocab_size = 0 to take it from the data"
             )
         self.micro = local_micro_batches(train.grad_accum, ctx.dist)
-        self.record = (SampleRecord(ctx.out_dir, rank=ctx.dist.rank, world_size=ctx.dist.world_size, names=self.data.names)
-                       if ctx.data.record_samples else None)
+        self.record = SampleRecord(ctx.out_dir, rank=ctx.dist.rank, world_size=ctx.dist.world_size) if ctx.data.record_samples else None
 
         torch.manual_seed(ctx.seed)  # the same initial weights on every rank
         self.model_args = GPTConfig(
@@ -129,7 +128,8 @@ class GPTBackend(StepBackend):
         draws = [self._draw("train", step, m) for m in self.micro]
         if self.record is not None:  # ids known on the host: no device work
             rows = mixture.Draw.joined(draws)
-            self.record.write(step + 1, rows.index, rows.source, rows.start)
+            self.record.write(step + 1, {"index": rows.index.tolist(), "source": [self.data.names[k] for k in rows.source.tolist()],
+                                         "offset": rows.start.tolist()})
         batches = [self._batch("train", d) for d in draws]
         return self.stepper.run(batches, self._loss, tokens=self.train.batch_size * self.train.grad_accum * self.cfg.block_size)
 
@@ -205,7 +205,3 @@ class GPTBackend(StepBackend):
         batch = self._batch("train", self._draw("train", 0, 0))
         return self.stepper.measure(batch, self._loss, steps=steps, micro_batches=len(self.micro))
 
-    def close(self) -> None:
-        if getattr(self, "record", None) is not None:  # setup may have failed before it existed
-            self.record.close()
-        super().close()

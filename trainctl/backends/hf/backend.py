@@ -43,6 +43,7 @@ from trainctl.backends.hf import epochs, inference, loading, neftune, plan, rows
 from trainctl.backends.hf.num_tokens import InputTokens
 from trainctl.backends.hf.config import DataConfig, HFConfig, ModelConfig
 from trainctl.backends.hf.validate import check_rows
+from trainctl.backends.sample_record import SampleRecord
 from trainctl.backends.optim import from_config
 from trainctl.backends.step import MicroLoss, OptimizerStep, StepBackend, local_micro_batches
 from trainctl.kernel.backend import BackendContext, Evaluation, Plan, StepOutput
@@ -139,7 +140,9 @@ class HFBackend(StepBackend):
             text_field=data.text_field, eos_token=data.eos_token, max_length=self.cfg.max_length,
             batch_size=train.batch_size, seed=ctx.seed, use_cpu=self.device.type == "cpu",
             peft_config=loading.lora(self.hf.lora) if self.hf.lora else None, order=data.order, order_seed=data.order_seed,
+            identify=data.record_samples,
         )
+        self.record = SampleRecord(ctx.out_dir, rank=ctx.dist.rank, world_size=ctx.dist.world_size) if data.record_samples else None
         self.model = self.sft.model
         neftune.activate(self.model, self.hf.neftune_noise_alpha)  # where Trainer.train() does: after peft, before sharding
         self.stream = self._stream() if data.streaming else None
@@ -171,7 +174,7 @@ class HFBackend(StepBackend):
                                  shuffle=self.data_cfg.shuffle, seed=self.ctx.seed)
         held = make(batch_size=train.eval_batch_size or train.batch_size, grad_accum=1)
         self.sft.hold([row for step in range(train.eval_steps) for batch in held.step(step) for row in batch])
-        return make(batch_size=train.batch_size, grad_accum=train.grad_accum)
+        return make(batch_size=train.batch_size, grad_accum=train.grad_accum, identify=self.data_cfg.record_samples)
 
     def _checkpointing(self, model: Any) -> bool:
         """Activation checkpointing per decoder layer (``model.gradient_checkpointing``, or
@@ -260,6 +263,8 @@ class HFBackend(StepBackend):
     def train_step(self, step: int) -> StepOutput:
         batches = self._step_batches(step)
         micro = self.micro[: len(batches)]  # a short epoch-end step has fewer (one process only)
+        if self.record is not None:  # ids on the host since preparation: no device work
+            self.record.write(step + 1, self._recorded(step, micro))
         n_items = max(sum(b.trained for b in batches), 1)  # host ints: no sync
         out = self.stepper.run([(batches[m], n_items, len(micro)) for m in micro], self._loss,
                                tokens=sum(b.trained for b in batches), processed_tokens=sum(b.tokens for b in batches))
@@ -268,6 +273,13 @@ class HFBackend(StepBackend):
         out.metrics["num_tokens"] = torch.full((), counted, device=self.device)
         self.steps_done = step + 1
         return out
+
+    def _recorded(self, step: int, micro: list[int]) -> dict[str, list[int]]:
+        """The sample record's lists for this rank's micro-batches ``micro`` of ``step``."""
+        if self.stream:
+            return self.stream.recorded(step, micro)
+        rows, drawn = self.layout.step(self.sft, step), self.layout.step_epochs(step)
+        return self.sft.row_ids.line([r for m in micro for r in rows[m]], [e for m in micro for e in drawn[m]])
 
     def evaluate(self, step: int) -> dict[str, Evaluation]:
         """Loss and token accuracy per split over ``train.eval_steps`` fixed batches of

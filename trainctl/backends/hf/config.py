@@ -87,6 +87,9 @@ class DataConfig:
     # how a step crosses an epoch's end: "continue" runs on into the next epoch (every step full);
     # "short_step" ends each epoch with a shorter step, as transformers' Trainer (and so TRL) does
     epoch_end: Literal["continue", "short_step"] = locked("continue")
+    # a per-rank JSON line per step in the run directory: which training rows the step trained on
+    # (their ids, epochs and token counts: row_ids.py); objective = "sft" only
+    record_samples: bool = False
     # --- validation rules (errors stop the run before the model loads)
     require_reasoning: bool = False  # every assistant turn/completion holds a closed reasoning block
     reasoning_tags: tuple[str, str] = ("<think>", "</think>")

@@ -45,6 +45,9 @@ class DPOBackend(HFBackend):
             raise ConfigError("train.compile is not supported by the hf backend (TRL's fused loss head is patched in at run time); set it to false")
         if data.packing:
             raise ConfigError('data.packing is for objective = "sft"; DPO pads each pair batch (set data.packing = false)')
+        if data.record_samples:
+            raise ConfigError('data.record_samples records the rows objective = "sft" trains; DPO does not record its '
+                              "preference pairs yet: set data.record_samples = false")
         if data.shape != "auto" or data.mask != "auto":
             raise ConfigError('data.shape and data.mask are for objective = "sft"; DPO reads prompt/chosen/rejected and '
                               'scores the completions only (leave them "auto")')

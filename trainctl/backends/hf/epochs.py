@@ -65,6 +65,17 @@ class Layout:
         end = min(start + self.rows_per_step, self.n_rows)
         return [[int(i) for i in order[a : min(a + self.batch_size, end)]] for a in range(start, end, self.batch_size)]
 
+    def step_epochs(self, step: int) -> list[list[int]]:
+        """The epoch each row of :meth:`step` is drawn in, micro-batch by micro-batch."""
+        if not self.short_step:
+            first = step * self.rows_per_step
+            return [[(first + m * self.batch_size + j) // self.n_rows for j in range(self.batch_size)]
+                    for m in range(self.grad_accum)]
+        epoch, within = divmod(step, int(self.steps_per_epoch))
+        start = within * self.rows_per_step
+        end = min(start + self.rows_per_step, self.n_rows)
+        return [[epoch] * (min(a + self.batch_size, end) - a) for a in range(start, end, self.batch_size)]
+
 
 def check(short_step: bool, world_size: int) -> None:
     if short_step and world_size > 1:

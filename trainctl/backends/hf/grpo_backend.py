@@ -125,6 +125,9 @@ class GRPOBackend(HFBackend):
                               "and trains on the completions it generates (leave them at their defaults)")
         if self.ctx.loss_terms is not None:
             raise ConfigError('loss-term plugins need token logits, which objective = "grpo" never builds; remove them')
+        if data.record_samples:
+            raise ConfigError('data.record_samples records the rows objective = "sft" trains; GRPO trains on the completions '
+                              "it generates: set data.record_samples = false")
         if self.ctx.dist.world_size > 1:
             raise ConfigError('objective = "grpo" runs on one process so far; launch it without torchrun')
         opts = self.hf.grpo

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainctl.backends.hf import row_ids
 from trainctl.kernel.errors import ConfigError
 
 COLUMNS = ("input_ids", "labels", "seq_lengths")  # what TRL's collator reads (Trainer drops the rest)
@@ -71,9 +72,10 @@ class SFTData:
     def __init__(self, *, model: Any, tokenizer: Any, train_rows: list[dict] | Any, val_rows: list[dict] | None,
                  mask: str, packing: str | bool, text_field: str, eos_token: str, max_length: int,
                  batch_size: int, seed: int, use_cpu: bool, peft_config: Any = None, order: str = "trainctl",
-                 order_seed: int = -1) -> None:
+                 order_seed: int = -1, identify: bool = False) -> None:
+        """``identify``: number the training rows (``row_ids.py``) and keep the ids as :attr:`row_ids`."""
         from datasets import Dataset, IterableDataset
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig
 
         streaming = isinstance(train_rows, IterableDataset)  # stream.py reads it; Trainer wants a max_steps then
 
@@ -88,11 +90,12 @@ class SFTData:
             save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True, log_level="error",
             **({"max_steps": 1} if streaming else {}),
         )
+        train_ds = train_rows if streaming else Dataset.from_list(train_rows)
         try:
             with quiet():
-                self.trainer = SFTTrainer(
+                self.trainer = row_ids.trainer_class()(
                     model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
-                    train_dataset=train_rows if streaming else Dataset.from_list(train_rows),
+                    train_dataset=row_ids.number(train_ds) if identify and not streaming else train_ds,
                     eval_dataset=Dataset.from_list(val_rows) if val_rows else None,
                 )
         except (ValueError, RuntimeError) as exc:  # TRL's own checks of the data and template
@@ -101,6 +104,7 @@ class SFTData:
         self.collate = self.trainer.data_collator
         self.padding_free = self.trainer.padding_free
         self.train = None if streaming else self._columns(self.trainer.train_dataset, "train")
+        self.row_ids = row_ids.RowIds.read(self.trainer.train_dataset) if identify and not streaming else None
         eval_ds = self.trainer.eval_dataset
         self.val = self._columns(eval_ds, "val") if eval_ds is not None else None
         self.seed = seed

@@ -11,7 +11,9 @@ buffer: datasets loses it on resume (datasets #7444).
 Where a resumed run goes on: ``datasets``' own resumable position (``IterableDataset.state_dict``,
 exact through TRL's batched tokenize and pack maps), taken at the start of every step, saved in
 the checkpoint with the epoch, the ``num_tokens`` count and the files it was read from (paths
-and sizes); a resume whose files differ is refused.
+and sizes); a resume whose files differ is refused. With ``data.record_samples`` the stream numbers
+its rows (``row_ids.py``), which adds that count to the position: a resume that turns the record on
+or off is refused too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from trainctl.backends.hf.row_ids import ID, RowIds, number
 from trainctl.kernel.errors import ConfigError
 
 CHECK_ROWS = 1000  # rows at the head of the stream validated (and read for the shape) before the model loads
@@ -135,6 +138,8 @@ class _Read:
     rows: list[dict[str, Any]]
     start: dict[str, Any]  # the position before the step's first row
     tokens: int  # TRL's num_tokens after the step
+    ids: RowIds | None  # with the rows numbered: the rows of the stream each row holds
+    epochs: list[int]  # the epoch each row was read in
 
 
 class TrainStream:
@@ -142,8 +147,10 @@ class TrainStream:
     ahead (the plan samples the first ones) is kept until :meth:`trained`."""
 
     def __init__(self, *, src: Source, prepare: Callable[[Any], Any], columns: tuple[str, ...], shuffle: bool,
-                 seed: int, batch_size: int, grad_accum: int) -> None:
-        self.src, self.prepare, self.columns = src, prepare, columns
+                 seed: int, batch_size: int, grad_accum: int, identify: bool = False) -> None:
+        """``identify``: number the rows, for :meth:`recorded`."""
+        self.src, self.prepare, self.identify = src, prepare, identify
+        self.columns = (*columns, ID) if identify else columns
         self.shuffle, self.seed = shuffle, seed
         self.batch_size, self.rows_per_step = batch_size, batch_size * grad_accum
         self.next = 0  # the next step to read
@@ -153,14 +160,15 @@ class TrainStream:
 
     def _open(self, epoch: int, position: dict[str, Any] | None = None) -> None:
         self.epoch, self.rows_in_epoch = epoch, 0
-        self.ds = self.prepare(self.src.raw(epoch, self.shuffle, self.seed))
+        raw = self.src.raw(epoch, self.shuffle, self.seed)
+        self.ds = self.prepare(number(raw) if self.identify else raw)
         if position is not None:
             self.ds.load_state_dict(position)
             self.rows_in_epoch = 1  # resumed inside an epoch that had rows
         self.rows: Iterator[dict[str, Any]] = iter(self.ds)
 
     def position(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "datasets": self.ds.state_dict(), "tokens": self.tokens}
+        return {"epoch": self.epoch, "datasets": self.ds.state_dict(), "tokens": self.tokens, "ids": self.identify}
 
     def _row(self) -> dict[str, Any]:
         while True:
@@ -176,14 +184,24 @@ class TrainStream:
         """The rows of every micro-batch of ``step`` (all ranks')."""
         while self.next <= step:
             start = self.position()
-            rows = _read(self.src, lambda: [self._row() for _ in range(self.rows_per_step)])
+            rows, epochs = [], []
+            for _ in range(self.rows_per_step):
+                rows.append(_read(self.src, self._row))
+                epochs.append(self.epoch)  # after the read: a row that opened the next epoch is of it
             self.tokens += sum(len(r["input_ids"]) for r in rows)
-            self.read[self.next] = _Read(rows=rows, start=start, tokens=self.tokens)
+            ids = RowIds.of([r.pop(ID) for r in rows], [len(r["input_ids"]) for r in rows]) if self.identify else None
+            self.read[self.next] = _Read(rows=rows, start=start, tokens=self.tokens, ids=ids, epochs=epochs)
             self.next += 1
         if step not in self.read:
             raise RuntimeError(f"step {step} of the stream was already trained; the stream is at step {self.next}")
         rows = self.read[step].rows
         return [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+
+    def recorded(self, step: int, micro: list[int]) -> dict[str, list[int]]:
+        """The sample record's lists for micro-batches ``micro`` of ``step`` (read, not yet trained)."""
+        read = self.read[step]
+        rows = [m * self.batch_size + j for m in micro for j in range(self.batch_size)]
+        return read.ids.line(rows, [read.epochs[r] for r in rows])
 
     def trained(self, step: int) -> int:
         """``step`` was trained: its rows are let go. TRL's ``num_tokens`` after it."""
@@ -208,13 +226,18 @@ class TrainStream:
             raise ConfigError(f"{where} holds no stream position; it was trained with data.streaming = false: "
                               "resume with data.streaming = false, or start a new run from its weights")
         files = state.get("files")
+        numbered = state.get("ids", False)  # written before the record existed: not numbered
+        if type(numbered) is bool and numbered != self.identify:
+            was = str(numbered).lower()
+            raise ConfigError(f"{where} streamed with data.record_samples = {was}, and the record numbers a stream's rows in "
+                              f"its position; resume with data.record_samples = {was}, or start a new run from its weights")
         if files != self.src.fingerprint():
             raise ConfigError(f"{where} streamed other files than data.train {self.src.label} is now (paths or sizes "
                               "differ): its position would point at other rows; restore the files, or start a new run from its weights")
         epoch, tokens = state.get("epoch"), state.get("tokens")
         if (state.get("step") != step or not all(type(v) is int and v >= 0 for v in (epoch, tokens))
-                or not isinstance(state.get("datasets"), dict)):
-            raise ConfigError(f"{where}: its stream position is malformed (step, epoch, tokens, datasets); it was not written by trainctl")
+                or not isinstance(state.get("datasets"), dict) or type(numbered) is not bool):
+            raise ConfigError(f"{where}: its stream position is malformed (step, epoch, tokens, datasets, ids); it was not written by trainctl")
         try:
             self._open(epoch, state["datasets"])
         except (KeyError, TypeError, ValueError, IndexError) as exc:
