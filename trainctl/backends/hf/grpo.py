@@ -39,9 +39,12 @@ from trainctl.kernel.rollout import Rollout
 
 
 def trl_args(opts: GRPOConfig, *, output_dir: str, batch_size: int, grad_accum: int, seed: int, use_cpu: bool,
-             checkpointing: bool) -> Any:
+             checkpointing: bool, world_size: int = 1) -> Any:
     """``trl.GRPOConfig`` of ``[hf.grpo]`` (TRL's names; its None where ours says 0).
-    ``checkpointing`` is ``model.gradient_checkpointing`` (TRL's default is on, ours off)."""
+    ``checkpointing`` is ``model.gradient_checkpointing`` (TRL's default is on, ours off).
+    ``grad_accum`` is this rank's micro-batches; TRL's ``steps_per_generation`` is per process
+    too (its generation batch is ``batch_size x steps_per_generation x processes``), ours the
+    step's: divided by the ranks, so any number of them generates the same global batch."""
     from trl import GRPOConfig as TRLGRPOConfig
 
     return TRLGRPOConfig(
@@ -52,7 +55,7 @@ def trl_args(opts: GRPOConfig, *, output_dir: str, batch_size: int, grad_accum: 
         epsilon_high=opts.epsilon_high or None, num_iterations=opts.num_iterations, loss_type=opts.loss_type,
         scale_rewards=opts.scale_rewards, mask_truncated_completions=opts.mask_truncated_completions,
         importance_sampling_level=opts.importance_sampling_level,
-        reward_weights=list(opts.reward_weights) or None, steps_per_generation=opts.steps_per_generation or None,
+        reward_weights=list(opts.reward_weights) or None, steps_per_generation=opts.steps_per_generation // world_size or None,
         save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True, log_level="error",
     )
 
@@ -62,15 +65,16 @@ class InProcessRollouts:
     A :class:`trainctl.kernel.rollout.Producer`."""
 
     def __init__(self, *, model: Any, tokenizer: Any, rows: list[dict[str, Any]], rewards: list[Any],
-                 reward_names: list[str], reward_tokenizers: list[Any], opts: GRPOConfig, batch_size: int, grad_accum: int, seed: int, use_cpu: bool, peft_config: Any,
-                 checkpointing: bool) -> None:
+                 reward_names: list[str], reward_tokenizers: list[Any], opts: GRPOConfig, batch_size: int,
+                 grad_accum: int, seed: int, use_cpu: bool, peft_config: Any, checkpointing: bool,
+                 world_size: int = 1) -> None:
         from datasets import Dataset
         from trl import GRPOTrainer
 
         self.workdir = tempfile.TemporaryDirectory(prefix="trainctl-grpo-")  # Trainer wants an output_dir
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         args = trl_args(opts, output_dir=self.workdir.name, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-                        use_cpu=use_cpu, checkpointing=checkpointing)
+                        use_cpu=use_cpu, checkpointing=checkpointing, world_size=world_size)
         try:
             with sft.quiet():
                 self.trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, processing_class=tokenizer,
@@ -81,7 +85,7 @@ class InProcessRollouts:
         # TRL names a reward model after its folder; ours are named as hf.grpo.rewards spells them
         self.trainer.reward_func_names = list(reward_names)
         self.model = self.trainer.model.train()  # a PeftModel when LoRA is on; in training mode, as train() puts it
-        self.grad_accum = grad_accum
+        self.grad_accum, self.world = grad_accum, world_size
         self.trainer.current_gradient_accumulation_steps = grad_accum  # Trainer.train() sets it per step
         steps_per_generation = self.trainer.args.steps_per_generation
         self.generate_every = steps_per_generation * self.trainer.num_iterations  # micro-batches per generation
@@ -107,6 +111,9 @@ class InProcessRollouts:
             trainer._step += 1  # training_step's count, which _prepare_inputs reads
         completions = sum(int(inputs["completion_mask"].size(0)) for inputs in micro)
         tokens = sum(int(inputs["completion_mask"].sum()) for inputs in micro)  # host ints: the rewards synced already
+        if self.world > 1:  # the step's counts over all ranks, through TRL's accelerator as its own metrics go
+            completions, tokens = (int(n) for n in trainer.accelerator.gather(
+                torch.tensor([[completions, tokens]], device=trainer.accelerator.device)).sum(0))  # a host sync, as TRL's metrics are
         metrics = trainer._metrics["train"]
         stats = {"reward": metrics["reward"][-1]} if generated and metrics.get("reward") else {}
         return Rollout(batch=micro, policy_version=self.generated_version, completions=completions, tokens=tokens,
@@ -137,7 +144,9 @@ class InProcessRollouts:
 
     def generator(self) -> torch.Generator | None:
         """RepeatSampler's own generator (None when TRL does not shuffle)."""
-        return getattr(self.dataloader().batch_sampler.sampler, "generator", None)
+        batches = self.dataloader().batch_sampler
+        batches = getattr(batches, "batch_sampler", batches)  # on several processes accelerate's BatchSamplerShard
+        return getattr(batches.sampler, "generator", None)
 
     # --- the checkpoint's part ------------------------------------------------------------
 
@@ -197,8 +206,12 @@ class InProcessRollouts:
 
     def loss(self, model: Any, inputs: dict[str, Any]) -> Any:
         """One micro-batch's share of the step loss: TRL's ``_compute_loss``, already divided as
-        its ``loss_type`` says for gradient accumulation."""
-        return self.trainer._compute_loss(model, inputs)
+        its ``loss_type`` says for gradient accumulation. On several ranks TRL's loss is each
+        rank's estimate of the whole step's (its normalisers are global: ``num_items_in_batch``
+        gathered, the advantages normalised over the gathered rewards; ``Trainer`` lets DDP average
+        them), so a rank's share of it is that over the ranks."""
+        loss = self.trainer._compute_loss(model, inputs)
+        return loss / self.world if self.world > 1 else loss
 
     def close(self) -> None:
         self.workdir.cleanup()

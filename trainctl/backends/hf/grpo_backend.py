@@ -78,7 +78,7 @@ class GRPOBackend(HFBackend):
             return grpo.InProcessRollouts(
                 model=policy, tokenizer=self.tokenizer, rows=prompts, rewards=funcs, reward_names=self.reward_names,
                 reward_tokenizers=tokenizers, opts=opts, batch_size=train.batch_size,
-                grad_accum=train.grad_accum, seed=ctx.seed, use_cpu=self.device.type == "cpu",
+                grad_accum=len(self.micro), world_size=ctx.dist.world_size, seed=ctx.seed, use_cpu=self.device.type == "cpu",
                 peft_config=loading.lora(self.hf.lora) if self.hf.lora else None,
                 checkpointing=self.cfg.gradient_checkpointing or train.activation_checkpointing,
             )
@@ -128,13 +128,12 @@ class GRPOBackend(HFBackend):
         if data.record_samples:
             raise ConfigError('data.record_samples records the rows objective = "sft" trains; GRPO trains on the completions '
                               "it generates: set data.record_samples = false")
-        if self.ctx.dist.world_size > 1:
-            raise ConfigError('objective = "grpo" runs on one process so far; launch it without torchrun')
         opts = self.hf.grpo
         if opts.max_staleness:
             unsupported = [what for what, on in (
                 ("[hf.lora]", self.hf.lora is not None),
                 (f"num_iterations = {opts.num_iterations}", opts.num_iterations != 1),
+                (f"{self.ctx.dist.world_size} ranks", self.ctx.dist.world_size > 1),
                 (f"steps_per_generation = {opts.steps_per_generation} (not train.grad_accum)",
                  opts.steps_per_generation not in (0, train.grad_accum)),
             ) if on]
@@ -142,6 +141,14 @@ class GRPOBackend(HFBackend):
                 raise ConfigError(f"hf.grpo.max_staleness = {opts.max_staleness} generates one batch per step from a "
                                   f"policy copy; it does not support {', '.join(unsupported)}: remove them or set "
                                   "max_staleness = 0")
+        world = self.ctx.dist.world_size
+        if world > 1 and train.parallel == "fsdp":
+            raise ConfigError('objective = "grpo" runs on several ranks with train.parallel = "ddp" only so far '
+                              '(FSDP would shard the model TRL generates with); set train.parallel = "ddp"')
+        steps_per_generation = self.hf.grpo.steps_per_generation
+        if steps_per_generation % world:
+            raise ConfigError(f"hf.grpo.steps_per_generation {steps_per_generation} must be a multiple of the {world} "
+                              "ranks (each generates its share of the generation batch)")
         if not self.hf.grpo.rewards:
             raise ConfigError('hf.grpo.rewards is empty; name at least one reward: "format", "exact_match", an enabled '
                               'reward plugin or "package.module:function"')
@@ -214,10 +221,11 @@ class GRPOBackend(HFBackend):
                 **grpo_table, "prompts_sha256": self.prompts_sha256}
 
     def save(self, directory: Path) -> None:
-        """The hf checkpoint (weights, optimizer, RNG) and the producer's state (``grpo_state.py``)."""
+        """The hf checkpoint (weights, optimizer, RNG) and the producer's state (``grpo_state.py``:
+        every rank its buffered share of the generation)."""
         super().save(directory)
-        if self.ctx.dist.rank == 0:
-            grpo_state.save(directory, self.producer.state(), self.stream_settings())
+        dist = self.ctx.dist
+        grpo_state.save(directory, self.producer.state(), self.stream_settings(), rank=dist.rank, world_size=dist.world_size)
 
     def load(self, directory: Path) -> None:
         """The producer's state, checked before anything else is loaded (a refusal costs
@@ -229,6 +237,7 @@ class GRPOBackend(HFBackend):
             max_completion_length=self.hf.grpo.max_completion_length,
             vocab_size=self.base.get_input_embeddings().num_embeddings,
             passes=len(producer.dataloader()), shuffles=producer.generator() is not None,
+            rank=self.ctx.dist.rank, world_size=self.ctx.dist.world_size,
         )
         saved = grpo_state.load(directory, expected, self.device)
         super().load(directory)

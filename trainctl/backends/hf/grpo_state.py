@@ -9,6 +9,13 @@ optimizer and the torch RNG (``weights.py``), so that a resumed run is the run i
   reused for ``num_iterations x steps_per_generation`` micro-batches) and the state of
   ``RepeatSampler``'s generator before it drew the current pass's order.
 
+On several ranks the counters, the sampler's generator and the dataloader's place (counted in
+each rank's own generation batches) are the same on every rank, and rank 0 writes the JSON; the
+buffer is each rank's share of the generation, so every rank writes its own tensors file
+(``grpo_state-rank{N}.safetensors``, rank 0's keeping the one-process name). A resume at another
+number of ranks is refused: the buffers are split by rank and the dataloader's place counts
+per-rank batches, so neither carries over exactly.
+
 Generation samples from the global torch generator (transformers' ``generate``; TRL's shuffle of
 the buffered batch too), which ``rng-rank0.pt`` restores. Both files are read as hostile: bounded
 regular files, JSON without NaN, tensors through safetensors, and every value checked (ids inside
@@ -29,7 +36,7 @@ from trainctl.kernel.resume import BadCheckpoint, read_bounded
 from trainctl.kernel.safe_load import UNREADABLE_WEIGHTS, weights_refused
 
 STATE_FILE = "grpo_state.json"
-TENSORS_FILE = "grpo_state.safetensors"
+TENSORS_FILE = "grpo_state.safetensors"  # rank 0's; rank N's is tensors_file(N)
 FORMAT = 1
 MAX_JSON_BYTES = 1 << 20  # a few hundred bytes in practice
 MAX_TENSOR_BYTES = 1 << 31  # the buffer of a large run is tens of MB
@@ -64,19 +71,28 @@ class Expected:
     vocab_size: int
     passes: int  # generation batches per dataloader pass
     shuffles: bool  # RepeatSampler shuffles: a pass under way needs its generator state
+    rank: int = 0  # whose buffer this process reads
+    world_size: int = 1
 
 
-def save(directory: Path, state: ProducerState, settings: dict[str, Any]) -> None:
+def tensors_file(rank: int) -> str:
+    return TENSORS_FILE if rank == 0 else f"grpo_state-rank{rank}.safetensors"
+
+
+def save(directory: Path, state: ProducerState, settings: dict[str, Any], *, rank: int = 0, world_size: int = 1) -> None:
+    """Every rank its tensors file; rank 0 the JSON (the same counters on every rank)."""
     from safetensors.torch import save_file
 
     tensors = {f"buffer.{i}.{name}": value.detach().to("cpu").contiguous().clone()  # clone: the slices share storage
                for i, micro in enumerate(state.buffered or []) for name, value in micro.items() if value is not None}
     if state.pass_start is not None:
         tensors[GENERATOR] = state.pass_start.clone()
-    save_file(tensors, str(directory / TENSORS_FILE))
+    save_file(tensors, str(directory / tensors_file(rank)))
+    if rank:
+        return
     record = {"format": FORMAT, "step": state.step, "generated_version": state.generated_version,
               "tokens_seen": state.tokens_seen, "consumed": state.consumed, "buffered": state.buffered is not None,
-              "settings": settings}
+              "world_size": world_size, "settings": settings}
     (directory / STATE_FILE).write_text(json.dumps(record, indent=1))
 
 
@@ -91,18 +107,24 @@ def load(directory: Path, expected: Expected, device: torch.device) -> ProducerS
         raise ConfigError(f"cannot resume from {directory}: the GRPO stream's settings differ ({'; '.join(changed)}); "
                           "restore them, or start a new run from its weights with "
                           f"model.name_or_path = '{directory}' and --resume never")
+    if record["world_size"] != expected.world_size:
+        raise ConfigError(f"cannot resume from {directory}: GRPO wrote it on {record['world_size']} rank(s) and this run "
+                          f"has {expected.world_size} (each rank's buffered generation and place in the prompts are its "
+                          f"own); resume with {record['world_size']}, or start a new run from its weights with "
+                          f"model.name_or_path = '{directory}' and --resume never")
     if record["consumed"] > expected.passes:
         _refuse(directory, STATE_FILE, f"consumed = {record['consumed']} is past the {expected.passes} batches of a pass")
-    tensors = _tensors(directory)
-    buffered = _buffer(directory, tensors, expected) if record["buffered"] else None
-    if not record["buffered"] and any(name.startswith("buffer.") for name in tensors):
-        _refuse(directory, TENSORS_FILE, "holds a buffered generation that grpo_state.json says is not there")
+    name = tensors_file(expected.rank)
+    tensors = _tensors(directory, name)
+    buffered = _buffer(directory, name, tensors, expected) if record["buffered"] else None
+    if not record["buffered"] and any(key.startswith("buffer.") for key in tensors):
+        _refuse(directory, name, "holds a buffered generation that grpo_state.json says is not there")
     pass_start = tensors.pop(GENERATOR, None)
     cpu_state = torch.Generator().get_state()
     if pass_start is not None and (pass_start.dtype != cpu_state.dtype or pass_start.shape != cpu_state.shape):
-        _refuse(directory, TENSORS_FILE, f"'{GENERATOR}' is not a CPU generator state")
+        _refuse(directory, name, f"'{GENERATOR}' is not a CPU generator state")
     if record["consumed"] and expected.shuffles and pass_start is None:
-        _refuse(directory, TENSORS_FILE, f"lacks '{GENERATOR}', the prompt order of the pass under way")
+        _refuse(directory, name, f"lacks '{GENERATOR}', the prompt order of the pass under way")
     return ProducerState(step=record["step"], generated_version=record["generated_version"],
                          tokens_seen=record["tokens_seen"], consumed=record["consumed"], pass_start=pass_start,
                          buffered=[{k: v.to(device) for k, v in micro.items()} for micro in buffered] if buffered else None)
@@ -129,25 +151,29 @@ def _record(directory: Path) -> dict[str, Any]:
             _refuse(directory, STATE_FILE, f"{key} = {json.dumps(value)[:40]} is not a whole number from 0 to {MAX_COUNT}")
     if type(record.get("buffered")) is not bool or not isinstance(record.get("settings"), dict):
         _refuse(directory, STATE_FILE, "buffered is not true/false or settings is not a table")
+    record.setdefault("world_size", 1)  # written by one process before GRPO ran on several
+    if type(record["world_size"]) is not int or not 1 <= record["world_size"] <= MAX_COUNT:
+        _refuse(directory, STATE_FILE, f"world_size = {json.dumps(record['world_size'])[:40]} is not a number of ranks")
     return record
 
 
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+def _tensors(directory: Path, name: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
     try:
-        data = read_bounded(directory / TENSORS_FILE, MAX_TENSOR_BYTES)
+        data = read_bounded(directory / name, MAX_TENSOR_BYTES)
     except BadCheckpoint as exc:
-        _refuse(directory, TENSORS_FILE, str(exc).removeprefix(TENSORS_FILE + " "))
+        _refuse(directory, name, str(exc).removeprefix(name + " "))
     try:
         return load(data)
     except UNREADABLE_WEIGHTS as exc:
-        raise weights_refused(directory / TENSORS_FILE, exc) from None
+        raise weights_refused(directory / name, exc) from None
     except Exception as exc:  # noqa: BLE001 - whatever hostile bytes make the parser raise: one line
-        raise weights_refused(directory / TENSORS_FILE, exc) from None
+        raise weights_refused(directory / name, exc) from None
 
 
-def _buffer(directory: Path, tensors: dict[str, torch.Tensor], expected: Expected) -> list[dict[str, torch.Tensor]]:
+def _buffer(directory: Path, file: str, tensors: dict[str, torch.Tensor],
+            expected: Expected) -> list[dict[str, torch.Tensor]]:
     """``tensors``' buffered micro-batches, each checked as TRL's loss will read it."""
     micro: list[dict[str, torch.Tensor]] = [{} for _ in range(expected.micro_batches)]
     for key, value in tensors.items():
@@ -156,13 +182,13 @@ def _buffer(directory: Path, tensors: dict[str, torch.Tensor], expected: Expecte
         _, index, name = (key.split(".", 2) + ["", ""])[:3]
         if not (key.startswith("buffer.") and index.isdigit() and int(index) < expected.micro_batches
                 and name in (*REQUIRED, *PER_TOKEN)):
-            _refuse(directory, TENSORS_FILE, f"holds {key!r}, which no buffered micro-batch of this run has")
+            _refuse(directory, file, f"holds {key!r}, which no buffered micro-batch of this run has")
         micro[int(index)][name] = value
     names = set(micro[0])
     for i, batch in enumerate(micro):
         problem = _micro_problem(batch, names, expected)
         if problem:
-            _refuse(directory, TENSORS_FILE, f"buffered micro-batch {i}: {problem}")
+            _refuse(directory, file, f"buffered micro-batch {i}: {problem}")
     return micro
 
 
