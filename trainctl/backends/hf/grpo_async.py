@@ -33,11 +33,10 @@ import torch
 
 from trainctl.backends.hf.config import GRPOConfig
 from trainctl.backends.hf.grpo import InProcessRollouts
-from trainctl.backends.hf.grpo_offpolicy import Clock, Generated, OffPolicyRollouts, generate
+from trainctl.backends.hf.grpo_offpolicy import POLL_S, Clock, OffPolicyRollouts, generate
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.rollout import Rollout
 
-WAIT_POLL_S = 0.1  # condition waits wake this often to notice a stop
 
 
 class AsyncRollouts(OffPolicyRollouts):
@@ -54,13 +53,8 @@ class AsyncRollouts(OffPolicyRollouts):
         trained = [p for p in self.model.parameters()]
         self.staging = [p.detach().clone() for p in trained]  # the published weights
         self.pairs = list(zip(trained, self.staging, self.gen.model.parameters()))
-        self.cond = threading.Condition()
-        self.queue: dict[int, Generated] = {}  # batch index -> generation
-        self.published = 0  # version in staging
-        self.gen_version = 0  # version in the generator's copy
+        self.gen_version = 0  # version in the generator's copy (self.published: in staging)
         self.next_index = 0  # the batch the generator makes next
-        self.paused = self.stopping = False
-        self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
 
     # --- the Producer protocol ----------------------------------------------------------------
@@ -74,7 +68,7 @@ class AsyncRollouts(OffPolicyRollouts):
         waited = time.perf_counter()
         with self.cond:
             while not self.queue and self.error is None:
-                self.cond.wait(WAIT_POLL_S)
+                self.cond.wait(POLL_S)
             if self.error is not None:
                 raise self.error
             done = self.queue.pop(min(self.queue))  # in order: after a dropped batch, the next one
@@ -86,12 +80,6 @@ class AsyncRollouts(OffPolicyRollouts):
             for trained, staged, _ in self.pairs:
                 staged.copy_(trained)
             self.published = version
-            self.cond.notify_all()
-
-    def hold(self, paused: bool) -> None:
-        """Pause (or resume) generation: the generator finishes the batch under way and waits."""
-        with self.cond:
-            self.paused = paused
             self.cond.notify_all()
 
     # --- the generator ------------------------------------------------------------------------
@@ -120,14 +108,12 @@ class AsyncRollouts(OffPolicyRollouts):
                 self.cond.notify_all()
 
     def _wait_for_turn(self) -> bool:
-        """Block until batch ``next_index`` may start (its weights at most k behind); False: stop."""
+        """Block until batch ``next_index`` may start; False: stop."""
         assert self.generator_clock is not None
         waited = time.perf_counter()
-        with self.cond:
-            while not self.stopping and (self.paused or self.published < self.next_index - self.max_staleness):
-                self.cond.wait(WAIT_POLL_S)
+        go = self.may_start(self.next_index)
         self.generator_clock.waiting += time.perf_counter() - waited
-        return not self.stopping
+        return go
 
     def _take_weights(self) -> None:
         with self.cond, torch.no_grad():

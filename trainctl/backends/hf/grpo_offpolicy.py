@@ -23,6 +23,7 @@ not callable on its own; a batch of the current version has ratio 1 (behaviour =
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -72,10 +73,13 @@ def generate(gen: InProcessRollouts, index: int, version: int, opts: GRPOConfig)
                      generation_s=time.perf_counter() - started)
 
 
+POLL_S = 0.1  # condition waits wake this often to notice a stop
+
+
 class OffPolicyRollouts:
     """The trainer's half of a :class:`trainctl.kernel.rollout.Producer` whose batches another
     policy copy made; a subclass says where they come from (``next_rollout``, ``publish``,
-    ``hold``, ``close``) and hands each one out through ``handed``."""
+    ``close``), queues them by index under ``cond`` and hands each one out through ``handed``."""
 
     def __init__(self, *, trainer_side: InProcessRollouts, opts: GRPOConfig, grad_accum: int) -> None:
         self.loss_side = trainer_side
@@ -86,6 +90,25 @@ class OffPolicyRollouts:
         self.position: ProducerState = trainer_side.state()  # the stream after the last batch handed out
         self.trainer_clock: Clock | None = None
         self.generator_clock: Clock | None = None
+        self.cond = threading.Condition()
+        self.queue: dict[int, Generated] = {}  # batch index -> generation
+        self.published = 0  # the version the generators may take
+        self.paused = self.stopping = False
+        self.error: BaseException | None = None  # a generator's failure, raised to the trainer
+
+    def hold(self, paused: bool) -> None:
+        """Pause (or resume) generation: a generation under way is finished, no other starts."""
+        with self.cond:
+            self.paused = paused
+            self.cond.notify_all()
+
+    def may_start(self, n: int) -> bool:
+        """Block until batch ``n`` may be generated (weights at most k behind it are published,
+        the run is not paused); False: stop."""
+        with self.cond:
+            while not self.stopping and (self.paused or self.published < n - self.max_staleness):
+                self.cond.wait(POLL_S)
+        return not self.stopping
 
     def handed(self, done: Generated, *, waited_s: float, generator_idle: float | None,
                workers_up: int | None = None) -> Rollout:

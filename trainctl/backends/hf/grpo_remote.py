@@ -58,13 +58,8 @@ class RemoteRollouts(OffPolicyRollouts):
         self.workers = list(opts.rollout_workers)
         self.weights = weights
         self.device = next(self.model.parameters()).device
-        self.cond = threading.Condition()
-        self.queue: dict[int, Generated] = {}  # batch index -> generation
         self.up = [False] * len(self.workers)  # answered its last request
-        self.published = 0
         self.base = 0  # the index of the batch the trainer takes next: self.position is the stream there
-        self.paused = self.stopping = False
-        self.error: BaseException | None = None
         self.threads: list[threading.Thread] = []
 
     # --- the Producer protocol ----------------------------------------------------------------
@@ -99,12 +94,6 @@ class RemoteRollouts(OffPolicyRollouts):
             self.published = version
             self.cond.notify_all()
 
-    def hold(self, paused: bool) -> None:
-        """Pause (or resume) asking the workers for batches; a request under way is finished."""
-        with self.cond:
-            self.paused = paused
-            self.cond.notify_all()
-
     # --- the client threads -------------------------------------------------------------------
 
     def _start(self, step: int, version: int) -> None:
@@ -120,7 +109,7 @@ class RemoteRollouts(OffPolicyRollouts):
     def _client(self, w: int, start: int) -> None:
         host, port = worker_address(self.workers[w])
         n = start + w
-        while self._wait_for_turn(n):
+        while self.may_start(n):
             with self.cond:
                 base, position = self.base, self.position
             try:
@@ -143,13 +132,6 @@ class RemoteRollouts(OffPolicyRollouts):
                 self.queue[n] = done
                 self.cond.notify_all()
             n += len(self.workers)
-
-    def _wait_for_turn(self, n: int) -> bool:
-        """Block until batch ``n`` may be asked for (its weights published); False: stop."""
-        with self.cond:
-            while not self.stopping and (self.paused or self.published < n - self.max_staleness):
-                self.cond.wait(RETRY_S / 5)
-        return not self.stopping
 
     def _mark(self, w: int, *, up: bool) -> None:
         with self.cond:
