@@ -146,9 +146,9 @@ def test_the_worker_refuses_a_non_loopback_host_and_a_synchronous_config(qwen3, 
     assert sync.returncode == 2 and "max_staleness >= 1" in sync.stderr and "Traceback" not in sync.stderr, sync.stderr
 
 
-def ask(port: int, n: int) -> tuple[int, bytes]:
-    body = rollout_wire.request(n, 0, ProducerState(step=0, generated_version=0, tokens_seen=0, consumed=0,
-                                                    pass_start=None, buffered=None))
+def ask(port: int, n: int, body: bytes | None = None) -> tuple[int, bytes]:
+    body = body or rollout_wire.request(n, 0, ProducerState(step=0, generated_version=0, tokens_seen=0, consumed=0,
+                                                            pass_start=None, buffered=None))
     request = urllib.request.Request(f"http://127.0.0.1:{port}/batch", data=body, method="POST",
                                      headers={"Content-Type": "application/octet-stream"})
     try:
@@ -161,7 +161,8 @@ def ask(port: int, n: int) -> tuple[int, bytes]:
 def test_the_worker_refuses_a_link_out_of_the_folder_a_fifo_and_a_pickle(qwen3, tmp_path):
     """Versions 3 (a FIFO: opening it must not block), 2 (a pickle) and 1 (a link to a real
     safetensors file outside the folder) are offered, newest first: each is refused, said once,
-    and the worker answers 503 (waiting for a version it can trust) rather than loading one."""
+    and the worker answers 503 (waiting for a version it can trust) rather than loading one. A
+    request body that is a pickle, or one asking it to skip a billion batches, is answered 400."""
     from safetensors.torch import save_file
     import torch
 
@@ -181,6 +182,11 @@ def test_the_worker_refuses_a_link_out_of_the_folder_a_fifo_and_a_pickle(qwen3, 
         status, body = ask(port, 1)
         assert status == 503 and "no weights of version >= 0" in json.loads(body)["waiting"], body
         assert ask(port, 1)[0] == 503  # asked again: refused files are not read again
+        # requests no trainer sends: a pickle, a skip without end
+        status, body = ask(port, 0, pickle.dumps({"n": 1}))
+        assert status == 400 and "not a safetensors message" in json.loads(body)["error"], body
+        status, body = ask(port, 10**9)
+        assert status == 400 and "more than 4096 batches past" in json.loads(body)["error"], body
     finally:
         worker.kill()
     refused = [line for line in worker.output().splitlines() if line.startswith("rollout-worker: refused")]

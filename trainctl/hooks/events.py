@@ -185,7 +185,7 @@ class RunView:
 
     step: int  # completed steps
     max_steps: int
-    state: str  # running | paused | ending
+    state: str  # running | paused | waiting (for rollout workers) | ending
     last_loss: float | None
     last_val_loss: float | None
     evaluated: bool  # an evaluation ran at this step already

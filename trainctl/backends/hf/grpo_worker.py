@@ -34,6 +34,7 @@ from trainctl.backends.hf.grpo_state import ProducerState
 from trainctl.kernel.checkpoint_files import NotVerified
 from trainctl.kernel.errors import ConfigError
 
+MAX_SKIP = 4096  # batches a request may ask the worker to pass over (n - base): more is no trainer's
 WAIT_S = 1.0  # how long a request waits for weights before it is answered 503
 POLL_S = 0.02
 
@@ -49,6 +50,14 @@ class RolloutWorker:
         self.next_index: int | None = None  # None: no position yet
         self.version = -1  # the weights held: -1, the model folder's (never generated from)
         self.refused: set[int] = set()
+
+    def check(self, n: int, base: int, position: ProducerState) -> None:
+        """ValueError for a request no trainer sends: one that would make the worker replay or
+        skip without end."""
+        if n - base > MAX_SKIP:
+            raise ValueError(f"batch {n} is more than {MAX_SKIP} batches past the position's {base}")
+        if position.consumed > len(self.gen.dataloader()):
+            raise ValueError(f"the position's {position.consumed} batches are more than a pass over the prompts holds")
 
     def batch(self, n: int, base: int, position: ProducerState) -> Generated | str:
         """Batch ``n``, or why it cannot be made yet (no weights new enough)."""
@@ -125,6 +134,7 @@ def handler(worker: RolloutWorker) -> type[BaseHTTPRequestHandler]:
                 return self._json(413, {"error": f"a request is 1 to {rollout_wire.MAX_REQUEST_BYTES} bytes"})
             try:
                 n, base, position = rollout_wire.read_request(self.rfile.read(length))
+                worker.check(n, base, position)
             except ValueError as exc:
                 return self._json(400, {"error": str(exc)})
             try:
