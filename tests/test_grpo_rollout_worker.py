@@ -107,6 +107,31 @@ def test_one_worker_trains_with_staleness_at_most_k_and_survives_kill_9(qwen3, t
     assert kept == [f"weights-v{steps - 1}.safetensors", f"weights-v{steps}.safetensors"]  # the last 2
 
 
+def health(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+        return json.loads(response.read())
+
+
+def test_two_workers_share_the_batches_by_index(qwen3, tmp_path):
+    """Batch n on worker n mod 2: each goes on from the position it is sent, skipping the other's."""
+    ports, out, steps = [free_port(), free_port()], tmp_path / "run", 6
+    workers = [Worker(settings(*qwen3, steps=steps), port, out / "rollout-weights", tmp_path / f"worker{i}.log")
+               for i, port in enumerate(ports)]
+    config = [*settings(*qwen3, steps=steps), f"hf.grpo.rollout_workers={['127.0.0.1:%d' % p for p in ports]}"]
+    try:
+        proc = run_cli("run", "--yes", "--backend", "hf", "--out", str(out), *sets(*config), timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        made = [health(port)["next"] for port in ports]  # the batch each would make next
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert made[0] % 2 == 1 and made[1] % 2 == 0 and min(made) >= steps - 1, made  # 0, 2, 4.. and 1, 3, 5..
+    rollouts = [e for e in events(out) if e["event"] == "rollout"]
+    assert [r["step"] for r in rollouts] == list(range(steps))
+    assert all(0 <= r["staleness"] <= 1 for r in rollouts), rollouts
+    assert all(r["workers_up"] == 2 for r in rollouts[1:])  # the second answers once it is first asked
+
+
 def test_sigterm_while_the_worker_is_down_saves_and_exits(qwen3, tmp_path):
     port, out = free_port(), tmp_path / "run"
     run = LiveRun(out, model=remote(qwen3, port, steps=100), args=["--backend", "hf"])  # no worker ever started
