@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -97,6 +98,9 @@ def test_one_worker_trains_with_staleness_at_most_k_and_survives_kill_9(qwen3, t
         run.close()
         worker.kill()
     assert "Traceback" not in logged(run) + worker.output()
+    # the memory plan: the reference (beta > 0) only; the policy copy is the worker's, in its process
+    plan = re.search(r"parameters ([\d.]+ KiB), .*frozen model ([\d.]+ KiB)", logged(run))
+    assert plan and plan[1] == plan[2], logged(run)
     rollouts = [e for e in events(out) if e["event"] == "rollout"]
     assert [r["step"] for r in rollouts] == list(range(steps))
     assert all(0 <= r["staleness"] <= 1 for r in rollouts), rollouts
