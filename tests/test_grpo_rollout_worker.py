@@ -39,7 +39,8 @@ def free_port() -> int:
 class Worker:
     """``trainctl rollout-worker`` for a run's config, in a subprocess."""
 
-    def __init__(self, model: list[str], port: int, weights: Path, log: Path) -> None:
+    def __init__(self, model: list[str], port: int, weights: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        self.env = {**cli_env(), **(env or {})}
         self.command = [sys.executable, "-m", "trainctl", "rollout-worker", "--backend", "hf", "--port", str(port),
                         "--weights", str(weights), *sets(*model)]
         self.log_path = log
@@ -47,7 +48,7 @@ class Worker:
 
     def start(self) -> None:
         self.log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(self.command, cwd=ROOT, env=cli_env(), stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def output(self) -> str:
         if not self.log.closed:
@@ -224,3 +225,21 @@ def test_the_worker_refuses_a_link_out_of_the_folder_a_fifo_and_a_pickle(qwen3, 
     assert "weights-v2.safetensors is not a safetensors file" in refused[1] and "never unpickled" in refused[1]
     assert "weights-v1.safetensors is a symbolic link" in refused[2]
     assert "Traceback" not in worker.output()
+
+
+def test_a_reward_failing_in_the_worker_fails_the_run_in_one_line_naming_it(qwen3, tmp_path):
+    port, out = free_port(), tmp_path / "run"
+    reward = "tests.grpo_rewards:raises_where_told"  # raises in the worker only: the trainer's own probe passes
+    config = [*settings(*qwen3, steps=3), f"hf.grpo.rewards=['{reward}']"]
+    worker = Worker(config, port, out / "rollout-weights", tmp_path / "worker.log", env={"TRAINCTL_TEST_GRADER_DOWN": "1"})
+    try:
+        proc = run_cli("run", "--yes", "--backend", "hf", "--out", str(out),
+                       *sets(*config, f"hf.grpo.rollout_workers=['127.0.0.1:{port}']"), timeout=180)
+        assert worker.proc.poll() is None  # the worker serves on: the error was the batch's, not its own
+    finally:
+        worker.kill()
+    # a failure mid-run: the run ends as failed (exit 1), its reason the worker's line
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("trainctl: run failed at step 0: ") and f"rollout worker 127.0.0.1:{port}: " in line and \
+        f"reward '{reward}' raised RuntimeError: the grader is down" in line, line

@@ -20,8 +20,8 @@ position saved) is ``grpo_offpolicy.py``'s, shared with the thread.
 
 A worker that cannot be reached (not started yet, killed, restarting) is retried every
 ``RETRY_S``; the kernel is answered :class:`trainctl.kernel.rollout.Waiting` meanwhile, so the
-status says so and a stop still saves. A worker that answers an error (a reward raised) fails
-the run with its line.
+status says so and a stop still saves. A worker that answers an error fails the run with its
+line, as a failure in the thread does (a reward that raised: a ConfigError, the config's fault).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from trainctl.backends.hf.config import GRPOConfig, worker_address
 from trainctl.backends.hf.grpo import InProcessRollouts
 from trainctl.backends.hf.grpo_offpolicy import Clock, Generated, OffPolicyRollouts
 from trainctl.backends.hf.grpo_state import ProducerState
+from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.rollout import Rollout, Waiting
 
 WEIGHTS_DIR = "rollout-weights"  # under the run directory: `trainctl rollout-worker --weights OUT/rollout-weights`
@@ -120,7 +121,7 @@ class RemoteRollouts(OffPolicyRollouts):
                 continue
             except BaseException as exc:  # noqa: BLE001 - handed to the trainer, which ends the run with it
                 with self.cond:
-                    self.error = exc if isinstance(exc, WorkerFailed) else WorkerFailed(
+                    self.error = exc if isinstance(exc, (WorkerFailed, ConfigError)) else WorkerFailed(
                         f"rollout worker {self.workers[w]}: {type(exc).__name__}: {exc}")
                     self.cond.notify_all()
                 return
@@ -154,10 +155,11 @@ class RemoteRollouts(OffPolicyRollouts):
             return None
         if answer.status != 200:
             try:
-                line = json.loads(data).get("error") or data[:200].decode(errors="replace")
-            except ValueError:
-                line = data[:200].decode(errors="replace")
-            raise WorkerFailed(f"rollout worker {host}:{port} failed: {line}")
+                doc = json.loads(data)
+                line, config = str(doc.get("error") or data[:200].decode(errors="replace")), doc.get("config") is True
+            except (ValueError, AttributeError):
+                line, config = data[:200].decode(errors="replace"), False
+            raise (ConfigError if config else WorkerFailed)(f"rollout worker {host}:{port}: {line}")
         if len(data) > rollout_wire.MAX_BATCH_BYTES:
             raise WorkerFailed(f"rollout worker {host}:{port} answered over {rollout_wire.MAX_BATCH_BYTES} bytes")
         try:

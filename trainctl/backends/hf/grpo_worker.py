@@ -139,8 +139,8 @@ def handler(worker: RolloutWorker) -> type[BaseHTTPRequestHandler]:
                 return self._json(400, {"error": str(exc)})
             try:
                 done = worker.batch(n, base, position)
-            except ConfigError as exc:  # a reward that raised, TRL refusing a batch: the run's error
-                return self._json(500, {"error": str(exc)})
+            except ConfigError as exc:  # a reward that raised, TRL refusing a batch: the run's config error
+                return self._json(500, {"error": str(exc), "config": True})
             except Exception as exc:  # noqa: BLE001 - answered as one line; the worker serves on
                 first = str(exc).splitlines()[0] if str(exc) else ""
                 return self._json(500, {"error": f"generation failed: {type(exc).__name__}: {first}"})

@@ -7,7 +7,8 @@ pickle): tensors by name, everything else as JSON in the safetensors metadata (k
     200           worker -> trainer: batch n (``grpo_offpolicy.Generated``): the micro-batches
                   (TRL's inputs + sampling_per_token_logps), version, metrics, position after it
     503           JSON {"waiting": why}: no weights of a version >= n - k yet; ask again
-    500           JSON {"error": one line}: generation failed (a reward raised): the run fails
+    500           JSON {"error": one line, "config": true if the config's fault (a reward raised)}:
+                  generation failed, the run fails with the line
 """
 
 from __future__ import annotations
