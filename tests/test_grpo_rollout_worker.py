@@ -243,3 +243,28 @@ def test_a_reward_failing_in_the_worker_fails_the_run_in_one_line_naming_it(qwen
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("trainctl: run failed at step 0: ") and f"rollout worker 127.0.0.1:{port}: " in line and \
         f"reward '{reward}' raised RuntimeError: the grader is down" in line, line
+
+
+def test_ctl_stop_then_resume_with_the_same_worker_goes_on_from_the_saved_position(qwen3, tmp_path):
+    """The worker ran ahead of the stopped run; the resumed trainer sends the saved position and
+    the worker goes back to it (pending batches regenerated from the saved policy)."""
+    port, out = free_port(), tmp_path / "run"
+    worker = Worker(settings(*qwen3, steps=100), port, out / "rollout-weights", tmp_path / "worker.log")
+    run = LiveRun(out, model=remote(qwen3, port, steps=10_000), args=["--backend", "hf"])
+    try:
+        run.wait(lambda s: s["state"] == "running" and s["step"] >= 3, timeout=120)
+        stop = run_cli("ctl", str(out), "stop", timeout=60)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert run.exit_code() == 0, logged(run)
+        stopped = run.status()["step"]
+        resumed = run_cli("run", "--yes", "--backend", "hf", "--out", str(out), "--resume", "auto",
+                          *sets(*remote(qwen3, port, steps=stopped + 3)), timeout=180)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+    finally:
+        run.close()
+        worker.kill()
+    assert f"resume at step {stopped}" in resumed.stdout
+    rollouts = [e for e in events(out) if e["event"] == "rollout"]
+    assert [r["step"] for r in rollouts] == [stopped, stopped + 1, stopped + 2]
+    assert rollouts[0]["staleness"] == 0 and rollouts[0]["policy_version"] == stopped
+    assert all(r["staleness"] <= 1 for r in rollouts)
