@@ -13,7 +13,12 @@ gradient vanishes (the run would compare zeros).
 Here transformers' ``torch.multinomial`` draw becomes inverse-CDF sampling at a fixed quantile
 per completion of its group (row ``i`` of a generation batch, ``i mod num_generations``): each
 completion is a function of its prompt and its place in the group alone, the completions of a
-group differ, and the draw is the same whichever rank makes it."""
+group differ, and the draw is the same whichever rank makes it.
+
+With ``QUANTILE_EOS`` set (the tokenizer's end-of-sequence id), a drawn token that is a multiple of
+``QUANTILE_EOS_EVERY`` is replaced by it: completions end early, at places that depend on the
+prompt, so the ranks' generations have different lengths (what FSDP generation must survive:
+every rank runs the forwards of the longest)."""
 
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ import torch
 import transformers.generation.utils as generation
 
 GROUP = int(os.environ["QUANTILE_GROUP"])  # hf.grpo.num_generations
+EOS = int(os.environ.get("QUANTILE_EOS", "-1"))
+EOS_EVERY = int(os.environ.get("QUANTILE_EOS_EVERY", "5"))
 QUANTILES = torch.tensor([(i + 0.5) / GROUP for i in range(GROUP)], dtype=torch.float64)
 
 
@@ -33,7 +40,8 @@ def quantile_draw(probs: torch.Tensor, num_samples: int = 1, **_: object) -> tor
     assert num_samples == 1 and probs.size(0) % GROUP == 0, (num_samples, probs.shape)
     cdf = probs.double().cumsum(-1)  # (B, V)
     u = QUANTILES.repeat(probs.size(0) // GROUP).unsqueeze(1) * cdf[:, -1:]  # (B, 1)
-    return torch.searchsorted(cdf, u).clamp(max=probs.size(1) - 1)
+    drawn = torch.searchsorted(cdf, u).clamp(max=probs.size(1) - 1)
+    return drawn if EOS < 0 else torch.where(drawn % EOS_EVERY == 0, EOS, drawn)
 
 
 class _Torch:

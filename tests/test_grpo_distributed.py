@@ -1,7 +1,9 @@
-"""GRPO on 2 ranks (DDP, torchrun, gloo) is one process: TRL's own multi-process logic does the
-sharing (its dataloader hands each rank its slice of every RepeatSampler generation batch, the
-rewards are gathered and the advantages normalised over all of them, ``num_items_in_batch`` is
-global), the kernel's DDP wrapper all-reduces the gradients.
+"""GRPO on 2 ranks (DDP or FSDP2, torchrun, gloo) is one process: TRL's own multi-process logic
+does the sharing (its dataloader hands each rank its slice of every RepeatSampler generation
+batch, the rewards are gathered and the advantages normalised over all of them,
+``num_items_in_batch`` is global), the kernel's DDP or FSDP wrapper reduces the gradients. Under
+FSDP the sharded policy generates (each token's forward all-gathers the layers; transformers'
+``synced_gpus`` keeps a rank whose completions ended running the others' forwards).
 
 - 2 ranks x 4 micro-batches equal 1 process x 8 (the same ``train.grad_accum = 8``): loss, KL
   (beta > 0), rewards, entropy and gradient norm within 1e-5 relative over 5 steps. Sampling is
@@ -11,11 +13,13 @@ global), the kernel's DDP wrapper all-reduces the gradients.
   shuffle of a generation (each rank's own RNG) makes different micro-batches on 2 ranks than in
   one process; with one completion each, that mean is the mean over the completions either way.
   The loss and gradients (``dapo``: normalised by the global token count) do not depend on it.
-- Stopped at 2 ranks in the middle of a buffered generation and resumed at 2, with sampling as
+- Stopped at 2 ranks (DDP and FSDP) in the middle of a buffered generation and resumed at 2, with sampling as
   it is: bit-identical to the uninterrupted run (each rank its buffer and its RNG); resumed on
   another number of ranks: one line, exit 2.
-- FSDP on several ranks, and a ``steps_per_generation`` the ranks do not divide: one line, exit 2,
-  before the model loads.
+- FSDP with completions of uneven length (``QUANTILE_EOS``): loss, rewards, lengths and gradient
+  norm within 1e-5 of one process (KL and entropy are pooled differently, see the test).
+- A ``steps_per_generation`` the ranks do not divide, ``max_staleness`` on several ranks: one
+  line, exit 2, before the model loads.
 """
 
 from __future__ import annotations
@@ -60,8 +64,9 @@ def settings(model: Path, prompts: Path, *extra: str) -> list[str]:
     ]
 
 
-def launch(launcher: list[str], entry: list[str], out: Path, overrides: list[str], resume: str = "never"):
-    env = cli_env() | {"OMP_NUM_THREADS": "1", "QUANTILE_GROUP": str(GROUP)}
+def launch(launcher: list[str], entry: list[str], out: Path, overrides: list[str], resume: str = "never",
+           eos: int | None = None):
+    env = cli_env() | {"OMP_NUM_THREADS": "1", "QUANTILE_GROUP": str(GROUP)} | ({"QUANTILE_EOS": str(eos)} if eos else {})
     return subprocess.run([*launcher, *entry, "run", "--yes", "--backend", "hf", "--out", str(out), "--resume", resume,
                            *sets(*overrides)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
@@ -84,30 +89,41 @@ def errors(proc) -> list[str]:
     return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("trainctl: error")]
 
 
-def test_two_ranks_equal_one_process(qwen3, tmp_path):
+@pytest.mark.parametrize(("parallel", "uneven"), [("ddp", False), ("fsdp", True)])
+def test_two_ranks_equal_one_process(qwen3, tmp_path, parallel, uneven):
+    """``uneven``: completions end early at prompt-dependent places, so each rank's generation has
+    its own length (FSDP's generate must run the longest rank's forwards on every rank). TRL logs
+    KL and entropy per micro-batch as a token mean pooled over the ranks' micro-batches
+    (``global_masked_mean``), one completion's in one process: with uneven lengths those two means
+    differ by construction, so only the loss, rewards, lengths and gradient are compared then."""
     overrides = settings(*qwen3, "train.max_steps=5")
-    ok(launch(ONE, [SAMPLER], tmp_path / "one", overrides))
-    ok(launch(TORCHRUN, [SAMPLER], tmp_path / "ddp", overrides))
-    one, ddp = steps(tmp_path / "one"), steps(tmp_path / "ddp")
-    assert sorted(one) == sorted(ddp) == [1, 2, 3, 4, 5]
+    eos = json.loads((qwen3[0] / "config.json").read_text())["eos_token_id"] if uneven else None
+    ok(launch(ONE, [SAMPLER], tmp_path / "one", overrides, eos=eos))
+    ok(launch(TORCHRUN, [SAMPLER], tmp_path / "ranks", [*overrides, f"train.parallel='{parallel}'"], eos=eos))
+    one, ranks = steps(tmp_path / "one"), steps(tmp_path / "ranks")
+    assert sorted(one) == sorted(ranks) == [1, 2, 3, 4, 5]
+    compared = [name for name in COMPARED if not (uneven and name in ("kl", "entropy"))]
     worst = {}
-    for name in COMPARED:
+    for name in compared:
         for step in one:
-            a, b = one[step][name], ddp[step][name]
+            a, b = one[step][name], ranks[step][name]
             assert abs(a - b) <= TOLERANCE * max(abs(a), abs(b)) + FLOOR, (name, step, a, b)
             worst[name] = max(worst.get(name, 0.0), abs(a - b) / max(abs(a), abs(b), FLOOR))
-    print("GRPO 2 ranks vs 1 process, largest relative difference:", {k: f"{v:.1e}" for k, v in worst.items()})
+    print(f"GRPO 2 ranks ({parallel}) vs 1 process, largest relative difference:", {k: f"{v:.1e}" for k, v in worst.items()})
+    lengths = [one[s]["completions/mean_length"] for s in one]
+    assert (min(lengths) < 8) if uneven else (lengths == [8.0] * 5), lengths
     # not trivially equal: the policy moved away from the reference and the rewards differ in a group
     assert all(one[s]["grad_norm"] > 0.1 and one[s]["reward_std"] > 0 for s in one) and one[5]["kl"] > 1e-3
     # the step's completions and tokens are both ranks' (gathered), as one process counts them
-    assert rollouts(tmp_path / "ddp") == rollouts(tmp_path / "one")
-    assert all(n == 8 for n, _, _ in rollouts(tmp_path / "ddp").values())
+    assert rollouts(tmp_path / "ranks") == rollouts(tmp_path / "one")
+    assert all(n == 8 for n, _, _ in rollouts(tmp_path / "ranks").values())
 
 
-def test_two_ranks_resume_exactly_and_another_world_size_is_refused(qwen3, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_resume_exactly_and_another_world_size_is_refused(qwen3, tmp_path, parallel):
     """Sampling as it is (each rank its own stream); each generation trained on for 2 steps, so the
     stop at step 3 leaves half of every rank's buffer for step 4."""
-    common = ["hf.grpo.num_iterations=2"]
+    common = ["hf.grpo.num_iterations=2", f"train.parallel='{parallel}'"]
     ok(launch(TORCHRUN, ["-m", "trainctl"], tmp_path / "whole", settings(*qwen3, *common, "train.max_steps=6")))
     ok(launch(TORCHRUN, ["-m", "trainctl"], tmp_path / "split", settings(*qwen3, *common, "train.max_steps=3")))
     ckpt = tmp_path / "split" / "checkpoints" / "step-000003"
@@ -135,9 +151,9 @@ def test_two_ranks_resume_exactly_and_another_world_size_is_refused(qwen3, tmp_p
 
 
 @pytest.mark.parametrize(("extra", "words"), [
-    (["train.parallel='fsdp'"], 'runs on several ranks with train.parallel = "ddp" only so far'),
     (["hf.grpo.steps_per_generation=3", "train.batch_size=4"], "hf.grpo.steps_per_generation 3 must be a multiple of the 2 ranks"),
-], ids=["fsdp", "steps_per_generation"])
+    (["hf.grpo.max_staleness=1", "hf.grpo.steps_per_generation=8"], "it does not support 2 ranks"),
+], ids=["steps_per_generation", "max_staleness"])
 def test_what_two_ranks_cannot_run_is_one_line_before_the_model_loads(qwen3, tmp_path, extra, words):
     model = tmp_path / "broken"
     shutil.copytree(qwen3[0], model)

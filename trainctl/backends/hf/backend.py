@@ -40,11 +40,11 @@ import trl  # noqa: F401
 from trainctl.backends import parallel, scoring
 from trainctl.backends.device import set_threads
 from trainctl.backends.hf import epochs, inference, loading, neftune, plan, rows, sft, stream, weights
-from trainctl.backends.hf.num_tokens import InputTokens
 from trainctl.backends.hf.config import DataConfig, HFConfig, ModelConfig
+from trainctl.backends.hf.num_tokens import InputTokens
 from trainctl.backends.hf.validate import check_rows
-from trainctl.backends.sample_record import SampleRecord
 from trainctl.backends.optim import from_config
+from trainctl.backends.sample_record import SampleRecord
 from trainctl.backends.step import MicroLoss, OptimizerStep, StepBackend, local_micro_batches
 from trainctl.kernel.backend import BackendContext, Evaluation, Plan, StepOutput
 from trainctl.kernel.errors import ConfigError

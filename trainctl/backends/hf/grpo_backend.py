@@ -58,6 +58,9 @@ class GRPOBackend(HFBackend):
         self.base = self.model.get_base_model() if self.hf.lora else self.model
         self.max_steps = train.max_steps
         self._place(loss_terms=None)
+        # under FSDP each generated token is a forward that all-gathers the layers, so every rank must
+        # run as many as the longest rank's: fully_shard marks the modules it manages
+        # (_is_fsdp_managed_module) and transformers' generate turns synced_gpus on for them
         self.steps_done = 0
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.params)
@@ -169,9 +172,6 @@ class GRPOBackend(HFBackend):
                                   f"policy copy; it does not support {', '.join(unsupported)}: remove them or set "
                                   "max_staleness = 0")
         world = self.ctx.dist.world_size
-        if world > 1 and train.parallel == "fsdp":
-            raise ConfigError('objective = "grpo" runs on several ranks with train.parallel = "ddp" only so far '
-                              '(FSDP would shard the model TRL generates with); set train.parallel = "ddp"')
         steps_per_generation = self.hf.grpo.steps_per_generation
         if steps_per_generation % world:
             raise ConfigError(f"hf.grpo.steps_per_generation {steps_per_generation} must be a multiple of the {world} "

@@ -98,18 +98,24 @@ def _grpo(ctx: BackendContext, cfg: Any, hf: HFConfig, text: Any, dtype: str, at
                                "generates itself), [hf.lora] (the reference is the adapters switched off) or shard "
                                "over more ranks")
     if "model" in opts.rewards and opts.reward_model:
-        from transformers import AutoConfig
-
-        from trainctl.backends.hf import reward_model
-
-        checked = reward_model.check(opts.reward_model)
-        fields = {k: v for k, v in checked.config.items() if k != "model_type"}
-        c = AutoConfig.for_model(checked.config["model_type"], **fields).get_text_config()
-        rm = shape(c, tokens=1, batch=1, seq=1, dtype=dtype)
-        H, V = c.hidden_size, c.vocab_size
-        params = rm.params - (0 if getattr(c, "tie_word_embeddings", False) else V * H) + H  # the score head, not the LM head
+        params = _reward_model_params(opts.reward_model, dtype)
         s = replace(s, scorer=params, what_scorer=f"the reward model {opts.reward_model} ({params:,} parameters)")
     return s
+
+
+def _reward_model_params(folder: str, dtype: Any) -> int:
+    """The reward model's parameters, from its config.json as ``reward_model.check`` reads it: the
+    decoder's and the score head (hidden -> 1), not an LM head."""
+    from transformers import AutoConfig
+
+    from trainctl.backends.hf import reward_model
+
+    checked = reward_model.check(folder)
+    fields = {k: v for k, v in checked.config.items() if k != "model_type"}
+    c = AutoConfig.for_model(checked.config["model_type"], **fields).get_text_config()
+    rm = shape(c, tokens=1, batch=1, seq=1, dtype=dtype)
+    H, V = c.hidden_size, c.vocab_size
+    return rm.params - (0 if getattr(c, "tie_word_embeddings", False) else V * H) + H
 
 
 def _strategy(ctx: BackendContext, gradient_checkpointing: bool) -> memory.Strategy:
