@@ -27,6 +27,13 @@ def raises(prompts, completions, rows):
     raise RuntimeError("the grader is down")
 
 
+def raises_where_told(prompts, completions, rows):
+    """e_share, except in a process started with TRAINCTL_TEST_GRADER_DOWN=1 (a rollout worker)."""
+    if os.environ.get("TRAINCTL_TEST_GRADER_DOWN") == "1":
+        raise RuntimeError("the grader is down")
+    return e_share(prompts, completions, rows)
+
+
 def nan(prompts, completions, rows):
     return [float("nan")] * len(completions)
 

@@ -64,6 +64,7 @@ EXAMPLES: dict[str, dict] = {
     notices.RECOVERY: {"restarts": 1, "last_step": 45, "last_step_source": "events", "down_s": 1.0, "process_start_s": 2.0,
                        "rendezvous_s": 0.5, "setup_s": 0.5, "checkpoint_load_s": 0.1, "first_step_s": 0.1, "total_s": 4.2},
     notices.STALE_BATCH_DROPPED: {"policy_version": 3, "staleness": 2, "max_staleness": 1, "dropped": 1},
+    notices.ROLLOUT_WAITING: {"workers_up": 0, "workers": 1},
     notices.PLUGIN_ERROR: {"plugin": "x", "failures": 1}, notices.PLUGIN_DISABLED: {"plugin": "x", "failures": 3},
     notices.CONTROL: {"command": "save", "id": "abc"}, notices.CHECKPOINT_CORRUPT: {"path": "/nowhere", "problem": "bad"},
     notices.SAMPLES: {"prompts": ["A"], "texts": ["bc"]},

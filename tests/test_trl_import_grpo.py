@@ -76,9 +76,9 @@ def test_every_hf_grpo_key_from_trl_is_written_and_loads():
     tables, _ = trl_config.convert({"num_generations": 4, "max_steps": 10})
     ours = {f.name for f in dataclasses.fields(hf_config.GRPOConfig)} - {"prompt_column", "answer_column", "format_pattern",
                                                                        "reward_model"}
-    # asynchronous generation's keys: GRPOTrainer is synchronous (max_staleness stays 0), and the
-    # importance-sampling keys are written only when a file sets TRL's vllm_* ones (test_grpo_async)
-    ours -= {"max_staleness", *trl_grpo_config.TRL_IMPORTANCE.values()}
+    # asynchronous generation's keys: GRPOTrainer is synchronous (max_staleness stays 0, no rollout
+    # workers), and the importance-sampling keys are written only when a file sets TRL's vllm_* ones
+    ours -= {"max_staleness", "rollout_workers", *trl_grpo_config.TRL_IMPORTANCE.values()}
     assert set(tables["hf"]["grpo"]) == ours
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in tables["hf"]["grpo"].items()}
     assert hf_config.GRPOConfig(**options).loss_type == "dapo"  # TRL's default loss, and TRL's beta 0

@@ -25,14 +25,16 @@ def cli() -> None:
     trainctl plugins | backends          what can be enabled
     trainctl status RUN_DIR              what a run is doing (or how it ended)
     trainctl ctl RUN_DIR stop|pause|resume|save|eval    steer a live run
+    trainctl rollout-worker CONFIG --port P --weights DIR   generate GRPO batches for a trainer
     """
 
 
 def build_cli() -> click.Group:
-    from trainctl.cli import configs, ctl, eval_worker, evaluate, export, info, plot, prepare, run, sample, status
+    from trainctl.cli import (configs, ctl, eval_worker, evaluate, export, info, plot, prepare, rollout_worker, run, sample,
+                              status)
     from trainctl.kernel.registry import Registry
 
-    for module in (run, configs, info, prepare, sample, ctl, status, evaluate, export, eval_worker, plot):
+    for module in (run, configs, info, prepare, sample, ctl, status, evaluate, export, eval_worker, rollout_worker, plot):
         module.register(cli)
     registry = Registry.discover()
     registry.register_commands(cli)  # third-party commands, through the hook

@@ -89,7 +89,7 @@ def eval_worker(host: str, port: int, token: str, roots: tuple[Path, ...], state
     except OSError as exc:
         raise ConfigError(f"cannot create the state dir {state} ({exc.strerror}); choose another with --state DIR") from None
     lock = _lock(state)  # noqa: F841  (held for the life of the process)
-    sock = _bind(host, port)
+    sock = bind(host, port)
 
     try:
         import uvicorn
@@ -155,7 +155,7 @@ def _connection_cap(wanted: int) -> int:
     return min(wanted, room)
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:

@@ -11,7 +11,7 @@ import click
 
 from trainctl.kernel.errors import ConfigError
 
-LIVE_STATES = ("starting", "running", "paused", "evaluating", "saving")
+LIVE_STATES = ("starting", "running", "paused", "evaluating", "saving", "waiting")
 
 
 def register(cli: click.Group) -> None:
@@ -77,6 +77,10 @@ def rollout_lines(doc: dict) -> list[str]:
     idle = [f"{who} idle {rollout[key]:.0%}" for who, key in (("trainer", "trainer_idle_fraction"),
                                                               ("generator", "generator_idle_fraction"))
             if isinstance(rollout.get(key), (int, float))]
+    if isinstance(rollout.get("workers_up"), int):
+        idle.append(f"{rollout['workers_up']} rollout worker{'s' if rollout['workers_up'] != 1 else ''} up")
+    if isinstance(rollout.get("waiting"), str):
+        idle.append(f"waiting: {rollout['waiting']}")
     return [f"rollout    policy version {rollout['policy_version']}, staleness {rollout.get('staleness')}, "
             f"{dropped} stale batch{'es' if dropped != 1 else ''} dropped" + "".join(f", {part}" for part in idle)]
 

@@ -136,6 +136,7 @@ class RolloutReceived:
     # an asynchronous producer's (None when synchronous): seconds waiting / wall since it started
     trainer_idle_fraction: float | None = None  # the trainer waiting for a batch
     generator_idle_fraction: float | None = None  # the generator waiting for weights or a pause
+    workers_up: int | None = None  # rollout workers answering (None: generation in process)
     time: float
 
 
@@ -184,7 +185,7 @@ class RunView:
 
     step: int  # completed steps
     max_steps: int
-    state: str  # running | paused | ending
+    state: str  # running | paused | waiting (for rollout workers) | ending
     last_loss: float | None
     last_val_loss: float | None
     evaluated: bool  # an evaluation ran at this step already

@@ -65,6 +65,9 @@ STALE_BATCH_DROPPED = _kind("stale_batch_dropped", "kernel", "a producer's batch
                             "max_staleness and was not trained on (trainctl.kernel.rollout)",
                             policy_version="int: the version it was generated with", staleness="int: versions behind",
                             max_staleness="int: the producer's limit", dropped="int: batches dropped so far")
+ROLLOUT_WAITING = _kind("rollout_waiting", "kernel", "the step's batch cannot come: every rollout worker that could make it "
+                        "is unreachable (trainctl.kernel.rollout); sent once per outage, the next rollout event ends it",
+                        workers_up="int: workers answering", workers="int: workers configured")
 CONFIG_WARNING = _kind("config_warning", "kernel", "the run was set up despite a config problem worth fixing (no controller or "
                       "status plugin, a table for a plugin that is not enabled); message is the stderr line")
 

@@ -162,8 +162,10 @@ def trainctl_lr(step: int, base_lr: float) -> float | None:
 @hookspec
 def trainctl_control(view: RunView) -> Control | None:
     """Decide whether to stop, save, evaluate or pause, after every step (``view.state ==
-    "running"``), repeatedly while paused (``"paused"``), and once when the run is about to end
-    (``"ending"``: last step reached or a stop decided; only ``save``/``evaluate`` count then).
+    "running"``), repeatedly while paused (``"paused"``), about every half second while a rollout
+    producer's workers are unreachable (``"waiting"``: a stop ends the run before the step, a
+    pause is moot, it is waiting already), and once when the run is about to end (``"ending"``:
+    last step reached or a stop decided; only ``save``/``evaluate`` count then).
 
     Return ``None`` for no opinion. The kernel combines every answer with
     ``trainctl.hooks.events.combine``: any stop wins, save/evaluate if anyone asks, paused while

@@ -5,7 +5,9 @@
         lr = trainctl_lr(step) or optim.lr       -> trainctl_lr (first answer wins)
         out = backend.train_step(step)           # forward, backward, clip, update: no host sync
           or, for a rollout backend (trainctl.kernel.rollout):
-            rollout = producer.next_rollout()    -> notice "stale_batch_dropped" per batch too old
+            rollout = producer.next_rollout()    -> notice "rollout_waiting" while its workers are down
+                                                    (control polled meanwhile: a stop ends the run here)
+                                                 -> notice "stale_batch_dropped" per batch too old
                                                  -> trainctl_rollout_received
             out = backend.train_rollout(rollout) -> trainctl_weights_published (after the update)
         read out's fields if a logged step       # the one host sync of a logged step
@@ -51,7 +53,7 @@ from trainctl.kernel.bus import EventBus
 from trainctl.kernel.distributed import Group
 from trainctl.kernel.errors import PluginError
 from trainctl.kernel.recovery import Recovery, restarts
-from trainctl.kernel.rollout import RolloutBackend
+from trainctl.kernel.rollout import RolloutBackend, Waiting
 from trainctl.kernel.schema import TrainConfig
 from trainctl.kernel.state import RunResult, RunState
 
@@ -86,6 +88,7 @@ class Trainer:
         # a rollout backend's producer; None for a dataset backend, whose steps never touch the seam
         self.producer = backend.rollout_producer() if isinstance(backend, RolloutBackend) else None
         self.dropped = 0  # stale batches dropped in this process
+        self.waiting = False  # a rollout_waiting notice was sent and no rollout came since
         peak = plan.peak_flops or train.peak_tflops * 1e12
         self.flops_share = (plan.flops_per_token or 0) / peak if peak else 0.0  # of the peak, per token per second
 
@@ -135,6 +138,8 @@ class Trainer:
             lr = bus.lr(state.step, self.base_lr)
             backend.set_lr(lr)
             out = backend.train_step(state.step) if self.producer is None else self._rollout_step()
+            if isinstance(out, Control):  # stopped while the producer's workers were down
+                return out
             state.step += 1
             bus.step = state.step
             state.tokens += out.tokens
@@ -162,15 +167,21 @@ class Trainer:
                 break
         return decision
 
-    def _rollout_step(self) -> StepOutput:
+    def _rollout_step(self) -> StepOutput | Control:
         """One step on a producer's batch: the policy version is the optimizer steps taken, a
         batch more than ``max_staleness`` versions behind it is dropped (and counted), and the
-        new weights go to the producer once the optimizer has stepped."""
+        new weights go to the producer once the optimizer has stepped. While the producer waits
+        for unreachable workers, control is polled: a stop is returned, the step not run."""
         state, bus, producer = self.state, self.bus, self.producer
         assert producer is not None and isinstance(self.backend, RolloutBackend)
         version = state.step
         while True:
             rollout = producer.next_rollout(state.step, version)
+            if isinstance(rollout, Waiting):
+                decision = self._wait_for_workers(rollout)
+                if decision.stop:
+                    return decision
+                continue
             staleness = version - rollout.policy_version
             if staleness <= producer.max_staleness:
                 break
@@ -179,11 +190,12 @@ class Trainer:
                               message=f"batch of policy {rollout.policy_version} is {staleness} versions behind",
                               data={"policy_version": rollout.policy_version, "staleness": staleness,
                                     "max_staleness": producer.max_staleness, "dropped": self.dropped}))
+        self.waiting = False
         bus.rollout_received(RolloutReceived(
             step=state.step, policy_version=rollout.policy_version, staleness=staleness,
             completions=rollout.completions, tokens=rollout.tokens, generation_s=rollout.generation_s,
             reused=rollout.reused, stats=dict(rollout.stats), trainer_idle_fraction=rollout.trainer_idle_fraction,
-            generator_idle_fraction=rollout.generator_idle_fraction, time=time.time(),
+            generator_idle_fraction=rollout.generator_idle_fraction, workers_up=rollout.workers_up, time=time.time(),
         ))
         out = self.backend.train_rollout(state.step, rollout)
         started = time.perf_counter()
@@ -191,6 +203,19 @@ class Trainer:
         bus.weights_published(WeightsPublished(step=state.step + 1, version=version + 1,
                                                duration=time.perf_counter() - started, time=time.time()))
         return out
+
+    def _wait_for_workers(self, waiting: Waiting) -> Control:
+        """One poll while the producer's workers are down: the notice once per outage (the next
+        rollout event ends it), then control, as a pause polls it."""
+        bus, state = self.bus, self.state
+        if not self.waiting:
+            self.waiting = True
+            bus.notice(Notice(step=state.step, kind=notices.ROLLOUT_WAITING, time=time.time(), message=waiting.reason,
+                              data={"workers_up": waiting.workers_up, "workers": waiting.workers}))
+        bus.deliver_pending()
+        decision = self._agree(bus.control(state.view(self.train.max_steps, "waiting")))
+        self._act(decision)
+        return decision
 
     def _step_event(self, lr: float, step_time: float, interval: Interval, read: Read | None) -> StepEnd:
         """A logged step (``read``) carries its outputs and the rates measured over the interval

@@ -3,6 +3,8 @@ policy) instead of a dataset. The kernel owns the exchange, the backend owns its
 
     version = completed optimizer steps           # the policy the trainer holds
     rollout = producer.next_rollout(step, version)
+    while rollout is Waiting (its workers are down): notice "rollout_waiting" (once), poll control,
+        stop -> the step is not run; rollout = producer.next_rollout(step, version)
     while version - rollout.policy_version > producer.max_staleness:
         notice "stale_batch_dropped"; rollout = producer.next_rollout(step, version)
     rollout_received                              -> trainctl_rollout_received
@@ -40,6 +42,17 @@ class Rollout:
     # an asynchronous producer's seconds waiting / wall since it started (None: synchronous)
     trainer_idle_fraction: float | None = None  # the trainer waiting for batches
     generator_idle_fraction: float | None = None  # the generator waiting for weights or a pause
+    workers_up: int | None = None  # rollout workers answering (None: no workers, generation in process)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Waiting:
+    """No batch yet and none under way: every worker that could make it is unreachable. The
+    producer keeps retrying; the kernel polls control meanwhile, so a stop still saves."""
+
+    reason: str  # one line for the status, e.g. "rollout worker 127.0.0.1:8600 unreachable"
+    workers_up: int
+    workers: int
 
 
 @runtime_checkable
@@ -49,9 +62,11 @@ class Producer(Protocol):
     #: how many versions a batch may lag the trainer's policy; 0: synchronous (always current)
     max_staleness: int
 
-    def next_rollout(self, step: int, version: int) -> Rollout:
+    def next_rollout(self, step: int, version: int) -> Rollout | Waiting:
         """The batch to train ``step`` on, the trainer's policy being at ``version``. May block
-        while generating; a synchronous producer generates from ``version`` itself."""
+        while generating; a synchronous producer generates from ``version`` itself. A producer
+        whose generators are out of process answers :class:`Waiting` (after about half a second)
+        while none of them can be reached, and is asked again."""
 
     def publish(self, version: int) -> None:
         """The optimizer has stepped: the trainer's weights are now ``version``. An in-process

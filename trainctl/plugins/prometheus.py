@@ -161,6 +161,7 @@ class RolloutMetrics:
                                    "Seconds the trainer waited for rollouts / wall (asynchronous producers).")
         self.generator_idle = metric(Gauge, "rollout_generator_idle_fraction",
                                      "Seconds the generator waited for weights or a pause / wall (asynchronous producers).")
+        self.workers_up = metric(Gauge, "rollout_workers_up", "Rollout workers answering (hf.grpo.rollout_workers).")
         # staleness is a small integer (0..max_staleness): a counter by value is the exact histogram
         self.by_staleness = Counter("trainctl_rollout_staleness_batches", "Rollouts trained, by staleness in versions.",
                                     [*LABELS, "staleness"], registry=registry)
@@ -316,6 +317,8 @@ class PrometheusExporter:
                     self.metrics.recovery.labels(**self.labels, phase=name.removesuffix("_s")).set(value)
         elif event.kind == notices.STALE_BATCH_DROPPED:
             self.rollout_metrics().stale.inc()
+        elif event.kind == notices.ROLLOUT_WAITING:
+            self.rollout_metrics().workers_up.set(event.data["workers_up"])
         elif event.kind == notices.LAYER_STATS:
             for name, value in event.data.items():
                 layer, _, stat = name.rpartition(".")
@@ -331,6 +334,8 @@ class PrometheusExporter:
             m.trainer_idle.set(event.trainer_idle_fraction)
         if event.generator_idle_fraction is not None:
             m.generator_idle.set(event.generator_idle_fraction)
+        if event.workers_up is not None:
+            m.workers_up.set(event.workers_up)
         if not event.reused:  # a generation trained on again was counted when it was made
             m.completions.inc(event.completions)
             m.tokens.inc(event.tokens)

@@ -5,15 +5,16 @@ through a symlink) on every change of state, and with the step's numbers at most
 ``interval`` seconds, so a reader never sees half a file and a fast run does not spend its time
 writing it. Fields::
 
-    state       starting | running | paused | evaluating | saving | completed | stopped | failed
+    state       starting | running | paused | evaluating | saving | waiting | completed | stopped | failed
     step, max_steps, loss, val_loss, tokens_per_s, eta_s, last_checkpoint {path, step, reason},
     pid, host, started, updated (unix times), error (on failure), reason (why it stopped),
     metrics_address (when a metrics endpoint announced itself), resumed_from, run_name, out_dir,
     restarts (by torchrun / SLURM), recovery (the ``recovery`` notice's phases after a resume),
     rollout (rollout backends only: policy_version, staleness and generation_s of the last
     batch trained, stale batches dropped so far, staleness_counts (batches trained by staleness),
-    trainer_idle_fraction and generator_idle_fraction (asynchronous producers, else None);
-    None for a dataset run)
+    trainer_idle_fraction and generator_idle_fraction (asynchronous producers, else None),
+    workers_up (rollout workers answering, else None) and waiting (why no batch can come while
+    every rollout worker is unreachable: state is ``waiting`` then, else None); None for a dataset run)
 
 ``starting`` lasts from run start to the first finished step (compilation, a first evaluation).
 A run that dies without reaching ``run_end`` (kill -9, power loss) leaves its last state with a
@@ -97,6 +98,9 @@ class Status:
             self.write(state=self.base)
         elif event.kind == notices.RECOVERY:
             self.write(recovery=dict(event.data))
+        elif event.kind == notices.ROLLOUT_WAITING:
+            self.rollout().update(waiting=event.message, workers_up=event.data["workers_up"])
+            self.write(state="waiting")
         elif event.kind == notices.STALE_BATCH_DROPPED:
             self.rollout()["dropped"] = event.data["dropped"]  # written with the next step's numbers
         elif event.kind == notices.METRICS and event.data.get("address"):
@@ -106,18 +110,22 @@ class Status:
         if self.doc["rollout"] is None:
             self.doc["rollout"] = {"policy_version": None, "staleness": None, "generation_s": None, "dropped": 0,
                                    "staleness_counts": {}, "trainer_idle_fraction": None,
-                                   "generator_idle_fraction": None}
+                                   "generator_idle_fraction": None, "workers_up": None, "waiting": None}
         return self.doc["rollout"]
 
     @hookimpl
     def trainctl_rollout_received(self, event: RolloutReceived) -> None:
         rollout = self.rollout()
+        was_waiting = rollout["waiting"] is not None
         counts = rollout["staleness_counts"]
         counts[str(event.staleness)] = counts.get(str(event.staleness), 0) + 1  # JSON keys are strings
         idle = lambda value: None if value is None else round(value, 4)  # noqa: E731
         rollout.update(policy_version=event.policy_version, staleness=event.staleness,
                        generation_s=round(event.generation_s, 4), trainer_idle_fraction=idle(event.trainer_idle_fraction),
-                       generator_idle_fraction=idle(event.generator_idle_fraction))
+                       generator_idle_fraction=idle(event.generator_idle_fraction), workers_up=event.workers_up,
+                       waiting=None)
+        if was_waiting:
+            self.write(state=self.base)
 
     @hookimpl
     def trainctl_eval_end(self, event: EvalEnd) -> None:

@@ -177,6 +177,16 @@ def resolve_reference(reference: str, lora: bool, separate: bool = False) -> str
 GRPOLossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
 
 
+def worker_address(address: str) -> tuple[str, int]:
+    """(host, port) of a ``rollout_workers`` entry; ValueError naming the entry if it is not
+    ``host:port`` with a port in 1..65535."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() or c in "/@?#" for c in host):
+        raise ValueError(f"rollout_workers entry {address!r} is not host:port (e.g. \"127.0.0.1:8600\", the "
+                         "address `trainctl rollout-worker --port` serves on)")
+    return host.strip("[]"), int(port)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GRPOConfig:
     """``[hf.grpo]``: online RL (``[hf] objective = "grpo"``), named and defaulted as TRL's
@@ -221,8 +231,18 @@ class GRPOConfig:
     importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "sequence_mask"
     importance_sampling_clip_max: float = ranged(3.0, gt=0)
     importance_sampling_clip_min: float = ranged(0.0, ge=0)
+    # "host:port" of `trainctl rollout-worker` processes (grpo_remote.py) that generate in place
+    # of the thread, batch n on worker n mod len; empty: the thread. Needs max_staleness >= 1
+    rollout_workers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for address in self.rollout_workers:
+            worker_address(address)
+        if self.rollout_workers and self.max_staleness < 1:
+            raise ValueError("rollout_workers needs max_staleness >= 1 (the workers generate while the trainer trains); "
+                             "set max_staleness = 1 or remove rollout_workers")
+        if len(set(self.rollout_workers)) != len(self.rollout_workers):
+            raise ValueError("rollout_workers names a worker twice; list each host:port once")
         if ("model" in self.rewards) != bool(self.reward_model):
             raise ValueError('rewards has "model" but reward_model is empty; set reward_model to the folder of a '
                              'sequence-classification checkpoint' if self.reward_model == "" else

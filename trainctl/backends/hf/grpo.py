@@ -119,6 +119,14 @@ class InProcessRollouts:
         return Rollout(batch=micro, policy_version=self.generated_version, completions=completions, tokens=tokens,
                        generation_s=time.perf_counter() - started, reused=not generated, stats=stats)
 
+    def skip(self) -> None:
+        """Pass over one step's batch without generating it (a rollout worker asked for a later
+        batch: another worker makes this one): the prompt stream and TRL's counter move on."""
+        for _ in range(self.grad_accum):
+            self._next_batch()
+            self.trainer._step += 1
+        self.trainer._buffered_inputs = None
+
     def _next_batch(self) -> Any:
         if self.batches is None:
             self._start_pass()

@@ -29,7 +29,7 @@ from typing import Any
 from trainctl.backends.device import set_threads
 import torch
 
-from trainctl.backends.hf import grpo, grpo_async, grpo_state, loading, reward_model, rewards, rows, sft
+from trainctl.backends.hf import grpo, grpo_async, grpo_offpolicy, grpo_remote, grpo_state, loading, reward_model, rewards, rows, sft
 from trainctl.backends.hf.backend import HFBackend
 from trainctl.backends.hf.config import GRPOConfig
 from trainctl.backends.step import MicroLoss, local_micro_batches
@@ -41,50 +41,17 @@ from trainctl.kernel.rollout import Rollout
 class GRPOBackend(HFBackend):
     def setup(self) -> Plan:
         ctx, data, train, opts = self.ctx, self.data_cfg, self.train, self.hf.grpo
-        set_threads(train.threads)
-        self._refuse_unsupported()
-        self.micro = local_micro_batches(train.grad_accum, ctx.dist)
+        model, producer = self._policy()
         steps_per_generation = opts.steps_per_generation or train.grad_accum
         generation_batch = train.batch_size * steps_per_generation
-        if generation_batch % opts.num_generations:
-            raise ConfigError(f"hf.grpo.num_generations {opts.num_generations} does not divide the generation batch "
-                              f"{generation_batch} (train.batch_size {train.batch_size} x steps_per_generation "
-                              f"{steps_per_generation}); make the batch a multiple of it")
-        train_rows = rows.read_data(data)[0]
-        if not train_rows.rows:
-            raise ConfigError(f"{train_rows.source} has no rows; give a file with at least one prompt")
-        columns = list(train_rows.rows[0])
-        if opts.prompt_column not in columns:
-            raise ConfigError(f"{train_rows.source} has no column {opts.prompt_column!r} (columns: {', '.join(columns)}); "
-                              "set hf.grpo.prompt_column to the column holding the prompts")
-        self.reward_names = list(opts.rewards)
-        scorer = self._reward_model()  # checked and loaded before the policy: a refusal costs nothing
-        funcs = [scorer[0] if name == "model" and scorer else self._reward(name, columns) for name in self.reward_names]
-        tokenizers = [scorer[1] if name == "model" and scorer else None for name in self.reward_names]
-        prompts = [dict(row, prompt=row[opts.prompt_column]) for row in train_rows.rows]  # TRL reads "prompt"
-        self.prompts_sha256 = hashlib.sha256(json.dumps(prompts, sort_keys=True, default=str).encode()).hexdigest()
-
-        hf_config = loading.model_config(self.cfg)
-        self.tokenizer = loading.tokenizer(self.cfg)
-        attn = loading.attention(self.cfg.attn_implementation, self.device)
-        with sft.quiet():
-            model, _ = loading.model(self.cfg, hf_config, attn=attn, device=self.device)
-        # loading turns the KV cache off for packed SFT rows; generation without one recomputes
-        # the whole prefix for every token. The checkpoint's own setting, as TRL loads it
-        model.config.use_cache = hf_config.use_cache
-        copy = copy_module.deepcopy(model) if opts.max_staleness else None  # the generator's policy, before TRL wraps it
-
-        def producer(policy: Any) -> grpo.InProcessRollouts:
-            return grpo.InProcessRollouts(
-                model=policy, tokenizer=self.tokenizer, rows=prompts, rewards=funcs, reward_names=self.reward_names,
-                reward_tokenizers=tokenizers, opts=opts, batch_size=train.batch_size,
-                grad_accum=len(self.micro), world_size=ctx.dist.world_size, seed=ctx.seed, use_cpu=self.device.type == "cpu",
-                peft_config=loading.lora(self.hf.lora) if self.hf.lora else None,
-                checkpointing=self.cfg.gradient_checkpointing or train.activation_checkpointing,
-            )
-
+        scorer, prompts, hf_config, attn = self.scorer, self.prompts, self.hf_config, self.attn
+        # the generator's policy, before TRL wraps it (rollout workers hold their own)
+        copy = copy_module.deepcopy(model) if opts.max_staleness and not opts.rollout_workers else None
         self.producer = producer(model)
-        if copy is not None:
+        if opts.rollout_workers:
+            self.producer = grpo_remote.RemoteRollouts(trainer_side=self.producer, opts=opts, grad_accum=train.grad_accum,
+                                                       weights=ctx.out_dir / grpo_remote.WEIGHTS_DIR)
+        elif copy is not None:
             self.producer = grpo_async.AsyncRollouts(trainer_side=self.producer, generator_side=producer(copy),
                                                      opts=opts, grad_accum=train.grad_accum)
         self.model = self.producer.model
@@ -113,11 +80,71 @@ class GRPOBackend(HFBackend):
                                     "(its weights are in the memory plan)"} if scorer else {}),
                 "rollouts": f"in process, a generation every {steps_per_generation * opts.num_iterations} micro-batches "
                             f"(max staleness {self.producer.max_staleness})" if not opts.max_staleness else
-                            f"a generator thread with its own policy copy, up to {opts.max_staleness} versions ahead",
+                            f"a generator thread with its own policy copy, up to {opts.max_staleness} versions ahead"
+                            if not opts.rollout_workers else
+                            f"{len(opts.rollout_workers)} rollout worker(s) ({', '.join(opts.rollout_workers)}), "
+                            f"up to {opts.max_staleness} versions ahead, weights in {ctx.out_dir / grpo_remote.WEIGHTS_DIR}",
                 "data": f"{len(prompts)} prompts",
                 "tokens/step": "at most, completions only; the estimate below leaves generation out",
             },
         )
+
+    def generator_side(self) -> grpo.InProcessRollouts:
+        """What a rollout worker generates with (``trainctl rollout-worker``): the policy and TRL's
+        trainer as this run's generator thread has them, from the same config (model folder,
+        prompts, rewards, seed), checked as ``setup`` checks them."""
+        if not self.hf.grpo.max_staleness:
+            raise ConfigError('a rollout worker generates ahead of the trainer: its config needs hf.objective = "grpo" '
+                              "and hf.grpo.max_staleness >= 1, as the trainer's")
+        model, producer = self._policy()
+        return producer(model)
+
+    def _policy(self) -> tuple[Any, Any]:
+        """The checks, prompts, rewards and policy model of the run, and the factory of an
+        ``InProcessRollouts`` around a policy."""
+        ctx, data, train, opts = self.ctx, self.data_cfg, self.train, self.hf.grpo
+        set_threads(train.threads)
+        self._refuse_unsupported()
+        self.micro = local_micro_batches(train.grad_accum, ctx.dist)
+        steps_per_generation = opts.steps_per_generation or train.grad_accum
+        generation_batch = train.batch_size * steps_per_generation
+        if generation_batch % opts.num_generations:
+            raise ConfigError(f"hf.grpo.num_generations {opts.num_generations} does not divide the generation batch "
+                              f"{generation_batch} (train.batch_size {train.batch_size} x steps_per_generation "
+                              f"{steps_per_generation}); make the batch a multiple of it")
+        train_rows = rows.read_data(data)[0]
+        if not train_rows.rows:
+            raise ConfigError(f"{train_rows.source} has no rows; give a file with at least one prompt")
+        columns = list(train_rows.rows[0])
+        if opts.prompt_column not in columns:
+            raise ConfigError(f"{train_rows.source} has no column {opts.prompt_column!r} (columns: {', '.join(columns)}); "
+                              "set hf.grpo.prompt_column to the column holding the prompts")
+        self.reward_names = list(opts.rewards)
+        self.scorer = scorer = self._reward_model()  # checked and loaded before the policy: a refusal costs nothing
+        funcs = [scorer[0] if name == "model" and scorer else self._reward(name, columns) for name in self.reward_names]
+        tokenizers = [scorer[1] if name == "model" and scorer else None for name in self.reward_names]
+        self.prompts = prompts = [dict(row, prompt=row[opts.prompt_column]) for row in train_rows.rows]  # TRL reads "prompt"
+        self.prompts_sha256 = hashlib.sha256(json.dumps(prompts, sort_keys=True, default=str).encode()).hexdigest()
+
+        self.hf_config = hf_config = loading.model_config(self.cfg)
+        self.tokenizer = loading.tokenizer(self.cfg)
+        self.attn = loading.attention(self.cfg.attn_implementation, self.device)
+        with sft.quiet():
+            model, _ = loading.model(self.cfg, hf_config, attn=self.attn, device=self.device)
+        # loading turns the KV cache off for packed SFT rows; generation without one recomputes
+        # the whole prefix for every token. The checkpoint's own setting, as TRL loads it
+        model.config.use_cache = hf_config.use_cache
+
+        def producer(policy: Any) -> grpo.InProcessRollouts:
+            return grpo.InProcessRollouts(
+                model=policy, tokenizer=self.tokenizer, rows=prompts, rewards=funcs, reward_names=self.reward_names,
+                reward_tokenizers=tokenizers, opts=opts, batch_size=train.batch_size,
+                grad_accum=len(self.micro), world_size=ctx.dist.world_size, seed=ctx.seed, use_cpu=self.device.type == "cpu",
+                peft_config=loading.lora(self.hf.lora) if self.hf.lora else None,
+                checkpointing=self.cfg.gradient_checkpointing or train.activation_checkpointing,
+            )
+
+        return model, producer
 
     def _refuse_unsupported(self) -> None:
         data, train = self.data_cfg, self.train
@@ -173,7 +200,7 @@ class GRPOBackend(HFBackend):
 
     # --- the seam ---------------------------------------------------------------------------------
 
-    def rollout_producer(self) -> grpo.InProcessRollouts | grpo_async.AsyncRollouts:
+    def rollout_producer(self) -> grpo.InProcessRollouts | grpo_async.AsyncRollouts | grpo_remote.RemoteRollouts:
         return self.producer
 
     def train_step(self, step: int) -> StepOutput:
@@ -200,7 +227,7 @@ class GRPOBackend(HFBackend):
         micro-batch (from a dataloader of its own, generated with the RNG saved and put back, and
         the producer's state as it was), times the micro-batches. Generation time is left out."""
         trainer, rng, saved = self.producer.trainer, self.placement.rng_state(), self.producer.loss_side.state() \
-            if isinstance(self.producer, grpo_async.AsyncRollouts) else self.producer.state()
+            if isinstance(self.producer, grpo_offpolicy.OffPolicyRollouts) else self.producer.state()
         inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         seconds = self.stepper.measure(inputs, self._loss, steps=steps, micro_batches=len(self.micro))
         trainer._step, trainer._buffered_inputs = saved.step, saved.buffered
@@ -252,4 +279,8 @@ class GRPOBackend(HFBackend):
 def grpo_settings(opts: GRPOConfig) -> dict[str, Any]:
     """``[hf.grpo]`` as the stream's settings (keys ``hf.grpo.NAME``)."""
     return {f"hf.grpo.{key}": list(value) if isinstance(value, tuple) else value
-            for key, value in dataclasses.asdict(opts).items()}
+            for key, value in dataclasses.asdict(opts).items() if key not in NOT_STREAM}
+
+
+#: where the batches are generated, not what they hold: free to change across a resume
+NOT_STREAM = ("rollout_workers",)

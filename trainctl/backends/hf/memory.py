@@ -14,7 +14,8 @@ frozen second model (``frozen``: the starting weights, or ``hf.dpo.ref_model``'s
 LoRA the reference is the adapters switched off), and while generating the KV cache of a whole
 generation batch (``train.batch_size x steps_per_generation`` rows, as TRL generates them at
 once); synchronously the policy generates with its own weights, and with ``max_staleness`` > 0
-the generator's copy and the staging copy it takes weights from are two more frozen models. A
+the generator's copy and the staging copy it takes weights from are two more frozen models (none
+with ``rollout_workers``: the workers hold theirs in their own processes). A
 reward model (``hf.grpo.reward_model``) counts its weights, in the policy's dtype, from its
 config.json read as ``reward_model.check`` reads it (its scoring forward runs under inference
 mode and is left out).
@@ -87,7 +88,7 @@ def _grpo(ctx: BackendContext, cfg: Any, hf: HFConfig, text: Any, dtype: str, at
     if opts.beta > 0 and lora is None:
         frozen.append(s.params)
         what.append(f"GRPO's reference model ({s.params:,} parameters, hf.grpo.beta > 0)")
-    if opts.max_staleness:  # the generator's policy copy, and the staging copy publish() fills
+    if opts.max_staleness and not opts.rollout_workers:  # the generator's policy copy, and the staging copy publish() fills
         frozen.append(2 * s.params)
         what.append(f"the generator's policy copy and its staging copy (2 x {s.params:,} parameters, "
                     f"hf.grpo.max_staleness = {opts.max_staleness})")
