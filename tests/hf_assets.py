@@ -117,6 +117,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def grpo_assets(root: Path, tokenizer_dir: Path, prompts: int) -> tuple[Path, Path]:
+    """(a tiny Qwen3 in ``root/qwen3``, ``root/prompts.jsonl``): GRPO prompts, the first 40
+    characters of ``prompts`` speeches, each with its ``speaker``."""
+    build_model(root / "qwen3", tokenizer_dir, arch="qwen3")
+    rows = [{"prompt": speech[:40], "speaker": speaker} for speaker, speech in speeches(prompts)]
+    return root / "qwen3", write_jsonl(root / "prompts.jsonl", rows)
+
+
 def text_rows(n: int = 64) -> list[dict]:
     return [{"text": f"{speaker}:\n{speech}"} for speaker, speech in speeches()[:n]]
 

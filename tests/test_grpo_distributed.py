@@ -49,9 +49,7 @@ FLOOR = 1e-7  # absolute, for values that are 0 in exact arithmetic (step 1's lo
 @pytest.fixture(scope="module")
 def qwen3(hf, tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo_ddp")
-    hf_assets.build_model(root / "qwen3", hf.tokenizer, arch="qwen3")
-    rows = [{"prompt": speech[:40], "speaker": speaker} for speaker, speech in hf_assets.speeches(16)]
-    return root / "qwen3", hf_assets.write_jsonl(root / "prompts.jsonl", rows)
+    return hf_assets.grpo_assets(root, hf.tokenizer, 16)
 
 
 def settings(model: Path, prompts: Path, *extra: str) -> list[str]:

@@ -29,11 +29,9 @@ COMPARED = ("loss", "grad_norm", "kl", "entropy", "reward", "reward_std", f"rewa
 @pytest.fixture(scope="module")
 def qwen3(hf, tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo_resume")
-    hf_assets.build_model(root / "qwen3", hf.tokenizer, arch="qwen3")
     # 8 prompts, 2 per generation: a pass over them is 4 generations, 8 steps; a stop at 11 is in the
     # second pass (RepeatSampler's generator has moved on), the resumed run crosses two more
-    rows = [{"prompt": speech[:40], "speaker": speaker} for speaker, speech in hf_assets.speeches(8)]
-    return root / "qwen3", hf_assets.write_jsonl(root / "prompts.jsonl", rows)
+    return hf_assets.grpo_assets(root, hf.tokenizer, 8)
 
 
 def settings(model_dir: Path, prompts: Path, steps: int = STEPS) -> list[str]:
