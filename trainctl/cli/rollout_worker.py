@@ -61,7 +61,7 @@ def rollout_worker(config: str | None, backend: str | None, overrides: tuple[str
         worker = RolloutWorker(backend_.generator_side(), hf.grpo, weights.resolve())
         bound_host, bound_port = sock.getsockname()[:2]
         click.echo(f"rollout-worker: listening on http://{bound_host}:{bound_port} | weights {weights} | "
-                   f"{resolved.model.name_or_path}, max staleness {hf.grpo.max_staleness}", )
+                   f"{resolved.model.name_or_path}, max staleness {hf.grpo.max_staleness}")
         try:
             serve(worker, sock)
         except KeyboardInterrupt:

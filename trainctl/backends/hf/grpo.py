@@ -85,6 +85,7 @@ class InProcessRollouts:
         # TRL names a reward model after its folder; ours are named as hf.grpo.rewards spells them
         self.trainer.reward_func_names = list(reward_names)
         self.model = self.trainer.model.train()  # a PeftModel when LoRA is on; in training mode, as train() puts it
+        self.loss_side = self  # the trainer whose loss a step computes (an off-policy producer's is another's)
         self.grad_accum, self.world = grad_accum, world_size
         self.trainer.current_gradient_accumulation_steps = grad_accum  # Trainer.train() sets it per step
         steps_per_generation = self.trainer.args.steps_per_generation

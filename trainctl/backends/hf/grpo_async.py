@@ -38,7 +38,6 @@ from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.rollout import Rollout
 
 
-
 class AsyncRollouts(OffPolicyRollouts):
     """A :class:`trainctl.kernel.rollout.Producer` whose batches are made ahead by a generator
     thread, at most ``max_staleness`` versions behind the trainer's policy."""
@@ -50,7 +49,7 @@ class AsyncRollouts(OffPolicyRollouts):
         if trainer_side.trainer.ref_model is not None:
             generator_side.trainer.ref_model = trainer_side.trainer.ref_model  # read-only: one copy
         self.gen.model.requires_grad_(False)
-        trained = [p for p in self.model.parameters()]
+        trained = list(self.model.parameters())
         self.staging = [p.detach().clone() for p in trained]  # the published weights
         self.pairs = list(zip(trained, self.staging, self.gen.model.parameters()))
         self.gen_version = 0  # version in the generator's copy (self.published: in staging)

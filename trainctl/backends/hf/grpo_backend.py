@@ -15,6 +15,11 @@ metrics come back as host floats (``StepOutput.host_metrics``) rather than devic
 A checkpoint holds, beside the hf backend's files, the producer's state (``grpo_state.py``), so a
 resumed run trains on the prompts, completions and rewards the uninterrupted one would have
 (``tests/test_grpo_resume.py``); a resume that changes what the stream depends on is refused.
+
+On several ranks TRL's own multi-process logic shares the generation (``grpo.py``); under FSDP
+every generated token is a forward that all-gathers the layers, so a rank whose completions ended
+must keep running the longest rank's: ``fully_shard`` marks the modules it manages
+(``_is_fsdp_managed_module``) and transformers' ``generate`` turns ``synced_gpus`` on for them.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainctl.backends.device import set_threads
 import torch
 
-from trainctl.backends.hf import grpo, grpo_async, grpo_offpolicy, grpo_remote, grpo_state, loading, reward_model, rewards, rows, sft
+from trainctl.backends.device import set_threads
+from trainctl.backends.hf import (grpo, grpo_async, grpo_remote, grpo_state, loading, reward_model, rewards, rows,
+                                  sft)
 from trainctl.backends.hf.backend import HFBackend
 from trainctl.backends.hf.config import GRPOConfig
 from trainctl.backends.step import MicroLoss, local_micro_batches
@@ -58,9 +64,6 @@ class GRPOBackend(HFBackend):
         self.base = self.model.get_base_model() if self.hf.lora else self.model
         self.max_steps = train.max_steps
         self._place(loss_terms=None)
-        # under FSDP each generated token is a forward that all-gathers the layers, so every rank must
-        # run as many as the longest rank's: fully_shard marks the modules it manages
-        # (_is_fsdp_managed_module) and transformers' generate turns synced_gpus on for them
         self.steps_done = 0
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.params)
@@ -78,16 +81,22 @@ class GRPOBackend(HFBackend):
                 **({"reward model": f"{opts.reward_model}: {type(scorer[0]).__name__}, "
                                     f"{sum(p.numel() for p in scorer[0].parameters()):,} parameters, frozen "
                                     "(its weights are in the memory plan)"} if scorer else {}),
-                "rollouts": f"in process, a generation every {steps_per_generation * opts.num_iterations} micro-batches "
-                            f"(max staleness {self.producer.max_staleness})" if not opts.max_staleness else
-                            f"a generator thread with its own policy copy, up to {opts.max_staleness} versions ahead"
-                            if not opts.rollout_workers else
-                            f"{len(opts.rollout_workers)} rollout worker(s) ({', '.join(opts.rollout_workers)}), "
-                            f"up to {opts.max_staleness} versions ahead, weights in {ctx.out_dir / grpo_remote.WEIGHTS_DIR}",
+                "rollouts": self._rollouts_line(steps_per_generation),
                 "data": f"{len(prompts)} prompts",
                 "tokens/step": "at most, completions only; the estimate below leaves generation out",
             },
         )
+
+    def _rollouts_line(self, steps_per_generation: int) -> str:
+        """Where the batches come from, for the plan."""
+        opts = self.hf.grpo
+        if opts.rollout_workers:
+            return (f"{len(opts.rollout_workers)} rollout worker(s) ({', '.join(opts.rollout_workers)}), up to "
+                    f"{opts.max_staleness} versions ahead, weights in {self.ctx.out_dir / grpo_remote.WEIGHTS_DIR}")
+        if opts.max_staleness:
+            return f"a generator thread with its own policy copy, up to {opts.max_staleness} versions ahead"
+        return (f"in process, a generation every {steps_per_generation * opts.num_iterations} micro-batches "
+                f"(max staleness {self.producer.max_staleness})")
 
     def generator_side(self) -> grpo.InProcessRollouts:
         """What a rollout worker generates with (``trainctl rollout-worker``): the policy and TRL's
@@ -226,8 +235,7 @@ class GRPOBackend(HFBackend):
         """Seconds of the training part of a step: forward/backward of the loss on one prepared
         micro-batch (from a dataloader of its own, generated with the RNG saved and put back, and
         the producer's state as it was), times the micro-batches. Generation time is left out."""
-        trainer, rng, saved = self.producer.trainer, self.placement.rng_state(), self.producer.loss_side.state() \
-            if isinstance(self.producer, grpo_offpolicy.OffPolicyRollouts) else self.producer.state()
+        trainer, rng, saved = self.producer.trainer, self.placement.rng_state(), self.producer.loss_side.state()
         inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         seconds = self.stepper.measure(inputs, self._loss, steps=steps, micro_batches=len(self.micro))
         trainer._step, trainer._buffered_inputs = saved.step, saved.buffered

@@ -35,6 +35,8 @@ from trainctl.backends.hf.grpo import InProcessRollouts
 from trainctl.backends.hf.grpo_state import ProducerState
 from trainctl.kernel.rollout import Rollout
 
+POLL_S = 0.1  # condition waits wake this often to notice a stop
+
 
 @dataclass(kw_only=True, slots=True)
 class Generated:
@@ -71,9 +73,6 @@ def generate(gen: InProcessRollouts, index: int, version: int, opts: GRPOConfig)
     gen.trainer._metrics["train"].clear()
     return Generated(micro=micro, version=version, metrics=metrics, position=replace(gen.state(), buffered=None),
                      generation_s=time.perf_counter() - started)
-
-
-POLL_S = 0.1  # condition waits wake this often to notice a stop
 
 
 class OffPolicyRollouts:

@@ -30,7 +30,7 @@ def write(directory: Path, version: int, model: Any) -> None:
     """``model``'s parameters as version ``version``; older versions beyond ``KEEP`` removed."""
     from safetensors.torch import save
 
-    tensors = {name: p.detach().cpu().contiguous().clone() for name, p in model.named_parameters()}  # tied: once
+    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()}  # tied: once; save() copies
     tmp = directory / f".{file_name(version)}.tmp"
     with open(tmp, "wb") as handle:
         handle.write(save(tensors, metadata={"version": str(version)}))
