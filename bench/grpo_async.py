@@ -3,19 +3,22 @@ training time, ``hf.grpo.max_staleness = 1`` gives >= 1.6x the synchronous steps
 trainer idle <= 10 % of the wall time.
 
 The model is the tests' tiny random Qwen3 (``tests/hf_assets.py``, 0.14M parameters), prompts the
-first 40 characters of 32 speeches, 8 completions of up to ``--tokens`` tokens per prompt, one
-prompt per micro-batch and ``grad_accum = 2``. Each setting is the real CLI, ``trainctl run
---backend hf`` in a subprocess at ``train.threads = 1`` (the generator thread shares the
-process). Reported per k: steps/s from the step-end times (the first ``SKIP`` steps left out:
-the pipeline fills), the mean generation seconds and the rest of the step (the training part,
-synchronous run), the trainer and generator idle fractions of the last rollout event, and the
-staleness counts. ``uptime``'s load is printed with them: the machine is shared.
+first ``--prompt-chars`` (200) characters of 32 speeches, 8 completions of up to ``--tokens`` (16)
+tokens per prompt, one prompt per micro-batch and ``grad_accum = 2``: the defaults make a
+synchronous step's generation and training about equal on this CPU (the premise of the bar).
+Each setting is the real CLI, ``trainctl run --backend hf`` in a subprocess at ``train.threads =
+1`` (the generator thread shares the process). Reported per k: steps/s from the step-end times
+(the first ``SKIP`` steps left out: the pipeline fills), the mean generation seconds and the rest
+of the step (the training part, synchronous run), the trainer and generator idle fractions of the
+last rollout event, and the staleness counts. ``uptime``'s load is printed with them: the machine
+is shared. The k = 1 generation seconds against k = 0's are what running beside the trainer
+costs the generator (two busy cores instead of one).
 
 ``--worker`` measures k = 1 with one ``trainctl rollout-worker`` process instead of the thread
 (``hf.grpo.rollout_workers``; the worker at ``train.threads = 1`` too), against the same k = 0;
 ``--workers N`` with N of them (batch n on worker n mod N).
 
-    .venv/bin/python bench/grpo_async.py [--steps 30] [--tokens 24] [--worker [--workers N]]
+    .venv/bin/python bench/grpo_async.py [--steps 30] [--tokens 16] [--prompt-chars 200] [--worker [--workers N]]
 """
 
 from __future__ import annotations
@@ -89,7 +92,8 @@ def run(root: Path, model: Path, data: Path, k: int, steps: int, tokens: int, wo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--prompt-chars", type=int, default=200, help="each prompt: a speech's first N characters")
     parser.add_argument("--worker", action="store_true", help="k = 1 with a rollout-worker process, not the thread")
     parser.add_argument("--workers", type=int, default=1, help="with --worker: how many rollout-worker processes")
     args = parser.parse_args()
@@ -97,7 +101,7 @@ def main() -> None:
         root = Path(tmp)
         hf_assets.build_tokenizer(root / "tok")
         hf_assets.build_model(root / "qwen3", root / "tok", arch="qwen3")
-        rows = [{"prompt": speech[:40]} for _, speech in hf_assets.speeches(32)]
+        rows = [{"prompt": speech[:args.prompt_chars]} for _, speech in hf_assets.speeches(32)]
         data = hf_assets.write_jsonl(root / "prompts.jsonl", rows)
         load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         results = [run(root, root / "qwen3", data, 0, args.steps, args.tokens),

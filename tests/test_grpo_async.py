@@ -199,3 +199,58 @@ def test_sigterm_while_the_generator_runs_saves_and_exits(qwen3, tmp_path):
     status = run.status()
     assert status["state"] == "stopped" and status["reason"] == "signal", status
     assert (out / "checkpoints" / f"step-{status['step']:06d}" / STATE_FILE).exists()
+
+
+def test_behaviour_logps_from_generation_and_the_ratio_from_the_losss_forward_equal_trls(registry, qwen3, tmp_path):
+    """The generator's sampling_per_token_logps come from generate's own forwards (no second pass):
+    they are TRL's _get_per_token_logps_and_entropies of the same weights, to float32 rounding; a
+    stale batch's ratio, made from the loss's own forward, is TRL's exp(old - sampling) from a
+    forward of its own, and the loss with it TRL's."""
+    import torch
+
+    from trainctl.backends.hf.grpo_backend import GRPOBackend
+    from trainctl.backends.hf.grpo_offpolicy import OffPolicyRollouts, generate, prepare_generator
+    from trainctl.kernel.backend import BackendContext
+
+    resolved = make_config(registry, tmp_path, *settings(*qwen3, steps=1), "hf.grpo.temperature=0.7",
+                           "hf.grpo.importance_sampling_mode='token_truncate'", backend="hf")
+    gen = GRPOBackend(BackendContext.of(resolved, out_dir=tmp_path)).generator_side()
+    prepare_generator(gen, resolved.sections["hf"].grpo)
+    with torch.no_grad():  # EOS likely after some tokens, not others: completions of several lengths
+        gen.model.get_output_embeddings().weight[gen.trainer.processing_class.eos_token_id] *= 20
+    micro = generate(gen, 0, 0).micro
+    lengths = set()
+    for inputs in micro:
+        mask = inputs["completion_mask"].bool()
+        lengths |= set(mask.sum(1).tolist())
+        with torch.no_grad():
+            forward = gen.logps(gen.model, inputs)
+        recorded = inputs["sampling_per_token_logps"]
+        assert recorded.shape == forward.shape
+        assert torch.allclose(recorded[mask], forward[mask], atol=1e-5, rtol=0), (recorded - forward)[mask].abs().max()
+        assert (recorded[mask] < 0).all()
+    assert len(lengths) > 1  # completions of several lengths: the EOS-cut rows are matched too
+
+    # the batch made stale: the ratio the loss makes from its own forward is TRL's from a forward of its own
+    opts = resolved.sections["hf"].grpo
+    producer = OffPolicyRollouts(trainer_side=gen, opts=opts, grad_accum=len(micro))
+    with torch.no_grad():
+        for param in gen.model.parameters():
+            param.add_(torch.randn_like(param), alpha=1e-2)
+    trainer, inputs = gen.trainer, micro[0]
+    gen.model.requires_grad_(True)
+    loss = producer.loss(gen.model, inputs)
+    with torch.no_grad():
+        old = gen.logps(gen.model, inputs)
+    mask = inputs["completion_mask"]
+    ratio = torch.clamp(torch.exp((old - inputs["sampling_per_token_logps"]) * mask),
+                        max=opts.importance_sampling_clip_max)
+    assert torch.allclose(producer.ratios[0], ratio[mask.bool()], atol=1e-6, rtol=0)
+    assert (producer.ratios[0] != 1).any()
+    trainer.use_vllm = True
+    expected = trainer._compute_loss(gen.model, {k: v for k, v in inputs.items() if k != "sampling_per_token_logps"}
+                                     | {"old_per_token_logps": old, "importance_sampling_ratio": ratio})
+    trainer.use_vllm = False
+    assert torch.allclose(loss, expected, atol=1e-7, rtol=1e-6), (loss, expected)
+    assert producer.step_metrics()["sampling/importance_sampling_ratio/mean"] == pytest.approx(float(ratio[mask.bool()].mean()))
+    gen.close()

@@ -33,7 +33,7 @@ import torch
 
 from trainctl.backends.hf.config import GRPOConfig
 from trainctl.backends.hf.grpo import InProcessRollouts
-from trainctl.backends.hf.grpo_offpolicy import POLL_S, Clock, OffPolicyRollouts, generate
+from trainctl.backends.hf.grpo_offpolicy import POLL_S, Clock, OffPolicyRollouts, generate, prepare_generator
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.rollout import Rollout
 
@@ -48,7 +48,7 @@ class AsyncRollouts(OffPolicyRollouts):
         self.gen = generator_side
         if trainer_side.trainer.ref_model is not None:
             generator_side.trainer.ref_model = trainer_side.trainer.ref_model  # read-only: one copy
-        self.gen.model.requires_grad_(False)
+        prepare_generator(generator_side, opts)
         trained = list(self.model.parameters())
         self.staging = [p.detach().clone() for p in trained]  # the published weights
         self.pairs = list(zip(trained, self.staging, self.gen.model.parameters()))
@@ -95,7 +95,7 @@ class AsyncRollouts(OffPolicyRollouts):
         try:
             while self._wait_for_turn():
                 self._take_weights()
-                done = generate(self.gen, self.next_index, self.gen_version, self.opts)
+                done = generate(self.gen, self.next_index, self.gen_version)
                 with self.cond:
                     self.queue[self.next_index] = done
                     self.next_index += 1

@@ -29,7 +29,7 @@ import torch
 from trainctl.backends.hf import rollout_weights, rollout_wire
 from trainctl.backends.hf.config import GRPOConfig
 from trainctl.backends.hf.grpo import InProcessRollouts
-from trainctl.backends.hf.grpo_offpolicy import Generated, generate
+from trainctl.backends.hf.grpo_offpolicy import Generated, generate, prepare_generator
 from trainctl.backends.hf.grpo_state import ProducerState
 from trainctl.kernel.checkpoint_files import NotVerified
 from trainctl.kernel.errors import ConfigError
@@ -44,7 +44,7 @@ class RolloutWorker:
 
     def __init__(self, gen: InProcessRollouts, opts: GRPOConfig, weights: Path) -> None:
         self.gen, self.opts, self.weights = gen, opts, weights
-        self.gen.model.requires_grad_(False)
+        prepare_generator(gen, opts)
         self.params = dict(gen.model.named_parameters())
         self.expected = {name: (tuple(p.shape), p.dtype) for name, p in self.params.items()}
         self.next_index: int | None = None  # None: no position yet
@@ -73,7 +73,7 @@ class RolloutWorker:
             if time.monotonic() >= deadline:
                 return f"no weights of version >= {needed} in {self.weights} yet"
             time.sleep(POLL_S)
-        done = generate(self.gen, n, self.version, self.opts)
+        done = generate(self.gen, n, self.version)
         self.next_index = n + 1
         return done
 
