@@ -26,6 +26,7 @@ from tests.live import LiveRun, sets
 from tests.test_grpo_async import events, settings
 from tests.test_grpo_cli import GOOD, broken_weights, grpo, one_line, prompts  # noqa: F401  (fixtures)
 from tests.test_grpo_resume import qwen3  # noqa: F401  (the tiny model and 8 prompts)
+from tests.test_grpo_reward_plugins import installed  # noqa: F401  (the xr reward plugins, installed)
 from trainctl.backends.hf import rollout_wire
 from trainctl.backends.hf.grpo_state import ProducerState
 
@@ -268,3 +269,89 @@ def test_ctl_stop_then_resume_with_the_same_worker_goes_on_from_the_saved_positi
     assert [r["step"] for r in rollouts] == [stopped, stopped + 1, stopped + 2]
     assert rollouts[0]["staleness"] == 0 and rollouts[0]["policy_version"] == stopped
     assert all(r["staleness"] <= 1 for r in rollouts)
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("vocab", "completion_ids holds ids outside the vocabulary of"),
+    ("future", "of version 100"),
+])
+def test_a_batch_no_trainer_can_train_on_fails_the_run_in_one_line(qwen3, tmp_path, mode, expected):
+    """A process on the listed port that hands out altered batches (tests/tampering_worker.py,
+    between the trainer and a real worker): each batch is checked as a checkpoint's buffer is, and
+    its version against what the trainer has written; the run fails at once, naming the worker."""
+    upstream, port, out = free_port(), free_port(), tmp_path / "run"
+    config = settings(*qwen3, steps=3)
+    worker = Worker(config, upstream, out / "rollout-weights", tmp_path / "worker.log")
+    proxy = subprocess.Popen([sys.executable, str(ROOT / "tests" / "tampering_worker.py"), str(port), str(upstream), mode],
+                             cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        proc = run_cli("run", "--yes", "--backend", "hf", "--out", str(out),
+                       *sets(*config, f"hf.grpo.rollout_workers=['127.0.0.1:{port}']"), timeout=240)
+    finally:
+        proxy.kill()
+        proxy.wait()
+        worker.kill()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("trainctl: run failed at step 0: ") and f"rollout worker 127.0.0.1:{port} answered" in line \
+        and expected in line, line
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").glob("step-*"))  # nothing trained on it
+
+
+def test_read_batch_refuses_masks_nan_and_another_shape():
+    """The wire's own checks, on batches made here: a mask of 2, NaN advantages, a micro-batch of
+    another batch size, a non-tensor input, more micro-batches than the run's."""
+    import torch
+
+    from trainctl.backends.hf.grpo_offpolicy import Generated
+    from trainctl.backends.hf.grpo_state import Expected
+
+    def micro(b: int = 4) -> dict:
+        return {"prompt_ids": torch.ones(b, 5, dtype=torch.long), "prompt_mask": torch.ones(b, 5, dtype=torch.long),
+                "completion_ids": torch.ones(b, 3, dtype=torch.long), "completion_mask": torch.ones(b, 3, dtype=torch.long),
+                "advantages": torch.zeros(b), "num_items_in_batch": torch.tensor(12),
+                "sampling_per_token_logps": torch.full((b, 3), -1.0)}
+
+    expected = Expected(settings={}, defaults={}, batch_size=4, micro_batches=2, max_completion_length=8,
+                        vocab_size=100, passes=4, shuffles=True)
+    position = ProducerState(step=2, generated_version=0, tokens_seen=0, consumed=1, pass_start=None, buffered=None)
+
+    def wire(*micros: dict) -> bytes:
+        return rollout_wire.batch(Generated(micro=list(micros), version=0, metrics={}, position=position, generation_s=0.1))
+
+    assert len(rollout_wire.read_batch(wire(micro(), micro()), "cpu", expected).micro) == 2  # a good one passes
+    bad_mask, nan, other = micro(), micro(), micro(b=3)
+    bad_mask["completion_mask"][1, 2] = 2
+    nan["advantages"][0] = float("nan")
+    cases = {"completion_mask holds values other than 0 and 1": wire(micro(), bad_mask),
+             "advantages holds NaN or infinite values": wire(nan, micro()),
+             "are not (4, length)": wire(other, micro()),
+             "holds values that are not tensors": wire(micro(), {**micro(), "advantages": [0.0] * 4}),
+             "3 micro-batches, not this run's 2": wire(micro(), micro(), micro())}
+    for problem, data in cases.items():
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            rollout_wire.read_batch(data, "cpu", expected)
+
+
+def test_a_reward_plugin_scores_in_the_worker(installed, qwen3, tmp_path):
+    """A third-party reward plugin (tests/test_grpo_reward_plugins.py's ``xr``, installed through
+    the entry point) named in hf.grpo.rewards is built in the worker from the same config and
+    scores its generations; the trainer logs its reward under the plugin's name."""
+    from tests import hf_assets
+
+    port, out = free_port(), tmp_path / "run"
+    rows = hf_assets.write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": speech[:40], "answer": speaker}
+                                                              for speaker, speech in hf_assets.speeches(8)])
+    config = [*settings(qwen3[0], rows, steps=3, plugins='"jsonl", "other", "length"'),
+              "hf.grpo.rewards=['length', 'tests.grpo_rewards:e_share']", "hf.grpo.reward_weights=[1.0, 0.5]"]
+    worker = Worker(config, port, out / "rollout-weights", tmp_path / "worker.log")
+    try:
+        proc = run_cli("run", "--yes", "--backend", "hf", "--out", str(out),
+                       *sets(*config, f"hf.grpo.rollout_workers=['127.0.0.1:{port}']"), timeout=240)
+    finally:
+        worker.kill()
+    assert proc.returncode == 0, proc.stderr[-3000:] + worker.output()[-2000:]
+    steps = [e["metrics"] for e in events(out) if e["event"] == "step"]
+    assert len(steps) == 3 and all(m["rewards/length/mean"] > 0 for m in steps)
+    assert all(m["reward"] == pytest.approx(m["rewards/length/mean"] + 0.5 * m["rewards/tests.grpo_rewards:e_share/mean"])
+               for m in steps)

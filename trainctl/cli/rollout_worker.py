@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -57,7 +58,8 @@ def rollout_worker(config: str | None, backend: str | None, overrides: tuple[str
     from trainctl.kernel.backend import BackendContext
 
     with tempfile.TemporaryDirectory(prefix="trainctl-rollout-worker-") as scratch:
-        backend_ = GRPOBackend(BackendContext.of(resolved, out_dir=Path(scratch)))
+        rewards = reward_plugins(resolved, registry, Path(scratch))
+        backend_ = GRPOBackend(BackendContext.of(resolved, out_dir=Path(scratch), rewards=rewards))
         worker = RolloutWorker(backend_.generator_side(), hf.grpo, weights.resolve())
         bound_host, bound_port = sock.getsockname()[:2]
         click.echo(f"rollout-worker: listening on http://{bound_host}:{bound_port} | weights {weights} | "
@@ -66,3 +68,22 @@ def rollout_worker(config: str | None, backend: str | None, overrides: tuple[str
             serve(worker, sock)
         except KeyboardInterrupt:
             pass
+
+
+def reward_plugins(resolved: Any, registry: Any, scratch: Path) -> dict[str, Any]:
+    """The enabled plugins that ``hf.grpo.rewards`` names, each asked for its ``trainctl_reward``
+    as the trainer asks it. Only those are built (a worker runs no logger, server or checkpoint
+    of the run), with the worker's own run facts; their other hooks are never called here."""
+    from trainctl.backends.hf import rewards as builtin
+    from trainctl.hooks.plugin import RunInfo
+    from trainctl.kernel.bus import EventBus
+    from trainctl.kernel.registry import new_plugin_manager
+
+    named = [name for name in resolved.plugins if name in resolved.sections["hf"].grpo.rewards and name not in builtin.BUILTIN]
+    bus = EventBus(new_plugin_manager())
+    info = RunInfo(run_name="rollout-worker", backend=resolved.backend, out_dir=scratch, max_steps=resolved.train.max_steps)
+    for name in reversed(named):  # pluggy calls the last registered first, as the trainer registers
+        spec = registry.plugin(name)
+        bus.register(spec, spec.factory(resolved.plugin[name], info))
+    return bus.reward_plugins()
+

@@ -36,7 +36,7 @@ from trainctl.backends.hf import rollout_weights, rollout_wire
 from trainctl.backends.hf.config import GRPOConfig, worker_address
 from trainctl.backends.hf.grpo import InProcessRollouts
 from trainctl.backends.hf.grpo_offpolicy import Clock, Generated, OffPolicyRollouts
-from trainctl.backends.hf.grpo_state import ProducerState
+from trainctl.backends.hf.grpo_state import Expected, ProducerState
 from trainctl.kernel.errors import ConfigError
 from trainctl.kernel.rollout import Rollout, Waiting
 
@@ -62,6 +62,13 @@ class RemoteRollouts(OffPolicyRollouts):
         self.up = [False] * len(self.workers)  # answered its last request
         self.base = 0  # the index of the batch the trainer takes next: self.position is the stream there
         self.threads: list[threading.Thread] = []
+        self.written = -1  # the newest version whose weights file is (being) written
+        trainer = self.trainer
+        self.expected = Expected(  # what a worker's batch must fit: checked as a checkpoint's buffer is
+            settings={}, defaults={}, batch_size=trainer.args.per_device_train_batch_size, micro_batches=grad_accum,
+            max_completion_length=opts.max_completion_length,
+            vocab_size=self.model.get_input_embeddings().num_embeddings,
+            passes=len(trainer_side.dataloader()), shuffles=trainer_side.generator() is not None)
 
     # --- the Producer protocol ----------------------------------------------------------------
 
@@ -90,6 +97,8 @@ class RemoteRollouts(OffPolicyRollouts):
 
     def publish(self, version: int) -> None:
         """Write the stepped weights as ``version`` for the workers, then let them ask for more."""
+        with self.cond:
+            self.written = version  # a worker may read it as soon as the file is there
         rollout_weights.write(self.weights, version, self.model)  # host copy: one per step, the workers' only input
         with self.cond:
             self.published = version
@@ -163,9 +172,16 @@ class RemoteRollouts(OffPolicyRollouts):
         if len(data) > rollout_wire.MAX_BATCH_BYTES:
             raise WorkerFailed(f"rollout worker {host}:{port} answered over {rollout_wire.MAX_BATCH_BYTES} bytes")
         try:
-            return rollout_wire.read_batch(data, self.device)
+            done = rollout_wire.read_batch(data, self.device, self.expected)
         except ValueError as exc:
             raise WorkerFailed(f"rollout worker {host}:{port} answered {exc}") from None
+        with self.cond:
+            written = self.written
+        if not n - self.max_staleness <= done.version <= written:
+            raise WorkerFailed(f"rollout worker {host}:{port} answered batch {n} of version {done.version}: "
+                               f"the trainer has written versions up to {written}, and batch {n} needs "
+                               f">= {n - self.max_staleness}")
+        return done
 
     # --- shutdown -----------------------------------------------------------------------------
 

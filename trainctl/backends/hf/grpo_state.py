@@ -120,14 +120,19 @@ def load(directory: Path, expected: Expected, device: torch.device) -> ProducerS
     if not record["buffered"] and any(key.startswith("buffer.") for key in tensors):
         _refuse(directory, name, "holds a buffered generation that grpo_state.json says is not there")
     pass_start = tensors.pop(GENERATOR, None)
-    cpu_state = torch.Generator().get_state()
-    if pass_start is not None and (pass_start.dtype != cpu_state.dtype or pass_start.shape != cpu_state.shape):
+    if pass_start is not None and not is_generator_state(pass_start):
         _refuse(directory, name, f"'{GENERATOR}' is not a CPU generator state")
     if record["consumed"] and expected.shuffles and pass_start is None:
         _refuse(directory, name, f"lacks '{GENERATOR}', the prompt order of the pass under way")
     return ProducerState(step=record["step"], generated_version=record["generated_version"],
                          tokens_seen=record["tokens_seen"], consumed=record["consumed"], pass_start=pass_start,
                          buffered=[{k: v.to(device) for k, v in micro.items()} for micro in buffered] if buffered else None)
+
+
+def is_generator_state(value: Any) -> bool:
+    """``value`` has the dtype and shape of a CPU ``torch.Generator``'s state."""
+    cpu_state = torch.Generator().get_state()
+    return isinstance(value, torch.Tensor) and value.dtype == cpu_state.dtype and value.shape == cpu_state.shape
 
 
 def _record(directory: Path) -> dict[str, Any]:
@@ -186,13 +191,18 @@ def _buffer(directory: Path, file: str, tensors: dict[str, torch.Tensor],
         micro[int(index)][name] = value
     names = set(micro[0])
     for i, batch in enumerate(micro):
-        problem = _micro_problem(batch, names, expected)
+        problem = micro_problem(batch, names, expected)
         if problem:
             _refuse(directory, file, f"buffered micro-batch {i}: {problem}")
     return micro
 
 
-def _micro_problem(batch: dict[str, torch.Tensor], names: set[str], expected: Expected) -> str | None:
+def micro_problem(batch: dict[str, Any], names: set[str], expected: Expected) -> str | None:
+    """What makes ``batch`` no micro-batch TRL's loss may read for this run (None: nothing): the
+    tensors ``names`` and no others, shapes of the configured batch, ids inside the vocabulary,
+    masks of 0 and 1, finite floats. For a checkpoint's buffer and a rollout worker's answer."""
+    if not all(isinstance(value, torch.Tensor) for value in batch.values()):
+        return "holds values that are not tensors"
     missing = [name for name in REQUIRED if name not in batch]
     if missing or set(batch) != names:
         return f"lacks {', '.join(missing)}" if missing else "holds other tensors than micro-batch 0"
@@ -211,6 +221,8 @@ def _micro_problem(batch: dict[str, torch.Tensor], names: set[str], expected: Ex
         floating = name == "advantages" or name in PER_TOKEN
         if value.is_floating_point() != floating or (not floating and value.dtype != torch.int64):
             return f"{name} is {value.dtype}, not {'a floating type' if floating else 'int64'}"
+        if floating and not bool(torch.isfinite(value).all()):
+            return f"{name} holds NaN or infinite values"
     for name in IDS:
         if batch[name].numel() and not 0 <= int(batch[name].min()) <= int(batch[name].max()) < expected.vocab_size:
             return f"{name} holds ids outside the vocabulary of {expected.vocab_size}"

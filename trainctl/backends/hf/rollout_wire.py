@@ -17,7 +17,7 @@ import json
 from typing import Any
 
 from trainctl.backends.hf.grpo_offpolicy import Generated
-from trainctl.backends.hf.grpo_state import ProducerState
+from trainctl.backends.hf.grpo_state import Expected, ProducerState, is_generator_state, micro_problem
 
 MAX_REQUEST_BYTES = 1 << 20  # a position: a few numbers and RepeatSampler's generator state
 MAX_BATCH_BYTES = 1 << 30
@@ -55,6 +55,8 @@ def _position(doc: dict[str, Any], pass_start: Any) -> ProducerState:
     values = {key: doc[key] for key in ("step", "generated_version", "tokens_seen", "consumed")}
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values.values()):
         raise ValueError(f"a position of non-negative integers was expected, not {values}")
+    if pass_start is not None and not is_generator_state(pass_start):
+        raise ValueError("the position's pass_start is not a CPU generator state")
     return ProducerState(**values, pass_start=pass_start, buffered=None)
 
 
@@ -88,18 +90,34 @@ def batch(done: Generated) -> bytes:
                            "position": _position_doc(done.position), "generation_s": done.generation_s})
 
 
-def read_batch(data: bytes, device: Any) -> Generated:
-    """The worker's batch, its tensors on ``device``; ValueError if it is not one."""
+def read_batch(data: bytes, device: Any, expected: Expected) -> Generated:
+    """The worker's batch, its tensors on ``device``; ValueError if it is not one this run can
+    train on: each micro-batch is checked as a checkpoint's buffer is (``grpo_state.micro_problem``:
+    shapes of the configured batch, ids inside the vocabulary, masks of 0 and 1, finite floats)."""
     tensors, doc = _unpack(data)
     try:
         micro = [dict(values) for values in doc["micro"]]
         for name, tensor in tensors.items():
             where, _, key = name.partition("/")
             if where != "position":
-                micro[int(where)][key] = tensor.to(device)
+                micro[int(where)][key] = tensor
         position = _position(doc["position"], tensors.get("position/pass_start"))
         metrics = {str(k): [float(v) for v in vs] for k, vs in doc["metrics"].items()}
-        return Generated(micro=micro, version=int(doc["version"]), metrics=metrics, position=position,
+        version = doc["version"]
+        done = Generated(micro=micro, version=version, metrics=metrics, position=position,
                          generation_s=float(doc["generation_s"]))
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"not a batch ({type(exc).__name__}: {exc})") from None
+    if type(version) is not int or version < 0:
+        raise ValueError(f"a batch of version {str(version)[:40]}, not a whole number")
+    if len(micro) != expected.micro_batches:
+        raise ValueError(f"a batch of {len(micro)} micro-batches, not this run's {expected.micro_batches}")
+    if position.consumed > expected.passes:
+        raise ValueError(f"a position {position.consumed} batches into a pass of {expected.passes}")
+    names = set(micro[0])
+    for i, inputs in enumerate(micro):
+        problem = micro_problem(inputs, names, expected)
+        if problem:
+            raise ValueError(f"a batch whose micro-batch {i} {problem}")
+    done.micro = [{key: value.to(device) for key, value in inputs.items()} for inputs in micro]
+    return done
