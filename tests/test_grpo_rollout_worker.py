@@ -300,7 +300,8 @@ def test_a_batch_no_trainer_can_train_on_fails_the_run_in_one_line(qwen3, tmp_pa
 
 def test_read_batch_refuses_masks_nan_and_another_shape():
     """The wire's own checks, on batches made here: a mask of 2, NaN advantages, a micro-batch of
-    another batch size, a non-tensor input, more micro-batches than the run's."""
+    another batch size, a non-tensor input, a tensor TRL would pass to the model unasked, more
+    micro-batches than the run's."""
     import torch
 
     from trainctl.backends.hf.grpo_offpolicy import Generated
@@ -327,6 +328,7 @@ def test_read_batch_refuses_masks_nan_and_another_shape():
              "advantages holds NaN or infinite values": wire(nan, micro()),
              "are not (4, length)": wire(other, micro()),
              "holds values that are not tensors": wire(micro(), {**micro(), "advantages": [0.0] * 4}),
+             "holds 'pixel_values', which no micro-batch of this run has": wire(*[{**micro(), "pixel_values": torch.zeros(4)}] * 2),
              "3 micro-batches, not this run's 2": wire(micro(), micro(), micro())}
     for problem, data in cases.items():
         with pytest.raises(ValueError, match=re.escape(problem)):

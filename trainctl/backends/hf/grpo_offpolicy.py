@@ -173,8 +173,6 @@ class OffPolicyRollouts:
         self.ratios.append(ratio.flatten() if self._sequence_level() else ratio[mask.bool()])
         return ratio
 
-    # --- state ---
-
     # --- state ---------------------------------------------------------------------------------
 
     def state(self) -> ProducerState:

@@ -203,6 +203,9 @@ def micro_problem(batch: dict[str, Any], names: set[str], expected: Expected) ->
     masks of 0 and 1, finite floats. For a checkpoint's buffer and a rollout worker's answer."""
     if not all(isinstance(value, torch.Tensor) for value in batch.values()):
         return "holds values that are not tensors"
+    unknown = sorted(set(batch) - {*REQUIRED, *PER_TOKEN})
+    if unknown:
+        return f"holds {', '.join(map(_show, unknown[:3]))}, which no micro-batch of this run has"
     missing = [name for name in REQUIRED if name not in batch]
     if missing or set(batch) != names:
         return f"lacks {', '.join(missing)}" if missing else "holds other tensors than micro-batch 0"
