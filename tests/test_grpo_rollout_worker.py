@@ -118,6 +118,19 @@ def health(port: int) -> dict:
         return json.loads(response.read())
 
 
+def wait_up(worker: Worker, port: int, timeout: float = 180) -> None:
+    """Until the worker answers /health: a trainer asking first would see it down, not sharing."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert worker.proc.poll() is None, worker.output()
+        try:
+            health(port)
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"the worker on port {port} did not answer within {timeout} s\n{worker.output()}")
+
+
 def test_two_workers_share_the_batches_by_index(qwen3, tmp_path):
     """Batch n on worker n mod 2: each goes on from the position it is sent, skipping the other's."""
     ports, out, steps = [free_port(), free_port()], tmp_path / "run", 6
@@ -125,6 +138,8 @@ def test_two_workers_share_the_batches_by_index(qwen3, tmp_path):
                for i, port in enumerate(ports)]
     config = [*settings(*qwen3, steps=steps), f"hf.grpo.rollout_workers={['127.0.0.1:%d' % p for p in ports]}"]
     try:
+        for worker, port in zip(workers, ports):
+            wait_up(worker, port)
         proc = run_cli("run", "--yes", "--backend", "hf", "--out", str(out), *sets(*config), timeout=180)
         assert proc.returncode == 0, proc.stderr[-3000:]
         made = [health(port)["next"] for port in ports]  # the batch each would make next
