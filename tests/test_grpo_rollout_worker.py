@@ -44,12 +44,24 @@ class Worker:
         self.env = {**cli_env(), **(env or {})}
         self.command = [sys.executable, "-m", "trainctl", "rollout-worker", "--backend", "hf", "--port", str(port),
                         "--weights", str(weights), *sets(*model)]
-        self.log_path = log
+        self.log_path, self.port = log, port
         self.start()
 
     def start(self) -> None:
         self.log = open(self.log_path, "a")
         self.proc = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_up(self, timeout: float = 180) -> None:
+        """Until it answers /health: a trainer asking first would see it down, not sharing."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.output()
+            try:
+                health(self.port)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"the worker on port {self.port} did not answer within {timeout} s\n{self.output()}")
 
     def output(self) -> str:
         if not self.log.closed:
@@ -118,19 +130,6 @@ def health(port: int) -> dict:
         return json.loads(response.read())
 
 
-def wait_up(worker: Worker, port: int, timeout: float = 180) -> None:
-    """Until the worker answers /health: a trainer asking first would see it down, not sharing."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert worker.proc.poll() is None, worker.output()
-        try:
-            health(port)
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"the worker on port {port} did not answer within {timeout} s\n{worker.output()}")
-
-
 def test_two_workers_share_the_batches_by_index(qwen3, tmp_path):
     """Batch n on worker n mod 2: each goes on from the position it is sent, skipping the other's."""
     ports, out, steps = [free_port(), free_port()], tmp_path / "run", 6
@@ -138,8 +137,8 @@ def test_two_workers_share_the_batches_by_index(qwen3, tmp_path):
                for i, port in enumerate(ports)]
     config = [*settings(*qwen3, steps=steps), f"hf.grpo.rollout_workers={['127.0.0.1:%d' % p for p in ports]}"]
     try:
-        for worker, port in zip(workers, ports):
-            wait_up(worker, port)
+        for worker in workers:
+            worker.wait_up()
         proc = run_cli("run", "--yes", "--backend", "hf", "--out", str(out), *sets(*config), timeout=180)
         assert proc.returncode == 0, proc.stderr[-3000:]
         made = [health(port)["next"] for port in ports]  # the batch each would make next
