@@ -1,9 +1,11 @@
 """``python tests/tampering_worker.py PORT UPSTREAM_PORT MODE``: a process on a rollout worker's
 listed port that passes requests to the real worker at UPSTREAM_PORT and changes its batches
-before they reach the trainer (what a process squatting on the port could send):
+before they reach the trainer (what a process squatting on the port could send), or delays them:
 
 - ``vocab``: the first completion token of micro-batch 0 becomes an id past the vocabulary;
-- ``future``: the batch says it was made from a version the trainer has not written.
+- ``future``: the batch says it was made from a version the trainer has not written;
+- ``slow``: the first batch reaches the trainer ``SLOW_S`` late, unchanged (a first generation
+  that is slow, as on a loaded machine).
 
 Everything else is the real worker's answer, bytes for bytes re-packed with safetensors."""
 
@@ -12,11 +14,15 @@ from __future__ import annotations
 import http.client
 import json
 import sys
+import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from safetensors.torch import load, save
 
 PORT, UPSTREAM, MODE = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+SLOW_S = 4.0
+first = threading.Event()  # set once the first batch has been passed on
 
 
 def tamper(data: bytes) -> bytes:
@@ -27,6 +33,10 @@ def tamper(data: bytes) -> bytes:
         tensors["0/completion_ids"][0, 0] = 10**6
     elif MODE == "future":
         doc["version"] += 1000
+    elif MODE == "slow":
+        if not first.is_set():
+            time.sleep(SLOW_S)
+        first.set()
     return save(tensors, metadata={"json": json.dumps(doc)})
 
 

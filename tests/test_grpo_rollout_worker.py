@@ -131,25 +131,35 @@ def health(port: int) -> dict:
 
 
 def test_two_workers_share_the_batches_by_index(qwen3, tmp_path):
-    """Batch n on worker n mod 2: each goes on from the position it is sent, skipping the other's."""
-    ports, out, steps = [free_port(), free_port()], tmp_path / "run", 6
+    """Batch n on worker n mod 2: each goes on from the position it is sent, skipping the other's.
+    The second's first batch comes 4 s late (tests/tampering_worker.py ``slow``, between trainer
+    and worker): the trainer waits for it, in order, rather than take batch 2 first and drop it;
+    the second is not reported down while it generates."""
+    ports, upstream, out, steps = [free_port(), free_port()], free_port(), tmp_path / "run", 6
     workers = [Worker(settings(*qwen3, steps=steps), port, out / "rollout-weights", tmp_path / f"worker{i}.log")
-               for i, port in enumerate(ports)]
+               for i, port in enumerate([ports[0], upstream])]
+    proxy = subprocess.Popen([sys.executable, str(ROOT / "tests" / "tampering_worker.py"), str(ports[1]), str(upstream),
+                              "slow"], cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     config = [*settings(*qwen3, steps=steps), f"hf.grpo.rollout_workers={['127.0.0.1:%d' % p for p in ports]}"]
     try:
         for worker in workers:
             worker.wait_up()
         proc = run_cli("run", "--yes", "--backend", "hf", "--out", str(out), *sets(*config), timeout=180)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        made = [health(port)["next"] for port in ports]  # the batch each would make next
+        made = [health(port)["next"] for port in [ports[0], upstream]]  # the batch each would make next
     finally:
+        proxy.kill()
+        proxy.wait()
         for worker in workers:
             worker.kill()
     assert made[0] % 2 == 1 and made[1] % 2 == 0 and min(made) >= steps - 1, made  # 0, 2, 4.. and 1, 3, 5..
-    rollouts = [e for e in events(out) if e["event"] == "rollout"]
+    found = events(out)
+    rollouts = [e for e in found if e["event"] == "rollout"]
     assert [r["step"] for r in rollouts] == list(range(steps))
+    assert [e for e in found if e.get("kind") in ("stale_batch_dropped", "rollout_waiting")] == []
+    assert rollouts[1]["policy_version"] == 0 and rollouts[1]["staleness"] == 1, rollouts  # batch 1, waited for
     assert all(0 <= r["staleness"] <= 1 for r in rollouts), rollouts
-    assert all(r["workers_up"] == 2 for r in rollouts[1:])  # the second answers once it is first asked
+    assert all(r["workers_up"] == 2 for r in rollouts), rollouts
 
 
 def test_sigterm_while_the_worker_is_down_saves_and_exits(qwen3, tmp_path):

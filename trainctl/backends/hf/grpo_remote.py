@@ -13,7 +13,8 @@ generation and training no longer share one interpreter (its GIL).
 
 Batch n goes to worker n mod W (a fixed rule: every batch has one place, and a worker that is
 down holds up only its own batches); each worker goes on from the position it is sent, skipping
-the batches of the others. The worker makes batch n from weights of a version >= n - k, the
+the batches of the others. The trainer takes them in order: a batch another worker made early
+waits for the one before it, which taken later would be stale. The worker makes batch n from weights of a version >= n - k, the
 newest it finds (``rollout_weights.py``), so staleness <= k as in the thread. The trainer's
 side (importance sampling, the checkpoint's part: pending batches discarded, the stream
 position saved) is ``grpo_offpolicy.py``'s, shared with the thread.
@@ -59,7 +60,8 @@ class RemoteRollouts(OffPolicyRollouts):
         self.workers = list(opts.rollout_workers)
         self.weights = weights
         self.device = next(self.model.parameters()).device
-        self.up = [False] * len(self.workers)  # answered its last request
+        self.up = [True] * len(self.workers)  # not yet refused, or answered its last request (a first
+        # generation may be slow: the worker is not down meanwhile)
         self.base = 0  # the index of the batch the trainer takes next: self.position is the stream there
         self.threads: list[threading.Thread] = []
         self.written = -1  # the newest version whose weights file is (being) written
@@ -73,14 +75,15 @@ class RemoteRollouts(OffPolicyRollouts):
     # --- the Producer protocol ----------------------------------------------------------------
 
     def next_rollout(self, step: int, version: int) -> Rollout | Waiting:
-        """The oldest batch made (batch ``step`` unless one was dropped), waiting for a worker;
-        :class:`Waiting` after ``RETRY_S`` while the worker that owes the next one is down."""
+        """Batch ``self.base``, the next in order, waiting for the worker that owes it (a later
+        batch another worker has made waits: taken first, it would leave this one to be dropped);
+        :class:`Waiting` after ``RETRY_S`` while that worker is down."""
         if not self.threads:
             self._start(step, version)
         assert self.trainer_clock is not None
         waited, deadline = time.perf_counter(), time.perf_counter() + RETRY_S
         with self.cond:
-            while not self.queue and self.error is None:
+            while self.base not in self.queue and self.error is None:
                 owed = self.base % len(self.workers)
                 if not self.up[owed] and time.perf_counter() >= deadline:
                     self.trainer_clock.waiting += time.perf_counter() - waited
@@ -89,9 +92,8 @@ class RemoteRollouts(OffPolicyRollouts):
                 self.cond.wait(RETRY_S / 5)
             if self.error is not None:
                 raise self.error
-            index = min(self.queue)
-            done = self.queue.pop(index)  # in order: after a dropped batch, the next one
-            self.base, self.position = index + 1, done.position  # together: a client sends them as a pair
+            done = self.queue.pop(self.base)
+            self.base, self.position = self.base + 1, done.position  # together: a client sends them as a pair
             up = sum(self.up)
         return self.handed(done, waited_s=time.perf_counter() - waited, generator_idle=None, workers_up=up)
 
