@@ -146,7 +146,7 @@ def test_two_workers_share_the_batches_by_index(qwen3, tmp_path):
             worker.wait_up()
         proc = run_cli("run", "--yes", "--backend", "hf", "--out", str(out), *sets(*config), timeout=180)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        made = [health(port)["next"] for port in [ports[0], upstream]]  # the batch each would make next
+        made = [health(worker.port)["next"] for worker in workers]  # the batch each would make next
     finally:
         proxy.kill()
         proxy.wait()

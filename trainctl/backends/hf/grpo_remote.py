@@ -14,10 +14,11 @@ generation and training no longer share one interpreter (its GIL).
 Batch n goes to worker n mod W (a fixed rule: every batch has one place, and a worker that is
 down holds up only its own batches); each worker goes on from the position it is sent, skipping
 the batches of the others. The trainer takes them in order: a batch another worker made early
-waits for the one before it, which taken later would be stale. The worker makes batch n from weights of a version >= n - k, the
-newest it finds (``rollout_weights.py``), so staleness <= k as in the thread. The trainer's
-side (importance sampling, the checkpoint's part: pending batches discarded, the stream
-position saved) is ``grpo_offpolicy.py``'s, shared with the thread.
+waits for the one before it, which taken later would be stale. The worker makes batch n from
+weights of a version >= n - k, the newest it finds (``rollout_weights.py``), so staleness <= k
+as in the thread (and no batch is dropped). The trainer's side (importance sampling, the
+checkpoint's part: pending batches discarded, the stream position saved) is
+``grpo_offpolicy.py``'s, shared with the thread.
 
 A worker that cannot be reached (not started yet, killed, restarting) is retried every
 ``RETRY_S``; the kernel is answered :class:`trainctl.kernel.rollout.Waiting` meanwhile, so the
@@ -60,8 +61,7 @@ class RemoteRollouts(OffPolicyRollouts):
         self.workers = list(opts.rollout_workers)
         self.weights = weights
         self.device = next(self.model.parameters()).device
-        self.up = [True] * len(self.workers)  # not yet refused, or answered its last request (a first
-        # generation may be slow: the worker is not down meanwhile)
+        self.up = [True] * len(self.workers)  # not refused since its last answer (a slow first one is not down)
         self.base = 0  # the index of the batch the trainer takes next: self.position is the stream there
         self.threads: list[threading.Thread] = []
         self.written = -1  # the newest version whose weights file is (being) written
